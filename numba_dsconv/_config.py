@@ -1,0 +1,99 @@
+"""Every tunable of numba_dsconv in one place.
+
+Tests patch these (for example ``SERIAL_MAX_MACS``) to drive small inputs down the parallel
+paths; benchmarks read them to report what was run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+
+# LLVM fast-math flags for every CPU kernel. ``nnan`` and ``ninf`` are deliberately absent:
+# NaN and Inf must propagate exactly as the formulas say. ``reassoc``/``contract`` let LLVM
+# vectorise reductions and form FMAs; the order chosen is fixed at compile time, so a given
+# input always gives the same bits.
+FASTMATH: frozenset[str] = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+# Compiled kernels are cached on disk (next to the package, or NUMBA_CACHE_DIR).
+CACHE: bool = os.environ.get("NUMBA_DSCONV_NO_CACHE", "") == ""
+
+# Calls below this many multiply-adds run the serial build of a kernel: waking the thread pool
+# costs more than the work itself.
+SERIAL_MAX_MACS: int = 200_000
+
+# Fused CPU separable: the depthwise tile (output pixels x C_in*M channels) that feeds the
+# pointwise step is kept under this many bytes, so it stays in L1/L2.
+CPU_TILE_BYTES: int = 32 * 1024
+# ... and holds at most this many output pixels.
+CPU_TILE_MAX_PIXELS: int = 64
+
+
+def _configure_threading_layer() -> None:
+    """Prefer a thread-safe Numba threading layer (TBB or OpenMP).
+
+    Numba's default fallback, ``workqueue``, aborts the whole process when two Python threads
+    launch parallel kernels at once. Unless the user chose a layer (NUMBA_THREADING_LAYER), ask
+    for ``threadsafe``; if that is unavailable, ``call_guard`` serialises calls instead.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    try:
+        from numba.np.ufunc import parallel as _parallel
+
+        if getattr(_parallel, "_is_initialized", False):
+            return  # a layer is already running; calls are guarded below if it is workqueue
+        available = False
+        for mod in ("omppool", "tbbpool"):
+            try:
+                __import__(f"numba.np.ufunc.{mod}")
+                available = True
+                break
+            except ImportError:
+                continue
+        if available:
+            numba.config.THREADING_LAYER = "threadsafe"
+    except Exception:  # pragma: no cover - never fail an import over a preference
+        pass
+
+
+_configure_threading_layer()
+
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+class _NullGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL_GUARD = _NullGuard()
+
+
+def call_guard() -> threading.Lock | _NullGuard:
+    """A context manager around every parallel CPU kernel launch.
+
+    A no-op under the thread-safe layers; a process-wide lock under ``workqueue``, which is not
+    safe for concurrent launches.
+    """
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet: the first launch decides
+        safe = numba.config.THREADING_LAYER in ("threadsafe", "safe", "omp", "tbb")
+        return _NULL_GUARD if safe else _WORKQUEUE_LOCK
+    return _WORKQUEUE_LOCK if layer == "workqueue" else _NULL_GUARD
+
+
+# CUDA: threads per block for the one-thread-per-element kernels (depthwise, copies).
+# Tests patch these small so tiny inputs still span several blocks in the simulator.
+CUDA_THREADS: int = 256
+# Tiled GEMM kernels (pointwise, fused separable, conv2d): (TP pixels, TN output channels,
+# TK reduction channels per shared-memory chunk, RP x RN outputs per thread).
+CUDA_GEMM_TILE: tuple[int, int, int, int, int] = (64, 64, 16, 4, 4)
+# Blocks in a launch at most; kernels grid-stride over the rest (grid x only).
+CUDA_MAX_BLOCKS: int = 1 << 18

@@ -1,0 +1,254 @@
+"""The normalised geometry of one call, computed once.
+
+Every public function turns its arguments into a :class:`ConvSpec` here; backends read the spec
+and never re-validate. All shapes in the spec are NHWC and batched (the internal layout).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+LAYOUTS = ("NHWC", "NCHW")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Normalised geometry of one convolution call (internal layout: NHWC, batched).
+
+    ``op`` is one of ``"conv2d"``, ``"depthwise"``, ``"pointwise"``, ``"separable"``.
+    For conv2d ``c_mid`` equals ``c_in`` and ``multiplier`` is 1; for depthwise ``c_out`` equals
+    ``c_mid = c_in * multiplier``.
+    """
+
+    op: str
+    layout: str
+    batched: bool
+    n: int
+    h: int
+    w: int
+    c_in: int
+    kh: int
+    kw: int
+    multiplier: int
+    c_mid: int
+    c_out: int
+    stride_h: int
+    stride_w: int
+    dilation_h: int
+    dilation_w: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    out_h: int
+    out_w: int
+    activation: int = 0
+    mid_activation: int = 0
+
+    @property
+    def out_nhwc(self) -> tuple[int, int, int, int]:
+        return (self.n, self.out_h, self.out_w, self.c_out)
+
+    @property
+    def mid_nhwc(self) -> tuple[int, int, int, int]:
+        return (self.n, self.out_h, self.out_w, self.c_mid)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The result shape in the caller's layout and batchedness."""
+        if self.layout == "NHWC":
+            shape: tuple[int, ...] = (self.n, self.out_h, self.out_w, self.c_out)
+        else:
+            shape = (self.n, self.c_out, self.out_h, self.out_w)
+        return shape if self.batched else shape[1:]
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds this call performs (the work that decides serial vs parallel)."""
+        pix = self.n * self.out_h * self.out_w
+        taps = self.kh * self.kw
+        if self.op == "conv2d":
+            return pix * taps * self.c_in * self.c_out
+        if self.op == "depthwise":
+            return pix * taps * self.c_mid
+        if self.op == "pointwise":
+            return pix * self.c_in * self.c_out
+        return pix * (taps * self.c_mid + self.c_mid * self.c_out)
+
+
+# --------------------------------------------------------------------------------------------
+# argument normalisation (each helper names the argument it checks)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def pair(value: object, name: str, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as (h, w)."""
+    if _is_int(value):
+        vals = (int(value), int(value))  # type: ignore[call-overload]
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        vals = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w); got {value!r}")
+    if min(vals) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in each dimension; got {value!r}")
+    return vals
+
+
+def activation_code(value: object, name: str) -> int:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
+    return ACTIVATIONS[value]
+
+
+def check_layout(layout: object) -> str:
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be 'NHWC' or 'NCHW'; got {layout!r}")
+    up = layout.upper()
+    if up not in LAYOUTS:
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW'; got {layout!r}")
+    return up
+
+
+def _same_1d(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's 'same': out = ceil(in/stride), the odd extra row/column after."""
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+    return total // 2, total - total // 2
+
+
+def padding_amounts(
+    padding: object,
+    hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) for any accepted padding form."""
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return (0, 0, 0, 0)
+        if mode == "same":
+            t, b = _same_1d(hw[0], kernel[0], stride[0], dilation[0])
+            left, r = _same_1d(hw[1], kernel[1], stride[1], dilation[1])
+            return (t, b, left, r)
+        raise ValueError(
+            f"padding must be 'valid', 'same', an int, (ph, pw) or ((top, bottom), (left, right)); "
+            f"got the string {padding!r}"
+        )
+    expected = "'valid', 'same', an int, (ph, pw) or ((top, bottom), (left, right))"
+    if _is_int(padding):
+        p = int(padding)  # type: ignore[call-overload]
+        vals = (p, p, p, p)
+    elif isinstance(padding, (tuple, list)) and len(padding) == 2:
+        a, b = padding
+        if _is_int(a) and _is_int(b):
+            vals = (int(a), int(a), int(b), int(b))
+        elif (
+            isinstance(a, (tuple, list))
+            and isinstance(b, (tuple, list))
+            and len(a) == 2
+            and len(b) == 2
+            and all(_is_int(v) for v in (*a, *b))
+        ):
+            vals = (int(a[0]), int(a[1]), int(b[0]), int(b[1]))
+        else:
+            raise TypeError(f"padding must be {expected}; got {padding!r}")
+    else:
+        raise TypeError(f"padding must be {expected}; got {padding!r}")
+    if min(vals) < 0:
+        raise ValueError(f"padding must be >= 0 everywhere; got {padding!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _out_size(size: int, before: int, after: int, k: int, stride: int, dilation: int) -> int:
+    span = (k - 1) * dilation + 1
+    padded = size + before + after
+    if padded < span:
+        return 0
+    return (padded - span) // stride + 1
+
+
+def make_spec(
+    op: str,
+    *,
+    x_shape: tuple[int, ...],
+    layout: str,
+    kernel: tuple[int, int],
+    c_in_kernel: int,
+    multiplier: int,
+    c_out: int,
+    stride: object = 1,
+    padding: object = "valid",
+    dilation: object = 1,
+    activation: int = 0,
+    mid_activation: int = 0,
+    kernel_name: str = "w",
+) -> ConvSpec:
+    """Validate the geometry against x's shape and build the spec.
+
+    ``x_shape`` is the caller's shape (3-D or 4-D, in ``layout``); ``c_in_kernel`` is the
+    input-channel count the weights expect (named ``kernel_name`` in errors).
+    """
+    if len(x_shape) not in (3, 4):
+        raise ValueError(
+            f"x must be 4-D (N,{','.join(layout[1:])}) or 3-D ({','.join(layout[1:])}) "
+            f"for layout={layout!r}; got shape {tuple(x_shape)}"
+        )
+    batched = len(x_shape) == 4
+    shape4 = tuple(x_shape) if batched else (1, *x_shape)
+    if layout == "NHWC":
+        n, h, w, c = shape4
+    else:
+        n, c, h, w = shape4
+    if c != c_in_kernel:
+        raise ValueError(
+            f"x has {c} channels ({layout} shape {tuple(x_shape)}) but {kernel_name} expects "
+            f"{c_in_kernel} input channels"
+        )
+    if h == 0 or w == 0 or c == 0:
+        raise ValueError(f"x must have non-zero height, width and channels; got shape {x_shape}")
+    s = pair(stride, "stride", minimum=1)
+    d = pair(dilation, "dilation", minimum=1)
+    t, b, left, r = padding_amounts(padding, (h, w), kernel, s, d)
+    oh = _out_size(h, t, b, kernel[0], s[0], d[0])
+    ow = _out_size(w, left, r, kernel[1], s[1], d[1])
+    if oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"the output would be empty: {kernel_name} kernel {kernel[0]}x{kernel[1]} with "
+            f"dilation {d} does not fit the padded input {h + t + b}x{w + left + r} "
+            f"(x spatial size {h}x{w}, padding {(t, b, left, r)})"
+        )
+    return ConvSpec(
+        op=op,
+        layout=layout,
+        batched=batched,
+        n=n,
+        h=h,
+        w=w,
+        c_in=c,
+        kh=kernel[0],
+        kw=kernel[1],
+        multiplier=multiplier,
+        c_mid=c * multiplier,
+        c_out=c_out,
+        stride_h=s[0],
+        stride_w=s[1],
+        dilation_h=d[0],
+        dilation_w=d[1],
+        pad_top=t,
+        pad_bottom=b,
+        pad_left=left,
+        pad_right=r,
+        out_h=oh,
+        out_w=ow,
+        activation=activation,
+        mid_activation=mid_activation,
+    )

@@ -1,0 +1,184 @@
+"""The command line: ``numba-dsconv demo | info | bench`` (also ``python -m numba_dsconv``)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from . import _numpy_ref, api
+from ._spec import make_spec
+from .cost import cost
+from .suite import layer as suite_layer
+
+console = Console()
+
+
+def _cost_table(title: str, c) -> Table:  # noqa: ANN001
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("standard conv", justify="right")
+    t.add_column("depthwise separable", justify="right")
+    t.add_column("separable / standard", justify="right")
+    t.add_row(
+        "multiply-adds",
+        f"{c.standard_macs:,}",
+        f"{c.depthwise_macs:,} + {c.pointwise_macs:,} = {c.separable_macs:,}",
+        f"{c.mac_ratio:.4f}",
+    )
+    t.add_row(
+        "weights (no bias)",
+        f"{c.standard_params:,}",
+        f"{c.separable_params:,}",
+        f"{c.param_ratio:.4f}",
+    )
+    return t
+
+
+def _run_case(title: str, x, dw, pw, *, padding, stride, device) -> float:  # noqa: ANN001
+    """Run separable on one case, print shapes, costs and the error against float64."""
+    t0 = time.perf_counter()
+    y = api.separable(x, dw, pw, stride=stride, padding=padding, device=device)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    y = api.separable(x, dw, pw, stride=stride, padding=padding, device=device)
+    second = time.perf_counter() - t0
+    y = np.asarray(y)
+    spec = make_spec(
+        "separable",
+        x_shape=x.shape,
+        layout="NHWC",
+        kernel=dw.shape[:2],
+        c_in_kernel=dw.shape[2],
+        multiplier=1,
+        c_out=pw.shape[-1],
+        stride=stride,
+        padding=padding,
+    )
+    x4 = x if x.ndim == 4 else x[None]
+    mid = _numpy_ref.depthwise(x4, dw, None, spec)
+    ref = _numpy_ref.pointwise(mid, pw.reshape(pw.shape[-2], pw.shape[-1]), None)
+    ref = ref if x.ndim == 4 else ref[0]
+    err = float(np.max(np.abs(y - ref))) if y.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 1.0
+    t = Table(title=title)
+    for col in ("input", "depthwise kernel", "pointwise kernel", "intermediate", "output"):
+        t.add_column(col)
+    t.add_row(
+        str(x.shape),
+        str(dw.shape),
+        str(pw.shape),
+        str(mid.shape[1:] if x.ndim == 3 else mid.shape),
+        str(y.shape),
+    )
+    console.print(t)
+    c = cost(x.shape, dw.shape[:2], pw.shape[-1], stride=stride, padding=padding)
+    console.print(_cost_table("Section 3.3 cost comparison", c))
+    console.print(
+        f"dtype {y.dtype}, device {device or 'cpu'}: largest |error| vs float64 reference "
+        f"[bold]{err:.3g}[/] (largest |value| {scale:.3g}); first call {first * 1e3:.1f} ms "
+        f"(includes JIT compile or cache load), second {second * 1e3:.2f} ms"
+    )
+    return err / max(scale, 1e-30)
+
+
+def demo(args: argparse.Namespace) -> int:
+    device = args.device
+    console.rule("[bold]numba_dsconv demo: the worked example")
+    x = np.arange(4 * 4 * 3, dtype=np.float64).reshape(4, 4, 3) / 10.0
+    dw = np.linspace(-1.0, 1.0, 27).reshape(3, 3, 3)
+    pw = np.array([[[[1.0, -1.0], [0.5, 2.0], [-0.25, 0.75]]]])
+    rel1 = _run_case(
+        "4x4x3 input, 3x3x3 depthwise, 1x1x3x2 pointwise, padding='valid'",
+        x,
+        dw,
+        pw,
+        padding="valid",
+        stride=1,
+        device=device,
+    )
+    lay = suite_layer(args.layer)
+    console.rule(f"[bold]one MobileNet layer: {lay.name}, N={args.batch}, float32")
+    xl, dwl, pwl = lay.arrays(args.batch)
+    rel2 = _run_case(
+        f"MobileNet layer {lay.name}",
+        xl,
+        dwl,
+        pwl,
+        padding=lay.padding,
+        stride=lay.stride,
+        device=device,
+    )
+    ok = rel1 < 1e-12 and rel2 < 1e-5
+    console.print("[green]OK[/]" if ok else "[red]MISMATCH against the reference[/]")
+    return 0 if ok else 1
+
+
+def info(args: argparse.Namespace) -> int:
+    import llvmlite
+    import numba
+
+    from . import __version__, _config
+    from .cpu import pointwise_nhwc_parallel
+
+    # Run one tiny parallel kernel so Numba picks (and reports) its threading layer.
+    a = np.ones((4, 2), np.float32)
+    pointwise_nhwc_parallel(
+        a, np.ones((2, 2), np.float32), np.zeros(2, np.float32), np.empty((4, 2), np.float32), 1, 0
+    )
+    t = Table(title="numba_dsconv info")
+    t.add_column("item")
+    t.add_column("value")
+    t.add_row("numba_dsconv", __version__)
+    t.add_row("python", sys.version.split()[0])
+    t.add_row("numba", numba.__version__)
+    t.add_row("llvmlite", llvmlite.__version__)
+    t.add_row("numpy", np.__version__)
+    try:
+        import torch
+
+        t.add_row("torch", torch.__version__)
+    except ImportError:
+        t.add_row("torch", "not installed")
+    t.add_row("platform", f"{platform.platform()} ({platform.machine()})")
+    t.add_row("threading layer", numba.threading_layer())
+    t.add_row("threads", str(numba.get_num_threads()))
+    t.add_row("fastmath flags", ", ".join(sorted(_config.FASTMATH)))
+    t.add_row("disk cache", "on" if _config.CACHE else "off")
+    t.add_row("devices", ", ".join(_devices()))
+    console.print(t)
+    return 0
+
+
+def _devices() -> list[str]:
+    devs = ["cpu"]
+    from . import cuda
+
+    devs.extend(cuda.describe_devices())
+    return devs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="numba-dsconv", description="Depthwise separable convolutions with Numba."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run the worked example and one MobileNet layer")
+    p_demo.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
+    p_demo.add_argument("--layer", type=int, default=3, help="suite layer number (default 3)")
+    p_demo.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p_demo.set_defaults(func=demo)
+    p_info = sub.add_parser("info", help="versions, threading layer, threads and devices")
+    p_info.set_defaults(func=info)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The CPU backend: layout handling, allocation and kernel choice around the Numba kernels.
+
+``run`` receives host arrays that api.py has validated (dtype float32/float64, shapes checked)
+and returns the result in the caller's layout. Internally everything is NHWC, C-contiguous.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _config
+from .._spec import ConvSpec
+from .conv2d import conv2d_nhwc_parallel, conv2d_nhwc_serial
+from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
+from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
+from .separable import separable_nhwc_parallel, separable_nhwc_serial
+
+__all__ = ["run", "tile_pixels"]
+
+
+def _to_nhwc(x: np.ndarray, spec: ConvSpec, dtype: np.dtype) -> np.ndarray:
+    """The input as a C-contiguous (N,H,W,C) array of ``dtype``; copies only when needed."""
+    x4 = x if spec.batched else x[np.newaxis]
+    if spec.layout == "NCHW":
+        x4 = x4.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x4, dtype=dtype)
+
+
+def _nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """The caller's out= as an (N,OH,OW,C_out) view (no copy)."""
+    o4 = out if spec.batched else out[np.newaxis]
+    return o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4
+
+
+def tile_pixels(c_mid: int, itemsize: int) -> int:
+    """Output pixels per fused-separable tile: the depthwise tile fits CPU_TILE_BYTES."""
+    per_pixel = max(1, c_mid * itemsize)
+    return int(max(1, min(_config.CPU_TILE_MAX_PIXELS, _config.CPU_TILE_BYTES // per_pixel)))
+
+
+def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
+    parallel = spec.macs > _config.SERIAL_MAX_MACS
+    s = (spec.stride_h, spec.stride_w, spec.dilation_h, spec.dilation_w)
+    pads = (spec.pad_top, spec.pad_left)
+    if spec.op == "separable":
+        d, p = weights
+        dwb, b = biases
+        kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
+        tile = tile_pixels(spec.c_mid, target.dtype.itemsize)
+        args = (xh, d, dwb, p, b, target, *s, *pads, spec.multiplier)
+        args += (spec.mid_activation, spec.activation, tile)
+    elif spec.op == "depthwise":
+        (d,) = weights
+        (b,) = biases
+        kern = depthwise_nhwc_parallel if parallel else depthwise_nhwc_serial
+        args = (xh, d, b, target, *s, *pads, spec.multiplier, spec.activation)
+    elif spec.op == "pointwise":
+        (p,) = weights
+        (b,) = biases
+        kern = pointwise_nhwc_parallel if parallel else pointwise_nhwc_serial
+        rows = spec.n * spec.out_h * spec.out_w
+        x2 = xh.reshape(rows, spec.c_in)
+        t2 = target.reshape(rows, spec.c_out)
+        block = tile_pixels(spec.c_in, target.dtype.itemsize)
+        args = (x2, p, b, t2, block, spec.activation)
+    else:
+        (w,) = weights
+        (b,) = biases
+        kern = conv2d_nhwc_parallel if parallel else conv2d_nhwc_serial
+        args = (xh, w, b, target, *s, *pads, spec.activation)
+    if parallel:
+        with _config.call_guard():
+            kern(*args)
+    else:
+        kern(*args)
+
+
+def run(
+    spec: ConvSpec,
+    dtype: np.dtype,
+    x: np.ndarray,
+    weights: tuple[np.ndarray, ...],
+    biases: tuple[np.ndarray | None, ...],
+    out: np.ndarray | None,
+) -> np.ndarray:
+    """Compute one call. ``weights`` are in the kernels' shapes (see api.py); ``out`` validated."""
+    ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
+    sizes = (spec.c_mid, spec.c_out) if spec.op == "separable" else (spec.c_out,)
+    bs = tuple(
+        np.zeros(size, dtype) if b is None else np.ascontiguousarray(b, dtype=dtype)
+        for b, size in zip(biases, sizes, strict=True)
+    )
+    out_view = None if out is None else _nhwc_view(out, spec)
+    if out_view is not None and out_view.flags.c_contiguous:
+        target = out_view
+    else:
+        target = np.empty(spec.out_nhwc, dtype=dtype)
+    if spec.n > 0:
+        _launch(spec, _to_nhwc(x, spec, dtype), ws, bs, target)
+    if out is not None:
+        if target is not out_view:
+            out_view[...] = target
+        return out
+    if spec.layout == "NCHW":
+        target = np.ascontiguousarray(target.transpose(0, 3, 1, 2))
+    return target if spec.batched else target[0]

@@ -1,0 +1,27 @@
+"""Depthwise convolution, NHWC, parallel over (batch x output rows)."""
+
+from __future__ import annotations
+
+from numba import prange
+
+from ._jit import activate_row, depthwise_pixel, parallel_and_serial
+
+
+def depthwise_nhwc(x, d, bias, out, sh, sw, dh, dw, pt, pl, multiplier, act):  # pragma: no cover
+    """out[n,i,j,c*M+q] = act(bias + sum_{m,q'} x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q]).
+
+    x: (N,H,W,C) C-contiguous; d: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M).
+    """
+    N = out.shape[0]
+    OH = out.shape[1]
+    OW = out.shape[2]
+    for t in prange(N * OH):
+        n = t // OH
+        i = t - n * OH
+        for j in range(OW):
+            o = out[n, i, j]
+            depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o)
+            activate_row(o, act)
+
+
+depthwise_nhwc_parallel, depthwise_nhwc_serial = parallel_and_serial(depthwise_nhwc)

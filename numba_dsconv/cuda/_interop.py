@@ -1,0 +1,156 @@
+"""Zero-copy interop with CUDA arrays and the caller's stream.
+
+Foreign CUDA arrays (CuPy, torch, anything with ``__cuda_array_interface__`` or a CUDA DLPack
+device) are viewed as numba device arrays once per call, without a copy and without the
+implicit synchronisation numba would do (we launch on the caller's stream instead). Results are
+allocated with the caller's own library, so a CuPy array in gives a CuPy array out, a torch
+tensor gives a torch tensor, on the same device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+
+def _is_simulator() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+SIMULATOR = _is_simulator()
+
+
+def library(a: Any) -> str:
+    """'numba' | 'torch' | 'cupy' | 'cai' (other interface) | 'dlpack' | 'host'."""
+    mod = type(a).__module__
+    if mod.startswith("numba.cuda"):
+        return "numba"
+    if mod.startswith("torch") and getattr(a, "is_cuda", False):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cai"
+    dl = getattr(a, "__dlpack_device__", None)
+    if dl is not None:
+        with contextlib.suppress(Exception):
+            if int(dl()[0]) in (2, 3, 13):
+                return "dlpack"
+    return "host"
+
+
+def device_index(a: Any) -> int | None:
+    """The CUDA device a foreign array lives on, where its library says."""
+    lib = library(a)
+    if lib == "torch":
+        return a.device.index
+    if lib == "cupy":
+        return int(a.device.id)
+    if lib == "dlpack":
+        return int(a.__dlpack_device__()[1])
+    return None
+
+
+def as_device_array(a: Any, name: str) -> Any:
+    """A numba device array viewing ``a`` (no copy, no implicit sync)."""
+    lib = library(a)
+    if lib == "numba":
+        return a
+    if lib == "torch":
+        import torch
+
+        if a.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64; got torch dtype {a.dtype}")
+        a = a.detach()  # arrays that require grad refuse the interface; we never track grads
+    elif lib == "dlpack":
+        try:
+            import cupy
+
+            a = cupy.from_dlpack(a)
+        except ImportError:
+            import torch.utils.dlpack
+
+            a = torch.utils.dlpack.from_dlpack(a)
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def view(arr: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    """A strided view of a device array's memory (permuted or with added unit axes)."""
+    if SIMULATOR:
+        base = arr._ary
+        return type(arr)(np.lib.stride_tricks.as_strided(base, shape, strides))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
+
+
+def byte_range(arr: Any) -> tuple[int, int]:
+    """[lo, hi) byte addresses a (device or host) array can touch."""
+    if SIMULATOR and not isinstance(arr, np.ndarray):
+        arr = arr._ary
+    if isinstance(arr, np.ndarray):
+        ptr = arr.__array_interface__["data"][0]
+    else:
+        ptr = arr.__cuda_array_interface__["data"][0]
+    lo = hi = ptr
+    for n, s in zip(arr.shape, arr.strides, strict=True):
+        if n == 0:
+            return (ptr, ptr)
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return (lo, hi + arr.dtype.itemsize)
+
+
+_STREAMS: dict[int, Any] = {}
+
+
+def caller_stream(template: Any, index: int) -> Any:
+    """The caller's current stream: torch's or CuPy's for their arrays, else the default."""
+    lib = library(template)
+    ptr = 0
+    if lib == "torch":
+        import torch
+
+        ptr = int(torch.cuda.current_stream(index).cuda_stream)
+    elif lib == "cupy":
+        import cupy
+
+        ptr = int(cupy.cuda.get_current_stream().ptr)
+    if ptr == 0 or SIMULATOR:
+        return cuda.default_stream()
+    s = _STREAMS.get(ptr)
+    if s is None:
+        s = _STREAMS[ptr] = cuda.external_stream(ptr)
+    return s
+
+
+def allocate(template: Any, shape: tuple[int, ...], dtype: np.dtype, index: int, stream: Any):
+    """(caller-type array, numba view of it) of ``shape``: torch/CuPy allocators where used."""
+    lib = library(template)
+    if lib == "torch":
+        import torch
+
+        tdt = torch.float32 if dtype == np.float32 else torch.float64
+        t = torch.empty(shape, dtype=tdt, device=f"cuda:{index}")
+        return t, cuda.as_cuda_array(t, sync=False)
+    if lib == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(index):
+            c = cupy.empty(shape, dtype=dtype)
+        return c, cuda.as_cuda_array(c, sync=False)
+    d = cuda.device_array(shape, dtype=dtype, stream=stream)
+    return d, d
+
+
+def gpu_context(index: int) -> Any:
+    if SIMULATOR:
+        return contextlib.nullcontext()
+    return cuda.gpus[index]

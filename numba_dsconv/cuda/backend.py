@@ -1,0 +1,237 @@
+"""The CUDA backend: device arrays in, kernels launched on the caller's stream, caller type out.
+
+``run`` receives arrays api.py has validated: numba device arrays (zero-copy views of CuPy /
+torch / numba arrays) or host NumPy arrays (copied in). Internally everything is NHWC and
+C-contiguous; other layouts, strides and dtypes go through one conversion kernel (copy4d).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from .. import _config
+from .._dispatch import Device, _is_torch, as_host_array, wrap_like
+from .._spec import ConvSpec
+from . import _interop, kernels
+
+
+def _is_device(a: Any) -> bool:
+    return not isinstance(a, np.ndarray)
+
+
+def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
+    threads = _config.CUDA_THREADS
+    blocks = max(1, min(math.ceil(total / threads), _config.CUDA_MAX_BLOCKS))
+    kernel[blocks, threads, stream](*args)
+
+
+def _as4d(arr: Any, shape4: tuple[int, ...]) -> Any:
+    """View a device array of <= 4 dims as 4-D (unit axes in front) without copying."""
+    extra = 4 - len(arr.shape)
+    return _interop.view(arr, shape4, (0,) * extra + tuple(arr.strides))
+
+
+class CudaBackend:
+    """One call's CUDA context: the device index, the caller's stream, the result's type."""
+
+    name = "cuda"
+
+    def __init__(self, device: Device, template: Any) -> None:
+        self.template = template
+        index = device.index
+        foreign = _interop.device_index(template)
+        if index is None:
+            index = 0 if foreign is None else foreign
+        elif foreign is not None and foreign != index:
+            raise ValueError(
+                f"device={str(device)!r} but x lives on cuda:{foreign}; pass device=None to "
+                f"follow the input or move x"
+            )
+        if not _interop.SIMULATOR and index >= len(cuda.gpus):
+            raise ValueError(
+                f"device={str(device)!r}: only {len(cuda.gpus)} CUDA device(s) are visible"
+            )
+        self.index = index
+        self.host_in = _interop.library(template) == "host"
+        self.stream = _interop.caller_stream(template, index)
+        self._zeros: dict[tuple[int, str], Any] = {}
+
+    # -- the hooks api.py calls -----------------------------------------------------------
+
+    def asarray(self, a: Any, name: str) -> Any:
+        if _interop.library(a) == "host":
+            return as_host_array(a, name)
+        idx = _interop.device_index(a)
+        if idx is not None and idx != self.index:
+            raise ValueError(f"{name} lives on cuda:{idx} but the call runs on cuda:{self.index}")
+        with _interop.gpu_context(self.index):
+            return _interop.as_device_array(a, name)
+
+    def out_array(self, out: Any) -> Any:
+        if _interop.library(out) == "host":
+            if not isinstance(out, np.ndarray) and not _is_torch(out):
+                raise TypeError(f"out must be an array; got {type(out).__name__}")
+            arr = as_host_array(out, "out")
+            if not arr.flags.writeable:
+                raise ValueError("out is read-only; pass a writeable array")
+            return arr
+        return self.asarray(out, "out")
+
+    @staticmethod
+    def overlaps(a: Any, b: Any) -> bool:
+        if _is_device(a) != _is_device(b):
+            return False
+        if not _is_device(a):
+            return bool(np.shares_memory(a, b, max_work=10**6))
+        lo1, hi1 = _interop.byte_range(a)
+        lo2, hi2 = _interop.byte_range(b)
+        return lo1 < hi2 and lo2 < hi1
+
+    def wrap(self, result: Any, template: Any) -> Any:
+        return wrap_like(result, template) if self.host_in else result
+
+    # -- the computation ------------------------------------------------------------------
+
+    def _contiguous(self, a: Any, dtype: np.dtype) -> Any:
+        """A C-contiguous device array of ``dtype`` holding ``a`` (host or device)."""
+        if not _is_device(a):
+            return cuda.to_device(np.ascontiguousarray(a, dtype=dtype), stream=self.stream)
+        if np.dtype(a.dtype) == dtype and a.is_c_contiguous():
+            return a
+        shape = tuple(a.shape)
+        shape4 = (1,) * (4 - len(shape)) + shape
+        dst = cuda.device_array(shape4, dtype=dtype, stream=self.stream)
+        _launch_1d(kernels.copy4d(), dst.size, self.stream, _as4d(a, shape4), dst)
+        return dst.reshape(shape)
+
+    def _bias(self, b: Any, size: int, dtype: np.dtype) -> Any:
+        if b is not None:
+            return self._contiguous(b, dtype)
+        key = (size, dtype.str)
+        if key not in self._zeros:
+            self._zeros[key] = cuda.to_device(np.zeros(size, dtype), stream=self.stream)
+        return self._zeros[key]
+
+    def _input_nhwc(self, x: Any, spec: ConvSpec, dtype: np.dtype) -> Any:
+        n, h, w, c = spec.n, spec.h, spec.w, spec.c_in
+        if not _is_device(x):
+            x4 = x if spec.batched else x[np.newaxis]
+            if spec.layout == "NCHW":
+                x4 = x4.transpose(0, 2, 3, 1)
+            return self._contiguous(x4, dtype)
+        st = tuple(x.strides)
+        if not spec.batched:
+            st = (0, *st)
+        if spec.layout == "NCHW":
+            st = (st[0], st[2], st[3], st[1])
+        src = _interop.view(x, (n, h, w, c), st)
+        if np.dtype(x.dtype) == dtype and src.is_c_contiguous():
+            return src
+        dst = cuda.device_array((n, h, w, c), dtype=dtype, stream=self.stream)
+        _launch_1d(kernels.copy4d(), dst.size, self.stream, src, dst)
+        return dst
+
+    def _nhwc_view_of(self, arr: Any, spec: ConvSpec) -> Any:
+        """The (N,OH,OW,CO) view of a result-shaped device array in the caller's layout."""
+        st = tuple(arr.strides)
+        if not spec.batched:
+            st = (0, *st)
+        if spec.layout == "NCHW":
+            st = (st[0], st[2], st[3], st[1])
+        return _interop.view(arr, spec.out_nhwc, st)
+
+    def _launch(self, spec: ConvSpec, dtype: np.dtype, xd, weights, biases, target) -> None:
+        geo = (spec.kh, spec.kw, spec.stride_h, spec.stride_w)
+        rest = (spec.dilation_h, spec.dilation_w, spec.pad_top, spec.pad_left, spec.multiplier)
+        key = kernels.specialisation(*geo)
+        if spec.op == "depthwise":
+            d = self._contiguous(weights[0], dtype)
+            b = self._bias(biases[0], spec.c_mid, dtype)
+            kern = kernels.depthwise_kernel(*key, dtype)
+            _launch_1d(
+                kern, target.size, self.stream, xd, d, b, target, *geo, *rest, spec.activation
+            )
+            return
+        tile = tuple(_config.CUDA_GEMM_TILE)
+        if spec.op == "separable":
+            mode = kernels.SEPARABLE
+            d = self._contiguous(weights[0], dtype)
+            dwb = self._bias(biases[0], spec.c_mid, dtype)
+            bmat = self._contiguous(weights[1], dtype)
+            bias = self._bias(biases[1], spec.c_out, dtype)
+        else:
+            mode = kernels.POINTWISE if spec.op == "pointwise" else kernels.CONV2D
+            if spec.op == "pointwise":
+                key = kernels.GENERIC
+            d = self._bias(None, 1, dtype).reshape(1, 1, 1)  # unused by these modes
+            dwb = self._bias(None, 1, dtype)
+            w = self._contiguous(weights[0], dtype)
+            bmat = w.reshape(spec.kh * spec.kw * spec.c_in, spec.c_out)
+            bias = self._bias(biases[0], spec.c_out, dtype)
+        kern = kernels.gemm_kernel(mode, *key, dtype, tile)
+        tp, tn, _, rp, rn = tile
+        ntiles = math.ceil(spec.n * spec.out_h * spec.out_w / tp) * math.ceil(spec.c_out / tn)
+        blocks = max(1, min(ntiles, _config.CUDA_MAX_BLOCKS))
+        threads = (tp // rp) * (tn // rn)
+        kern[blocks, threads, self.stream](
+            xd, d, dwb, bmat, bias, target, *geo, *rest, spec.mid_activation, spec.activation
+        )
+
+    def run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
+        dtype = np.dtype(dtype)
+        with _interop.gpu_context(self.index):
+            return self._run(spec, dtype, x, weights, biases, out)
+
+    def _run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
+        stream = self.stream
+        host_out = out is not None and not _is_device(out)
+        direct = (
+            out is not None and not host_out and spec.layout == "NHWC" and out.is_c_contiguous()
+        )
+        if direct:
+            target = out.reshape(spec.out_nhwc)
+            result = out
+        else:
+            template = None if (host_out or self.host_in) else self.template
+            if spec.layout == "NHWC" and out is None:
+                result, target4 = _interop.allocate(
+                    template, spec.out_nhwc, dtype, self.index, stream
+                )
+                target = target4
+            else:
+                result = None
+                target = cuda.device_array(spec.out_nhwc, dtype=dtype, stream=stream)
+        if spec.n > 0:
+            xd = self._input_nhwc(x, spec, dtype)
+            self._launch(spec, dtype, xd, weights, biases, target)
+        if out is not None:
+            if host_out:
+                host = target.copy_to_host(stream=stream)
+                stream.synchronize()
+                o4 = out if spec.batched else out[np.newaxis]
+                (o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4)[...] = host
+            elif not direct:
+                _launch_1d(
+                    kernels.copy4d(), target.size, stream, target, self._nhwc_view_of(out, spec)
+                )
+            return out
+        if result is None:  # NCHW: convert into a result of the caller's type
+            template = None if self.host_in else self.template
+            shape4 = (spec.n, spec.c_out, spec.out_h, spec.out_w)
+            result, res_nb = _interop.allocate(template, shape4, dtype, self.index, stream)
+            view = _interop.view(res_nb, spec.out_nhwc, _permute(res_nb.strides))
+            _launch_1d(kernels.copy4d(), target.size, stream, target, view)
+        if self.host_in:
+            host = result.copy_to_host(stream=stream)
+            stream.synchronize()
+            return host if spec.batched else host[0]
+        return result if spec.batched else result[0]
+
+
+def _permute(strides: tuple[int, ...]) -> tuple[int, ...]:
+    """NCHW strides -> the strides of its NHWC view."""
+    return (strides[0], strides[2], strides[3], strides[1])
