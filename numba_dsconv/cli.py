@@ -164,6 +164,133 @@ def _devices() -> list[str]:
     return devs
 
 
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Ceilings, then each layer timed against the PyTorch anchors, as rich tables."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from . import bench as engine
+
+    try:
+        lays = engine.parse_layers(args.layers)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            console.print(
+                "[red]error:[/] --plot needs matplotlib: pip install 'numba-dsconv[bench]'"
+            )
+            return 2
+    phases = {"ceilings": "measuring ceilings", "compile": "compiling", "measure": "measuring"}
+    columns = (
+        TextColumn("[bold]{task.fields[phase]:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(phase: str, label: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(label, total=total, phase=phases.get(phase, phase))
+            bar.update(tasks[phase], description=label, completed=done, total=total)
+
+        try:
+            result = engine.run_bench(
+                device=args.device,
+                batch=args.batch,
+                layers=lays,
+                op=args.op,
+                repeat=args.repeat,
+                anchors=not args.no_torch,
+                progress=progress,
+            )
+        except NotImplementedError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return 2
+    _print_bench(result)
+    if args.json:
+        engine.write_json(result, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        engine.plot_roofline(result, args.plot)
+        console.print(f"wrote {args.plot}")
+    if not result.ok:
+        console.print("[red]MISMATCH: a result differs from the float64 reference[/]")
+        return 1
+    return 0
+
+
+def _print_bench(result) -> None:  # noqa: ANN001
+    from .bench import ANCHORS
+
+    m, c, s = result.machine, result.ceilings, result.settings
+    v = m["versions"]
+    console.print(
+        f"[bold]{s['op']}[/], N={s['batch']}, {s['device']}, float32 | {m['cpu']} | "
+        f"{s['threads']} numba threads ({m['threading_layer']}) | numpy {v['numpy']}, "
+        f"numba {v['numba']}, torch {v['torch'] or 'not installed'}"
+    )
+    console.print(
+        f"ceilings: SGEMM [bold]{c.sgemm_gflops:.1f}[/] GFLOP/s ({c.sgemm_source}); copy "
+        f"[bold]{c.copy_gbs:.1f}[/] GB/s ({c.copy_source}); ridge {c.ridge:.1f} FLOP/byte"
+    )
+    labels = dict(ANCHORS[s["device"]])
+    t = Table(
+        title=f"numba_dsconv {s['op']} vs anchors (median; ms)",
+        caption="vs X = time(X) / time(numba_dsconv): above 1, numba_dsconv is faster. "
+        "% roof = roofline floor / time. err = max |error| / max |value| vs float64.",
+    )
+    t.add_column("#", justify="right")
+    t.add_column("layer", no_wrap=True)
+    t.add_column("ours ms", justify="right")
+    for name in result.anchors:
+        t.add_column(f"{labels[name]} ms", justify="right")
+        t.add_column(f"vs {labels[name]}", justify="right")
+    if not result.anchors:
+        t.add_column(f"anchors ({result.anchor_note})", justify="center")
+    for col in ("GFLOP/s", "GB/s", "FLOP/B", "floor ms", "% roof"):
+        t.add_column(col, justify="right")
+    for name in result.anchors:
+        t.add_column(f"{labels[name]} % roof", justify="right")
+    t.add_column("err", justify="right")
+    for r in result.layers:
+        shape = f"{r.hw}x{r.hw}x{r.c_in}->{r.c_out} s{r.stride}"
+        cells = [str(r.layer), shape, _fmt_ms(r.ours.median_s)]
+        for name in result.anchors:
+            cells += [_fmt_ms(r.anchors[name].median_s), f"{r.speedup[name]:.2f}x"]
+        if not result.anchors:
+            cells.append("-")
+        cells += [
+            f"{r.ours.gflops:.1f}",
+            f"{r.ours.gbs:.1f}",
+            f"{r.intensity:.1f}",
+            _fmt_ms(r.floor_s),
+            f"{r.ours.pct_roofline:.0f}%",
+        ]
+        cells += [f"{r.anchors[name].pct_roofline:.0f}%" for name in result.anchors]
+        err = f"{r.ours.error_rel:.1e}"
+        cells.append(err if r.ours.ok else f"[red]{err} MISMATCH[/]")
+        t.add_row(*cells)
+    # Piped output defaults to 80 columns, too narrow for this table.
+    wide = console if console.is_terminal else Console(width=max(console.width, 170))
+    wide.print(t)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="numba-dsconv", description="Depthwise separable convolutions with Numba."
@@ -176,6 +303,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.set_defaults(func=demo)
     p_info = sub.add_parser("info", help="versions, threading layer, threads and devices")
     p_info.set_defaults(func=info)
+    p_bench = sub.add_parser(
+        "bench",
+        help="time the layer suite against PyTorch, with the machine's roofline",
+        description="Measure SGEMM rate and copy bandwidth, then time each layer "
+        "(interleaved with the PyTorch anchors, median of several runs) and report time, "
+        "ratios, GFLOP/s, GB/s, % of roofline and the error against float64.",
+    )
+    p_bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p_bench.add_argument("--batch", type=int, default=1, help="batch size N (default 1)")
+    p_bench.add_argument(
+        "--layers", default="1-11", help="suite layers, e.g. 1,3,7 or 1-11 (default all)"
+    )
+    p_bench.add_argument(
+        "--op", choices=("separable", "depthwise", "pointwise", "conv2d"), default="separable"
+    )
+    p_bench.add_argument(
+        "--repeat", type=int, default=None, help="samples per side (default 7-15 by call time)"
+    )
+    p_bench.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    p_bench.add_argument("--plot", metavar="FILE.png", help="draw a roofline chart")
+    p_bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
+    p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

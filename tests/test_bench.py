@@ -1,0 +1,323 @@
+"""The benchmark engine and `numba-dsconv bench`: end to end on a tiny layer, JSON fields,
+roofline arithmetic. No timing assertions: this machine's clock says nothing reliable."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+
+from numba_dsconv import bench, cli, suite
+
+TINY = suite.Layer(99, "tiny", 8, 4, 8, 1)
+TINY_S2 = suite.Layer(98, "tiny", 9, 4, 8, 2)
+
+
+@pytest.fixture
+def small_ceilings(monkeypatch):
+    """Measure the ceilings on small arrays (a 128^3 SGEMM, a 1 MiB copy): fast, same code."""
+    small = functools.partial(bench.measure_ceilings, repeat=2, sgemm_n=128, copy_bytes=1 << 20)
+    monkeypatch.setattr(bench, "measure_ceilings", small)
+    return small
+
+
+@pytest.fixture
+def tiny_layers(monkeypatch):
+    """Let `--layers 99,98` name the tiny layers on the command line."""
+    real = bench.suite_layer
+    extra = {TINY.number: TINY, TINY_S2.number: TINY_S2}
+    monkeypatch.setattr(bench, "suite_layer", lambda n: extra.get(n) or real(n))
+
+
+SIDE_FIELDS = {
+    "name",
+    "median_s",
+    "samples_s",
+    "number",
+    "gflops",
+    "gbs",
+    "pct_roofline",
+    "error_rel",
+    "ok",
+}
+LAYER_FIELDS = {
+    "layer",
+    "name",
+    "hw",
+    "c_in",
+    "c_out",
+    "stride",
+    "op",
+    "batch",
+    "device",
+    "flops",
+    "nbytes",
+    "intensity",
+    "floor_s",
+    "ours",
+    "anchors",
+    "speedup",
+    "ok",
+}
+MACHINE_FIELDS = {
+    "date",
+    "cpu",
+    "cores",
+    "cores_available",
+    "numba_threads",
+    "threading_layer",
+    "blas",
+    "platform",
+    "versions",
+    "commit",
+    "config",
+    "gpus",
+}
+VERSION_FIELDS = {"python", "numpy", "numba", "llvmlite", "torch", "numba_dsconv"}
+CEILING_FIELDS = {
+    "device",
+    "sgemm_gflops",
+    "copy_gbs",
+    "sgemm_n",
+    "copy_bytes",
+    "sgemm_samples_s",
+    "copy_samples_s",
+    "sgemm_source",
+    "copy_source",
+    "ridge_flop_per_byte",
+}
+SETTINGS_FIELDS = {
+    "device",
+    "batch",
+    "op",
+    "layers",
+    "repeat",
+    "min_sample_s",
+    "threads",
+    "dtype",
+    "rtol",
+    "bias",
+    "activation",
+}
+
+
+def _check_side(side: dict, repeat: int) -> None:
+    assert set(side) == SIDE_FIELDS
+    assert len(side["samples_s"]) == repeat
+    assert all(s > 0 for s in side["samples_s"])
+    assert side["median_s"] > 0 and side["number"] >= 1
+    assert side["gflops"] > 0 and side["gbs"] > 0 and side["pct_roofline"] > 0
+    assert side["error_rel"] < bench.RTOL_FLOAT32 and side["ok"] is True
+
+
+def _check_json(d: dict, *, op: str, layers: list[int], repeat: int, anchors: list[str]) -> None:
+    assert set(d) == {"machine", "ceilings", "settings", "anchors", "anchor_note", "layers", "ok"}
+    assert MACHINE_FIELDS <= set(d["machine"])
+    assert set(d["machine"]["versions"]) == VERSION_FIELDS
+    assert d["machine"]["numba_threads"] >= 1
+    assert set(d["ceilings"]) == CEILING_FIELDS
+    assert d["ceilings"]["sgemm_gflops"] > 0 and d["ceilings"]["copy_gbs"] > 0
+    assert set(d["settings"]) == SETTINGS_FIELDS
+    assert d["settings"]["op"] == op and d["settings"]["layers"] == layers
+    assert d["anchors"] == anchors
+    assert d["ok"] is True
+    assert [row["layer"] for row in d["layers"]] == layers
+    for row in d["layers"]:
+        assert set(row) == LAYER_FIELDS
+        assert row["op"] == op
+        _check_side(row["ours"], repeat)
+        assert set(row["anchors"]) == set(anchors) == set(row["speedup"])
+        for side in row["anchors"].values():
+            _check_side(side, repeat)
+        assert all(v > 0 for v in row["speedup"].values())
+        lay = {TINY.number: TINY, TINY_S2.number: TINY_S2}[row["layer"]]
+        w = bench.work(lay, op, row["batch"])
+        assert (row["flops"], row["nbytes"]) == (w.flops, w.nbytes)
+        floor = bench.roofline_floor(
+            row["flops"], row["nbytes"], d["ceilings"]["sgemm_gflops"], d["ceilings"]["copy_gbs"]
+        )
+        assert row["floor_s"] == pytest.approx(floor)
+        assert row["ours"]["pct_roofline"] == pytest.approx(
+            100 * row["floor_s"] / row["ours"]["median_s"]
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# roofline arithmetic
+
+
+def test_roofline_floor_takes_the_slower_ceiling():
+    # 2 GFLOP at 100 GFLOP/s = 20 ms; 1 GB at 10 GB/s = 100 ms -> memory-bound, 100 ms.
+    assert bench.roofline_floor(2e9, 1e9, 100.0, 10.0) == pytest.approx(0.1)
+    # 2 GFLOP at 10 GFLOP/s = 200 ms -> compute-bound.
+    assert bench.roofline_floor(2e9, 1e9, 10.0, 10.0) == pytest.approx(0.2)
+    # An unknown SGEMM ceiling (GPU without torch) leaves the bandwidth term.
+    assert bench.roofline_floor(2e9, 1e9, math.nan, 10.0) == pytest.approx(0.1)
+
+
+def test_work_counts_layer_1_by_hand():
+    lay = suite.layer(1)  # 112x112x32 -> 64, stride 1, K=3, padding 1
+    pix = 112 * 112
+    sep = bench.work(lay, "separable", 1)
+    assert sep.flops == 2 * pix * (9 * 32 + 32 * 64)
+    # x + dw + pw + output, float32; the intermediate is not counted.
+    assert sep.nbytes == 4 * (pix * 32 + 9 * 32 + 32 * 64 + pix * 64)
+    dw = bench.work(lay, "depthwise", 1)
+    assert dw.flops == 2 * pix * 9 * 32
+    assert dw.nbytes == 4 * (pix * 32 + 9 * 32 + pix * 32)
+    conv = bench.work(lay, "conv2d", 2)
+    assert conv.flops == 2 * 2 * pix * 9 * 32 * 64
+    assert conv.nbytes == 4 * (2 * pix * 32 + 9 * 32 * 64 + 2 * pix * 64)
+    assert sep.intensity == pytest.approx(sep.flops / sep.nbytes)
+
+
+def test_work_pointwise_is_the_stage_after_a_strided_depthwise():
+    lay = suite.layer(2)  # 112x112x64 -> 128, stride 2: the pointwise sees 56x56x64
+    pw = bench.work(lay, "pointwise", 1)
+    assert pw.x_shape == (1, 56, 56, 64) and pw.out_shape == (1, 56, 56, 128)
+    assert pw.flops == 2 * 56 * 56 * 64 * 128
+    assert pw.nbytes == 4 * (56 * 56 * 64 + 64 * 128 + 56 * 56 * 128)
+
+
+def test_percent_of_roofline_is_floor_over_time():
+    w = bench.work(TINY, "separable", 1)
+    floor = bench.roofline_floor(w.flops, w.nbytes, 100.0, 10.0)
+    side = bench._side("x", [2 * floor, 4 * floor, 3 * floor], 1, w, floor, 0.0)
+    assert side.median_s == pytest.approx(3 * floor)
+    assert side.pct_roofline == pytest.approx(100 / 3)
+    assert side.gflops == pytest.approx(w.flops / (3 * floor) / 1e9)
+
+
+def test_parse_layers():
+    assert [lay.number for lay in bench.parse_layers("1,3,7")] == [1, 3, 7]
+    assert [lay.number for lay in bench.parse_layers("1-3, 11")] == [1, 2, 3, 11]
+    assert len(bench.parse_layers(None)) == len(suite.LAYERS)
+    assert bench.parse_layers([TINY]) == [TINY]
+    with pytest.raises(ValueError, match="layer must be 1..11"):
+        bench.parse_layers("12")
+    with pytest.raises(ValueError, match="layers must look like"):
+        bench.parse_layers("one")
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.parametrize("op", bench.OPS)
+def test_run_bench_on_tiny_layers(op, small_ceilings):
+    seen = []
+    result = bench.run_bench(
+        "cpu",
+        1,
+        [TINY, TINY_S2],
+        op,
+        repeat=2,
+        ceilings=small_ceilings("cpu"),
+        min_sample_s=0.0,
+        progress=lambda *a: seen.append(a),
+    )
+    assert result.ok
+    phases = {p for p, *_ in seen}
+    assert {"compile", "measure"} <= phases
+    assert seen[-1][2:] == (seen[-1][3], seen[-1][3])  # finished
+    d = json.loads(json.dumps(result.to_dict()))
+    _check_json(d, op=op, layers=[99, 98], repeat=2, anchors=result.anchors)
+
+
+def test_run_bench_without_torch(monkeypatch, small_ceilings):
+    monkeypatch.setattr(bench, "_torch", lambda: None)
+    result = bench.run_bench("cpu", 2, [TINY], "separable", 2, ceilings=small_ceilings("cpu"))
+    assert result.anchors == [] and result.anchor_note == "torch not installed"
+    assert result.layers[0].anchors == {} and result.layers[0].speedup == {}
+    assert result.layers[0].batch == 2
+
+
+def test_anchors_are_timed_when_torch_is_installed(small_ceilings):
+    pytest.importorskip("torch")
+    result = bench.run_bench("cpu", 1, [TINY], "separable", 2, ceilings=small_ceilings("cpu"))
+    assert result.anchors == ["torch_channels_last", "torch_nchw"]
+    assert set(result.layers[0].speedup) == set(result.anchors)
+
+
+def test_a_wrong_result_is_flagged(monkeypatch, small_ceilings):
+    real = bench.Case.numba_fn
+
+    def broken(self):
+        fn, sync = real(self)
+        return (lambda: fn() * 1.01), sync
+
+    monkeypatch.setattr(bench.Case, "numba_fn", broken)
+    result = bench.run_bench("cpu", 1, [TINY], "depthwise", 2, ceilings=small_ceilings("cpu"))
+    assert not result.ok
+    assert result.layers[0].ours.error_rel == pytest.approx(0.01, rel=1e-3)
+
+
+def test_cuda_without_gpu_raises_not_implemented():
+    if bench.gpu_available():
+        pytest.skip("a GPU (or the CUDA simulator) is available here")
+    with pytest.raises(NotImplementedError, match="no usable CUDA GPU"):
+        bench.Case(TINY, "separable", 1, "cuda")
+    with pytest.raises(NotImplementedError, match="no usable CUDA GPU"):
+        bench.run_bench("cuda", 1, [TINY])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="op must be one of"):
+        bench.run_bench("cpu", 1, [TINY], "dense")
+    with pytest.raises(ValueError, match="device must be one of"):
+        bench.run_bench("tpu", 1, [TINY])
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        bench.run_bench("cpu", 0, [TINY])
+
+
+def test_cli_bench_writes_json_and_plot(tmp_path, small_ceilings, tiny_layers, capsys):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "roofline.png"
+    argv = ["bench", "--layers", "99,98", "--op", "separable", "--repeat", "2"]
+    argv += ["--json", str(out)]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(png)]
+        plot = True
+    except ImportError:
+        plot = False
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "ceilings: SGEMM" in text and "% roof" in text
+    d = json.loads(out.read_text())
+    _check_json(d, op="separable", layers=[99, 98], repeat=2, anchors=d["anchors"])
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_without_torch_says_so(monkeypatch, tmp_path, small_ceilings, tiny_layers):
+    monkeypatch.setattr(bench, "_torch", lambda: None)
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--layers", "99", "--repeat", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["anchors"] == [] and d["anchor_note"] == "torch not installed"
+    assert d["machine"]["versions"]["torch"] is None
+
+
+def test_cli_bench_rejects_bad_layers(capsys):
+    assert cli.main(["bench", "--layers", "0"]) == 2
+    assert "layer must be 1..11" in capsys.readouterr().out
+
+
+def test_plot_needs_matplotlib_with_a_clear_message(monkeypatch, tmp_path, small_ceilings):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    result = bench.run_bench("cpu", 1, [TINY], "pointwise", 1, ceilings=small_ceilings("cpu"))
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match=r"numba-dsconv\[bench\]"):
+        bench.plot_roofline(result, tmp_path / "r.png")
