@@ -56,6 +56,7 @@ __all__ = [
     "plot_roofline",
     "roofline_floor",
     "run_bench",
+    "thread_limits",
     "time_interleaved",
     "work",
     "write_json",
@@ -300,7 +301,7 @@ def _blas_name() -> str:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def thread_limits(n: int) -> Iterator[None]:
     """Run NumPy's BLAS and torch with ``n`` threads (Numba's count) inside the block."""
     with contextlib.ExitStack() as stack:
         try:
@@ -841,7 +842,7 @@ def run_bench(
         note = None
     anchor_names = [] if note else [name for name, _ in ANCHORS[device]]
 
-    with _threads(threads):
+    with thread_limits(threads):
         if ceilings is None:
             ceilings = measure_ceilings(device, progress=progress)
         machine = machine_info(device)

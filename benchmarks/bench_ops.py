@@ -1,0 +1,177 @@
+"""asv benchmarks of the four operations over the MobileNet layer suite.
+
+The layers are numba_dsconv.suite.LAYERS (the one definition the command line and the tests
+use too); arrays, FLOP/byte counts and the timed calls come from numba_dsconv.bench.
+
+Parameters: layer (all 11), batch (1 and 8 on the CPU, 1 and 64 on CUDA; the other
+combinations are skipped) and device ("cuda" is skipped where no GPU is usable: setup raises
+NotImplementedError). setup builds the arrays and calls the kernel twice, so JIT compilation
+(or loading it from the disk cache) never lands in a timed region; CUDA calls synchronise
+before returning.
+
+NUMBA_DSCONV_ASV_QUICK=1 (used by CI with ``asv run --quick``) shrinks the selection to two
+layers at N=1, so every benchmark function still runs at least once but the whole suite
+finishes in a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numba
+
+from numba_dsconv import bench
+from numba_dsconv.suite import LAYERS
+from numba_dsconv.suite import layer as suite_layer
+
+QUICK = os.environ.get("NUMBA_DSCONV_ASV_QUICK", "") not in ("", "0")
+
+LAYER_NUMBERS = [3, 9] if QUICK else [lay.number for lay in LAYERS]
+BATCHES = [1] if QUICK else [1, 8, 64]
+DEVICE_BATCHES = {"cpu": (1, 8), "cuda": (1, 64)}
+
+
+def _skip_unless_supported(batch: int, device: str) -> None:
+    if batch not in DEVICE_BATCHES[device]:
+        raise NotImplementedError(f"batch {batch} is not benchmarked on {device}")
+
+
+class _Op:
+    """time_ and peakmem_ of one operation; subclasses set ``op`` and name the methods."""
+
+    op = ""
+    params = [LAYER_NUMBERS, BATCHES, ["cpu", "cuda"]]
+    param_names = ["layer", "batch", "device"]
+    timeout = 300.0
+
+    def setup(self, layer: int, batch: int, device: str) -> None:
+        _skip_unless_supported(batch, device)
+        case = bench.Case(suite_layer(layer), self.op, batch, device)
+        self.fn, self.sync = case.numba_fn()
+        for _ in range(2):  # the first call compiles or loads the disk cache
+            self.fn()
+            self.sync()
+
+    def _call(self) -> None:
+        self.fn()
+        self.sync()
+
+
+class Separable(_Op):
+    op = "separable"
+
+    def time_separable(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+    def peakmem_separable(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+
+class Depthwise(_Op):
+    op = "depthwise"
+
+    def time_depthwise(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+    def peakmem_depthwise(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+
+class Pointwise(_Op):
+    """The pointwise stage of each layer: (N, H_out, W_out, C_in) -> C_out."""
+
+    op = "pointwise"
+
+    def time_pointwise(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+    def peakmem_pointwise(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+
+class Conv2d(_Op):
+    """The standard 3x3 convolution each separable layer replaces."""
+
+    op = "conv2d"
+
+    def time_conv2d(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+    def peakmem_conv2d(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+
+_COLD_CALL = textwrap.dedent(
+    """
+    import time
+    import numba_dsconv
+    from numba_dsconv.suite import layer
+    x, dw, pw = layer(3).arrays(1)
+    t0 = time.perf_counter()
+    numba_dsconv.separable(x, dw, pw, stride=1, padding=1)
+    print(time.perf_counter() - t0)
+    """
+)
+
+
+def track_cold_compile_seconds() -> float:
+    """Seconds of the first separable call in a fresh process with an empty kernel cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_DSCONV_NO_CACHE="1")
+        out = subprocess.run(
+            [sys.executable, "-c", _COLD_CALL],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+track_cold_compile_seconds.unit = "seconds"  # type: ignore[attr-defined]
+track_cold_compile_seconds.timeout = 600.0  # type: ignore[attr-defined]
+
+
+class SeparableRoofline:
+    """% of the roofline floor (PERFORMANCE.md) the fused separable call reaches."""
+
+    params = [LAYER_NUMBERS, BATCHES, ["cpu", "cuda"]]
+    param_names = ["layer", "batch", "device"]
+    unit = "%"
+    timeout = 300.0
+
+    def setup_cache(self) -> dict[str, bench.Ceilings]:
+        """The machine's ceilings, measured once per run (with Numba's thread count)."""
+        with bench.thread_limits(numba.get_num_threads()):
+            out = {"cpu": bench.measure_ceilings("cpu")}
+            if bench.gpu_available():
+                out["cuda"] = bench.measure_ceilings("cuda")
+        return out
+
+    def setup(self, ceilings: dict, layer: int, batch: int, device: str) -> None:
+        _skip_unless_supported(batch, device)
+        if device not in ceilings:
+            raise NotImplementedError(f"no {device} ceilings (no GPU)")
+        case = bench.Case(suite_layer(layer), "separable", batch, device)
+        self.work = case.work
+        self.fn, self.sync = case.numba_fn()
+        for _ in range(2):
+            self.fn()
+            self.sync()
+
+    def track_separable_roofline_percent(
+        self, ceilings: dict, layer: int, batch: int, device: str
+    ) -> float:
+        c = ceilings[device]
+        with bench.thread_limits(numba.get_num_threads()):
+            samples, _ = bench.time_interleaved({"ours": (self.fn, self.sync)}, repeat=7)
+        samples["ours"].sort()
+        median = samples["ours"][len(samples["ours"]) // 2]
+        w = self.work
+        floor = bench.roofline_floor(w.flops, w.nbytes, c.sgemm_gflops, c.copy_gbs)
+        return round(100.0 * floor / median, 2)
