@@ -24,11 +24,13 @@ CACHE: bool = os.environ.get("NUMBA_DSCONV_NO_CACHE", "") == ""
 # costs more than the work itself.
 SERIAL_MAX_MACS: int = 200_000
 
-# Fused CPU separable: the depthwise tile (output pixels x C_in*M channels) that feeds the
-# pointwise step is kept under this many bytes, so it stays in L1/L2.
-CPU_TILE_BYTES: int = 32 * 1024
-# ... and holds at most this many output pixels.
-CPU_TILE_MAX_PIXELS: int = 64
+# CPU GEMM tasks (pointwise, fused separable): the A tile (pixels x reduction channels: the
+# depthwise result in the fused kernel) is kept under this many bytes, so it stays in L2 ...
+CPU_TILE_BYTES: int = 128 * 1024
+# ... and holds at most this many output pixels (a multiple of 4).
+CPU_TILE_MAX_PIXELS: int = 256
+# With fewer pixel blocks than this many per thread, output channels are split across tasks.
+CPU_TASKS_PER_THREAD: int = 4
 
 
 def _configure_threading_layer() -> None:

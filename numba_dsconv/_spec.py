@@ -191,6 +191,7 @@ def make_spec(
     activation: int = 0,
     mid_activation: int = 0,
     kernel_name: str = "w",
+    x_name: str = "x",
 ) -> ConvSpec:
     """Validate the geometry against x's shape and build the spec.
 
@@ -199,7 +200,7 @@ def make_spec(
     """
     if len(x_shape) not in (3, 4):
         raise ValueError(
-            f"x must be 4-D (N,{','.join(layout[1:])}) or 3-D ({','.join(layout[1:])}) "
+            f"{x_name} must be 4-D (N,{','.join(layout[1:])}) or 3-D ({','.join(layout[1:])}) "
             f"for layout={layout!r}; got shape {tuple(x_shape)}"
         )
     batched = len(x_shape) == 4
@@ -210,11 +211,13 @@ def make_spec(
         n, c, h, w = shape4
     if c != c_in_kernel:
         raise ValueError(
-            f"x has {c} channels ({layout} shape {tuple(x_shape)}) but {kernel_name} expects "
-            f"{c_in_kernel} input channels"
+            f"{x_name} has {c} channels ({layout} shape {tuple(x_shape)}) but {kernel_name} "
+            f"expects {c_in_kernel} input channels"
         )
     if h == 0 or w == 0 or c == 0:
-        raise ValueError(f"x must have non-zero height, width and channels; got shape {x_shape}")
+        raise ValueError(
+            f"{x_name} must have non-zero height, width and channels; got shape {tuple(x_shape)}"
+        )
     s = pair(stride, "stride", minimum=1)
     d = pair(dilation, "dilation", minimum=1)
     t, b, left, r = padding_amounts(padding, (h, w), kernel, s, d)
@@ -224,7 +227,7 @@ def make_spec(
         raise ValueError(
             f"the output would be empty: {kernel_name} kernel {kernel[0]}x{kernel[1]} with "
             f"dilation {d} does not fit the padded input {h + t + b}x{w + left + r} "
-            f"(x spatial size {h}x{w}, padding {(t, b, left, r)})"
+            f"({x_name} spatial size {h}x{w}, padding {(t, b, left, r)})"
         )
     return ConvSpec(
         op=op,

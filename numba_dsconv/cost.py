@@ -86,6 +86,7 @@ def cost(
         padding=padding,
         dilation=dilation,
         kernel_name="kernel_size",
+        x_name="input_shape",
     )
     pix = spec.n * spec.out_h * spec.out_w
     taps = kh * kw

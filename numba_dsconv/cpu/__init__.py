@@ -6,10 +6,12 @@ and returns the result in the caller's layout. Internally everything is NHWC, C-
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .. import _config
 from .._spec import ConvSpec
+from ._jit import pack_transposed_parallel, pack_transposed_serial
 from .conv2d import conv2d_nhwc_parallel, conv2d_nhwc_serial
 from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
 from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
@@ -32,10 +34,31 @@ def _nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
     return o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4
 
 
-def tile_pixels(c_mid: int, itemsize: int) -> int:
-    """Output pixels per fused-separable tile: the depthwise tile fits CPU_TILE_BYTES."""
-    per_pixel = max(1, c_mid * itemsize)
-    return int(max(1, min(_config.CPU_TILE_MAX_PIXELS, _config.CPU_TILE_BYTES // per_pixel)))
+def tile_pixels(k: int, itemsize: int) -> int:
+    """Output pixels per GEMM task: the (pixels x K) A tile stays within CPU_TILE_BYTES (L2);
+    a multiple of 4 (the micro-kernel's block) between 4 and CPU_TILE_MAX_PIXELS."""
+    fit = _config.CPU_TILE_BYTES // max(1, k * itemsize)
+    return int(max(4, min(_config.CPU_TILE_MAX_PIXELS, fit)) // 4 * 4)
+
+
+def channel_block(pixels: int, tile: int, c_out: int) -> int:
+    """Output channels per task: all of them, unless there are too few pixel blocks to keep
+    every thread busy (N=1, late layers); then split the channels too (multiples of 4)."""
+    tasks = -(-pixels // tile)
+    want = _config.CPU_TASKS_PER_THREAD * numba.get_num_threads()
+    if tasks >= want:
+        return c_out
+    nc = min(-(-want // tasks), max(1, c_out // 16))
+    per_task = -(-c_out // nc)
+    return int(-(-per_task // 4) * 4)
+
+
+def _packed_transposed(p: np.ndarray, parallel: bool) -> np.ndarray:
+    """The pointwise weights (K, C_out) packed as (C_out, K), the micro-kernel's order."""
+    bt = np.empty((p.shape[1], p.shape[0]), dtype=p.dtype)
+    if p.size:
+        (pack_transposed_parallel if parallel else pack_transposed_serial)(p, bt)
+    return bt
 
 
 def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
@@ -46,9 +69,13 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         d, p = weights
         dwb, b = biases
         kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
+        pixels = spec.n * spec.out_h * spec.out_w
         tile = tile_pixels(spec.c_mid, target.dtype.itemsize)
-        args = (xh, d, dwb, p, b, target, *s, *pads, spec.multiplier)
-        args += (spec.mid_activation, spec.activation, tile)
+        cblock = channel_block(pixels, tile, spec.c_out) if parallel else spec.c_out
+        bt = _packed_transposed(p, parallel)  # once per call, in the micro-kernel's order
+        t2 = target.reshape(pixels, spec.c_out)
+        args = (xh, d, dwb, bt, b, t2, spec.out_h, spec.out_w, *s, *pads, spec.multiplier)
+        args += (spec.mid_activation, spec.activation, tile, cblock)
     elif spec.op == "depthwise":
         (d,) = weights
         (b,) = biases
@@ -62,7 +89,8 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         x2 = xh.reshape(rows, spec.c_in)
         t2 = target.reshape(rows, spec.c_out)
         block = tile_pixels(spec.c_in, target.dtype.itemsize)
-        args = (x2, p, b, t2, block, spec.activation)
+        cblock = channel_block(rows, block, spec.c_out) if parallel else spec.c_out
+        args = (x2, _packed_transposed(p, parallel), b, t2, block, cblock, spec.activation)
     else:
         (w,) = weights
         (b,) = biases

@@ -31,18 +31,21 @@ def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cov
                 o[k] = bias[k]
             for m in range(KH):
                 ih = i * sh - pt + m * dh
-                if ih < 0 or ih >= H:
-                    continue
+                row_inside = ih >= 0 and ih < H
                 for q in range(KW):
                     iw = j * sw - pl + q * dw
-                    if iw < 0 or iw >= W:
-                        continue
-                    xr = x[n, ih, iw]
-                    for c in range(C):
-                        a = xr[c]
-                        wr = w[m, q, c]
-                        for k in range(CO):
-                            o[k] += a * wr[k]
+                    if row_inside and iw >= 0 and iw < W:
+                        xr = x[n, ih, iw]
+                        for c in range(C):
+                            a = xr[c]
+                            wr = w[m, q, c]
+                            for k in range(CO):
+                                o[k] += a * wr[k]
+                    else:  # a tap on the zero padding: 0 * weight (NaN/Inf weights propagate)
+                        for c in range(C):
+                            wr = w[m, q, c]
+                            for k in range(CO):
+                                o[k] += 0 * wr[k]
             activate_row(o, act)
 
 

@@ -1,9 +1,11 @@
 """Fused depthwise separable convolution on the CPU.
 
-One task is a tile of up to ``tile`` output pixels of one output row. Its depthwise result
-(tile x C_in*M) is computed into a small buffer that stays in L1/L2 and consumed at once by the
-pointwise GEMM; the full intermediate tensor is never allocated. Biases and activations are
-applied inside the kernel.
+One task is a block of up to ``tile`` consecutive output pixels (flattened over batch, rows and
+columns) times a block of output channels. Its depthwise result (tile x C_in*M) is computed
+into a small buffer sized to stay in L2 and consumed at once by the pointwise GEMM micro-kernel
+(``gemm_tile``); the full intermediate tensor is never allocated. Biases and activations are
+applied inside the kernel. Output-channel blocks exist only to give every thread work when
+there are few pixels (N=1, late layers); otherwise each task covers all output channels.
 """
 
 from __future__ import annotations
@@ -11,34 +13,56 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import activate_row, depthwise_pixel, gemm_rows, parallel_and_serial
+from ._jit import activate_row, depthwise_pixel, gemm_tile, parallel_and_serial
 
 
 def separable_nhwc(
-    x, d, dw_bias, p, bias, out, sh, sw, dh, dw, pt, pl, multiplier, mid_act, act, tile
+    x,
+    d,
+    dw_bias,
+    bt,
+    bias,
+    out2,
+    oh,
+    ow,
+    sh,
+    sw,
+    dh,
+    dw,
+    pt,
+    pl,
+    multiplier,
+    mid_act,
+    act,
+    tile,
+    cblock,
 ):  # pragma: no cover - compiled
-    """out = act(bias + mid_act(depthwise(x, d) + dw_bias) @ p), tile by tile.
+    """out2 = act(bias + mid_act(depthwise(x, d) + dw_bias) @ bt.T), block by block.
 
-    x: (N,H,W,C); d: (KH,KW,C*M); p: (C*M, C_out); out: (N,OH,OW,C_out).
+    x: (N,H,W,C); d: (KH,KW,C*M); bt: (C_out, C*M) (pointwise weights packed transposed);
+    out2: (N*OH*OW, C_out), the output viewed as a matrix of pixels.
     """
-    N = out.shape[0]
-    OH = out.shape[1]
-    OW = out.shape[2]
+    P = out2.shape[0]
+    CO = bt.shape[0]
     CM = d.shape[2]
-    nj = (OW + tile - 1) // tile
-    for t in prange(N * OH * nj):
-        jb = t % nj
-        r = t // nj
-        i = r % OH
-        n = r // OH
-        j0 = jb * tile
-        j1 = min(OW, j0 + tile)
-        buf = np.empty((tile, CM), dtype=out.dtype)
-        for j in range(j0, j1):
-            row = buf[j - j0]
+    nb = (P + tile - 1) // tile
+    nc = (CO + cblock - 1) // cblock
+    for t in prange(nb * nc):
+        cb = t % nc
+        b = t // nc
+        p0 = b * tile
+        p1 = min(P, p0 + tile)
+        buf = np.empty((tile, CM), dtype=out2.dtype)
+        for p in range(p0, p1):
+            j = p % ow
+            r = p // ow
+            i = r % oh
+            n = r // oh
+            row = buf[p - p0]
             depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, row)
             activate_row(row, mid_act)
-        gemm_rows(buf, p, bias, out[n, i, j0:j1], j1 - j0, act)
+        c0 = cb * cblock
+        gemm_tile(buf, p1 - p0, bt, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act)
 
 
 separable_nhwc_parallel, separable_nhwc_serial = parallel_and_serial(separable_nhwc)

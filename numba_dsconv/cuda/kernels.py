@@ -87,6 +87,7 @@ def _activation(dtype: np.dtype):
 @cache
 def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
     activate = _activation(np.dtype(dtype))
+    zero = np.dtype(dtype).type(0)
 
     @cuda.jit
     def depthwise(x, d, bias, out, kh_, kw_, sh_, sw_, dh, dw, pt, pl, M, act):
@@ -114,11 +115,13 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
             iw0 = j * sw - pl
             for m in range(kh):
                 ih = ih0 + m * dh
-                if ih >= 0 and ih < H:
-                    for q in range(kw):
-                        iw = iw0 + q * dw
-                        if iw >= 0 and iw < W:
-                            acc += x[n, ih, iw, c] * d[m, q, cm]
+                row_inside = ih >= 0 and ih < H
+                for q in range(kw):
+                    iw = iw0 + q * dw
+                    xv = zero  # the zero padding: 0 * weight, so NaN/Inf weights propagate
+                    if row_inside and iw >= 0 and iw < W:
+                        xv = x[n, ih, iw, c]
+                    acc += xv * d[m, q, cm]
             out[n, i, j, cm] = activate(acc, act)
 
     return depthwise
@@ -199,11 +202,13 @@ def gemm_kernel(
                             iw0 = j * sw - pl
                             for m in range(kh):
                                 ih = ih0 + m * dh
-                                if ih >= 0 and ih < H:
-                                    for q in range(kw):
-                                        iw = iw0 + q * dw
-                                        if iw >= 0 and iw < W:
-                                            v += x[n, ih, iw, c] * d[m, q, k]
+                                row_inside = ih >= 0 and ih < H
+                                for q in range(kw):
+                                    iw = iw0 + q * dw
+                                    xv = zero  # zero padding: 0 * weight, as the formula says
+                                    if row_inside and iw >= 0 and iw < W:
+                                        xv = x[n, ih, iw, c]
+                                    v += xv * d[m, q, k]
                             v = activate(v, mid_act)
                         else:
                             tap = k // C

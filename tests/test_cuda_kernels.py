@@ -1,0 +1,215 @@
+"""Every CUDA kernel and specialisation against the float64 reference (simulator or GPU).
+
+Runs under the simulator (NUMBA_ENABLE_CUDASIM=1, set before Python starts, as .ci/run does)
+or on a real GPU; elsewhere it skips. Tiles and blocks are patched small so tiny inputs still
+span several blocks and every grid-stride loop turns more than once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import (  # tests/conftest.py
+    assert_close,
+    check_against_reference,
+    geo_kwargs,
+    make_case,
+    randn,
+    ref_fn,
+)
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
+
+
+def cuda_usable() -> bool:
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+requires_cuda = pytest.mark.skipif(
+    not cuda_usable(), reason="no CUDA GPU and not under the simulator (NUMBA_ENABLE_CUDASIM=1)"
+)
+
+# (threads per block for 1-D kernels, GEMM tile (TP, TN, TK, RP, RN), max blocks)
+SMALL = (8, (4, 4, 2, 2, 2), 3)
+TILE_CONFIGS = [SMALL] if SIMULATOR else [SMALL, None]  # None: the shipped defaults
+
+
+@pytest.fixture(params=TILE_CONFIGS, ids=lambda c: "small-blocks" if c else "default-blocks")
+def cuda_config(request, monkeypatch):
+    from numba_dsconv import _config
+
+    if request.param is not None:
+        threads, tile, blocks = request.param
+        monkeypatch.setattr(_config, "CUDA_THREADS", threads)
+        monkeypatch.setattr(_config, "CUDA_GEMM_TILE", tile)
+        monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", blocks)
+    return request.param
+
+
+pytestmark = [requires_cuda, pytest.mark.usefixtures("cuda_config")]
+
+# every specialised (K, K, s, s) build plus geometries that take the generic build
+SPECIALISED = [(k, s) for k in (3, 5, 7) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("op", ["depthwise", "separable", "conv2d"])
+@pytest.mark.parametrize("k,s", SPECIALISED)
+def test_specialised_builds(rng, op, k, s):
+    x, w, b, red = make_case(rng, op, n=1, h=k + 2, w=k + 3, c=3, kh=k, kw=k, c_out=5, biases=True)
+    check_against_reference(
+        op, x, w, red, device="cuda", stride=s, padding="same", activation="relu6", **b
+    )
+
+
+GENERIC = [
+    dict(kh=2, kw=4, stride=(1, 2), padding=((0, 2), (1, 0)), dilation=1),
+    dict(kh=3, kw=3, stride=3, padding=1, dilation=(2, 1)),
+    dict(kh=1, kw=1, stride=1, padding="valid", dilation=1),
+    dict(kh=4, kw=4, stride=2, padding="same", dilation=1),
+]
+
+
+@pytest.mark.parametrize("op", ["depthwise", "separable", "conv2d"])
+@pytest.mark.parametrize("geo", GENERIC, ids=lambda g: f"k{g['kh']}x{g['kw']}s{g['stride']}")
+def test_generic_build(rng, op, geo):
+    geo = dict(geo)
+    kh, kw = geo.pop("kh"), geo.pop("kw")
+    x, w, b, red = make_case(rng, op, n=2, h=6, w=7, c=3, kh=kh, kw=kw, c_out=5, biases=True)
+    check_against_reference(op, x, w, red, device="cuda", **geo, **b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", ["depthwise", "separable", "pointwise", "conv2d"])
+def test_dtypes_and_activations(rng, op, dtype):
+    x, w, b, red = make_case(rng, op, n=2, h=5, w=6, c=3, c_out=5, xdtype=dtype, biases=True)
+    kw = geo_kwargs(op, padding="same")
+    if op == "separable":
+        kw["mid_activation"] = "relu"
+    check_against_reference(op, x, w, red, device="cuda", activation="relu", **kw, **b)
+
+
+def test_mixed_dtype_gives_float64(rng):
+    x, w, b, red = make_case(rng, "separable", xdtype=np.float32, wdtype=np.float64)
+    y = check_against_reference("separable", x, w, red, device="cuda", padding=1)
+    assert y.dtype == np.float64
+
+
+@pytest.mark.parametrize("op", ["depthwise", "separable"])
+def test_multiplier_two(rng, op):
+    x, w, b, red = make_case(rng, op, n=1, h=5, w=5, c=3, mult=2, c_out=4, biases=True)
+    check_against_reference(op, x, w, red, device="cuda", padding=1, stride=2, **b)
+
+
+@pytest.mark.parametrize("op", ["depthwise", "separable", "pointwise", "conv2d"])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_layouts_and_batchedness(rng, op, layout, batched):
+    x, w, b, red = make_case(rng, op, n=2, h=5, w=4, c=3, c_out=4, layout=layout, batched=batched)
+    y = check_against_reference(
+        op, x, w, red, device="cuda", layout=layout, **geo_kwargs(op, padding=1)
+    )
+    assert isinstance(y, np.ndarray)
+
+
+def test_empty_batch(rng):
+    x, w, b, red = make_case(rng, "separable", n=0)
+    y = check_against_reference("separable", x, w, red, device="cuda", padding=1)
+    assert y.shape == (0, 5, 5, 4)
+
+
+def test_non_contiguous_and_read_only_inputs(rng):
+    x, (dw, pw), b, red = make_case(rng, "separable", n=2, h=6, w=8, c=3, c_out=4)
+    xs = x[:, ::-1, ::2]  # negative and non-unit strides
+    dwf = np.asfortranarray(dw)
+    pwr = pw.copy()
+    pwr.flags.writeable = False
+    before = [a.copy() for a in (xs, dwf, pwr)]
+    check_against_reference("separable", xs, (dwf, pwr), red, device="cuda", padding=1)
+    for a, a0 in zip((xs, dwf, pwr), before, strict=True):
+        np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_out_host_poisoned(rng, layout):
+    x, (dw, pw), b, red = make_case(rng, "separable", layout=layout)
+    expected = ref_fn("separable")(x, dw, pw, padding=1, layout=layout)
+    out = np.full(expected.shape, np.nan, np.float32)
+    got = __import__("numba_dsconv").separable(
+        x, dw, pw, padding=1, layout=layout, device="cuda", out=out
+    )
+    assert got is out
+    assert not np.isnan(out).any()
+    assert_close(out, expected, np.float32, red)
+
+
+def _device(a):
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_device_arrays_stay_on_device(rng, layout, batched):
+    import numba_dsconv as nd
+
+    x, (dw, pw), b, red = make_case(rng, "separable", layout=layout, batched=batched)
+    expected = ref_fn("separable")(x, dw, pw, padding=1, layout=layout)
+    y = nd.separable(_device(x), _device(dw), _device(pw), padding=1, layout=layout)
+    assert type(y).__module__.startswith("numba.cuda")  # same array type back, no host trip
+    assert_close(y.copy_to_host(), expected, np.float32, red)
+    # device out=, poisoned first, in both layouts
+    out = _device(np.full(expected.shape, np.nan, np.float32))
+    got = nd.separable(_device(x), _device(dw), _device(pw), padding=1, layout=layout, out=out)
+    assert got is out
+    assert_close(out.copy_to_host(), expected, np.float32, red)
+
+
+def test_device_array_with_cpu_device_is_an_error(rng):
+    import numba_dsconv as nd
+
+    x, (dw, pw), b, red = make_case(rng, "separable")
+    with pytest.raises(ValueError, match="x lives on a CUDA device"):
+        nd.separable(_device(x), dw, pw, device="cpu")
+
+
+def test_out_overlapping_device_input_is_an_error(rng):
+    import numba_dsconv as nd
+
+    x = _device(randn(rng, (1, 4, 4, 3), np.float32))
+    pw = randn(rng, (3, 3), np.float32)
+    with pytest.raises(ValueError, match="out"):
+        nd.pointwise(x, pw, out=x)
+
+
+def test_nan_and_inf_propagate(rng):
+    x, (dw, pw), b, red = make_case(rng, "separable", n=1, h=6, w=6)
+    x[0, 1, 1, 0] = np.nan
+    x[0, 4, 4, 1] = np.inf
+    expected = ref_fn("separable")(x, dw, pw, padding=1, activation="relu")
+    y = __import__("numba_dsconv").separable(x, dw, pw, padding=1, activation="relu", device="cuda")
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    assert_close(y, expected, np.float32, red)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "depthwise", "separable"])
+def test_nonfinite_weight_times_padding_zero(op):
+    """A padded tap contributes 0 * weight: a NaN weight makes every output NaN (torch agrees)."""
+    import numba_dsconv as nd
+
+    x = np.ones((1, 4, 4, 1))
+    weights = {
+        "conv2d": (np.ones((3, 3, 1, 1)),),
+        "depthwise": (np.ones((3, 3, 1)),),
+        "separable": (np.ones((3, 3, 1)), np.ones((1, 1))),
+    }[op]
+    weights[0][0, 0, 0] = np.nan
+    y = getattr(nd, op)(x, *weights, padding="same", device="cuda")
+    assert np.isnan(y).all()
