@@ -41,6 +41,9 @@ from .suite import LAYERS, Layer
 from .suite import layer as suite_layer
 
 __all__ = [
+    "ANCHORS",
+    "OURS",
+    "RTOL_FLOAT32",
     "DEVICES",
     "OPS",
     "BenchResult",
