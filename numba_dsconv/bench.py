@@ -256,7 +256,7 @@ def _measure_ceilings_cuda(repeat: int, n: int, nbytes: int, progress: Progress)
     progress("ceilings", "SGEMM (torch fp32)", 1, 2)
     torch = _torch()
     sg: list[float] = []
-    source = "torch not installed: no SGEMM ceiling, the floor uses bandwidth only"
+    source = "no CUDA torch: no SGEMM ceiling, the floor uses bandwidth only"
     rate = float("nan")
     if torch is not None and torch.cuda.is_available():
         old = torch.backends.cuda.matmul.allow_tf32
@@ -322,10 +322,13 @@ def thread_limits(n: int) -> Iterator[None]:
 
 
 def gpu_available() -> bool:
-    """True when a CUDA GPU (or the Numba CUDA simulator) can run numba_dsconv's kernels."""
-    from . import cuda
+    """True when the CUDA backend can run (a GPU, or the Numba CUDA simulator)."""
+    try:
+        from numba import cuda
 
-    return bool(cuda.describe_devices())
+        return bool(cuda.is_available())
+    except Exception:  # no CUDA target, a broken driver: no GPU
+        return False
 
 
 def _threading_layer() -> str:
