@@ -60,13 +60,15 @@ def store_activated(row, k, v, code):  # pragma: no cover - compiled
 
 
 @helper
-def depthwise_pixel(
-    x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, dst
+def depthwise_row(
+    x, d, n, i, j0, j1, sh, sw, dh, dw, pt, pl, multiplier, bias, dst
 ):  # pragma: no cover - compiled
-    """dst[c*M+q] = bias + sum over the taps of output pixel (i, j) of image n.
+    """dst[j - j0, :] = bias + depthwise taps of output pixels (i, j0..j1-1) of image n.
 
-    x: (N,H,W,C); d: (KH,KW,C*M); dst: (C*M,). A tap on the zero padding contributes
-    0 * weight, as the formula says: zero unless the weight is NaN or Inf.
+    Taps outer, pixels inner: each kernel row of the input is addressed once and each tap's
+    weight vector stays in registers/L1 while it sweeps the pixels, whose accumulators (dst, a
+    few KB) stay in L1. The channel loop is innermost and contiguous so it vectorises. Taps on
+    the zero padding contribute 0 * weight (NaN/Inf weights propagate, as the formula says).
     """
     H = x.shape[1]
     W = x.shape[2]
@@ -74,28 +76,31 @@ def depthwise_pixel(
     KH = d.shape[0]
     KW = d.shape[1]
     CM = d.shape[2]
-    for c in range(CM):
-        dst[c] = bias[c]
+    for jj in range(j1 - j0):
+        o = dst[jj]
+        for c in range(CM):
+            o[c] = bias[c]
     for m in range(KH):
         ih = i * sh - pt + m * dh
         row_inside = ih >= 0 and ih < H
         for q in range(KW):
-            iw = j * sw - pl + q * dw
-            dr = d[m, q]
-            if row_inside and iw >= 0 and iw < W:
-                xr = x[n, ih, iw]
-                if multiplier == 1:
-                    for c in range(C):
-                        dst[c] += xr[c] * dr[c]
+            dq = d[m, q]
+            for jj in range(j1 - j0):
+                o = dst[jj]
+                iw = (j0 + jj) * sw - pl + q * dw
+                if row_inside and iw >= 0 and iw < W:
+                    if multiplier == 1:
+                        for c in range(C):
+                            o[c] += x[n, ih, iw, c] * dq[c]
+                    else:
+                        for c in range(C):
+                            xv = x[n, ih, iw, c]
+                            base = c * multiplier
+                            for mq in range(multiplier):
+                                o[base + mq] += xv * dq[base + mq]
                 else:
-                    for c in range(C):
-                        xv = xr[c]
-                        base = c * multiplier
-                        for mq in range(multiplier):
-                            dst[base + mq] += xv * dr[base + mq]
-            else:
-                for c in range(CM):
-                    dst[c] += 0 * dr[c]
+                    for c in range(CM):
+                        o[c] += 0 * dq[c]
 
 
 @helper
@@ -122,23 +127,23 @@ def gemm_tile(a, rows, bt, bias, dst, c_lo, c_hi, act):  # pragma: no cover - co
             a1 = a[r + 1]
             a2 = a[r + 2]
             a3 = a[r + 3]
-            s00 = a0[0] * b0[0]
-            s01 = a0[0] * b1[0]
-            s02 = a0[0] * b2[0]
-            s03 = a0[0] * b3[0]
-            s10 = a1[0] * b0[0]
-            s11 = a1[0] * b1[0]
-            s12 = a1[0] * b2[0]
-            s13 = a1[0] * b3[0]
-            s20 = a2[0] * b0[0]
-            s21 = a2[0] * b1[0]
-            s22 = a2[0] * b2[0]
-            s23 = a2[0] * b3[0]
-            s30 = a3[0] * b0[0]
-            s31 = a3[0] * b1[0]
-            s32 = a3[0] * b2[0]
-            s33 = a3[0] * b3[0]
-            for k in range(1, K):
+            s00 = bias[c]
+            s01 = bias[c + 1]
+            s02 = bias[c + 2]
+            s03 = bias[c + 3]
+            s10 = bias[c]
+            s11 = bias[c + 1]
+            s12 = bias[c + 2]
+            s13 = bias[c + 3]
+            s20 = bias[c]
+            s21 = bias[c + 1]
+            s22 = bias[c + 2]
+            s23 = bias[c + 3]
+            s30 = bias[c]
+            s31 = bias[c + 1]
+            s32 = bias[c + 2]
+            s33 = bias[c + 3]
+            for k in range(K):
                 x0 = a0[k]
                 x1 = a1[k]
                 x2 = a2[k]
@@ -167,41 +172,41 @@ def gemm_tile(a, rows, bt, bias, dst, c_lo, c_hi, act):  # pragma: no cover - co
             d1 = dst[r + 1]
             d2 = dst[r + 2]
             d3 = dst[r + 3]
-            store_activated(d0, c, s00 + bias[c], act)
-            store_activated(d0, c + 1, s01 + bias[c + 1], act)
-            store_activated(d0, c + 2, s02 + bias[c + 2], act)
-            store_activated(d0, c + 3, s03 + bias[c + 3], act)
-            store_activated(d1, c, s10 + bias[c], act)
-            store_activated(d1, c + 1, s11 + bias[c + 1], act)
-            store_activated(d1, c + 2, s12 + bias[c + 2], act)
-            store_activated(d1, c + 3, s13 + bias[c + 3], act)
-            store_activated(d2, c, s20 + bias[c], act)
-            store_activated(d2, c + 1, s21 + bias[c + 1], act)
-            store_activated(d2, c + 2, s22 + bias[c + 2], act)
-            store_activated(d2, c + 3, s23 + bias[c + 3], act)
-            store_activated(d3, c, s30 + bias[c], act)
-            store_activated(d3, c + 1, s31 + bias[c + 1], act)
-            store_activated(d3, c + 2, s32 + bias[c + 2], act)
-            store_activated(d3, c + 3, s33 + bias[c + 3], act)
+            store_activated(d0, c, s00, act)
+            store_activated(d0, c + 1, s01, act)
+            store_activated(d0, c + 2, s02, act)
+            store_activated(d0, c + 3, s03, act)
+            store_activated(d1, c, s10, act)
+            store_activated(d1, c + 1, s11, act)
+            store_activated(d1, c + 2, s12, act)
+            store_activated(d1, c + 3, s13, act)
+            store_activated(d2, c, s20, act)
+            store_activated(d2, c + 1, s21, act)
+            store_activated(d2, c + 2, s22, act)
+            store_activated(d2, c + 3, s23, act)
+            store_activated(d3, c, s30, act)
+            store_activated(d3, c + 1, s31, act)
+            store_activated(d3, c + 2, s32, act)
+            store_activated(d3, c + 3, s33, act)
             r += 4
         # leftover pixel rows of this channel quad
         while r < rows:
             ar = a[r]
-            s0 = ar[0] * b0[0]
-            s1 = ar[0] * b1[0]
-            s2 = ar[0] * b2[0]
-            s3 = ar[0] * b3[0]
-            for k in range(1, K):
+            s0 = bias[c]
+            s1 = bias[c + 1]
+            s2 = bias[c + 2]
+            s3 = bias[c + 3]
+            for k in range(K):
                 xv = ar[k]
                 s0 += xv * b0[k]
                 s1 += xv * b1[k]
                 s2 += xv * b2[k]
                 s3 += xv * b3[k]
             dr = dst[r]
-            store_activated(dr, c, s0 + bias[c], act)
-            store_activated(dr, c + 1, s1 + bias[c + 1], act)
-            store_activated(dr, c + 2, s2 + bias[c + 2], act)
-            store_activated(dr, c + 3, s3 + bias[c + 3], act)
+            store_activated(dr, c, s0, act)
+            store_activated(dr, c + 1, s1, act)
+            store_activated(dr, c + 2, s2, act)
+            store_activated(dr, c + 3, s3, act)
             r += 1
         c += 4
     # leftover output channels
@@ -209,10 +214,10 @@ def gemm_tile(a, rows, bt, bias, dst, c_lo, c_hi, act):  # pragma: no cover - co
         bc = bt[c]
         for r in range(rows):
             ar = a[r]
-            s = ar[0] * bc[0]
-            for k in range(1, K):
+            s = bias[c]
+            for k in range(K):
                 s += ar[k] * bc[k]
-            store_activated(dst[r], c, s + bias[c], act)
+            store_activated(dst[r], c, s, act)
         c += 1
 
 

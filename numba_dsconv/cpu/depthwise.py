@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from ._jit import activate_row, depthwise_pixel, parallel_and_serial
+from ._jit import activate_row, depthwise_row, parallel_and_serial
 
 
 def depthwise_nhwc(x, d, bias, out, sh, sw, dh, dw, pt, pl, multiplier, act):  # pragma: no cover
@@ -18,10 +18,10 @@ def depthwise_nhwc(x, d, bias, out, sh, sw, dh, dw, pt, pl, multiplier, act):  #
     for t in prange(N * OH):
         n = t // OH
         i = t - n * OH
+        orow = out[n, i]
+        depthwise_row(x, d, n, i, 0, OW, sh, sw, dh, dw, pt, pl, multiplier, bias, orow)
         for j in range(OW):
-            o = out[n, i, j]
-            depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o)
-            activate_row(o, act)
+            activate_row(orow[j], act)
 
 
 depthwise_nhwc_parallel, depthwise_nhwc_serial = parallel_and_serial(depthwise_nhwc)

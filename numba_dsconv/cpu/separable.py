@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import activate_row, depthwise_pixel, gemm_tile, parallel_and_serial
+from ._jit import activate_row, depthwise_row, gemm_tile, parallel_and_serial
 
 
 def separable_nhwc(
@@ -53,14 +53,18 @@ def separable_nhwc(
         p0 = b * tile
         p1 = min(P, p0 + tile)
         buf = np.empty((tile, CM), dtype=out2.dtype)
-        for p in range(p0, p1):
+        p = p0
+        while p < p1:  # the block as segments of output rows
             j = p % ow
             r = p // ow
             i = r % oh
             n = r // oh
-            row = buf[p - p0]
-            depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, row)
-            activate_row(row, mid_act)
+            seg = min(p1 - p, ow - j)
+            rows = buf[p - p0 : p - p0 + seg]
+            depthwise_row(x, d, n, i, j, j + seg, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, rows)
+            for k in range(seg):
+                activate_row(rows[k], mid_act)
+            p += seg
         c0 = cb * cblock
         gemm_tile(buf, p1 - p0, bt, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act)
 
