@@ -388,6 +388,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "cores_available": affinity,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "numba_threads": numba.get_num_threads(),
         "threading_layer": _threading_layer(),
         "blas": _blas_name(),

@@ -66,6 +66,7 @@ MACHINE_FIELDS = {
     "cpu",
     "cores",
     "cores_available",
+    "load_average",
     "numba_threads",
     "threading_layer",
     "blas",
