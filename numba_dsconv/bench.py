@@ -1028,12 +1028,12 @@ def plot_roofline(result: BenchResult, path: str | os.PathLike[str]) -> None:
     ax.scatter(
         ai, [r.ours.gflops for r in rows], color="tab:blue", s=40, zorder=4, label="numba_dsconv"
     )
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: (r.intensity, r.ours.gflops))):
         ax.annotate(
             str(r.layer),
             (r.intensity, r.ours.gflops),
             textcoords="offset points",
-            xytext=(5, -3),
+            xytext=(5, -9 if i % 2 else 3),  # alternate, so neighbours' labels do not overlap
             fontsize=8,
             color="tab:blue",
         )

@@ -193,6 +193,9 @@ def bench(args: argparse.Namespace) -> int:
                 "[red]error:[/] --plot needs matplotlib: pip install 'numba-dsconv[bench]'"
             )
             return 2
+    if args.device == "cuda" and not engine.gpu_available():
+        console.print("[red]error:[/] --device cuda: no usable CUDA GPU on this machine")
+        return 2
     phases = {"ceilings": "measuring ceilings", "compile": "compiling", "measure": "measuring"}
     columns = (
         TextColumn("[bold]{task.fields[phase]:<18}"),
@@ -219,7 +222,7 @@ def bench(args: argparse.Namespace) -> int:
                 anchors=not args.no_torch,
                 progress=progress,
             )
-        except NotImplementedError as exc:
+        except (NotImplementedError, ValueError) as exc:
             console.print(f"[red]error:[/] {exc}")
             return 2
     _print_bench(result)

@@ -322,3 +322,10 @@ def test_plot_needs_matplotlib_with_a_clear_message(monkeypatch, tmp_path, small
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"numba-dsconv\[bench\]"):
         bench.plot_roofline(result, tmp_path / "r.png")
+
+
+def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):
+    if bench.gpu_available():
+        pytest.skip("a GPU (or the CUDA simulator) is available here")
+    assert cli.main(["bench", "--device", "cuda", "--layers", "9"]) == 2
+    assert "no usable CUDA GPU" in capsys.readouterr().out
