@@ -74,13 +74,14 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         cblock = channel_block(pixels, tile, spec.c_out) if parallel else spec.c_out
         bt = _packed_transposed(p, parallel)  # once per call, in the micro-kernel's order
         t2 = target.reshape(pixels, spec.c_out)
-        args = (xh, d, dwb, bt, b, t2, spec.out_h, spec.out_w, *s, *pads, spec.multiplier)
+        args = (xh, d, dwb, bt, b, t2, spec.out_h, spec.out_w, spec.kh, spec.kw, *s, *pads)
+        args += (spec.multiplier,)
         args += (spec.mid_activation, spec.activation, tile, cblock)
     elif spec.op == "depthwise":
         (d,) = weights
         (b,) = biases
         kern = depthwise_nhwc_parallel if parallel else depthwise_nhwc_serial
-        args = (xh, d, b, target, *s, *pads, spec.multiplier, spec.activation)
+        args = (xh, d, b, target, spec.kh, spec.kw, *s, *pads, spec.multiplier, spec.activation)
     elif spec.op == "pointwise":
         (p,) = weights
         (b,) = biases

@@ -60,47 +60,68 @@ def store_activated(row, k, v, code):  # pragma: no cover - compiled
 
 
 @helper
-def depthwise_row(
-    x, d, n, i, j0, j1, sh, sw, dh, dw, pt, pl, multiplier, bias, dst
-):  # pragma: no cover - compiled
-    """dst[j - j0, :] = bias + depthwise taps of output pixels (i, j0..j1-1) of image n.
+def depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o):  # pragma: no cover
+    """o[c*M+q] = bias + the taps of output pixel (i, j) of image n, any geometry.
 
-    Taps outer, pixels inner: each kernel row of the input is addressed once and each tap's
-    weight vector stays in registers/L1 while it sweeps the pixels, whose accumulators (dst, a
-    few KB) stay in L1. The channel loop is innermost and contiguous so it vectorises. Taps on
-    the zero padding contribute 0 * weight (NaN/Inf weights propagate, as the formula says).
+    The general path (border pixels, depth multiplier > 1): a tap on the zero padding
+    contributes 0 * weight, so NaN/Inf weights propagate as the formula says.
     """
     H = x.shape[1]
     W = x.shape[2]
     C = x.shape[3]
-    KH = d.shape[0]
-    KW = d.shape[1]
     CM = d.shape[2]
-    for jj in range(j1 - j0):
-        o = dst[jj]
-        for c in range(CM):
-            o[c] = bias[c]
-    for m in range(KH):
+    for c in range(CM):
+        o[c] = bias[c]
+    for m in range(d.shape[0]):
         ih = i * sh - pt + m * dh
         row_inside = ih >= 0 and ih < H
-        for q in range(KW):
+        for q in range(d.shape[1]):
+            iw = j * sw - pl + q * dw
             dq = d[m, q]
-            for jj in range(j1 - j0):
-                o = dst[jj]
-                iw = (j0 + jj) * sw - pl + q * dw
-                if row_inside and iw >= 0 and iw < W:
-                    if multiplier == 1:
-                        for c in range(C):
-                            o[c] += x[n, ih, iw, c] * dq[c]
-                    else:
-                        for c in range(C):
-                            xv = x[n, ih, iw, c]
-                            base = c * multiplier
-                            for mq in range(multiplier):
-                                o[base + mq] += xv * dq[base + mq]
+            if row_inside and iw >= 0 and iw < W:
+                if multiplier == 1:
+                    for c in range(C):
+                        o[c] += x[n, ih, iw, c] * dq[c]
                 else:
-                    for c in range(CM):
-                        o[c] += 0 * dq[c]
+                    for c in range(C):
+                        xv = x[n, ih, iw, c]
+                        base = c * multiplier
+                        for mq in range(multiplier):
+                            o[base + mq] += xv * dq[base + mq]
+            else:
+                for c in range(CM):
+                    o[c] += 0 * dq[c]
+
+
+@helper
+def depthwise_row(
+    x, d, n, i, j0, j1, KH, KW, sh, sw, dh, dw, pt, pl, multiplier, bias, dst
+):  # pragma: no cover - compiled
+    """dst[j - j0, :] = bias + depthwise taps of output pixels (i, j0..j1-1) of image n.
+
+    A 3x3 kernel (every MobileNet layer) with multiplier 1 has an interior path written with
+    constant trip counts, so the 9 taps unroll inside the channel loop: one accumulator per
+    channel vector, 9 fused multiply-adds, one store, no bounds checks. Border pixels, other
+    kernel sizes and depth multipliers > 1 take ``depthwise_pixel``.
+    """
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    ih0 = i * sh - pt
+    fast = multiplier == 1 and KH == 3 and KW == 3 and ih0 >= 0 and ih0 + 2 * dh < H
+    for jj in range(j1 - j0):
+        j = j0 + jj
+        iw0 = j * sw - pl
+        o = dst[jj]
+        if fast and iw0 >= 0 and iw0 + 2 * dw < W:
+            for c in range(C):
+                acc = bias[c]
+                for m in range(3):
+                    for q in range(3):
+                        acc += x[n, ih0 + m * dh, iw0 + q * dw, c] * d[m, q, c]
+                o[c] = acc
+        else:
+            depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o)
 
 
 @helper

@@ -7,10 +7,13 @@ from numba import prange
 from ._jit import activate_row, depthwise_row, parallel_and_serial
 
 
-def depthwise_nhwc(x, d, bias, out, sh, sw, dh, dw, pt, pl, multiplier, act):  # pragma: no cover
+def depthwise_nhwc(
+    x, d, bias, out, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, act
+):  # pragma: no cover - compiled
     """out[n,i,j,c*M+q] = act(bias + sum_{m,q'} x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q]).
 
-    x: (N,H,W,C) C-contiguous; d: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M).
+    x: (N,H,W,C) C-contiguous; d: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M);
+    kh, kw: d's kernel size (3x3 takes an unrolled interior path).
     """
     N = out.shape[0]
     OH = out.shape[1]
@@ -19,7 +22,7 @@ def depthwise_nhwc(x, d, bias, out, sh, sw, dh, dw, pt, pl, multiplier, act):  #
         n = t // OH
         i = t - n * OH
         orow = out[n, i]
-        depthwise_row(x, d, n, i, 0, OW, sh, sw, dh, dw, pt, pl, multiplier, bias, orow)
+        depthwise_row(x, d, n, i, 0, OW, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, bias, orow)
         for j in range(OW):
             activate_row(orow[j], act)
 

@@ -25,6 +25,8 @@ def separable_nhwc(
     out2,
     oh,
     ow,
+    kh,
+    kw,
     sh,
     sw,
     dh,
@@ -61,7 +63,9 @@ def separable_nhwc(
             n = r // oh
             seg = min(p1 - p, ow - j)
             rows = buf[p - p0 : p - p0 + seg]
-            depthwise_row(x, d, n, i, j, j + seg, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, rows)
+            depthwise_row(
+                x, d, n, i, j, j + seg, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, rows
+            )
             for k in range(seg):
                 activate_row(rows[k], mid_act)
             p += seg
