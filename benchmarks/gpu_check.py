@@ -288,7 +288,7 @@ def _layer_fns(torch, nd, lay, xr, dw, pw):
     return ours_sep, ours_dw, torch_sep, torch_dw
 
 
-def time_suite(torch, nd, batch: int, reps: int, layers) -> list[dict]:
+def suite_timings(torch, nd, batch: int, reps: int, layers) -> list[dict]:
     from numba import cuda
 
     from numba_dsconv.suite import LAYERS
@@ -418,7 +418,7 @@ def main() -> int:
     rows: list[dict] = []
 
     def timing() -> None:
-        rows.extend(time_suite(torch, nd, args.batch, 20 if args.quick else 100, layers))
+        rows.extend(suite_timings(torch, nd, args.batch, 20 if args.quick else 100, layers))
 
     steps.append(("timings", timing))
     for name, fn in steps:

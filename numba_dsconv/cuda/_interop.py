@@ -124,7 +124,9 @@ def caller_stream(template: Any, index: int) -> Any:
 
         ptr = int(cupy.cuda.get_current_stream().ptr)
     if ptr == 0 or SIMULATOR:
-        return cuda.default_stream()
+        # numba's built-in simulator (numba without numba-cuda) has no default_stream()
+        default = getattr(cuda, "default_stream", None)
+        return default() if default is not None else cuda.stream()
     s = _STREAMS.get(ptr)
     if s is None:
         s = _STREAMS[ptr] = cuda.external_stream(ptr)
