@@ -125,13 +125,8 @@ def info(args: argparse.Namespace) -> int:
     import numba
 
     from . import __version__, _config
-    from .cpu import pointwise_nhwc_parallel
+    from .cpu import threading_layer
 
-    # Run one tiny parallel kernel so Numba picks (and reports) its threading layer.
-    a = np.ones((4, 2), np.float32)
-    pointwise_nhwc_parallel(
-        a, np.ones((2, 2), np.float32), np.zeros(2, np.float32), np.empty((4, 2), np.float32), 1, 0
-    )
     t = Table(title="numba_dsconv info")
     t.add_column("item")
     t.add_column("value")
@@ -147,7 +142,7 @@ def info(args: argparse.Namespace) -> int:
     except ImportError:
         t.add_row("torch", "not installed")
     t.add_row("platform", f"{platform.platform()} ({platform.machine()})")
-    t.add_row("threading layer", numba.threading_layer())
+    t.add_row("threading layer", threading_layer())
     t.add_row("threads", str(numba.get_num_threads()))
     t.add_row("fastmath flags", ", ".join(sorted(_config.FASTMATH)))
     t.add_row("disk cache", "on" if _config.CACHE else "off")

@@ -17,7 +17,14 @@ from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
 from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
 from .separable import separable_nhwc_parallel, separable_nhwc_serial
 
-__all__ = ["run", "tile_pixels"]
+__all__ = ["run", "threading_layer", "tile_pixels"]
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use (runs one tiny parallel kernel to make Numba pick it)."""
+    a = np.ones((1, 1), np.float32)
+    pack_transposed_parallel(a, np.empty_like(a))
+    return str(numba.threading_layer())
 
 
 def _to_nhwc(x: np.ndarray, spec: ConvSpec, dtype: np.dtype) -> np.ndarray:
