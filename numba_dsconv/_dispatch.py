@@ -107,6 +107,14 @@ def as_host_array(a: object, name: str) -> np.ndarray:
     return arr
 
 
+def host_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two host arrays may share memory (conservative when numpy cannot tell)."""
+    try:
+        return bool(np.shares_memory(a, b, max_work=10**6))
+    except np.exceptions.TooHardError:
+        return True  # cannot prove they are disjoint: refuse rather than risk it
+
+
 def wrap_like(result: np.ndarray, template: object) -> Any:
     """Return ``result`` as the caller's host array type (NumPy or a torch CPU tensor)."""
     if _is_torch(template):

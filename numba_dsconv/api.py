@@ -72,7 +72,7 @@ def _check_ndim(arr: Any, name: str, ndims: tuple[int, ...], expected: str) -> N
         raise ValueError(f"{name} must be {expected}; got shape {tuple(arr.shape)}")
 
 
-def _pointwise_matrix(pw: Any, name: str) -> Any:
+def _pointwise_matrix(pw: Any, name: str, be: Any) -> Any:
     """(C_in, C_out) or (1, 1, C_in, C_out) -> (C_in, C_out)."""
     _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
     if len(pw.shape) == 4:
@@ -80,20 +80,20 @@ def _pointwise_matrix(pw: Any, name: str) -> Any:
             raise ValueError(
                 f"{name} as a 4-D kernel must be (1, 1, C_in, C_out); got shape {tuple(pw.shape)}"
             )
-        pw = pw.reshape(pw.shape[2], pw.shape[3])
+        pw = be.reshape(pw, (pw.shape[2], pw.shape[3]), name)
     if pw.shape[0] == 0 or pw.shape[1] == 0:
         raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
     return pw
 
 
-def _depthwise_kernel(dw: Any, name: str) -> tuple[Any, int]:
+def _depthwise_kernel(dw: Any, name: str, be: Any) -> tuple[Any, int]:
     """(KH, KW, C) or (KH, KW, C, M) -> ((KH, KW, C*M), M)."""
     _check_ndim(dw, name, (3, 4), "3-D (K_h, K_w, C_in) or 4-D (K_h, K_w, C_in, M)")
     if min(dw.shape) == 0:
         raise ValueError(f"{name} must have no zero-sized dimension; got shape {tuple(dw.shape)}")
     m = 1 if len(dw.shape) == 3 else int(dw.shape[3])
     kh, kw, c = (int(s) for s in dw.shape[:3])
-    return dw.reshape(kh, kw, c * m), m
+    return be.reshape(dw, (kh, kw, c * m), name), m
 
 
 def _bias(b: Any, name: str, size: int, be: Any) -> Any:
@@ -132,8 +132,6 @@ def _check_out(out: Any, spec: ConvSpec, dtype: np.dtype, be: Any, inputs: dict)
 class _CpuBackend:
     """Host arrays (NumPy, torch CPU tensors) on the Numba CPU kernels."""
 
-    name = "cpu"
-
     @staticmethod
     def asarray(a: Any, name: str) -> np.ndarray:
         return _dispatch.as_host_array(a, name)
@@ -152,10 +150,11 @@ class _CpuBackend:
 
     @staticmethod
     def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
-        try:
-            return bool(np.shares_memory(a, b, max_work=10**6))
-        except np.exceptions.TooHardError:
-            return True  # cannot prove they are disjoint: refuse rather than risk it
+        return _dispatch.host_overlap(a, b)
+
+    @staticmethod
+    def reshape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+        return a.reshape(shape)  # copies when a view is impossible; never writes to a
 
     @staticmethod
     def run(spec, dtype, x, weights, biases, out):  # noqa: ANN001, ANN205
@@ -261,7 +260,7 @@ def depthwise(
     act = activation_code(activation, "activation")
     xa, dwa = be.asarray(x, "x"), be.asarray(dw, "dw")
     dtype = _result_dtype(x=xa, dw=dwa)
-    d3, m = _depthwise_kernel(dwa, "dw")
+    d3, m = _depthwise_kernel(dwa, "dw", be)
     kh, kw, c_in = (int(s) for s in dwa.shape[:3])
     spec = make_spec(
         "depthwise",
@@ -320,7 +319,7 @@ def pointwise(
     act = activation_code(activation, "activation")
     xa, pwa = be.asarray(x, "x"), be.asarray(pw, "pw")
     dtype = _result_dtype(x=xa, pw=pwa)
-    p2 = _pointwise_matrix(pwa, "pw")
+    p2 = _pointwise_matrix(pwa, "pw", be)
     c_in, c_out = (int(s) for s in p2.shape)
     spec = make_spec(
         "pointwise",
@@ -379,8 +378,8 @@ def separable(
     mid = activation_code(mid_activation, "mid_activation")
     xa, dwa, pwa = be.asarray(x, "x"), be.asarray(dw, "dw"), be.asarray(pw, "pw")
     dtype = _result_dtype(x=xa, dw=dwa, pw=pwa)
-    d3, m = _depthwise_kernel(dwa, "dw")
-    p2 = _pointwise_matrix(pwa, "pw")
+    d3, m = _depthwise_kernel(dwa, "dw", be)
+    p2 = _pointwise_matrix(pwa, "pw", be)
     kh, kw, c_in = (int(s) for s in dwa.shape[:3])
     if p2.shape[0] != c_in * m:
         raise ValueError(

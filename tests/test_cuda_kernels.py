@@ -213,3 +213,19 @@ def test_nonfinite_weight_times_padding_zero(op):
     weights[0][0, 0, 0] = np.nan
     y = getattr(nd, op)(x, *weights, padding="same", device="cuda")
     assert np.isnan(y).all()
+
+
+def test_fortran_and_permuted_device_weights(rng):
+    """Non-C-contiguous device weights (a torch (C_out, C_in, 1, 1) weight permuted to
+    (1, 1, C_in, C_out) is F-ordered) must be copied, never reinterpreted."""
+    import numba_dsconv as nd
+
+    x, (dw, pw), b, red = make_case(rng, "separable", c=3, c_out=4)
+    expected = ref_fn("separable")(x, dw, pw, padding=1)
+    pw4 = np.asfortranarray(pw[None, None])
+    assert pw4.flags.f_contiguous and not pw4.flags.c_contiguous
+    dwf = np.asfortranarray(dw[..., None])  # (K, K, C, 1), F-ordered
+    from numba import cuda
+
+    y = nd.separable(_device(x), cuda.to_device(dwf), cuda.to_device(pw4), padding=1)
+    assert_close(y.copy_to_host(), expected, np.float32, red)

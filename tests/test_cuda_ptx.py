@@ -77,7 +77,7 @@ def test_every_specialisation_is_covered():
             for op in ("depthwise", "separable", "conv2d"):
                 assert f"{op} {key} {dt}" in names
         assert f"pointwise {dt}" in names
-    assert len(CASES) == 2 * (2 + 3 * (len(kernels.SPECIALISED) + 1) + 1)
+    assert len(CASES) == 2 * (8 + 3 * (len(kernels.SPECIALISED) + 1) + 1)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator always has a device")
@@ -94,3 +94,37 @@ def test_no_gpu_is_a_clear_error():
         nd.separable(x, np.ones((3, 3, 3), np.float32), np.ones((3, 2), np.float32), device="cuda")
     with pytest.raises(ValueError, match="cuda:1"):
         nd.depthwise(x, np.ones((3, 3, 3), np.float32), device="cuda:1")
+
+
+@needs_nvvm
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_unbatched_device_views_stay_contiguous(layout):
+    """The NHWC view of an unbatched, contiguous device array is itself C-contiguous on the real
+    CUDA target (a 0 stride for the added batch axis made numba call it non-contiguous and copy;
+    the simulator, built on NumPy, cannot show this)."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    from numba_dsconv.cuda.backend import _as4d, _nhwc_view
+
+    def fake(shape):  # a device array descriptor; no memory is touched
+        a = np.zeros(shape, np.float32)
+        return DeviceNDArray(a.shape, a.strides, a.dtype, gpu_data=object())
+
+    x = fake((5, 6, 3) if layout == "NHWC" else (3, 5, 6))
+    view = _nhwc_view(x, (1, 5, 6, 3), False, layout)
+    assert view.shape == (1, 5, 6, 3)
+    assert view.is_c_contiguous() == (layout == "NHWC")
+    b = _as4d(fake((7,)), (1, 1, 1, 7))
+    assert b.is_c_contiguous()
+
+
+@needs_nvvm
+def test_reshape_of_fortran_device_weights_is_not_a_reinterpretation():
+    """numba's DeviceNDArray.reshape gives F-ordered memory C strides: the backend must copy
+    non-C-contiguous weights before reshaping (checked on the descriptor, no GPU needed)."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    a = np.asfortranarray(np.zeros((1, 1, 3, 4), np.float32))
+    d = DeviceNDArray(a.shape, a.strides, a.dtype, gpu_data=object())
+    assert not d.is_c_contiguous()  # so CudaBackend.reshape takes its copying branch
+    assert d.reshape(3, 4).strides != a.reshape(3, 4).strides  # the hazard it avoids

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from .._dispatch import _DLPACK_CUDA
+
 
 def _is_simulator() -> bool:
     from numba import config
@@ -39,7 +41,7 @@ def library(a: Any) -> str:
     dl = getattr(a, "__dlpack_device__", None)
     if dl is not None:
         with contextlib.suppress(Exception):
-            if int(dl()[0]) in (2, 3, 13):
+            if int(dl()[0]) in _DLPACK_CUDA:
                 return "dlpack"
     return "host"
 
@@ -53,6 +55,11 @@ def device_index(a: Any) -> int | None:
         return int(a.device.id)
     if lib == "dlpack":
         return int(a.__dlpack_device__()[1])
+    if lib == "numba" and not SIMULATOR:
+        try:  # the context that owns the allocation
+            return int(a.gpu_data.context.device.id)
+        except AttributeError:
+            return None
     return None
 
 
@@ -73,8 +80,13 @@ def as_device_array(a: Any, name: str) -> Any:
 
             a = cupy.from_dlpack(a)
         except ImportError:
-            import torch.utils.dlpack
-
+            try:
+                import torch.utils.dlpack
+            except ImportError:
+                raise TypeError(
+                    f"{name} is a DLPack CUDA array without __cuda_array_interface__; "
+                    "install CuPy or torch to bridge it, or pass a CuPy/torch/numba array"
+                ) from None
             a = torch.utils.dlpack.from_dlpack(a)
     return cuda.as_cuda_array(a, sync=False)
 

@@ -14,7 +14,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _config
-from .._dispatch import Device, _is_torch, as_host_array, wrap_like
+from .._dispatch import Device, _is_torch, as_host_array, host_overlap, wrap_like
 from .._spec import ConvSpec
 from . import _interop, kernels
 
@@ -29,16 +29,30 @@ def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
     kernel[blocks, threads, stream](*args)
 
 
+def _lead_stride(arr: Any) -> int:
+    """The C stride of a unit axis put in front of ``arr`` (a 0 stride would make numba
+    call the view non-contiguous and force a copy)."""
+    return int(arr.dtype.itemsize * max(1, math.prod(arr.shape)))
+
+
 def _as4d(arr: Any, shape4: tuple[int, ...]) -> Any:
     """View a device array of <= 4 dims as 4-D (unit axes in front) without copying."""
     extra = 4 - len(arr.shape)
-    return _interop.view(arr, shape4, (0,) * extra + tuple(arr.strides))
+    return _interop.view(arr, shape4, (_lead_stride(arr),) * extra + tuple(arr.strides))
+
+
+def _nhwc_view(arr: Any, shape4: tuple[int, ...], batched: bool, layout: str) -> Any:
+    """The batched NHWC view ``shape4`` of a device array in ``layout`` (no copy)."""
+    st = tuple(arr.strides)
+    if not batched:
+        st = (_lead_stride(arr), *st)
+    if layout == "NCHW":
+        st = (st[0], st[2], st[3], st[1])
+    return _interop.view(arr, shape4, st)
 
 
 class CudaBackend:
     """One call's CUDA context: the device index, the caller's stream, the result's type."""
-
-    name = "cuda"
 
     def __init__(self, device: Device, template: Any) -> None:
         self.template = template
@@ -57,7 +71,8 @@ class CudaBackend:
             )
         self.index = index
         self.host_in = _interop.library(template) == "host"
-        self.stream = _interop.caller_stream(template, index)
+        with _interop.gpu_context(index):
+            self.stream = _interop.caller_stream(template, index)
         self._zeros: dict[tuple[int, str], Any] = {}
 
     # -- the hooks api.py calls -----------------------------------------------------------
@@ -79,14 +94,26 @@ class CudaBackend:
             if not arr.flags.writeable:
                 raise ValueError("out is read-only; pass a writeable array")
             return arr
-        return self.asarray(out, "out")
+        arr = self.asarray(out, "out")
+        if self.host_in:  # the result lands in the caller's array: use the caller's stream
+            with _interop.gpu_context(self.index):
+                self.stream = _interop.caller_stream(out, self.index)
+        return arr
+
+    def reshape(self, a: Any, shape: tuple[int, ...], name: str) -> Any:
+        """``a`` reshaped; a non-C-contiguous device array is copied first (numba's reshape
+        would reinterpret F-ordered memory with C strides)."""
+        if _is_device(a) and not a.is_c_contiguous():
+            with _interop.gpu_context(self.index):
+                a = self._contiguous(a, np.dtype(a.dtype))
+        return a.reshape(shape)
 
     @staticmethod
     def overlaps(a: Any, b: Any) -> bool:
         if _is_device(a) != _is_device(b):
             return False
         if not _is_device(a):
-            return bool(np.shares_memory(a, b, max_work=10**6))
+            return host_overlap(a, b)
         lo1, hi1 = _interop.byte_range(a)
         lo2, hi2 = _interop.byte_range(b)
         return lo1 < hi2 and lo2 < hi1
@@ -123,26 +150,12 @@ class CudaBackend:
             if spec.layout == "NCHW":
                 x4 = x4.transpose(0, 2, 3, 1)
             return self._contiguous(x4, dtype)
-        st = tuple(x.strides)
-        if not spec.batched:
-            st = (0, *st)
-        if spec.layout == "NCHW":
-            st = (st[0], st[2], st[3], st[1])
-        src = _interop.view(x, (n, h, w, c), st)
+        src = _nhwc_view(x, (n, h, w, c), spec.batched, spec.layout)
         if np.dtype(x.dtype) == dtype and src.is_c_contiguous():
             return src
         dst = cuda.device_array((n, h, w, c), dtype=dtype, stream=self.stream)
         _launch_1d(kernels.copy4d(), dst.size, self.stream, src, dst)
         return dst
-
-    def _nhwc_view_of(self, arr: Any, spec: ConvSpec) -> Any:
-        """The (N,OH,OW,CO) view of a result-shaped device array in the caller's layout."""
-        st = tuple(arr.strides)
-        if not spec.batched:
-            st = (0, *st)
-        if spec.layout == "NCHW":
-            st = (st[0], st[2], st[3], st[1])
-        return _interop.view(arr, spec.out_nhwc, st)
 
     def _launch(self, spec: ConvSpec, dtype: np.dtype, xd, weights, biases, target) -> None:
         geo = (spec.kh, spec.kw, spec.stride_h, spec.stride_w)
@@ -196,7 +209,7 @@ class CudaBackend:
             target = out.reshape(spec.out_nhwc)
             result = out
         else:
-            template = None if (host_out or self.host_in) else self.template
+            template = None if self.host_in else self.template
             if spec.layout == "NHWC" and out is None:
                 result, target4 = _interop.allocate(
                     template, spec.out_nhwc, dtype, self.index, stream
@@ -216,22 +229,21 @@ class CudaBackend:
                 (o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4)[...] = host
             elif not direct:
                 _launch_1d(
-                    kernels.copy4d(), target.size, stream, target, self._nhwc_view_of(out, spec)
+                    kernels.copy4d(),
+                    target.size,
+                    stream,
+                    target,
+                    _nhwc_view(out, spec.out_nhwc, spec.batched, spec.layout),
                 )
             return out
         if result is None:  # NCHW: convert into a result of the caller's type
             template = None if self.host_in else self.template
             shape4 = (spec.n, spec.c_out, spec.out_h, spec.out_w)
             result, res_nb = _interop.allocate(template, shape4, dtype, self.index, stream)
-            view = _interop.view(res_nb, spec.out_nhwc, _permute(res_nb.strides))
+            view = _nhwc_view(res_nb, spec.out_nhwc, True, "NCHW")
             _launch_1d(kernels.copy4d(), target.size, stream, target, view)
         if self.host_in:
             host = result.copy_to_host(stream=stream)
             stream.synchronize()
             return host if spec.batched else host[0]
         return result if spec.batched else result[0]
-
-
-def _permute(strides: tuple[int, ...]) -> tuple[int, ...]:
-    """NCHW strides -> the strides of its NHWC view."""
-    return (strides[0], strides[2], strides[3], strides[1])

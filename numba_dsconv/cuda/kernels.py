@@ -50,7 +50,7 @@ def specialisation(kh: int, kw: int, sh: int, sw: int) -> tuple[int, int, int, i
 def copy4d():
     @cuda.jit
     def copy4d_kernel(src, dst):
-        """dst[i] = src[i] for 4-D arrays of one shape; src any strides, dst C-order; casts."""
+        """dst[i] = src[i] for 4-D arrays of one shape, any strides on either side; casts."""
         n1 = dst.shape[1]
         n2 = dst.shape[2]
         n3 = dst.shape[3]
@@ -265,8 +265,12 @@ def ptx_cases(tile: tuple[int, int, int, int, int]):
     i64 = numba.types.int64
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         a4, a3, a2, a1 = _arr(dt, 4), _arr(dt, 3), _arr(dt, 2), _arr(dt, 1)
-        for src in (_arr(np.dtype(np.float32), 4, "A"), _arr(np.dtype(np.float64), 4, "A")):
-            yield (f"copy4d {src.dtype}->{dt}", copy4d().py_func, (src, a4))
+        # layout, contiguity and dtype conversions: any source to any destination layout
+        for sdt in (np.dtype(np.float32), np.dtype(np.float64)):
+            for sl in ("C", "A"):
+                for dl in ("C", "A"):
+                    sig = (_arr(sdt, 4, sl), _arr(dt, 4, dl))
+                    yield (f"copy4d {sdt}[{sl}]->{dt}[{dl}]", copy4d().py_func, sig)
         for key in (*SPECIALISED, GENERIC):
             dw = depthwise_kernel(*key, dt)
             sig = (a4, a3, a1, a4) + (i64,) * 10
