@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _config
 from .._spec import ConvSpec
-from ._jit import pack_transposed_parallel, pack_transposed_serial
+from ._jit import transpose_batched_parallel, transpose_batched_serial
 from .conv2d import conv2d_nhwc_parallel, conv2d_nhwc_serial
 from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
 from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
@@ -22,16 +22,27 @@ __all__ = ["run", "threading_layer", "tile_pixels"]
 
 def threading_layer() -> str:
     """The Numba threading layer in use (runs one tiny parallel kernel to make Numba pick it)."""
-    a = np.ones((1, 1), np.float32)
-    pack_transposed_parallel(a, np.empty_like(a))
+    a = np.ones((1, 1, 1), np.float32)
+    transpose_batched_parallel(a, np.empty_like(a))
     return str(numba.threading_layer())
+
+
+def _transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(N, R, C) -> C-contiguous (N, C, R) of ``dtype``, blocked, parallel when large."""
+    src = np.ascontiguousarray(src)
+    dst = np.empty((src.shape[0], src.shape[2], src.shape[1]), dtype=dtype)
+    if src.size:
+        big = src.size > _config.SERIAL_MAX_MACS
+        (transpose_batched_parallel if big else transpose_batched_serial)(src, dst)
+    return dst
 
 
 def _to_nhwc(x: np.ndarray, spec: ConvSpec, dtype: np.dtype) -> np.ndarray:
     """The input as a C-contiguous (N,H,W,C) array of ``dtype``; copies only when needed."""
     x4 = x if spec.batched else x[np.newaxis]
     if spec.layout == "NCHW":
-        x4 = x4.transpose(0, 2, 3, 1)
+        n, c, h, w = x4.shape
+        return _transposed(x4.reshape(n, c, h * w), dtype).reshape(n, h, w, c)
     return np.ascontiguousarray(x4, dtype=dtype)
 
 
@@ -60,12 +71,9 @@ def channel_block(pixels: int, tile: int, c_out: int) -> int:
     return int(-(-per_task // 4) * 4)
 
 
-def _packed_transposed(p: np.ndarray, parallel: bool) -> np.ndarray:
+def _packed_transposed(p: np.ndarray) -> np.ndarray:
     """The pointwise weights (K, C_out) packed as (C_out, K), the micro-kernel's order."""
-    bt = np.empty((p.shape[1], p.shape[0]), dtype=p.dtype)
-    if p.size:
-        (pack_transposed_parallel if parallel else pack_transposed_serial)(p, bt)
-    return bt
+    return _transposed(p[np.newaxis], p.dtype)[0]
 
 
 def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
@@ -79,7 +87,7 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         pixels = spec.n * spec.out_h * spec.out_w
         tile = tile_pixels(spec.c_mid, target.dtype.itemsize)
         cblock = channel_block(pixels, tile, spec.c_out) if parallel else spec.c_out
-        bt = _packed_transposed(p, parallel)  # once per call, in the micro-kernel's order
+        bt = _packed_transposed(p)  # once per call, in the micro-kernel's order
         t2 = target.reshape(pixels, spec.c_out)
         args = (xh, d, dwb, bt, b, t2, spec.out_h, spec.out_w, spec.kh, spec.kw, *s, *pads)
         args += (spec.multiplier,)
@@ -98,7 +106,7 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         t2 = target.reshape(rows, spec.c_out)
         block = tile_pixels(spec.c_in, target.dtype.itemsize)
         cblock = channel_block(rows, block, spec.c_out) if parallel else spec.c_out
-        args = (x2, _packed_transposed(p, parallel), b, t2, block, cblock, spec.activation)
+        args = (x2, _packed_transposed(p), b, t2, block, cblock, spec.activation)
     else:
         (w,) = weights
         (b,) = biases
@@ -138,5 +146,6 @@ def run(
             out_view[...] = target
         return out
     if spec.layout == "NCHW":
-        target = np.ascontiguousarray(target.transpose(0, 3, 1, 2))
+        n, oh, ow, co = target.shape
+        target = _transposed(target.reshape(n, oh * ow, co), dtype).reshape(n, co, oh, ow)
     return target if spec.batched else target[0]

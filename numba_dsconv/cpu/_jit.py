@@ -244,19 +244,29 @@ def gemm_tile(a, rows, bt, bias, dst, c_lo, c_hi, act):  # pragma: no cover - co
         c += 1
 
 
-def pack_transposed(p, bt):  # pragma: no cover - compiled
-    """bt[c, k] = p[k, c], in 32 x 32 blocks (a plain strided transpose thrashes the TLB)."""
-    K = p.shape[0]
-    CO = p.shape[1]
-    nkb = (K + 31) // 32
-    ncb = (CO + 31) // 32
-    for t in prange(nkb * ncb):
-        k0 = (t // ncb) * 32
-        c0 = (t % ncb) * 32
-        for c in range(c0, min(CO, c0 + 32)):
-            row = bt[c]
-            for k in range(k0, min(K, k0 + 32)):
-                row[k] = p[k, c]
+def transpose_batched(src, dst):  # pragma: no cover - compiled
+    """dst[n, j, i] = src[n, i, j] (casting to dst's dtype), in 32 x 32 blocks.
+
+    Used to pack the pointwise weights (K, C_out) -> (C_out, K) and to convert NCHW <-> NHWC
+    ((C, H*W) <-> (H*W, C) per image): a plain strided copy (numpy's ``.T`` copy) thrashes the
+    cache and the TLB and took longer than the convolution itself.
+    """
+    N = src.shape[0]
+    R = src.shape[1]
+    C = src.shape[2]
+    nrb = (R + 31) // 32
+    ncb = (C + 31) // 32
+    for t in prange(N * nrb * ncb):
+        n = t // (nrb * ncb)
+        b = t - n * (nrb * ncb)
+        r0 = (b // ncb) * 32
+        c0 = (b % ncb) * 32
+        s = src[n]
+        d = dst[n]
+        for c in range(c0, min(C, c0 + 32)):
+            row = d[c]
+            for r in range(r0, min(R, r0 + 32)):
+                row[r] = s[r, c]
 
 
-pack_transposed_parallel, pack_transposed_serial = parallel_and_serial(pack_transposed)
+transpose_batched_parallel, transpose_batched_serial = parallel_and_serial(transpose_batched)
