@@ -29,6 +29,9 @@ def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
     kernel[blocks, threads, stream](*args)
 
 
+_ZEROS: dict[tuple[int, int, str], Any] = {}
+
+
 def _lead_stride(arr: Any) -> int:
     """The C stride of a unit axis put in front of ``arr`` (a 0 stride would make numba
     call the view non-contiguous and force a copy)."""
@@ -73,7 +76,6 @@ class CudaBackend:
         self.host_in = _interop.library(template) == "host"
         with _interop.gpu_context(index):
             self.stream = _interop.caller_stream(template, index)
-        self._zeros: dict[tuple[int, str], Any] = {}
 
     # -- the hooks api.py calls -----------------------------------------------------------
 
@@ -138,10 +140,14 @@ class CudaBackend:
     def _bias(self, b: Any, size: int, dtype: np.dtype) -> Any:
         if b is not None:
             return self._contiguous(b, dtype)
-        key = (size, dtype.str)
-        if key not in self._zeros:
-            self._zeros[key] = cuda.to_device(np.zeros(size, dtype), stream=self.stream)
-        return self._zeros[key]
+        # a missing bias is a zeros vector, uploaded once per device, size and dtype (never
+        # written: kernels only read biases)
+        key = (self.index, size, dtype.str)
+        if key not in _ZEROS:
+            zeros = cuda.to_device(np.zeros(size, dtype), stream=self.stream)
+            self.stream.synchronize()
+            _ZEROS[key] = zeros
+        return _ZEROS[key]
 
     def _input_nhwc(self, x: Any, spec: ConvSpec, dtype: np.dtype) -> Any:
         n, h, w, c = spec.n, spec.h, spec.w, spec.c_in
