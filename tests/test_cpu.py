@@ -48,20 +48,23 @@ def test_worked_example_exact(dtype):
     np.testing.assert_array_equal(z, [[[0, 0], [3, 3]], [[3, 3], [3, 3]]])
 
 
+COST_INT_FIELDS = (
+    "standard_macs",
+    "depthwise_macs",
+    "pointwise_macs",
+    "separable_macs",
+    "standard_params",
+    "separable_params",
+)
+
+
 def test_cost_worked_example():
     c = nd.cost((4, 4, 3), 3, 2)
     assert tuple(c.output_shape) == (2, 2, 2)
     assert (c.standard_macs, c.depthwise_macs, c.pointwise_macs) == (216, 108, 24)
     assert c.separable_macs == 132
     assert (c.standard_params, c.separable_params) == (54, 33)
-    for field in (
-        "standard_macs",
-        "depthwise_macs",
-        "pointwise_macs",
-        "separable_macs",
-        "standard_params",
-        "separable_params",
-    ):
+    for field in COST_INT_FIELDS:
         assert isinstance(getattr(c, field), int), field
     assert float(c.mac_ratio) == pytest.approx(132 / 216)
     assert float(c.param_ratio) == pytest.approx(33 / 54)
@@ -352,14 +355,7 @@ def test_cost_matches_reference(shape, k, c_out, kw):
     got = nd.cost(shape, k, c_out, **kw)
     want = ref_cost(shape, k, c_out, **kw)
     assert tuple(got.output_shape) == want.output_shape
-    for field in (
-        "standard_macs",
-        "depthwise_macs",
-        "pointwise_macs",
-        "separable_macs",
-        "standard_params",
-        "separable_params",
-    ):
+    for field in COST_INT_FIELDS:
         assert getattr(got, field) == getattr(want, field), field
     assert float(got.mac_ratio) == pytest.approx(want.mac_ratio, rel=1e-12)
     assert float(got.param_ratio) == pytest.approx(want.param_ratio, rel=1e-12)
