@@ -27,8 +27,11 @@ SERIAL_MAX_MACS: int = 200_000
 # CPU GEMM tasks (pointwise, fused separable): the A tile (pixels x reduction channels: the
 # depthwise result in the fused kernel) is kept under this many bytes, so it stays in L2 ...
 CPU_TILE_BYTES: int = 128 * 1024
-# ... and holds at most this many output pixels (a multiple of 4).
+# ... and holds at most this many output pixels.
 CPU_TILE_MAX_PIXELS: int = 256
+# Reduction channels per block of the GEMM micro-kernel: a KC x 32 float32 panel of packed
+# weights (32 KB at 256) stays in L1 while it is reused by every pixel row of the task.
+CPU_GEMM_KC: int = 256
 # With fewer pixel blocks than this many per thread, output channels are split across tasks.
 CPU_TASKS_PER_THREAD: int = 4
 

@@ -408,3 +408,29 @@ def test_separable_mixed_weight_dtypes(xdt, dwdt, pwdt, rng):
     pw = rng.standard_normal((6, 4)).astype(pwdt)
     y = nd.separable(x, dw, pw, padding="same", device="cpu")
     assert_close(y, ref_separable(x, dw, pw, padding="same"), np.float64, 9 * 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GEMM micro-kernel's blocking: reduction blocks (partial sums between them), panels of
+# output channels cut by C_out, pixel groups cut by the tile, channel blocks split across tasks
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("kc", [1, 8, 256])
+@pytest.mark.parametrize(("op", "c", "mult", "c_out"), [
+    ("pointwise", 37, 1, 70), ("pointwise", 16, 1, 1), ("separable", 13, 3, 33),
+    ("separable", 20, 1, 64),
+])  # fmt: skip
+def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
+    config = pytest.importorskip("numba_dsconv._config")
+    monkeypatch.setattr(config, "CPU_GEMM_KC", kc)
+    monkeypatch.setattr(config, "CPU_TILE_MAX_PIXELS", 12)
+    if parallel:
+        monkeypatch.setattr(config, "SERIAL_MAX_MACS", 0)
+    for dtype in (np.float32, np.float64):
+        x, weights, bias_kw, red = make_case(
+            rng, op, n=2, h=5, w=7, c=c, kh=3, kw=3, mult=mult, c_out=c_out, xdtype=dtype,
+            biases=True,
+        )  # fmt: skip
+        geo = geo_kwargs(op, stride=1, padding="same", dilation=1)
+        check_against_reference(op, x, weights, red, activation="relu6", **geo, **bias_kw)

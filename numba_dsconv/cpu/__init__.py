@@ -11,7 +11,12 @@ import numpy as np
 
 from .. import _config
 from .._spec import ConvSpec
-from ._jit import transpose_batched_parallel, transpose_batched_serial
+from ._jit import (
+    GEMM_MR,
+    gemm_panel_width,
+    transpose_batched_parallel,
+    transpose_batched_serial,
+)
 from .conv2d import conv2d_nhwc_parallel, conv2d_nhwc_serial
 from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
 from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
@@ -54,30 +59,37 @@ def _nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
 
 def tile_pixels(k: int, itemsize: int) -> int:
     """Output pixels per GEMM task: the (pixels x K) A tile stays within CPU_TILE_BYTES (L2);
-    a multiple of 4 (the micro-kernel's block) between 4 and CPU_TILE_MAX_PIXELS."""
+    a multiple of GEMM_MR (the micro-kernel's rows) up to CPU_TILE_MAX_PIXELS."""
     fit = _config.CPU_TILE_BYTES // max(1, k * itemsize)
-    return int(max(4, min(_config.CPU_TILE_MAX_PIXELS, fit)) // 4 * 4)
+    return int(max(GEMM_MR, min(_config.CPU_TILE_MAX_PIXELS, fit)) // GEMM_MR * GEMM_MR)
 
 
-def channel_block(pixels: int, tile: int, c_out: int) -> int:
-    """Output channels per task: all of them, unless there are too few pixel blocks to keep
-    every thread busy (N=1, late layers); then split the channels too (multiples of 4)."""
+def channel_block(pixels: int, tile: int, c_out: int, itemsize: int, parallel: bool) -> int:
+    """Output channels per task: all of them, unless a parallel call has too few pixel blocks
+    to keep every thread busy (N=1, late layers); then split the channels too, in whole
+    panels of the micro-kernel."""
+    nr = gemm_panel_width(itemsize)
+    panels = -(-c_out // nr)
     tasks = -(-pixels // tile)
     want = _config.CPU_TASKS_PER_THREAD * numba.get_num_threads()
-    if tasks >= want:
-        return c_out
-    nc = min(-(-want // tasks), max(1, c_out // 16))
-    per_task = -(-c_out // nc)
-    return int(-(-per_task // 4) * 4)
+    if not parallel or tasks >= want or panels == 1:
+        return panels * nr
+    nc = min(-(-want // tasks), panels)
+    return -(-panels // nc) * nr
 
 
-def _packed_transposed(p: np.ndarray) -> np.ndarray:
-    """The pointwise weights (K, C_out) packed as (C_out, K), the micro-kernel's order."""
-    return _transposed(p[np.newaxis], p.dtype)[0]
+def _panel_bias(b: np.ndarray) -> np.ndarray:
+    """The bias zero-padded to whole micro-kernel panels (the kernel loads it a vector at a
+    time)."""
+    nr = gemm_panel_width(b.dtype.itemsize)
+    padded = np.zeros(-(-b.shape[0] // nr) * nr, b.dtype)
+    padded[: b.shape[0]] = b
+    return padded
 
 
 def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
     parallel = spec.macs > _config.SERIAL_MAX_MACS
+    itemsize = target.dtype.itemsize
     s = (spec.stride_h, spec.stride_w, spec.dilation_h, spec.dilation_w)
     pads = (spec.pad_top, spec.pad_left)
     if spec.op == "separable":
@@ -85,13 +97,12 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         dwb, b = biases
         kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
         pixels = spec.n * spec.out_h * spec.out_w
-        tile = tile_pixels(spec.c_mid, target.dtype.itemsize)
-        cblock = channel_block(pixels, tile, spec.c_out) if parallel else spec.c_out
-        bt = _packed_transposed(p)  # once per call, in the micro-kernel's order
+        tile = tile_pixels(spec.c_mid, itemsize)
+        cblock = channel_block(pixels, tile, spec.c_out, itemsize, parallel)
         t2 = target.reshape(pixels, spec.c_out)
-        args = (xh, d, dwb, bt, b, t2, spec.out_h, spec.out_w, spec.kh, spec.kw, *s, *pads)
-        args += (spec.multiplier,)
-        args += (spec.mid_activation, spec.activation, tile, cblock)
+        args = (xh, d, dwb, p, _panel_bias(b), t2, spec.out_h, spec.out_w, spec.kh, spec.kw)
+        args += (*s, *pads, spec.multiplier)
+        args += (spec.mid_activation, spec.activation, tile, cblock, _config.CPU_GEMM_KC)
     elif spec.op == "depthwise":
         (d,) = weights
         (b,) = biases
@@ -104,9 +115,9 @@ def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
         rows = spec.n * spec.out_h * spec.out_w
         x2 = xh.reshape(rows, spec.c_in)
         t2 = target.reshape(rows, spec.c_out)
-        block = tile_pixels(spec.c_in, target.dtype.itemsize)
-        cblock = channel_block(rows, block, spec.c_out) if parallel else spec.c_out
-        args = (x2, _packed_transposed(p), b, t2, block, cblock, spec.activation)
+        block = tile_pixels(spec.c_in, itemsize)
+        cblock = channel_block(rows, block, spec.c_out, itemsize, parallel)
+        args = (x2, p, _panel_bias(b), t2, block, cblock, _config.CPU_GEMM_KC, spec.activation)
     else:
         (w,) = weights
         (b,) = biases

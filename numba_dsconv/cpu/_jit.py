@@ -10,6 +10,7 @@ from typing import Any
 from numba import njit, prange
 
 from .. import _config
+from ._simd import VEC_BYTES, vclip_above, vclip_below, vfma, vget, vload, vstore
 
 
 def parallel_and_serial(fn: Callable[..., Any]) -> tuple[Any, Any]:
@@ -48,17 +49,6 @@ def activate_row(row, code):  # pragma: no cover - compiled
                 row[k] = 0
             elif v > 6:
                 row[k] = 6
-
-
-@helper
-def store_activated(row, k, v, code):  # pragma: no cover - compiled
-    """row[k] = act(v) for act None (0) / relu (1) / relu6 (2); NaN stays NaN."""
-    if code != 0 and v < 0:
-        row[k] = 0
-    elif code == 2 and v > 6:
-        row[k] = 6
-    else:
-        row[k] = v
 
 
 @helper
@@ -126,122 +116,156 @@ def depthwise_row(
             depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o)
 
 
-@helper
-def gemm_tile(a, rows, bt, bias, dst, c_lo, c_hi, act):  # pragma: no cover - compiled
-    """dst[r, c] = act(bias[c] + a[r, :] . bt[c, :]) for r < rows, c_lo <= c < c_hi.
+# The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels
+# (2 x 16 float32 = 32 channels, or 2 x 8 float64), 12 vector accumulators.
+GEMM_MR = 6
 
-    a: (>=rows, K) with K contiguous (the depthwise tile or the input pixels); bt: (C_out, K),
-    the pointwise weights packed transposed once per call so that both operands of every dot
-    product are contiguous. A 4 x 4 block of output pixels x output channels is held in 16
-    scalar accumulators across the whole K loop; LLVM vectorises that loop (reassociation is
-    allowed) into 16 vector accumulators fed by 8 contiguous loads per step. The 4 weight rows
-    of a block stay in L1 while the loop walks down the pixel rows (the tile is in L2).
+
+def gemm_panel_width(itemsize: int) -> int:
+    """Output channels per micro-kernel panel: two 64-byte vectors."""
+    return 2 * VEC_BYTES // itemsize
+
+
+@helper
+def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, part):  # pragma: no cover - compiled
+    """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
+
+    a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
+    pointwise weights as given; bias: padded to a multiple of the panel width NR; pk: (KC, NR)
+    scratch; part: (>= rows rounded up to GEMM_MR, NR) scratch. c_lo is a multiple of NR.
+
+    For each panel of NR output channels and each block of KC reduction channels, the weights
+    w[k0:k1, c0:c0+NR] are copied into ``pk`` (contiguous, zero-padded past C_out: it stays in
+    L1 and never hits the cache-set conflicts of a 4 KB row stride), then every group of
+    GEMM_MR pixel rows runs the register block: per reduction channel two vector loads of
+    ``pk``, GEMM_MR scalar broadcasts of ``a`` and 12 vector FMAs into accumulators that live in
+    registers for the whole block. Partial sums between K blocks go to ``part``; the bias seeds
+    the first block and the activation is applied to the registers before the last store.
+    Pixel rows past ``rows`` in the last group repeat the last row and are not stored.
     """
-    K = bt.shape[1]
-    c = c_lo
-    while c + 4 <= c_hi:
-        b0 = bt[c]
-        b1 = bt[c + 1]
-        b2 = bt[c + 2]
-        b3 = bt[c + 3]
-        r = 0
-        while r + 4 <= rows:
-            a0 = a[r]
-            a1 = a[r + 1]
-            a2 = a[r + 2]
-            a3 = a[r + 3]
-            s00 = bias[c]
-            s01 = bias[c + 1]
-            s02 = bias[c + 2]
-            s03 = bias[c + 3]
-            s10 = bias[c]
-            s11 = bias[c + 1]
-            s12 = bias[c + 2]
-            s13 = bias[c + 3]
-            s20 = bias[c]
-            s21 = bias[c + 1]
-            s22 = bias[c + 2]
-            s23 = bias[c + 3]
-            s30 = bias[c]
-            s31 = bias[c + 1]
-            s32 = bias[c + 2]
-            s33 = bias[c + 3]
-            for k in range(K):
-                x0 = a0[k]
-                x1 = a1[k]
-                x2 = a2[k]
-                x3 = a3[k]
-                y0 = b0[k]
-                y1 = b1[k]
-                y2 = b2[k]
-                y3 = b3[k]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s03 += x0 * y3
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s13 += x1 * y3
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-                s23 += x2 * y3
-                s30 += x3 * y0
-                s31 += x3 * y1
-                s32 += x3 * y2
-                s33 += x3 * y3
-            d0 = dst[r]
-            d1 = dst[r + 1]
-            d2 = dst[r + 2]
-            d3 = dst[r + 3]
-            store_activated(d0, c, s00, act)
-            store_activated(d0, c + 1, s01, act)
-            store_activated(d0, c + 2, s02, act)
-            store_activated(d0, c + 3, s03, act)
-            store_activated(d1, c, s10, act)
-            store_activated(d1, c + 1, s11, act)
-            store_activated(d1, c + 2, s12, act)
-            store_activated(d1, c + 3, s13, act)
-            store_activated(d2, c, s20, act)
-            store_activated(d2, c + 1, s21, act)
-            store_activated(d2, c + 2, s22, act)
-            store_activated(d2, c + 3, s23, act)
-            store_activated(d3, c, s30, act)
-            store_activated(d3, c + 1, s31, act)
-            store_activated(d3, c + 2, s32, act)
-            store_activated(d3, c + 3, s33, act)
-            r += 4
-        # leftover pixel rows of this channel quad
-        while r < rows:
-            ar = a[r]
-            s0 = bias[c]
-            s1 = bias[c + 1]
-            s2 = bias[c + 2]
-            s3 = bias[c + 3]
-            for k in range(K):
-                xv = ar[k]
-                s0 += xv * b0[k]
-                s1 += xv * b1[k]
-                s2 += xv * b2[k]
-                s3 += xv * b3[k]
-            dr = dst[r]
-            store_activated(dr, c, s0, act)
-            store_activated(dr, c + 1, s1, act)
-            store_activated(dr, c + 2, s2, act)
-            store_activated(dr, c + 3, s3, act)
-            r += 1
-        c += 4
-    # leftover output channels
-    while c < c_hi:
-        bc = bt[c]
-        for r in range(rows):
-            ar = a[r]
-            s = bias[c]
-            for k in range(K):
-                s += ar[k] * bc[k]
-            store_activated(dst[r], c, s, act)
-        c += 1
+    K = w.shape[0]
+    CO = w.shape[1]
+    L = VEC_BYTES // w.itemsize
+    NR = 2 * L
+    KC = pk.shape[0]
+    last_row = rows - 1
+    for c0 in range(c_lo, c_hi, NR):
+        ncol = min(NR, CO - c0)
+        nout = min(NR, c_hi - c0)
+        for k0 in range(0, K, KC):
+            k1 = min(K, k0 + KC)
+            for k in range(k1 - k0):
+                src = w[k0 + k]
+                pr = pk[k]
+                if ncol == NR:
+                    vstore(pr, 0, vload(src, c0))
+                    vstore(pr, L, vload(src, c0 + L))
+                else:
+                    for j in range(ncol):
+                        pr[j] = src[c0 + j]
+                    for j in range(ncol, NR):
+                        pr[j] = 0
+            for r in range(0, rows, GEMM_MR):
+                a0 = a[r]
+                a1 = a[min(r + 1, last_row)]
+                a2 = a[min(r + 2, last_row)]
+                a3 = a[min(r + 3, last_row)]
+                a4 = a[min(r + 4, last_row)]
+                a5 = a[min(r + 5, last_row)]
+                if k0 == 0:
+                    s00 = vload(bias, c0)
+                    s01 = vload(bias, c0 + L)
+                    s10 = s00
+                    s11 = s01
+                    s20 = s00
+                    s21 = s01
+                    s30 = s00
+                    s31 = s01
+                    s40 = s00
+                    s41 = s01
+                    s50 = s00
+                    s51 = s01
+                else:
+                    s00 = vload(part[r], 0)
+                    s01 = vload(part[r], L)
+                    s10 = vload(part[r + 1], 0)
+                    s11 = vload(part[r + 1], L)
+                    s20 = vload(part[r + 2], 0)
+                    s21 = vload(part[r + 2], L)
+                    s30 = vload(part[r + 3], 0)
+                    s31 = vload(part[r + 3], L)
+                    s40 = vload(part[r + 4], 0)
+                    s41 = vload(part[r + 4], L)
+                    s50 = vload(part[r + 5], 0)
+                    s51 = vload(part[r + 5], L)
+                for k in range(k1 - k0):
+                    pr = pk[k]
+                    w0 = vload(pr, 0)
+                    w1 = vload(pr, L)
+                    kk = k0 + k
+                    x = a0[kk]
+                    s00 = vfma(x, w0, s00)
+                    s01 = vfma(x, w1, s01)
+                    x = a1[kk]
+                    s10 = vfma(x, w0, s10)
+                    s11 = vfma(x, w1, s11)
+                    x = a2[kk]
+                    s20 = vfma(x, w0, s20)
+                    s21 = vfma(x, w1, s21)
+                    x = a3[kk]
+                    s30 = vfma(x, w0, s30)
+                    s31 = vfma(x, w1, s31)
+                    x = a4[kk]
+                    s40 = vfma(x, w0, s40)
+                    s41 = vfma(x, w1, s41)
+                    x = a5[kk]
+                    s50 = vfma(x, w0, s50)
+                    s51 = vfma(x, w1, s51)
+                if k1 < K:
+                    vstore(part[r], 0, s00)
+                    vstore(part[r], L, s01)
+                    vstore(part[r + 1], 0, s10)
+                    vstore(part[r + 1], L, s11)
+                    vstore(part[r + 2], 0, s20)
+                    vstore(part[r + 2], L, s21)
+                    vstore(part[r + 3], 0, s30)
+                    vstore(part[r + 3], L, s31)
+                    vstore(part[r + 4], 0, s40)
+                    vstore(part[r + 4], L, s41)
+                    vstore(part[r + 5], 0, s50)
+                    vstore(part[r + 5], L, s51)
+                else:
+                    store_panel(dst[r], c0, nout, s00, s01, act)
+                    if r + 1 < rows:
+                        store_panel(dst[r + 1], c0, nout, s10, s11, act)
+                    if r + 2 < rows:
+                        store_panel(dst[r + 2], c0, nout, s20, s21, act)
+                    if r + 3 < rows:
+                        store_panel(dst[r + 3], c0, nout, s30, s31, act)
+                    if r + 4 < rows:
+                        store_panel(dst[r + 4], c0, nout, s40, s41, act)
+                    if r + 5 < rows:
+                        store_panel(dst[r + 5], c0, nout, s50, s51, act)
+
+
+@helper
+def store_panel(row, c0, n, v0, v1, act):  # pragma: no cover - compiled
+    """row[c0 : c0 + n] = act(v0 ++ v1)[:n] for act None (0) / relu (1) / relu6 (2)."""
+    if act != 0:
+        v0 = vclip_below(v0, 0)
+        v1 = vclip_below(v1, 0)
+        if act == 2:
+            v0 = vclip_above(v0, 6)
+            v1 = vclip_above(v1, 6)
+    L = VEC_BYTES // row.itemsize
+    if n == 2 * L:
+        vstore(row, c0, v0)
+        vstore(row, c0 + L, v1)
+    else:
+        for j in range(min(n, L)):
+            row[c0 + j] = vget(v0, j)
+        for j in range(L, n):
+            row[c0 + j] = vget(v1, j - L)
 
 
 def transpose_batched(src, dst):  # pragma: no cover - compiled

@@ -3,19 +3,23 @@ output-channel block) tasks."""
 
 from __future__ import annotations
 
+import numpy as np
 from numba import prange
 
-from ._jit import gemm_tile, parallel_and_serial
+from ._jit import GEMM_MR, gemm_tile, parallel_and_serial
+from ._simd import VEC_BYTES
 
 
-def pointwise_nhwc(x2, bt, bias, out2, block, cblock, act):  # pragma: no cover - compiled
-    """out2[r, c] = act(bias[c] + x2[r, :] . bt[c, :]) for every pixel r.
+def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cover - compiled
+    """out2[r, c] = act(bias[c] + x2[r, :] @ w[:, c]) for every pixel r.
 
-    x2: (pixels, C_in) C-contiguous; bt: (C_out, C_in) (weights packed transposed);
-    out2: (pixels, C_out).
+    x2: (pixels, C_in) C-contiguous; w: (C_in, C_out) as given; bias padded to a multiple of
+    the micro-kernel's panel width; out2: (pixels, C_out). ``cblock`` is a multiple of the
+    panel width, ``kc`` the reduction block (see ``gemm_tile``).
     """
     rows = x2.shape[0]
-    CO = bt.shape[0]
+    CO = w.shape[1]
+    NR = 2 * VEC_BYTES // w.itemsize
     nb = (rows + block - 1) // block
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -24,7 +28,9 @@ def pointwise_nhwc(x2, bt, bias, out2, block, cblock, act):  # pragma: no cover 
         r0 = b * block
         r1 = min(rows, r0 + block)
         c0 = cb * cblock
-        gemm_tile(x2[r0:r1], r1 - r0, bt, bias, out2[r0:r1], c0, min(CO, c0 + cblock), act)
+        pk = np.empty((kc, NR), dtype=out2.dtype)
+        part = np.empty((block + GEMM_MR, NR), dtype=out2.dtype)
+        gemm_tile(x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, min(CO, c0 + cblock), act, pk, part)
 
 
 pointwise_nhwc_parallel, pointwise_nhwc_serial = parallel_and_serial(pointwise_nhwc)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import activate_row, depthwise_row, gemm_tile, parallel_and_serial
+from ._jit import GEMM_MR, activate_row, depthwise_row, gemm_tile, parallel_and_serial
+from ._simd import VEC_BYTES
 
 
 def separable_nhwc(
     x,
     d,
     dw_bias,
-    bt,
+    w,
     bias,
     out2,
     oh,
@@ -38,15 +39,18 @@ def separable_nhwc(
     act,
     tile,
     cblock,
+    kc,
 ):  # pragma: no cover - compiled
-    """out2 = act(bias + mid_act(depthwise(x, d) + dw_bias) @ bt.T), block by block.
+    """out2 = act(bias + mid_act(depthwise(x, d) + dw_bias) @ w), block by block.
 
-    x: (N,H,W,C); d: (KH,KW,C*M); bt: (C_out, C*M) (pointwise weights packed transposed);
-    out2: (N*OH*OW, C_out), the output viewed as a matrix of pixels.
+    x: (N,H,W,C); d: (KH,KW,C*M); w: (C*M, C_out) the pointwise weights as given, bias padded
+    to a multiple of the panel width; out2: (N*OH*OW, C_out), the output viewed as a matrix of
+    pixels. ``tile`` is a multiple of GEMM_MR, ``cblock`` of the panel width.
     """
     P = out2.shape[0]
-    CO = bt.shape[0]
+    CO = w.shape[1]
     CM = d.shape[2]
+    NR = 2 * VEC_BYTES // w.itemsize
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -55,6 +59,8 @@ def separable_nhwc(
         p0 = b * tile
         p1 = min(P, p0 + tile)
         buf = np.empty((tile, CM), dtype=out2.dtype)
+        pk = np.empty((kc, NR), dtype=out2.dtype)
+        part = np.empty((tile + GEMM_MR, NR), dtype=out2.dtype)
         p = p0
         while p < p1:  # the block as segments of output rows
             j = p % ow
@@ -70,7 +76,7 @@ def separable_nhwc(
                 activate_row(rows[k], mid_act)
             p += seg
         c0 = cb * cblock
-        gemm_tile(buf, p1 - p0, bt, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act)
+        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act, pk, part)
 
 
 separable_nhwc_parallel, separable_nhwc_serial = parallel_and_serial(separable_nhwc)

@@ -1,0 +1,134 @@
+"""Explicit SIMD vectors for the CPU GEMM micro-kernel.
+
+One ``Vec`` is 64 bytes of an array's dtype (16 float32 or 8 float64) held as an LLVM vector
+value: LLVM keeps it in registers (two ymm registers where it prefers 256-bit vectors, one zmm
+otherwise) and turns ``vfma`` into vector FMA instructions. Loop code with the accumulators in
+scalars or in a small array was measured at 8-175 GFLOP/s on the same micro-kernel shape,
+depending on how the loop vectoriser and SLP vectoriser happened to read it; with these values
+the shape is fixed by the code (see cpu/_jit.py ``gemm_tile``).
+
+Everything here is typed from an array argument, so float32 and float64 kernels share one
+source. Loads and stores are unaligned and unchecked: callers guarantee ``idx + lanes <= len``.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+VEC_BYTES = 64
+
+
+class Vec(types.Type):
+    """A 64-byte vector of ``dtype`` lanes."""
+
+    def __init__(self, dtype: types.Float) -> None:
+        self.dtype = dtype
+        self.lanes = VEC_BYTES * 8 // dtype.bitwidth
+        super().__init__(name=f"Vec({dtype}x{self.lanes})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        elem = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(elem, fe_type.lanes))
+
+
+def _element_pointer(context, builder, arrty, arr, idx):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return cgutils.gep(builder, ary.data, idx)
+
+
+def _splat(builder, vty, value):
+    lanes = vty.count
+    zero = ir.Constant(ir.IntType(32), 0)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, zero)
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _is_row(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(arr.dtype, types.Float)
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """``arr[idx : idx + lanes]`` of a contiguous 1-D float array, as a vector."""
+    if not (_is_row(arr) and arr.layout == "C" and isinstance(idx, types.Integer)):
+        return None
+    vt = Vec(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        vp = builder.bitcast(p, context.get_value_type(vt).as_pointer())
+        return builder.load(vp, align=arr.dtype.bitwidth // 8)
+
+    return vt(arr, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """``arr[idx : idx + lanes] = v``."""
+    if not (_is_row(arr) and arr.layout == "C" and isinstance(v, Vec) and v.dtype == arr.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        vp = builder.bitcast(p, args[2].type.as_pointer())
+        builder.store(args[2], vp, align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, x, acc):
+    """``acc + a * x`` lane by lane with one rounding (llvm.fma); ``a`` a scalar broadcast."""
+    if not (isinstance(x, Vec) and acc == x and isinstance(a, (types.Float, types.Integer))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[1].type
+        s = _splat(builder, vty, context.cast(builder, args[0], sig.args[0], x.dtype))
+        name = f"llvm.fma.v{x.lanes}f{x.dtype.bitwidth}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
+        return builder.call(fn, [s, args[1], args[2]])
+
+    return x(a, x, acc), codegen
+
+
+def _clip(op: str):
+    @intrinsic
+    def clip(typingctx, v, bound):
+        if not (isinstance(v, Vec) and isinstance(bound, (types.Float, types.Integer))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            b = _splat(builder, args[0].type, context.cast(builder, args[1], sig.args[1], v.dtype))
+            # ordered compare: a NaN lane compares false and is kept as NaN
+            return builder.select(builder.fcmp_ordered(op, args[0], b), b, args[0])
+
+        return v(v, bound), codegen
+
+    return clip
+
+
+vclip_below = _clip("<")
+"""``bound`` where ``v < bound``, else ``v`` (NaN stays NaN)."""
+vclip_above = _clip(">")
+"""``bound`` where ``v > bound``, else ``v`` (NaN stays NaN)."""
+
+
+@intrinsic
+def vget(typingctx, v, j):
+    """Lane ``j`` of ``v``."""
+    if not (isinstance(v, Vec) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], args[1])
+
+    return v.dtype(v, j), codegen
