@@ -380,6 +380,9 @@ MEDIUM = [
     ("separable", 3, 10, 9, 40, 5, 5, 1, "same", 1, 1, 72),
     ("separable", 1, 17, 19, 24, 3, 3, (1, 2), "same", (2, 1), 3, 33),
     ("depthwise", 2, 15, 14, 70, 3, 3, 2, "same", 1, 2, 0),
+    # 3x3, multiplier 1: the vectorised interior path, with a channel tail, dilated/strided
+    ("depthwise", 2, 11, 13, 35, 3, 3, (2, 1), "same", (1, 2), 1, 0),
+    ("separable", 1, 9, 12, 48, 3, 3, (1, 2), ((2, 0), (1, 1)), (2, 1), 1, 24),
     ("conv2d", 1, 9, 9, 64, 7, 7, 1, "same", 1, 1, 64),  # reduction 3136
     ("conv2d", 2, 12, 11, 20, 3, 3, 2, "same", 1, 1, 36),
     ("pointwise", 3, 9, 10, 130, 1, 1, 1, "valid", 1, 1, 67),

@@ -91,29 +91,83 @@ def depthwise_row(
 ):  # pragma: no cover - compiled
     """dst[j - j0, :] = bias + depthwise taps of output pixels (i, j0..j1-1) of image n.
 
-    A 3x3 kernel (every MobileNet layer) with multiplier 1 has an interior path written with
-    constant trip counts, so the 9 taps unroll inside the channel loop: one accumulator per
-    channel vector, 9 fused multiply-adds, one store, no bounds checks. Border pixels, other
-    kernel sizes and depth multipliers > 1 take ``depthwise_pixel``.
+    A 3x3 kernel (every MobileNet layer) with multiplier 1 sends the pixels whose taps are all
+    inside the image to ``depthwise3x3_interior``; border pixels, other kernel sizes and depth
+    multipliers > 1 take ``depthwise_pixel``.
+    """
+    H = x.shape[1]
+    W = x.shape[2]
+    ih0 = i * sh - pt
+    ja = j0
+    jb = j0
+    if multiplier == 1 and KH == 3 and KW == 3 and ih0 >= 0 and ih0 + 2 * dh < H:
+        # interior columns: j * sw - pl >= 0 and j * sw - pl + 2 * dw <= W - 1
+        ja = min(j1, max(j0, (pl + sw - 1) // sw))
+        last = W - 1 - 2 * dw + pl
+        jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
+    for j in range(j0, ja):
+        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, dst[j - j0])
+    if jb > ja:
+        depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst[ja - j0 :])
+    for j in range(jb, j1):
+        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, dst[j - j0])
+
+
+@helper
+def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst):  # pragma: no cover
+    """dst[j - ja, :] = bias + the 9 taps of output pixels ja..jb-1 of image n whose input
+    window starts at row ih0 and lies inside the image (no bounds checks).
+
+    Channel-vector outer, pixel inner: the 9 weight vectors and the bias of a channel vector
+    stay in registers while the row is swept, so each output vector costs 9 input loads and
+    9 FMAs. Channels past the last whole vector take a scalar loop.
     """
     H = x.shape[1]
     W = x.shape[2]
     C = x.shape[3]
-    ih0 = i * sh - pt
-    fast = multiplier == 1 and KH == 3 and KW == 3 and ih0 >= 0 and ih0 + 2 * dh < H
-    for jj in range(j1 - j0):
-        j = j0 + jj
-        iw0 = j * sw - pl
-        o = dst[jj]
-        if fast and iw0 >= 0 and iw0 + 2 * dw < W:
-            for c in range(C):
-                acc = bias[c]
+    L = VEC_BYTES // x.itemsize
+    xf = x.reshape(x.size)
+    df = d.reshape(d.size)
+    r0 = ((n * H + ih0) * W) * C
+    r1 = r0 + dh * W * C
+    r2 = r1 + dh * W * C
+    tap = dw * C
+    c = 0
+    while c + L <= C:
+        w00 = vload(df, c)
+        w01 = vload(df, C + c)
+        w02 = vload(df, 2 * C + c)
+        w10 = vload(df, 3 * C + c)
+        w11 = vload(df, 4 * C + c)
+        w12 = vload(df, 5 * C + c)
+        w20 = vload(df, 6 * C + c)
+        w21 = vload(df, 7 * C + c)
+        w22 = vload(df, 8 * C + c)
+        b = vload(bias, c)
+        for j in range(ja, jb):
+            o = (j * sw - pl) * C + c
+            acc = vfma(vload(xf, r0 + o), w00, b)
+            acc = vfma(vload(xf, r0 + o + tap), w01, acc)
+            acc = vfma(vload(xf, r0 + o + 2 * tap), w02, acc)
+            acc = vfma(vload(xf, r1 + o), w10, acc)
+            acc = vfma(vload(xf, r1 + o + tap), w11, acc)
+            acc = vfma(vload(xf, r1 + o + 2 * tap), w12, acc)
+            acc = vfma(vload(xf, r2 + o), w20, acc)
+            acc = vfma(vload(xf, r2 + o + tap), w21, acc)
+            acc = vfma(vload(xf, r2 + o + 2 * tap), w22, acc)
+            vstore(dst[j - ja], c, acc)
+        c += L
+    if c < C:
+        for j in range(ja, jb):
+            o = (j * sw - pl) * C
+            row = dst[j - ja]
+            for cc in range(c, C):
+                acc1 = bias[cc]
                 for m in range(3):
+                    rm = r0 + m * dh * W * C + o + cc
                     for q in range(3):
-                        acc += x[n, ih0 + m * dh, iw0 + q * dw, c] * d[m, q, c]
-                o[c] = acc
-        else:
-            depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o)
+                        acc1 += xf[rm + q * tap] * df[(m * 3 + q) * C + cc]
+                row[cc] = acc1
 
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels

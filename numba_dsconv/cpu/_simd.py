@@ -86,13 +86,19 @@ def vstore(typingctx, arr, idx, v):
 
 @intrinsic
 def vfma(typingctx, a, x, acc):
-    """``acc + a * x`` lane by lane with one rounding (llvm.fma); ``a`` a scalar broadcast."""
-    if not (isinstance(x, Vec) and acc == x and isinstance(a, (types.Float, types.Integer))):
+    """``acc + a * x`` lane by lane with one rounding (llvm.fma); ``a`` a vector or a scalar
+    broadcast to every lane."""
+    if not (isinstance(x, Vec) and acc == x):
+        return None
+    if not (a == x or isinstance(a, (types.Float, types.Integer))):
         return None
 
     def codegen(context, builder, sig, args):
         vty = args[1].type
-        s = _splat(builder, vty, context.cast(builder, args[0], sig.args[0], x.dtype))
+        if isinstance(sig.args[0], Vec):
+            s = args[0]
+        else:
+            s = _splat(builder, vty, context.cast(builder, args[0], sig.args[0], x.dtype))
         name = f"llvm.fma.v{x.lanes}f{x.dtype.bitwidth}"
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
         return builder.call(fn, [s, args[1], args[2]])
