@@ -181,34 +181,32 @@ def gemm_panel_width(itemsize: int) -> int:
 
 
 @helper
-def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, part):  # pragma: no cover - compiled
+def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: no cover
     """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
 
     a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
-    pointwise weights as given; bias: padded to a multiple of the panel width NR; pk: (KC, NR)
-    scratch; part: (>= rows rounded up to GEMM_MR, NR) scratch. c_lo is a multiple of NR.
+    pointwise weights as given; bias: padded to a multiple of the panel width NR; scratch:
+    pk (KC, NR), at (GEMM_MR, KC), part (>= rows rounded up to GEMM_MR, NR). c_lo is a
+    multiple of NR.
 
     For each panel of NR output channels and each block of KC reduction channels, the weights
     w[k0:k1, c0:c0+NR] are copied into ``pk`` (contiguous, zero-padded past C_out: it stays in
-    L1 and never hits the cache-set conflicts of a 4 KB row stride), then every group of
-    GEMM_MR pixel rows runs the register block: per reduction channel two vector loads of
-    ``pk``, GEMM_MR scalar broadcasts of ``a`` and 12 vector FMAs into accumulators that live in
-    registers for the whole block. Partial sums between K blocks go to ``part``; the bias seeds
-    the first block and the activation is applied to the registers before the last store.
-    Pixel rows past ``rows`` in the last group repeat the last row and are not stored.
+    L1 and never hits the cache-set conflicts of a 4 KB row stride); then every group of
+    GEMM_MR pixel rows runs ``gemm_block``. The last group, if short, is copied into ``at``
+    (its last row repeated) so that every block reads GEMM_MR whole rows.
     """
     K = w.shape[0]
     CO = w.shape[1]
     L = VEC_BYTES // w.itemsize
     NR = 2 * L
     KC = pk.shape[0]
-    last_row = rows - 1
+    full = rows // GEMM_MR * GEMM_MR
     for c0 in range(c_lo, c_hi, NR):
         ncol = min(NR, CO - c0)
         nout = min(NR, c_hi - c0)
         for k0 in range(0, K, KC):
-            k1 = min(K, k0 + KC)
-            for k in range(k1 - k0):
+            nk = min(KC, K - k0)
+            for k in range(nk):
                 src = w[k0 + k]
                 pr = pk[k]
                 if ncol == NR:
@@ -219,87 +217,111 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, part):  # pragma: no c
                         pr[j] = src[c0 + j]
                     for j in range(ncol, NR):
                         pr[j] = 0
-            for r in range(0, rows, GEMM_MR):
-                a0 = a[r]
-                a1 = a[min(r + 1, last_row)]
-                a2 = a[min(r + 2, last_row)]
-                a3 = a[min(r + 3, last_row)]
-                a4 = a[min(r + 4, last_row)]
-                a5 = a[min(r + 5, last_row)]
-                if k0 == 0:
-                    s00 = vload(bias, c0)
-                    s01 = vload(bias, c0 + L)
-                    s10 = s00
-                    s11 = s01
-                    s20 = s00
-                    s21 = s01
-                    s30 = s00
-                    s31 = s01
-                    s40 = s00
-                    s41 = s01
-                    s50 = s00
-                    s51 = s01
-                else:
-                    s00 = vload(part[r], 0)
-                    s01 = vload(part[r], L)
-                    s10 = vload(part[r + 1], 0)
-                    s11 = vload(part[r + 1], L)
-                    s20 = vload(part[r + 2], 0)
-                    s21 = vload(part[r + 2], L)
-                    s30 = vload(part[r + 3], 0)
-                    s31 = vload(part[r + 3], L)
-                    s40 = vload(part[r + 4], 0)
-                    s41 = vload(part[r + 4], L)
-                    s50 = vload(part[r + 5], 0)
-                    s51 = vload(part[r + 5], L)
-                for k in range(k1 - k0):
-                    pr = pk[k]
-                    w0 = vload(pr, 0)
-                    w1 = vload(pr, L)
-                    kk = k0 + k
-                    x = a0[kk]
-                    s00 = vfma(x, w0, s00)
-                    s01 = vfma(x, w1, s01)
-                    x = a1[kk]
-                    s10 = vfma(x, w0, s10)
-                    s11 = vfma(x, w1, s11)
-                    x = a2[kk]
-                    s20 = vfma(x, w0, s20)
-                    s21 = vfma(x, w1, s21)
-                    x = a3[kk]
-                    s30 = vfma(x, w0, s30)
-                    s31 = vfma(x, w1, s31)
-                    x = a4[kk]
-                    s40 = vfma(x, w0, s40)
-                    s41 = vfma(x, w1, s41)
-                    x = a5[kk]
-                    s50 = vfma(x, w0, s50)
-                    s51 = vfma(x, w1, s51)
-                if k1 < K:
-                    vstore(part[r], 0, s00)
-                    vstore(part[r], L, s01)
-                    vstore(part[r + 1], 0, s10)
-                    vstore(part[r + 1], L, s11)
-                    vstore(part[r + 2], 0, s20)
-                    vstore(part[r + 2], L, s21)
-                    vstore(part[r + 3], 0, s30)
-                    vstore(part[r + 3], L, s31)
-                    vstore(part[r + 4], 0, s40)
-                    vstore(part[r + 4], L, s41)
-                    vstore(part[r + 5], 0, s50)
-                    vstore(part[r + 5], L, s51)
-                else:
-                    store_panel(dst[r], c0, nout, s00, s01, act)
-                    if r + 1 < rows:
-                        store_panel(dst[r + 1], c0, nout, s10, s11, act)
-                    if r + 2 < rows:
-                        store_panel(dst[r + 2], c0, nout, s20, s21, act)
-                    if r + 3 < rows:
-                        store_panel(dst[r + 3], c0, nout, s30, s31, act)
-                    if r + 4 < rows:
-                        store_panel(dst[r + 4], c0, nout, s40, s41, act)
-                    if r + 5 < rows:
-                        store_panel(dst[r + 5], c0, nout, s50, s51, act)
+            final = k0 + nk == K
+            for r in range(0, full, GEMM_MR):
+                gemm_block(
+                    a, r, k0, pk, nk, k0 == 0, bias, c0, part, r, final, dst, GEMM_MR, nout, act
+                )
+            if full < rows:
+                for i in range(GEMM_MR):
+                    src = a[min(full + i, rows - 1)]
+                    ar = at[i]
+                    for k in range(nk):
+                        ar[k] = src[k0 + k]
+                nv = rows - full
+                gemm_block(
+                    at, 0, 0, pk, nk, k0 == 0, bias, c0, part, full, final, dst, nv, nout, act
+                )
+
+
+@helper
+def gemm_block(
+    a, ra, ka, pk, nk, first, bias, c0, part, r, final, dst, nvalid, nout, act
+):  # pragma: no cover
+    """One register block: output rows r..r+GEMM_MR-1, channels c0..c0+NR-1, reduction block
+    pk[:nk] (pk[k] = weights of reduction channel ka+k' for the panel).
+
+    Reads a[ra + i, ka + k]. The accumulators (12 vectors, in registers for the whole loop)
+    start from the bias on the ``first`` reduction block, else from ``part[r + i]``; each step is
+    two vector loads of ``pk``, GEMM_MR scalar broadcasts and 12 vector FMAs. On the last block
+    the first ``nvalid`` rows go to dst[r + i, c0:c0+nout] through the activation; otherwise
+    the sums go back to ``part``.
+    """
+    L = VEC_BYTES // pk.itemsize
+    if first:
+        s00 = vload(bias, c0)
+        s01 = vload(bias, c0 + L)
+        s10 = s00
+        s11 = s01
+        s20 = s00
+        s21 = s01
+        s30 = s00
+        s31 = s01
+        s40 = s00
+        s41 = s01
+        s50 = s00
+        s51 = s01
+    else:
+        s00 = vload(part[r], 0)
+        s01 = vload(part[r], L)
+        s10 = vload(part[r + 1], 0)
+        s11 = vload(part[r + 1], L)
+        s20 = vload(part[r + 2], 0)
+        s21 = vload(part[r + 2], L)
+        s30 = vload(part[r + 3], 0)
+        s31 = vload(part[r + 3], L)
+        s40 = vload(part[r + 4], 0)
+        s41 = vload(part[r + 4], L)
+        s50 = vload(part[r + 5], 0)
+        s51 = vload(part[r + 5], L)
+    for k in range(nk):
+        pr = pk[k]
+        w0 = vload(pr, 0)
+        w1 = vload(pr, L)
+        kk = ka + k
+        x = a[ra, kk]
+        s00 = vfma(x, w0, s00)
+        s01 = vfma(x, w1, s01)
+        x = a[ra + 1, kk]
+        s10 = vfma(x, w0, s10)
+        s11 = vfma(x, w1, s11)
+        x = a[ra + 2, kk]
+        s20 = vfma(x, w0, s20)
+        s21 = vfma(x, w1, s21)
+        x = a[ra + 3, kk]
+        s30 = vfma(x, w0, s30)
+        s31 = vfma(x, w1, s31)
+        x = a[ra + 4, kk]
+        s40 = vfma(x, w0, s40)
+        s41 = vfma(x, w1, s41)
+        x = a[ra + 5, kk]
+        s50 = vfma(x, w0, s50)
+        s51 = vfma(x, w1, s51)
+    if not final:
+        vstore(part[r], 0, s00)
+        vstore(part[r], L, s01)
+        vstore(part[r + 1], 0, s10)
+        vstore(part[r + 1], L, s11)
+        vstore(part[r + 2], 0, s20)
+        vstore(part[r + 2], L, s21)
+        vstore(part[r + 3], 0, s30)
+        vstore(part[r + 3], L, s31)
+        vstore(part[r + 4], 0, s40)
+        vstore(part[r + 4], L, s41)
+        vstore(part[r + 5], 0, s50)
+        vstore(part[r + 5], L, s51)
+        return
+    store_panel(dst[r], c0, nout, s00, s01, act)
+    if nvalid > 1:
+        store_panel(dst[r + 1], c0, nout, s10, s11, act)
+    if nvalid > 2:
+        store_panel(dst[r + 2], c0, nout, s20, s21, act)
+    if nvalid > 3:
+        store_panel(dst[r + 3], c0, nout, s30, s31, act)
+    if nvalid > 4:
+        store_panel(dst[r + 4], c0, nout, s40, s41, act)
+    if nvalid > 5:
+        store_panel(dst[r + 5], c0, nout, s50, s51, act)
 
 
 @helper

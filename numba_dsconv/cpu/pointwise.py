@@ -29,8 +29,11 @@ def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cov
         r1 = min(rows, r0 + block)
         c0 = cb * cblock
         pk = np.empty((kc, NR), dtype=out2.dtype)
+        at = np.empty((GEMM_MR, kc), dtype=out2.dtype)
         part = np.empty((block + GEMM_MR, NR), dtype=out2.dtype)
-        gemm_tile(x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, min(CO, c0 + cblock), act, pk, part)
+        gemm_tile(
+            x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, min(CO, c0 + cblock), act, pk, at, part
+        )
 
 
 pointwise_nhwc_parallel, pointwise_nhwc_serial = parallel_and_serial(pointwise_nhwc)

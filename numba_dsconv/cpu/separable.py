@@ -60,6 +60,7 @@ def separable_nhwc(
         p1 = min(P, p0 + tile)
         buf = np.empty((tile, CM), dtype=out2.dtype)
         pk = np.empty((kc, NR), dtype=out2.dtype)
+        at = np.empty((GEMM_MR, kc), dtype=out2.dtype)
         part = np.empty((tile + GEMM_MR, NR), dtype=out2.dtype)
         p = p0
         while p < p1:  # the block as segments of output rows
@@ -76,7 +77,7 @@ def separable_nhwc(
                 activate_row(rows[k], mid_act)
             p += seg
         c0 = cb * cblock
-        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act, pk, part)
+        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act, pk, at, part)
 
 
 separable_nhwc_parallel, separable_nhwc_serial = parallel_and_serial(separable_nhwc)
