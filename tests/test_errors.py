@@ -255,3 +255,21 @@ def test_errors_do_not_write_inputs():
         nd.separable(x, dw, pw)
     np.testing.assert_array_equal(x, X)
     np.testing.assert_array_equal(dw, DW)
+
+
+def test_spec_memo_never_skips_validation():
+    """A geometry that validated once (and is memoised) must not let an equal-comparing bad
+    value through: True == 1 and hash(True) == hash(1), but stride=True is still an error."""
+    x = _r(1, 7, 7, 3)
+    nd.depthwise(x, DW, stride=1, padding=(1, 1))
+    nd.depthwise(x, DW, stride=(1, 1), padding=(1, 1))
+    with pytest.raises(TypeError, match=name("stride")):
+        nd.depthwise(x, DW, stride=True, padding=(1, 1))
+    with pytest.raises(TypeError, match=name("stride")):
+        nd.depthwise(x, DW, stride=(1, True), padding=(1, 1))
+    with pytest.raises(TypeError, match=name("padding")):
+        nd.depthwise(x, DW, stride=1, padding=(True, 1))
+    # and the memoised spec still gives the right answer for a different input of that shape
+    a = nd.depthwise(x, DW, stride=1, padding=(1, 1))
+    b = nd.depthwise(x.copy() * 2, DW, stride=1, padding=(1, 1))
+    np.testing.assert_allclose(b, 2 * a, rtol=1e-6, atol=1e-6)

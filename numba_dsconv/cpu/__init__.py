@@ -6,6 +6,8 @@ and returns the result in the caller's layout. Internally everything is NHWC, C-
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -78,51 +80,89 @@ def channel_block(pixels: int, tile: int, c_out: int, itemsize: int, parallel: b
     return -(-panels // nc) * nr
 
 
-def _panel_bias(b: np.ndarray) -> np.ndarray:
-    """The bias zero-padded to whole micro-kernel panels (the kernel loads it a vector at a
-    time)."""
-    nr = gemm_panel_width(b.dtype.itemsize)
-    padded = np.zeros(-(-b.shape[0] // nr) * nr, b.dtype)
-    padded[: b.shape[0]] = b
+@functools.lru_cache(maxsize=256)
+def _zeros(size: int, dtype: np.dtype) -> np.ndarray:
+    """A zero vector standing in for a missing bias, shared between calls (kernels only read
+    biases; a read-only flag would make Numba compile a second specialisation)."""
+    return np.zeros(size, dtype)
+
+
+def _bias(b: np.ndarray | None, size: int, dtype: np.dtype, pad: bool) -> np.ndarray:
+    """The bias as a contiguous ``dtype`` vector; with ``pad``, zero-padded to whole
+    micro-kernel panels (the GEMM loads it a vector at a time)."""
+    full = -(-size // gemm_panel_width(dtype.itemsize)) * gemm_panel_width(dtype.itemsize)
+    n = full if pad else size
+    if b is None:
+        return _zeros(n, dtype)
+    b = np.ascontiguousarray(b, dtype=dtype)
+    if n == size:
+        return b
+    padded = np.zeros(n, dtype)
+    padded[:size] = b
     return padded
 
 
-def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(spec: ConvSpec, dtype: np.dtype) -> tuple:
+    """(kernel, constant trailing arguments) of a call: everything that depends only on the
+    geometry, the dtype, the thread count and the tunables, computed once per combination."""
+    threads = numba.get_num_threads()
+    key = (spec, dtype, threads, _config.SERIAL_MAX_MACS, _config.CPU_GEMM_KC)
+    key += (_config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, _config.CPU_TASKS_PER_THREAD)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
     parallel = spec.macs > _config.SERIAL_MAX_MACS
-    itemsize = target.dtype.itemsize
-    s = (spec.stride_h, spec.stride_w, spec.dilation_h, spec.dilation_w)
-    pads = (spec.pad_top, spec.pad_left)
+    itemsize = dtype.itemsize
+    geo = (spec.stride_h, spec.stride_w, spec.dilation_h, spec.dilation_w)
+    geo += (spec.pad_top, spec.pad_left, spec.multiplier)
+    pixels = spec.n * spec.out_h * spec.out_w
+    if spec.op == "separable":
+        kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
+        tile = tile_pixels(spec.c_mid, itemsize)
+        cblock = channel_block(pixels, tile, spec.c_out, itemsize, parallel)
+        tail = (spec.out_h, spec.out_w, spec.kh, spec.kw, *geo, spec.mid_activation)
+        tail += (spec.activation, tile, cblock, _config.CPU_GEMM_KC)
+    elif spec.op == "depthwise":
+        kern = depthwise_nhwc_parallel if parallel else depthwise_nhwc_serial
+        tail = (spec.kh, spec.kw, *geo, spec.activation)
+    elif spec.op == "pointwise":
+        kern = pointwise_nhwc_parallel if parallel else pointwise_nhwc_serial
+        block = tile_pixels(spec.c_in, itemsize)
+        cblock = channel_block(pixels, block, spec.c_out, itemsize, parallel)
+        tail = (block, cblock, _config.CPU_GEMM_KC, spec.activation)
+    else:
+        kern = conv2d_nhwc_parallel if parallel else conv2d_nhwc_serial
+        tail = (*geo[:6], spec.activation)
+    plan = (kern, parallel, tail)
+    if len(_PLANS) < 1024:
+        _PLANS[key] = plan
+    return plan
+
+
+def _launch(spec: ConvSpec, xh, weights, biases, target: np.ndarray) -> None:
+    kern, parallel, tail = _plan(spec, target.dtype)
+    dtype = target.dtype
     if spec.op == "separable":
         d, p = weights
         dwb, b = biases
-        kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
         pixels = spec.n * spec.out_h * spec.out_w
-        tile = tile_pixels(spec.c_mid, itemsize)
-        cblock = channel_block(pixels, tile, spec.c_out, itemsize, parallel)
         t2 = target.reshape(pixels, spec.c_out)
-        args = (xh, d, dwb, p, _panel_bias(b), t2, spec.out_h, spec.out_w, spec.kh, spec.kw)
-        args += (*s, *pads, spec.multiplier)
-        args += (spec.mid_activation, spec.activation, tile, cblock, _config.CPU_GEMM_KC)
-    elif spec.op == "depthwise":
-        (d,) = weights
-        (b,) = biases
-        kern = depthwise_nhwc_parallel if parallel else depthwise_nhwc_serial
-        args = (xh, d, b, target, spec.kh, spec.kw, *s, *pads, spec.multiplier, spec.activation)
+        args = (xh, d, _bias(dwb, spec.c_mid, dtype, False), p)
+        args += (_bias(b, spec.c_out, dtype, True), t2, *tail)
     elif spec.op == "pointwise":
         (p,) = weights
         (b,) = biases
-        kern = pointwise_nhwc_parallel if parallel else pointwise_nhwc_serial
         rows = spec.n * spec.out_h * spec.out_w
         x2 = xh.reshape(rows, spec.c_in)
         t2 = target.reshape(rows, spec.c_out)
-        block = tile_pixels(spec.c_in, itemsize)
-        cblock = channel_block(rows, block, spec.c_out, itemsize, parallel)
-        args = (x2, p, _panel_bias(b), t2, block, cblock, _config.CPU_GEMM_KC, spec.activation)
-    else:
+        args = (x2, p, _bias(b, spec.c_out, dtype, True), t2, *tail)
+    else:  # depthwise, conv2d
         (w,) = weights
         (b,) = biases
-        kern = conv2d_nhwc_parallel if parallel else conv2d_nhwc_serial
-        args = (xh, w, b, target, *s, *pads, spec.activation)
+        args = (xh, w, _bias(b, w.shape[-1], dtype, False), target, *tail)
     if parallel:
         with _config.call_guard():
             kern(*args)
@@ -140,18 +180,13 @@ def run(
 ) -> np.ndarray:
     """Compute one call. ``weights`` are in the kernels' shapes (see api.py); ``out`` validated."""
     ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
-    sizes = (spec.c_mid, spec.c_out) if spec.op == "separable" else (spec.c_out,)
-    bs = tuple(
-        np.zeros(size, dtype) if b is None else np.ascontiguousarray(b, dtype=dtype)
-        for b, size in zip(biases, sizes, strict=True)
-    )
     out_view = None if out is None else _nhwc_view(out, spec)
     if out_view is not None and out_view.flags.c_contiguous:
         target = out_view
     else:
         target = np.empty(spec.out_nhwc, dtype=dtype)
     if spec.n > 0:
-        _launch(spec, _to_nhwc(x, spec, dtype), ws, bs, target)
+        _launch(spec, _to_nhwc(x, spec, dtype), ws, biases, target)
     if out is not None:
         if target is not out_view:
             out_view[...] = target

@@ -10,7 +10,9 @@ from typing import Any
 from numba import njit, prange
 
 from .. import _config
-from ._simd import VEC_BYTES, vclip_above, vclip_below, vfma, vget, vload, vstore
+from ._simd import VEC_BYTES, vact, vfma, vget, vload, vload2, vstore2
+
+_JIT_OPTS = dict(fastmath=set(_config.FASTMATH), cache=_config.CACHE, nogil=True)
 
 
 def parallel_and_serial(fn: Callable[..., Any]) -> tuple[Any, Any]:
@@ -19,20 +21,22 @@ def parallel_and_serial(fn: Callable[..., Any]) -> tuple[Any, Any]:
     The serial build is a clone with its own ``__qualname__`` so the two never share an entry
     in Numba's on-disk cache (whose index key does not include the ``parallel`` flag).
     """
-    opts = dict(fastmath=set(_config.FASTMATH), cache=_config.CACHE, nogil=True)
-    par = njit(parallel=True, **opts)(fn)
+    par = njit(parallel=True, **_JIT_OPTS)(fn)
     clone = types.FunctionType(
         fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__
     )
     clone.__qualname__ = fn.__qualname__ + "_serial"
     clone.__module__ = fn.__module__
-    ser = njit(parallel=False, **opts)(clone)
+    ser = njit(parallel=False, **_JIT_OPTS)(clone)
     return par, ser
 
 
-# Shared device functions. Not IR-inlined (inline="always" made the parallel separable kernel
-# take ~10 s to compile, cold): LLVM still inlines them, at no measured cost at run time.
-helper = njit(fastmath=set(_config.FASTMATH), cache=_config.CACHE, nogil=True)
+# Shared device functions. Not IR-inlined by default (inline="always" on every helper made the
+# parallel separable kernel take ~10 s to compile, cold): LLVM still inlines most of them. The
+# GEMM register block is the exception: as a call it took 5 arrays, and the reference-count
+# updates of those arguments, shared by every thread, cost ~25 % of the block's time.
+helper = njit(**_JIT_OPTS)
+inline_helper = njit(inline="always", **_JIT_OPTS)
 
 
 @helper
@@ -155,7 +159,7 @@ def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst):  # p
             acc = vfma(vload(xf, r2 + o), w20, acc)
             acc = vfma(vload(xf, r2 + o + tap), w21, acc)
             acc = vfma(vload(xf, r2 + o + 2 * tap), w22, acc)
-            vstore(dst[j - ja], c, acc)
+            vstore2(dst, j - ja, c, acc)
         c += L
     if c < C:
         for j in range(ja, jb):
@@ -207,16 +211,14 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
         for k0 in range(0, K, KC):
             nk = min(KC, K - k0)
             for k in range(nk):
-                src = w[k0 + k]
-                pr = pk[k]
                 if ncol == NR:
-                    vstore(pr, 0, vload(src, c0))
-                    vstore(pr, L, vload(src, c0 + L))
+                    vstore2(pk, k, 0, vload2(w, k0 + k, c0))
+                    vstore2(pk, k, L, vload2(w, k0 + k, c0 + L))
                 else:
                     for j in range(ncol):
-                        pr[j] = src[c0 + j]
+                        pk[k, j] = w[k0 + k, c0 + j]
                     for j in range(ncol, NR):
-                        pr[j] = 0
+                        pk[k, j] = 0
             final = k0 + nk == K
             for r in range(0, full, GEMM_MR):
                 gemm_block(
@@ -224,28 +226,28 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
                 )
             if full < rows:
                 for i in range(GEMM_MR):
-                    src = a[min(full + i, rows - 1)]
-                    ar = at[i]
+                    src = min(full + i, rows - 1)
                     for k in range(nk):
-                        ar[k] = src[k0 + k]
+                        at[i, k] = a[src, k0 + k]
                 nv = rows - full
                 gemm_block(
                     at, 0, 0, pk, nk, k0 == 0, bias, c0, part, full, final, dst, nv, nout, act
                 )
 
 
-@helper
+@inline_helper
 def gemm_block(
     a, ra, ka, pk, nk, first, bias, c0, part, r, final, dst, nvalid, nout, act
 ):  # pragma: no cover
     """One register block: output rows r..r+GEMM_MR-1, channels c0..c0+NR-1, reduction block
-    pk[:nk] (pk[k] = weights of reduction channel ka+k' for the panel).
+    pk[:nk] (pk[k] = the panel's weights of reduction channel ka + k).
 
     Reads a[ra + i, ka + k]. The accumulators (12 vectors, in registers for the whole loop)
-    start from the bias on the ``first`` reduction block, else from ``part[r + i]``; each step is
-    two vector loads of ``pk``, GEMM_MR scalar broadcasts and 12 vector FMAs. On the last block
-    the first ``nvalid`` rows go to dst[r + i, c0:c0+nout] through the activation; otherwise
-    the sums go back to ``part``.
+    start from the bias on the ``first`` reduction block, else from ``part[r + i]``; each
+    step is two vector loads of ``pk``, GEMM_MR scalar broadcasts and 12 vector FMAs. On the
+    last block the activation is applied in registers and the first ``nvalid`` rows are
+    stored to dst[r + i, c0:c0+nout]; otherwise the sums go back to ``part``. Every access is
+    by index (no array views: a view costs a reference-count update on the shared array).
     """
     L = VEC_BYTES // pk.itemsize
     if first:
@@ -262,22 +264,21 @@ def gemm_block(
         s50 = s00
         s51 = s01
     else:
-        s00 = vload(part[r], 0)
-        s01 = vload(part[r], L)
-        s10 = vload(part[r + 1], 0)
-        s11 = vload(part[r + 1], L)
-        s20 = vload(part[r + 2], 0)
-        s21 = vload(part[r + 2], L)
-        s30 = vload(part[r + 3], 0)
-        s31 = vload(part[r + 3], L)
-        s40 = vload(part[r + 4], 0)
-        s41 = vload(part[r + 4], L)
-        s50 = vload(part[r + 5], 0)
-        s51 = vload(part[r + 5], L)
+        s00 = vload2(part, r, 0)
+        s01 = vload2(part, r, L)
+        s10 = vload2(part, r + 1, 0)
+        s11 = vload2(part, r + 1, L)
+        s20 = vload2(part, r + 2, 0)
+        s21 = vload2(part, r + 2, L)
+        s30 = vload2(part, r + 3, 0)
+        s31 = vload2(part, r + 3, L)
+        s40 = vload2(part, r + 4, 0)
+        s41 = vload2(part, r + 4, L)
+        s50 = vload2(part, r + 5, 0)
+        s51 = vload2(part, r + 5, L)
     for k in range(nk):
-        pr = pk[k]
-        w0 = vload(pr, 0)
-        w1 = vload(pr, L)
+        w0 = vload2(pk, k, 0)
+        w1 = vload2(pk, k, L)
         kk = ka + k
         x = a[ra, kk]
         s00 = vfma(x, w0, s00)
@@ -298,50 +299,66 @@ def gemm_block(
         s50 = vfma(x, w0, s50)
         s51 = vfma(x, w1, s51)
     if not final:
-        vstore(part[r], 0, s00)
-        vstore(part[r], L, s01)
-        vstore(part[r + 1], 0, s10)
-        vstore(part[r + 1], L, s11)
-        vstore(part[r + 2], 0, s20)
-        vstore(part[r + 2], L, s21)
-        vstore(part[r + 3], 0, s30)
-        vstore(part[r + 3], L, s31)
-        vstore(part[r + 4], 0, s40)
-        vstore(part[r + 4], L, s41)
-        vstore(part[r + 5], 0, s50)
-        vstore(part[r + 5], L, s51)
+        vstore2(part, r, 0, s00)
+        vstore2(part, r, L, s01)
+        vstore2(part, r + 1, 0, s10)
+        vstore2(part, r + 1, L, s11)
+        vstore2(part, r + 2, 0, s20)
+        vstore2(part, r + 2, L, s21)
+        vstore2(part, r + 3, 0, s30)
+        vstore2(part, r + 3, L, s31)
+        vstore2(part, r + 4, 0, s40)
+        vstore2(part, r + 4, L, s41)
+        vstore2(part, r + 5, 0, s50)
+        vstore2(part, r + 5, L, s51)
         return
-    store_panel(dst[r], c0, nout, s00, s01, act)
-    if nvalid > 1:
-        store_panel(dst[r + 1], c0, nout, s10, s11, act)
-    if nvalid > 2:
-        store_panel(dst[r + 2], c0, nout, s20, s21, act)
-    if nvalid > 3:
-        store_panel(dst[r + 3], c0, nout, s30, s31, act)
-    if nvalid > 4:
-        store_panel(dst[r + 4], c0, nout, s40, s41, act)
-    if nvalid > 5:
-        store_panel(dst[r + 5], c0, nout, s50, s51, act)
+    s00 = vact(s00, act)
+    s01 = vact(s01, act)
+    s10 = vact(s10, act)
+    s11 = vact(s11, act)
+    s20 = vact(s20, act)
+    s21 = vact(s21, act)
+    s30 = vact(s30, act)
+    s31 = vact(s31, act)
+    s40 = vact(s40, act)
+    s41 = vact(s41, act)
+    s50 = vact(s50, act)
+    s51 = vact(s51, act)
+    if nout == 2 * L and nvalid == GEMM_MR:
+        vstore2(dst, r, c0, s00)
+        vstore2(dst, r, c0 + L, s01)
+        vstore2(dst, r + 1, c0, s10)
+        vstore2(dst, r + 1, c0 + L, s11)
+        vstore2(dst, r + 2, c0, s20)
+        vstore2(dst, r + 2, c0 + L, s21)
+        vstore2(dst, r + 3, c0, s30)
+        vstore2(dst, r + 3, c0 + L, s31)
+        vstore2(dst, r + 4, c0, s40)
+        vstore2(dst, r + 4, c0 + L, s41)
+        vstore2(dst, r + 5, c0, s50)
+        vstore2(dst, r + 5, c0 + L, s51)
+    else:  # a short group or a panel cut by C_out: lane by lane
+        store_lanes(dst, r, c0, nout, s00, s01)
+        if nvalid > 1:
+            store_lanes(dst, r + 1, c0, nout, s10, s11)
+        if nvalid > 2:
+            store_lanes(dst, r + 2, c0, nout, s20, s21)
+        if nvalid > 3:
+            store_lanes(dst, r + 3, c0, nout, s30, s31)
+        if nvalid > 4:
+            store_lanes(dst, r + 4, c0, nout, s40, s41)
+        if nvalid > 5:
+            store_lanes(dst, r + 5, c0, nout, s50, s51)
 
 
 @helper
-def store_panel(row, c0, n, v0, v1, act):  # pragma: no cover - compiled
-    """row[c0 : c0 + n] = act(v0 ++ v1)[:n] for act None (0) / relu (1) / relu6 (2)."""
-    if act != 0:
-        v0 = vclip_below(v0, 0)
-        v1 = vclip_below(v1, 0)
-        if act == 2:
-            v0 = vclip_above(v0, 6)
-            v1 = vclip_above(v1, 6)
-    L = VEC_BYTES // row.itemsize
-    if n == 2 * L:
-        vstore(row, c0, v0)
-        vstore(row, c0 + L, v1)
-    else:
-        for j in range(min(n, L)):
-            row[c0 + j] = vget(v0, j)
-        for j in range(L, n):
-            row[c0 + j] = vget(v1, j - L)
+def store_lanes(dst, r, c0, n, v0, v1):  # pragma: no cover - compiled
+    """dst[r, c0 : c0 + n] = (v0 ++ v1)[:n]."""
+    L = VEC_BYTES // dst.itemsize
+    for j in range(min(n, L)):
+        dst[r, c0 + j] = vget(v0, j)
+    for j in range(L, n):
+        dst[r, c0 + j] = vget(v1, j - L)
 
 
 def transpose_batched(src, dst):  # pragma: no cover - compiled

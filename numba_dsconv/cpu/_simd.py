@@ -37,9 +37,19 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(elem, fe_type.lanes))
 
 
-def _element_pointer(context, builder, arrty, arr, idx):
+def _element_pointer(context, builder, arrty, arr, idxtys, idxs):
+    """Address of arr[idx...]: base + sum(idx_d * stride_d) (no bounds or negative-index
+    handling)."""
     ary = context.make_array(arrty)(context, builder, arr)
-    return cgutils.gep(builder, ary.data, idx)
+    strides = cgutils.unpack_tuple(builder, ary.strides, arrty.ndim)
+    intp = context.get_value_type(types.intp)
+    offset = ir.Constant(intp, 0)
+    for ty, idx, stride in zip(idxtys, idxs, strides, strict=True):
+        i = context.cast(builder, idx, ty, types.intp)
+        offset = builder.add(offset, builder.mul(i, stride))
+    base = builder.ptrtoint(ary.data, intp)
+    ptr = builder.inttoptr(builder.add(base, offset), ary.data.type)
+    return ptr
 
 
 def _splat(builder, vty, value):
@@ -50,38 +60,68 @@ def _splat(builder, vty, value):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
 
 
-def _is_row(arr) -> bool:
-    return isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(arr.dtype, types.Float)
+def _is_rows(arr, idx) -> bool:
+    """A C-contiguous float array indexed by one integer per dimension (1-D or 2-D)."""
+    return (
+        isinstance(arr, types.Array)
+        and arr.layout == "C"
+        and isinstance(arr.dtype, types.Float)
+        and arr.ndim == len(idx)
+        and all(isinstance(i, types.Integer) for i in idx)
+    )
 
 
 @intrinsic
 def vload(typingctx, arr, idx):
-    """``arr[idx : idx + lanes]`` of a contiguous 1-D float array, as a vector."""
-    if not (_is_row(arr) and arr.layout == "C" and isinstance(idx, types.Integer)):
+    """``arr[idx : idx + lanes]`` of a C-contiguous 1-D float array, as a vector."""
+    return _vload(arr, (idx,))
+
+
+@intrinsic
+def vload2(typingctx, arr, i, j):
+    """``arr[i, j : j + lanes]`` of a C-contiguous 2-D float array, as a vector."""
+    return _vload(arr, (i, j))
+
+
+def _vload(arr, idx):
+    if not _is_rows(arr, idx):
         return None
     vt = Vec(arr.dtype)
 
     def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
         vp = builder.bitcast(p, context.get_value_type(vt).as_pointer())
         return builder.load(vp, align=arr.dtype.bitwidth // 8)
 
-    return vt(arr, idx), codegen
+    return vt(arr, *idx), codegen
 
 
 @intrinsic
 def vstore(typingctx, arr, idx, v):
     """``arr[idx : idx + lanes] = v``."""
-    if not (_is_row(arr) and arr.layout == "C" and isinstance(v, Vec) and v.dtype == arr.dtype):
+    return _vstore(arr, (idx,), v)
+
+
+@intrinsic
+def vstore2(typingctx, arr, i, j, v):
+    """``arr[i, j : j + lanes] = v``."""
+    return _vstore(arr, (i, j), v)
+
+
+def _vstore(arr, idx, v):
+    if not (_is_rows(arr, idx) and isinstance(v, Vec) and v.dtype == arr.dtype):
         return None
+    n = len(idx)
 
     def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        vp = builder.bitcast(p, args[2].type.as_pointer())
-        builder.store(args[2], vp, align=arr.dtype.bitwidth // 8)
+        p = _element_pointer(
+            context, builder, sig.args[0], args[0], sig.args[1 : n + 1], args[1 : n + 1]
+        )
+        vp = builder.bitcast(p, args[n + 1].type.as_pointer())
+        builder.store(args[n + 1], vp, align=arr.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
-    return types.none(arr, idx, v), codegen
+    return types.none(arr, *idx, v), codegen
 
 
 @intrinsic
@@ -106,26 +146,32 @@ def vfma(typingctx, a, x, acc):
     return x(a, x, acc), codegen
 
 
-def _clip(op: str):
-    @intrinsic
-    def clip(typingctx, v, bound):
-        if not (isinstance(v, Vec) and isinstance(bound, (types.Float, types.Integer))):
-            return None
+@intrinsic
+def vact(typingctx, v, code):
+    """The activation ``code`` lane by lane: 0 none, 1 relu (v < 0 -> 0), 2 relu6 (also
+    v > 6 -> 6). Ordered compares: a NaN lane stays NaN, -0.0 stays -0.0."""
+    if not (isinstance(v, Vec) and isinstance(code, types.Integer)):
+        return None
 
-        def codegen(context, builder, sig, args):
-            b = _splat(builder, args[0].type, context.cast(builder, args[1], sig.args[1], v.dtype))
-            # ordered compare: a NaN lane compares false and is kept as NaN
-            return builder.select(builder.fcmp_ordered(op, args[0], b), b, args[0])
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        c = context.cast(builder, args[1], sig.args[1], types.int64)
+        zero = ir.Constant(vty, [0.0] * v.lanes)
+        six = ir.Constant(vty, [6.0] * v.lanes)
+        on = builder.icmp_signed("!=", c, ir.Constant(ir.IntType(64), 0))
+        six_on = builder.icmp_signed("==", c, ir.Constant(ir.IntType(64), 2))
+        low = builder.and_(
+            builder.fcmp_ordered("<", args[0], zero),
+            _splat(builder, ir.VectorType(ir.IntType(1), v.lanes), on),
+        )
+        r = builder.select(low, zero, args[0])
+        high = builder.and_(
+            builder.fcmp_ordered(">", r, six),
+            _splat(builder, ir.VectorType(ir.IntType(1), v.lanes), six_on),
+        )
+        return builder.select(high, six, r)
 
-        return v(v, bound), codegen
-
-    return clip
-
-
-vclip_below = _clip("<")
-"""``bound`` where ``v < bound``, else ``v`` (NaN stays NaN)."""
-vclip_above = _clip(">")
-"""``bound`` where ``v > bound``, else ``v`` (NaN stays NaN)."""
+    return v(v, code), codegen
 
 
 @intrinsic
