@@ -10,7 +10,19 @@ from typing import Any
 from numba import njit, prange
 
 from .. import _config
-from ._simd import VEC_BYTES, vact, vfma, vget, vload, vload2, vstore2
+from ._simd import (
+    VEC_BYTES,
+    address,
+    loadp,
+    storep,
+    vact,
+    vfma,
+    vload,
+    vload2,
+    vloadp,
+    vstore2,
+    vstorep,
+)
 
 _JIT_OPTS = dict(fastmath=set(_config.FASTMATH), cache=_config.CACHE, nogil=True)
 
@@ -31,12 +43,9 @@ def parallel_and_serial(fn: Callable[..., Any]) -> tuple[Any, Any]:
     return par, ser
 
 
-# Shared device functions. Not IR-inlined by default (inline="always" on every helper made the
-# parallel separable kernel take ~10 s to compile, cold): LLVM still inlines most of them. The
-# GEMM register block is the exception: as a call it took 5 arrays, and the reference-count
-# updates of those arguments, shared by every thread, cost ~25 % of the block's time.
+# Shared device functions. Not IR-inlined (inline="always" made the parallel separable kernel
+# take ~10 s to compile, cold): LLVM still inlines them.
 helper = njit(**_JIT_OPTS)
-inline_helper = njit(inline="always", **_JIT_OPTS)
 
 
 @helper
@@ -190,8 +199,8 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
 
     a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
     pointwise weights as given; bias: padded to a multiple of the panel width NR; scratch:
-    pk (KC, NR), at (GEMM_MR, KC), part (>= rows rounded up to GEMM_MR, NR). c_lo is a
-    multiple of NR.
+    pk (KC, NR), at (GEMM_MR, KC), part (>= rows rounded up to GEMM_MR, NR); all C-contiguous,
+    one dtype. c_lo is a multiple of NR.
 
     For each panel of NR output channels and each block of KC reduction channels, the weights
     w[k0:k1, c0:c0+NR] are copied into ``pk`` (contiguous, zero-padded past C_out: it stays in
@@ -201,10 +210,19 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
     """
     K = w.shape[0]
     CO = w.shape[1]
-    L = VEC_BYTES // w.itemsize
+    dt = w.dtype
+    sz = w.itemsize
+    L = VEC_BYTES // sz
     NR = 2 * L
     KC = pk.shape[0]
     full = rows // GEMM_MR * GEMM_MR
+    # byte addresses and row strides (the arrays stay alive in this frame)
+    pa, sa = address(a), a.strides[0]
+    pat, sat = address(at), at.strides[0]
+    ppk, spk = address(pk), pk.strides[0]
+    ppart, spart = address(part), part.strides[0]
+    pdst, sdst = address(dst), dst.strides[0]
+    pbias = address(bias)
     for c0 in range(c_lo, c_hi, NR):
         ncol = min(NR, CO - c0)
         nout = min(NR, c_hi - c0)
@@ -219,40 +237,47 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
                         pk[k, j] = w[k0 + k, c0 + j]
                     for j in range(ncol, NR):
                         pk[k, j] = 0
+            first = k0 == 0
             final = k0 + nk == K
+            cb = pbias + c0 * sz
+            cd = pdst + c0 * sz
             for r in range(0, full, GEMM_MR):
                 gemm_block(
-                    a, r, k0, pk, nk, k0 == 0, bias, c0, part, r, final, dst, GEMM_MR, nout, act
-                )
+                    pa + r * sa + k0 * sz, sa, ppk, spk, nk, first, cb, ppart + r * spart,
+                    spart, final, cd + r * sdst, sdst, GEMM_MR, nout, act, dt, sz,
+                )  # fmt: skip
             if full < rows:
                 for i in range(GEMM_MR):
                     src = min(full + i, rows - 1)
                     for k in range(nk):
                         at[i, k] = a[src, k0 + k]
-                nv = rows - full
                 gemm_block(
-                    at, 0, 0, pk, nk, k0 == 0, bias, c0, part, full, final, dst, nv, nout, act
-                )
+                    pat, sat, ppk, spk, nk, first, cb, ppart + full * spart, spart, final,
+                    cd + full * sdst, sdst, rows - full, nout, act, dt, sz,
+                )  # fmt: skip
 
 
-@inline_helper
+@helper
 def gemm_block(
-    a, ra, ka, pk, nk, first, bias, c0, part, r, final, dst, nvalid, nout, act
-):  # pragma: no cover
-    """One register block: output rows r..r+GEMM_MR-1, channels c0..c0+NR-1, reduction block
-    pk[:nk] (pk[k] = the panel's weights of reduction channel ka + k).
+    pa, sa, ppk, spk, nk, first, pbias, ppart, spart, final, pdst, sdst, nvalid, nout, act, dt, sz
+):  # pragma: no cover - compiled
+    """One register block of GEMM_MR pixel rows x NR output channels, on byte addresses.
 
-    Reads a[ra + i, ka + k]. The accumulators (12 vectors, in registers for the whole loop)
-    start from the bias on the ``first`` reduction block, else from ``part[r + i]``; each
-    step is two vector loads of ``pk``, GEMM_MR scalar broadcasts and 12 vector FMAs. On the
-    last block the activation is applied in registers and the first ``nvalid`` rows are
-    stored to dst[r + i, c0:c0+nout]; otherwise the sums go back to ``part``. Every access is
-    by index (no array views: a view costs a reference-count update on the shared array).
+    pa: a[row 0, first reduction channel], rows ``sa`` bytes apart; ppk: the packed panel
+    (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0]; ppart / pdst: row 0 of the partial
+    sums / of the output at column c0 (strides ``spart`` / ``sdst``); ``dt``/``sz``: the dtype
+    and its size. The 12 accumulators live in registers for the whole reduction loop: they
+    start from the bias on the ``first`` reduction block, else from ``part``; each step is two
+    vector loads of the panel, GEMM_MR scalar broadcasts and 12 vector FMAs. On the ``final``
+    block the activation is applied in registers and the first ``nvalid`` rows x ``nout``
+    channels are stored to dst; otherwise the sums go back to ``part``. Addresses, not arrays:
+    a helper taking arrays pays an atomic reference-count update per array per call (and the
+    IR-inlined version still did), which cost half the block's time at K=32.
     """
-    L = VEC_BYTES // pk.itemsize
+    B = VEC_BYTES
     if first:
-        s00 = vload(bias, c0)
-        s01 = vload(bias, c0 + L)
+        s00 = vloadp(pbias, dt)
+        s01 = vloadp(pbias + B, dt)
         s10 = s00
         s11 = s01
         s20 = s00
@@ -264,101 +289,88 @@ def gemm_block(
         s50 = s00
         s51 = s01
     else:
-        s00 = vload2(part, r, 0)
-        s01 = vload2(part, r, L)
-        s10 = vload2(part, r + 1, 0)
-        s11 = vload2(part, r + 1, L)
-        s20 = vload2(part, r + 2, 0)
-        s21 = vload2(part, r + 2, L)
-        s30 = vload2(part, r + 3, 0)
-        s31 = vload2(part, r + 3, L)
-        s40 = vload2(part, r + 4, 0)
-        s41 = vload2(part, r + 4, L)
-        s50 = vload2(part, r + 5, 0)
-        s51 = vload2(part, r + 5, L)
+        s00 = vloadp(ppart, dt)
+        s01 = vloadp(ppart + B, dt)
+        s10 = vloadp(ppart + spart, dt)
+        s11 = vloadp(ppart + spart + B, dt)
+        s20 = vloadp(ppart + 2 * spart, dt)
+        s21 = vloadp(ppart + 2 * spart + B, dt)
+        s30 = vloadp(ppart + 3 * spart, dt)
+        s31 = vloadp(ppart + 3 * spart + B, dt)
+        s40 = vloadp(ppart + 4 * spart, dt)
+        s41 = vloadp(ppart + 4 * spart + B, dt)
+        s50 = vloadp(ppart + 5 * spart, dt)
+        s51 = vloadp(ppart + 5 * spart + B, dt)
     for k in range(nk):
-        w0 = vload2(pk, k, 0)
-        w1 = vload2(pk, k, L)
-        kk = ka + k
-        x = a[ra, kk]
+        pw = ppk + k * spk
+        w0 = vloadp(pw, dt)
+        w1 = vloadp(pw + B, dt)
+        p = pa + k * sz
+        x = loadp(p, dt)
         s00 = vfma(x, w0, s00)
         s01 = vfma(x, w1, s01)
-        x = a[ra + 1, kk]
+        x = loadp(p + sa, dt)
         s10 = vfma(x, w0, s10)
         s11 = vfma(x, w1, s11)
-        x = a[ra + 2, kk]
+        x = loadp(p + 2 * sa, dt)
         s20 = vfma(x, w0, s20)
         s21 = vfma(x, w1, s21)
-        x = a[ra + 3, kk]
+        x = loadp(p + 3 * sa, dt)
         s30 = vfma(x, w0, s30)
         s31 = vfma(x, w1, s31)
-        x = a[ra + 4, kk]
+        x = loadp(p + 4 * sa, dt)
         s40 = vfma(x, w0, s40)
         s41 = vfma(x, w1, s41)
-        x = a[ra + 5, kk]
+        x = loadp(p + 5 * sa, dt)
         s50 = vfma(x, w0, s50)
         s51 = vfma(x, w1, s51)
     if not final:
-        vstore2(part, r, 0, s00)
-        vstore2(part, r, L, s01)
-        vstore2(part, r + 1, 0, s10)
-        vstore2(part, r + 1, L, s11)
-        vstore2(part, r + 2, 0, s20)
-        vstore2(part, r + 2, L, s21)
-        vstore2(part, r + 3, 0, s30)
-        vstore2(part, r + 3, L, s31)
-        vstore2(part, r + 4, 0, s40)
-        vstore2(part, r + 4, L, s41)
-        vstore2(part, r + 5, 0, s50)
-        vstore2(part, r + 5, L, s51)
+        vstorep(ppart, s00)
+        vstorep(ppart + B, s01)
+        vstorep(ppart + spart, s10)
+        vstorep(ppart + spart + B, s11)
+        vstorep(ppart + 2 * spart, s20)
+        vstorep(ppart + 2 * spart + B, s21)
+        vstorep(ppart + 3 * spart, s30)
+        vstorep(ppart + 3 * spart + B, s31)
+        vstorep(ppart + 4 * spart, s40)
+        vstorep(ppart + 4 * spart + B, s41)
+        vstorep(ppart + 5 * spart, s50)
+        vstorep(ppart + 5 * spart + B, s51)
         return
-    s00 = vact(s00, act)
-    s01 = vact(s01, act)
-    s10 = vact(s10, act)
-    s11 = vact(s11, act)
-    s20 = vact(s20, act)
-    s21 = vact(s21, act)
-    s30 = vact(s30, act)
-    s31 = vact(s31, act)
-    s40 = vact(s40, act)
-    s41 = vact(s41, act)
-    s50 = vact(s50, act)
-    s51 = vact(s51, act)
-    if nout == 2 * L and nvalid == GEMM_MR:
-        vstore2(dst, r, c0, s00)
-        vstore2(dst, r, c0 + L, s01)
-        vstore2(dst, r + 1, c0, s10)
-        vstore2(dst, r + 1, c0 + L, s11)
-        vstore2(dst, r + 2, c0, s20)
-        vstore2(dst, r + 2, c0 + L, s21)
-        vstore2(dst, r + 3, c0, s30)
-        vstore2(dst, r + 3, c0 + L, s31)
-        vstore2(dst, r + 4, c0, s40)
-        vstore2(dst, r + 4, c0 + L, s41)
-        vstore2(dst, r + 5, c0, s50)
-        vstore2(dst, r + 5, c0 + L, s51)
-    else:  # a short group or a panel cut by C_out: lane by lane
-        store_lanes(dst, r, c0, nout, s00, s01)
-        if nvalid > 1:
-            store_lanes(dst, r + 1, c0, nout, s10, s11)
-        if nvalid > 2:
-            store_lanes(dst, r + 2, c0, nout, s20, s21)
-        if nvalid > 3:
-            store_lanes(dst, r + 3, c0, nout, s30, s31)
-        if nvalid > 4:
-            store_lanes(dst, r + 4, c0, nout, s40, s41)
-        if nvalid > 5:
-            store_lanes(dst, r + 5, c0, nout, s50, s51)
-
-
-@helper
-def store_lanes(dst, r, c0, n, v0, v1):  # pragma: no cover - compiled
-    """dst[r, c0 : c0 + n] = (v0 ++ v1)[:n]."""
-    L = VEC_BYTES // dst.itemsize
-    for j in range(min(n, L)):
-        dst[r, c0 + j] = vget(v0, j)
-    for j in range(L, n):
-        dst[r, c0 + j] = vget(v1, j - L)
+    if act != 0:
+        s00 = vact(s00, act)
+        s01 = vact(s01, act)
+        s10 = vact(s10, act)
+        s11 = vact(s11, act)
+        s20 = vact(s20, act)
+        s21 = vact(s21, act)
+        s30 = vact(s30, act)
+        s31 = vact(s31, act)
+        s40 = vact(s40, act)
+        s41 = vact(s41, act)
+        s50 = vact(s50, act)
+        s51 = vact(s51, act)
+    full = nout * sz == 2 * B and nvalid == GEMM_MR
+    # whole block: straight to dst; a short group or a panel cut by C_out: through part
+    po = pdst if full else ppart
+    so = sdst if full else spart
+    vstorep(po, s00)
+    vstorep(po + B, s01)
+    vstorep(po + so, s10)
+    vstorep(po + so + B, s11)
+    vstorep(po + 2 * so, s20)
+    vstorep(po + 2 * so + B, s21)
+    vstorep(po + 3 * so, s30)
+    vstorep(po + 3 * so + B, s31)
+    vstorep(po + 4 * so, s40)
+    vstorep(po + 4 * so + B, s41)
+    vstorep(po + 5 * so, s50)
+    vstorep(po + 5 * so + B, s51)
+    if not full:
+        for i in range(nvalid):
+            for j in range(nout):
+                storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
 
 
 def transpose_batched(src, dst):  # pragma: no cover - compiled

@@ -174,13 +174,83 @@ def vact(typingctx, v, code):
     return v(v, code), codegen
 
 
+# Raw-address access, for the GEMM register block: a helper that takes arrays pays a
+# reference-count update per array per call (an atomic on memory every thread shares);
+# addresses are plain integers. The caller keeps the arrays alive and the offsets in bounds.
+
+
 @intrinsic
-def vget(typingctx, v, j):
-    """Lane ``j`` of ``v``."""
-    if not (isinstance(v, Vec) and isinstance(j, types.Integer)):
+def address(typingctx, arr):
+    """The address of ``arr``'s first element, as an integer (no reference is taken)."""
+    if not isinstance(arr, types.Array):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.extract_element(args[0], args[1])
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ary.data, context.get_value_type(types.intp))
 
-    return v.dtype(v, j), codegen
+    return types.intp(arr), codegen
+
+
+def _typed_pointer(context, builder, addr, addr_ty, elem_ty):
+    a = context.cast(builder, addr, addr_ty, types.intp)
+    return builder.inttoptr(a, elem_ty.as_pointer())
+
+
+@intrinsic
+def vloadp(typingctx, addr, dt):
+    """The vector of ``dt`` at byte address ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(dt, types.DType)):
+        return None
+    vt = Vec(dt.dtype)
+
+    def codegen(context, builder, sig, args):
+        vty = context.get_value_type(vt)
+        return builder.load(
+            _typed_pointer(context, builder, args[0], sig.args[0], vty),
+            align=dt.dtype.bitwidth // 8,
+        )
+
+    return vt(addr, dt), codegen
+
+
+@intrinsic
+def vstorep(typingctx, addr, v):
+    """Store vector ``v`` at byte address ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(v, Vec)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _typed_pointer(context, builder, args[0], sig.args[0], args[1].type)
+        builder.store(args[1], p, align=v.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(addr, v), codegen
+
+
+@intrinsic
+def loadp(typingctx, addr, dt):
+    """The scalar ``dt`` at byte address ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(dt, types.DType)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ety = context.get_value_type(dt.dtype)
+        return builder.load(_typed_pointer(context, builder, args[0], sig.args[0], ety))
+
+    return dt.dtype(addr, dt), codegen
+
+
+@intrinsic
+def storep(typingctx, addr, value, dt):
+    """Store ``value`` (cast to ``dt``) at byte address ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(dt, types.DType)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ety = context.get_value_type(dt.dtype)
+        v = context.cast(builder, args[1], sig.args[1], dt.dtype)
+        builder.store(v, _typed_pointer(context, builder, args[0], sig.args[0], ety))
+        return context.get_dummy_value()
+
+    return types.none(addr, value, dt), codegen
