@@ -49,24 +49,20 @@ helper = njit(**_JIT_OPTS)
 
 
 @helper
-def activate_row(row, code):  # pragma: no cover - compiled
-    """In-place None (0) / relu (1) / relu6 (2). NaN stays NaN: only v < 0 and v > 6 change."""
-    if code == 1:
-        for k in range(row.shape[0]):
-            if row[k] < 0:
-                row[k] = 0
-    elif code == 2:
-        for k in range(row.shape[0]):
-            v = row[k]
-            if v < 0:
-                row[k] = 0
-            elif v > 6:
-                row[k] = 6
+def activated(v, code):  # pragma: no cover - compiled
+    """act(v) for None (0) / relu (1) / relu6 (2). NaN stays NaN: only v < 0 and v > 6 change."""
+    if code != 0 and v < 0:
+        return 0.0
+    if code == 2 and v > 6:
+        return 6.0
+    return v
 
 
 @helper
-def depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o):  # pragma: no cover
-    """o[c*M+q] = bias + the taps of output pixel (i, j) of image n, any geometry.
+def depthwise_pixel(
+    x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, o
+):  # pragma: no cover
+    """o[c*M+q] = act(bias + the taps of output pixel (i, j) of image n), any geometry.
 
     The general path (border pixels, depth multiplier > 1): a tap on the zero padding
     contributes 0 * weight, so NaN/Inf weights propagate as the formula says.
@@ -96,13 +92,16 @@ def depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, o):
             else:
                 for c in range(CM):
                     o[c] += 0 * dq[c]
+    if act != 0:
+        for c in range(CM):
+            o[c] = activated(o[c], act)
 
 
 @helper
 def depthwise_row(
-    x, d, n, i, j0, j1, KH, KW, sh, sw, dh, dw, pt, pl, multiplier, bias, dst
+    x, d, n, i, j0, j1, KH, KW, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst
 ):  # pragma: no cover - compiled
-    """dst[j - j0, :] = bias + depthwise taps of output pixels (i, j0..j1-1) of image n.
+    """dst[j - j0, :] = act(bias + depthwise taps of output pixels (i, j0..j1-1) of image n).
 
     A 3x3 kernel (every MobileNet layer) with multiplier 1 sends the pixels whose taps are all
     inside the image to ``depthwise3x3_interior``; border pixels, other kernel sizes and depth
@@ -119,17 +118,17 @@ def depthwise_row(
         last = W - 1 - 2 * dw + pl
         jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
     for j in range(j0, ja):
-        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, dst[j - j0])
+        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0])
     if jb > ja:
-        depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst[ja - j0 :])
+        depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst[ja - j0 :])
     for j in range(jb, j1):
-        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, dst[j - j0])
+        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0])
 
 
 @helper
-def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst):  # pragma: no cover
-    """dst[j - ja, :] = bias + the 9 taps of output pixels ja..jb-1 of image n whose input
-    window starts at row ih0 and lies inside the image (no bounds checks).
+def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst):  # pragma: no cover
+    """dst[j - ja, :] = act(bias + the 9 taps of output pixels ja..jb-1 of image n whose input
+    window starts at row ih0 and lies inside the image) (no bounds checks).
 
     Channel-vector outer, pixel inner: the 9 weight vectors and the bias of a channel vector
     stay in registers while the row is swept, so each output vector costs 9 input loads and
@@ -168,6 +167,8 @@ def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst):  # p
             acc = vfma(vload(xf, r2 + o), w20, acc)
             acc = vfma(vload(xf, r2 + o + tap), w21, acc)
             acc = vfma(vload(xf, r2 + o + 2 * tap), w22, acc)
+            if act != 0:
+                acc = vact(acc, act)
             vstore2(dst, j - ja, c, acc)
         c += L
     if c < C:
@@ -180,7 +181,7 @@ def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, dst):  # p
                     rm = r0 + m * dh * W * C + o + cc
                     for q in range(3):
                         acc1 += xf[rm + q * tap] * df[(m * 3 + q) * C + cc]
-                row[cc] = acc1
+                row[cc] = activated(acc1, act)
 
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from ._jit import activate_row, parallel_and_serial
+from ._jit import activated, parallel_and_serial
 
 
 def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cover - compiled
@@ -46,7 +46,9 @@ def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cov
                             wr = w[m, q, c]
                             for k in range(CO):
                                 o[k] += 0 * wr[k]
-            activate_row(o, act)
+            if act != 0:
+                for k in range(CO):
+                    o[k] = activated(o[k], act)
 
 
 conv2d_nhwc_parallel, conv2d_nhwc_serial = parallel_and_serial(conv2d_nhwc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from ._jit import activate_row, depthwise_row, parallel_and_serial
+from ._jit import depthwise_row, parallel_and_serial
 
 
 def depthwise_nhwc(
@@ -22,9 +22,9 @@ def depthwise_nhwc(
         n = t // OH
         i = t - n * OH
         orow = out[n, i]
-        depthwise_row(x, d, n, i, 0, OW, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, bias, orow)
-        for j in range(OW):
-            activate_row(orow[j], act)
+        depthwise_row(
+            x, d, n, i, 0, OW, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, bias, act, orow
+        )
 
 
 depthwise_nhwc_parallel, depthwise_nhwc_serial = parallel_and_serial(depthwise_nhwc)

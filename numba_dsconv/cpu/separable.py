@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import GEMM_MR, activate_row, depthwise_row, gemm_tile, parallel_and_serial
+from ._jit import GEMM_MR, depthwise_row, gemm_tile, parallel_and_serial
 from ._simd import VEC_BYTES
 
 
@@ -71,10 +71,9 @@ def separable_nhwc(
             seg = min(p1 - p, ow - j)
             rows = buf[p - p0 : p - p0 + seg]
             depthwise_row(
-                x, d, n, i, j, j + seg, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, dw_bias, rows
-            )
-            for k in range(seg):
-                activate_row(rows[k], mid_act)
+                x, d, n, i, j, j + seg, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, dw_bias,
+                mid_act, rows,
+            )  # fmt: skip
             p += seg
         c0 = cb * cblock
         gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act, pk, at, part)
