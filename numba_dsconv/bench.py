@@ -407,6 +407,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
             "serial_max_macs": _config.SERIAL_MAX_MACS,
             "cpu_tile_bytes": _config.CPU_TILE_BYTES,
             "cpu_tile_max_pixels": _config.CPU_TILE_MAX_PIXELS,
+            "cpu_gemm_kc": _config.CPU_GEMM_KC,
         },
         "gpus": [],
     }

@@ -24,7 +24,7 @@ from .depthwise import depthwise_nhwc_parallel, depthwise_nhwc_serial
 from .pointwise import pointwise_nhwc_parallel, pointwise_nhwc_serial
 from .separable import separable_nhwc_parallel, separable_nhwc_serial
 
-__all__ = ["run", "threading_layer", "tile_pixels"]
+__all__ = ["gemm_split", "run", "threading_layer"]
 
 
 def threading_layer() -> str:
@@ -59,25 +59,44 @@ def _nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
     return o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4
 
 
-def tile_pixels(k: int, itemsize: int) -> int:
-    """Output pixels per GEMM task: the (pixels x K) A tile stays within CPU_TILE_BYTES (L2);
-    a multiple of GEMM_MR (the micro-kernel's rows) up to CPU_TILE_MAX_PIXELS."""
-    fit = _config.CPU_TILE_BYTES // max(1, k * itemsize)
-    return int(max(GEMM_MR, min(_config.CPU_TILE_MAX_PIXELS, fit)) // GEMM_MR * GEMM_MR)
+def gemm_split(
+    pixels: int, c_red: int, c_out: int, itemsize: int, dw_taps: int, parallel: bool
+) -> tuple[int, int]:
+    """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
 
-
-def channel_block(pixels: int, tile: int, c_out: int, itemsize: int, parallel: bool) -> int:
-    """Output channels per task: all of them, unless a parallel call has too few pixel blocks
-    to keep every thread busy (N=1, late layers); then split the channels too, in whole
-    panels of the micro-kernel."""
+    A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
+    CPU_TILE_BYTES (L2) and CPU_TILE_MAX_PIXELS; tiles are whole GEMM_MR row groups, channel
+    blocks whole panels. A serial call takes the largest tile and every channel. A parallel
+    call picks the split with the shortest estimated critical path: Numba hands each thread
+    one contiguous chunk of the task list, so the cost is the largest chunk, counted in
+    multiply-adds (a task's GEMM, plus its depthwise work, ``dw_taps`` per reduction channel
+    and pixel, which every channel block of a pixel block repeats, plus the weight packing).
+    """
     nr = gemm_panel_width(itemsize)
     panels = -(-c_out // nr)
-    tasks = -(-pixels // tile)
-    want = _config.CPU_TASKS_PER_THREAD * numba.get_num_threads()
-    if not parallel or tasks >= want or panels == 1:
-        return panels * nr
-    nc = min(-(-want // tasks), panels)
-    return -(-panels // nc) * nr
+    fit = _config.CPU_TILE_BYTES // max(1, c_red * itemsize)
+    max_tile = max(GEMM_MR, min(_config.CPU_TILE_MAX_PIXELS, fit) // GEMM_MR * GEMM_MR)
+    if not parallel or pixels == 0:
+        return max_tile, panels * nr
+    threads = numba.get_num_threads()
+    best: tuple[tuple[int, int], int, int] | None = None
+    nb_min = -(-pixels // max_tile)
+    for nb in range(nb_min, nb_min + threads):
+        per_block = -(-pixels // nb)
+        tile = -(-per_block // GEMM_MR) * GEMM_MR
+        nb_eff = -(-pixels // tile)
+        for nc in range(1, panels + 1):
+            per = -(-panels // nc)
+            nc_eff = -(-panels // per)
+            if nc > 1 and nc_eff != nc:
+                continue  # the same split as a smaller nc
+            tasks = nb_eff * nc_eff
+            task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
+            key = (-(-tasks // threads) * task, tasks)
+            if best is None or key < best[0]:
+                best = (key, tile, per * nr)
+    assert best is not None
+    return best[1], best[2]
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,7 +129,7 @@ def _plan(spec: ConvSpec, dtype: np.dtype) -> tuple:
     geometry, the dtype, the thread count and the tunables, computed once per combination."""
     threads = numba.get_num_threads()
     key = (spec, dtype, threads, _config.SERIAL_MAX_MACS, _config.CPU_GEMM_KC)
-    key += (_config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, _config.CPU_TASKS_PER_THREAD)
+    key += (_config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -121,8 +140,8 @@ def _plan(spec: ConvSpec, dtype: np.dtype) -> tuple:
     pixels = spec.n * spec.out_h * spec.out_w
     if spec.op == "separable":
         kern = separable_nhwc_parallel if parallel else separable_nhwc_serial
-        tile = tile_pixels(spec.c_mid, itemsize)
-        cblock = channel_block(pixels, tile, spec.c_out, itemsize, parallel)
+        taps = spec.kh * spec.kw
+        tile, cblock = gemm_split(pixels, spec.c_mid, spec.c_out, itemsize, taps, parallel)
         tail = (spec.out_h, spec.out_w, spec.kh, spec.kw, *geo, spec.mid_activation)
         tail += (spec.activation, tile, cblock, _config.CPU_GEMM_KC)
     elif spec.op == "depthwise":
@@ -130,8 +149,7 @@ def _plan(spec: ConvSpec, dtype: np.dtype) -> tuple:
         tail = (spec.kh, spec.kw, *geo, spec.activation)
     elif spec.op == "pointwise":
         kern = pointwise_nhwc_parallel if parallel else pointwise_nhwc_serial
-        block = tile_pixels(spec.c_in, itemsize)
-        cblock = channel_block(pixels, block, spec.c_out, itemsize, parallel)
+        block, cblock = gemm_split(pixels, spec.c_in, spec.c_out, itemsize, 0, parallel)
         tail = (block, cblock, _config.CPU_GEMM_KC, spec.activation)
     else:
         kern = conv2d_nhwc_parallel if parallel else conv2d_nhwc_serial
