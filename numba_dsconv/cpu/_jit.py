@@ -14,6 +14,7 @@ from ._simd import (
     VEC_BYTES,
     address,
     loadp,
+    prefetch,
     storep,
     vact,
     vfma,
@@ -195,7 +196,7 @@ def gemm_panel_width(itemsize: int) -> int:
 
 
 @helper
-def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: no cover
+def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):  # pragma: no cover
     """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
 
     a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
@@ -208,6 +209,10 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
     L1 and never hits the cache-set conflicts of a 4 KB row stride); then every group of
     GEMM_MR pixel rows runs ``gemm_block``. The last group, if short, is copied into ``at``
     (its last row repeated) so that every block reads GEMM_MR whole rows.
+
+    ``pf_len`` bytes from address ``pf`` (the input the caller's next task reads) are
+    prefetched into L2 a few lines per block, so that the memory traffic of the next task's
+    first phase overlaps this task's arithmetic.
     """
     K = w.shape[0]
     CO = w.shape[1]
@@ -224,6 +229,9 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
     ppart, spart = address(part), part.strides[0]
     pdst, sdst = address(dst), dst.strides[0]
     pbias = address(bias)
+    nblocks = -(-(c_hi - c_lo) // NR) * -(-K // KC) * -(-rows // GEMM_MR)
+    pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
+    pf_end = pf + pf_len
     for c0 in range(c_lo, c_hi, NR):
         ncol = min(NR, CO - c0)
         nout = min(NR, c_hi - c0)
@@ -243,6 +251,11 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part):  # pragma: 
             cb = pbias + c0 * sz
             cd = pdst + c0 * sz
             for r in range(0, full, GEMM_MR):
+                q = pf
+                pf = min(pf_end, pf + pf_step)
+                while q < pf:
+                    prefetch(q)
+                    q += 64
                 gemm_block(
                     pa + r * sa + k0 * sz, sa, ppk, spk, nk, first, cb, ppart + r * spart,
                     spart, final, cd + r * sdst, sdst, GEMM_MR, nout, act, dt, sz,

@@ -7,7 +7,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import GEMM_MR, gemm_tile, parallel_and_serial
-from ._simd import VEC_BYTES
+from ._simd import VEC_BYTES, address
 
 
 def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cover - compiled
@@ -31,9 +31,14 @@ def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cov
         pk = np.empty((kc, NR), dtype=out2.dtype)
         at = np.empty((GEMM_MR, kc), dtype=out2.dtype)
         part = np.empty((block + GEMM_MR, NR), dtype=out2.dtype)
-        gemm_tile(
-            x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, min(CO, c0 + cblock), act, pk, at, part
-        )
+        # the rows of this thread's next task (prange hands out contiguous chunks), to prefetch
+        # while the GEMM runs; none if the next task reuses these rows
+        n0 = min(rows, r1)
+        n1 = min(rows, n0 + block) if cb == nc - 1 else n0
+        pf = address(x2) + n0 * x2.strides[0]
+        pf_len = (n1 - n0) * x2.strides[0]
+        c1 = min(CO, c0 + cblock)
+        gemm_tile(x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, c1, act, pk, at, part, pf, pf_len)
 
 
 pointwise_nhwc_parallel, pointwise_nhwc_serial = parallel_and_serial(pointwise_nhwc)

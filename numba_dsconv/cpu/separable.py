@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import GEMM_MR, depthwise_row, gemm_tile, parallel_and_serial
-from ._simd import VEC_BYTES
+from ._simd import VEC_BYTES, address
 
 
 def separable_nhwc(
@@ -50,6 +50,7 @@ def separable_nhwc(
     P = out2.shape[0]
     CO = w.shape[1]
     CM = d.shape[2]
+    H = x.shape[1]
     NR = 2 * VEC_BYTES // w.itemsize
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
@@ -75,8 +76,21 @@ def separable_nhwc(
                 mid_act, rows,
             )  # fmt: skip
             p += seg
+        # the input rows of this thread's next task (prange hands out contiguous chunks), to
+        # prefetch while the GEMM runs; none if the next task reuses this pixel block
+        pf = address(x)
+        pf_len = 0
+        if cb == nc - 1 and p1 < P:
+            q1 = min(P, p1 + tile) - 1
+            r0 = p1 // ow
+            r1 = q1 // ow
+            lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
+            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dh)
+            pf += lo * x.strides[1]
+            pf_len = max(0, hi + 1 - lo) * x.strides[1]
         c0 = cb * cblock
-        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, min(CO, c0 + cblock), act, pk, at, part)
+        c1 = min(CO, c0 + cblock)
+        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, c1, act, pk, at, part, pf, pf_len)
 
 
 separable_nhwc_parallel, separable_nhwc_serial = parallel_and_serial(separable_nhwc)
