@@ -23,6 +23,7 @@ from ._simd import (
     vloadp,
     vstore2,
     vstorep,
+    vzero,
 )
 
 _JIT_OPTS = dict(fastmath=set(_config.FASTMATH), cache=_config.CACHE, nogil=True)
@@ -104,36 +105,44 @@ def depthwise_row(
 ):  # pragma: no cover - compiled
     """dst[j - j0, :] = act(bias + depthwise taps of output pixels (i, j0..j1-1) of image n).
 
-    A 3x3 kernel (every MobileNet layer) with multiplier 1 sends the pixels whose taps are all
-    inside the image to ``depthwise3x3_interior``; border pixels, other kernel sizes and depth
-    multipliers > 1 take ``depthwise_pixel``.
+    A 3x3 kernel (every MobileNet layer) with multiplier 1 takes ``depthwise3x3``: without
+    bounds checks for the pixels whose taps are all inside the image, with them for the
+    border. Other kernel sizes and depth multipliers > 1 take ``depthwise_pixel``.
     """
+    if not (multiplier == 1 and KH == 3 and KW == 3):
+        for j in range(j0, j1):
+            depthwise_pixel(
+                x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0]
+            )
+        return
     H = x.shape[1]
     W = x.shape[2]
     ih0 = i * sh - pt
-    ja = j0
-    jb = j0
-    if multiplier == 1 and KH == 3 and KW == 3 and ih0 >= 0 and ih0 + 2 * dh < H:
+    ja = j1
+    jb = j1
+    if ih0 >= 0 and ih0 + 2 * dh < H:
         # interior columns: j * sw - pl >= 0 and j * sw - pl + 2 * dw <= W - 1
         ja = min(j1, max(j0, (pl + sw - 1) // sw))
         last = W - 1 - 2 * dw + pl
         jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
-    for j in range(j0, ja):
-        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0])
+    if ja > j0:
+        depthwise3x3(x, d, n, ih0, j0, ja, sw, dh, dw, pl, bias, act, dst, True)
     if jb > ja:
-        depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst[ja - j0 :])
-    for j in range(jb, j1):
-        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0])
+        depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst[ja - j0 :], False)
+    if j1 > jb:
+        depthwise3x3(x, d, n, ih0, jb, j1, sw, dh, dw, pl, bias, act, dst[jb - j0 :], True)
 
 
 @helper
-def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst):  # pragma: no cover
-    """dst[j - ja, :] = act(bias + the 9 taps of output pixels ja..jb-1 of image n whose input
-    window starts at row ih0 and lies inside the image) (no bounds checks).
+def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):  # pragma: no cover
+    """dst[j - ja, :] = act(bias + the 9 taps of output pixels ja..jb-1 of image n), the input
+    window starting at row ih0, column j * sw - pl.
 
     Channel-vector outer, pixel inner: the 9 weight vectors and the bias of a channel vector
     stay in registers while the row is swept, so each output vector costs 9 input loads and
-    9 FMAs. Channels past the last whole vector take a scalar loop.
+    9 FMAs. Unless ``checked``, every tap must lie inside the image (no bounds checks); with
+    it, a tap on the zero padding contributes 0 * weight, so NaN/Inf weights propagate as the
+    formula says. Channels past the last whole vector take a scalar loop.
     """
     H = x.shape[1]
     W = x.shape[2]
@@ -157,32 +166,54 @@ def depthwise3x3_interior(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst):
         w21 = vload(df, 7 * C + c)
         w22 = vload(df, 8 * C + c)
         b = vload(bias, c)
-        for j in range(ja, jb):
-            o = (j * sw - pl) * C + c
-            acc = vfma(vload(xf, r0 + o), w00, b)
-            acc = vfma(vload(xf, r0 + o + tap), w01, acc)
-            acc = vfma(vload(xf, r0 + o + 2 * tap), w02, acc)
-            acc = vfma(vload(xf, r1 + o), w10, acc)
-            acc = vfma(vload(xf, r1 + o + tap), w11, acc)
-            acc = vfma(vload(xf, r1 + o + 2 * tap), w12, acc)
-            acc = vfma(vload(xf, r2 + o), w20, acc)
-            acc = vfma(vload(xf, r2 + o + tap), w21, acc)
-            acc = vfma(vload(xf, r2 + o + 2 * tap), w22, acc)
-            if act != 0:
-                acc = vact(acc, act)
-            vstore2(dst, j - ja, c, acc)
+        if not checked:
+            for j in range(ja, jb):
+                o = (j * sw - pl) * C + c
+                acc = vfma(vload(xf, r0 + o), w00, b)
+                acc = vfma(vload(xf, r0 + o + tap), w01, acc)
+                acc = vfma(vload(xf, r0 + o + 2 * tap), w02, acc)
+                acc = vfma(vload(xf, r1 + o), w10, acc)
+                acc = vfma(vload(xf, r1 + o + tap), w11, acc)
+                acc = vfma(vload(xf, r1 + o + 2 * tap), w12, acc)
+                acc = vfma(vload(xf, r2 + o), w20, acc)
+                acc = vfma(vload(xf, r2 + o + tap), w21, acc)
+                acc = vfma(vload(xf, r2 + o + 2 * tap), w22, acc)
+                if act != 0:
+                    acc = vact(acc, act)
+                vstore2(dst, j - ja, c, acc)
+        else:
+            zero = vzero(x.dtype)
+            for j in range(ja, jb):
+                iw0 = j * sw - pl
+                acc = b
+                for m in range(3):
+                    ih = ih0 + m * dh
+                    for q in range(3):
+                        iw = iw0 + q * dw
+                        wv = vload(df, (m * 3 + q) * C + c)
+                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            acc = vfma(vload(xf, ((n * H + ih) * W + iw) * C + c), wv, acc)
+                        else:
+                            acc = vfma(zero, wv, acc)
+                if act != 0:
+                    acc = vact(acc, act)
+                vstore2(dst, j - ja, c, acc)
         c += L
     if c < C:
         for j in range(ja, jb):
-            o = (j * sw - pl) * C
-            row = dst[j - ja]
+            iw0 = j * sw - pl
             for cc in range(c, C):
                 acc1 = bias[cc]
                 for m in range(3):
-                    rm = r0 + m * dh * W * C + o + cc
+                    ih = ih0 + m * dh
                     for q in range(3):
-                        acc1 += xf[rm + q * tap] * df[(m * 3 + q) * C + cc]
-                row[cc] = activated(acc1, act)
+                        iw = iw0 + q * dw
+                        wq = df[(m * 3 + q) * C + cc]
+                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            acc1 += xf[((n * H + ih) * W + iw) * C + cc] * wq
+                        else:
+                            acc1 += 0 * wq
+                dst[j - ja, cc] = activated(acc1, act)
 
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels

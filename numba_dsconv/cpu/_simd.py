@@ -147,6 +147,19 @@ def vfma(typingctx, a, x, acc):
 
 
 @intrinsic
+def vzero(typingctx, dt):
+    """A vector of zeros of dtype ``dt``."""
+    if not isinstance(dt, types.DType):
+        return None
+    vt = Vec(dt.dtype)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), [0.0] * vt.lanes)
+
+    return vt(dt), codegen
+
+
+@intrinsic
 def vact(typingctx, v, code):
     """The activation ``code`` lane by lane: 0 none, 1 relu (v < 0 -> 0), 2 relu6 (also
     v > 6 -> 6). Ordered compares: a NaN lane stays NaN, -0.0 stays -0.0."""
