@@ -147,6 +147,18 @@ def vfma(typingctx, a, x, acc):
 
 
 @intrinsic
+def vadd(typingctx, a, b):
+    """``a + b`` lane by lane."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def vzero(typingctx, dt):
     """A vector of zeros of dtype ``dt``."""
     if not isinstance(dt, types.DType):
