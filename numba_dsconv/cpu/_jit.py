@@ -126,12 +126,12 @@ def depthwise_row(
         ja = min(j1, max(j0, (pl + sw - 1) // sw))
         last = W - 1 - 2 * dw + pl
         jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
-    if ja > j0:
-        depthwise3x3(x, d, n, ih0, j0, ja, sw, dh, dw, pl, bias, act, dst, True)
-    if jb > ja:
-        depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst[ja - j0 :], False)
-    if j1 > jb:
-        depthwise3x3(x, d, n, ih0, jb, j1, sw, dh, dw, pl, bias, act, dst[jb - j0 :], True)
+    # three segments: left border, interior, right border (one call site: one compilation)
+    for seg in range(3):
+        lo = j0 if seg == 0 else (ja if seg == 1 else jb)
+        hi = ja if seg == 0 else (jb if seg == 1 else j1)
+        if hi > lo:
+            depthwise3x3(x, d, n, ih0, lo, hi, sw, dh, dw, pl, bias, act, dst[lo - j0 :], seg != 1)
 
 
 @helper
@@ -285,24 +285,22 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):
             final = k0 + nk == K
             cb = pbias + c0 * sz
             cd = pdst + c0 * sz
-            for r in range(0, full, GEMM_MR):
+            for r in range(0, rows, GEMM_MR):
                 q = pf
                 pf = min(pf_end, pf + pf_step)
                 while q < pf:
                     prefetch(q)
                     q += 64
+                src, stride = pa + r * sa + k0 * sz, sa
+                if r == full:  # the short last group, copied (one call site: one inlined copy)
+                    for i in range(GEMM_MR):
+                        ri = min(full + i, rows - 1)
+                        for k in range(nk):
+                            at[i, k] = a[ri, k0 + k]
+                    src, stride = pat, sat
                 gemm_block(
-                    pa + r * sa + k0 * sz, sa, ppk, spk, nk, first, cb, ppart + r * spart,
-                    spart, final, cd + r * sdst, sdst, GEMM_MR, nout, act, dt, sz,
-                )  # fmt: skip
-            if full < rows:
-                for i in range(GEMM_MR):
-                    src = min(full + i, rows - 1)
-                    for k in range(nk):
-                        at[i, k] = a[src, k0 + k]
-                gemm_block(
-                    pat, sat, ppk, spk, nk, first, cb, ppart + full * spart, spart, final,
-                    cd + full * sdst, sdst, rows - full, nout, act, dt, sz,
+                    src, stride, ppk, spk, nk, first, cb, ppart + r * spart, spart, final,
+                    cd + r * sdst, sdst, min(GEMM_MR, rows - r), nout, act, dt, sz,
                 )  # fmt: skip
 
 
