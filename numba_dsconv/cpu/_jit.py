@@ -169,7 +169,51 @@ def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):
         b = vload(bias, c)
         if not checked:
             zero = vzero(x.dtype)
-            for j in range(ja, jb):
+            j = ja
+            if sw == dw:
+                # pixel j + 1's window is pixel j's shifted by one tap: two outputs per step
+                # share 6 of their 18 input vectors (12 loads instead of 18)
+                while j + 2 <= jb:
+                    o = (j * sw - pl) * C + c
+                    x00 = vload(xf, r0 + o)
+                    x01 = vload(xf, r0 + o + tap)
+                    x02 = vload(xf, r0 + o + 2 * tap)
+                    x03 = vload(xf, r0 + o + 3 * tap)
+                    x10 = vload(xf, r1 + o)
+                    x11 = vload(xf, r1 + o + tap)
+                    x12 = vload(xf, r1 + o + 2 * tap)
+                    x13 = vload(xf, r1 + o + 3 * tap)
+                    x20 = vload(xf, r2 + o)
+                    x21 = vload(xf, r2 + o + tap)
+                    x22 = vload(xf, r2 + o + 2 * tap)
+                    x23 = vload(xf, r2 + o + 3 * tap)
+                    a0 = vfma(x00, w00, b)
+                    a1 = vfma(x10, w10, zero)
+                    a2 = vfma(x20, w20, zero)
+                    e0 = vfma(x01, w00, b)
+                    e1 = vfma(x11, w10, zero)
+                    e2 = vfma(x21, w20, zero)
+                    a0 = vfma(x01, w01, a0)
+                    a1 = vfma(x11, w11, a1)
+                    a2 = vfma(x21, w21, a2)
+                    e0 = vfma(x02, w01, e0)
+                    e1 = vfma(x12, w11, e1)
+                    e2 = vfma(x22, w21, e2)
+                    a0 = vfma(x02, w02, a0)
+                    a1 = vfma(x12, w12, a1)
+                    a2 = vfma(x22, w22, a2)
+                    e0 = vfma(x03, w02, e0)
+                    e1 = vfma(x13, w12, e1)
+                    e2 = vfma(x23, w22, e2)
+                    acc = vadd(vadd(a0, a1), a2)
+                    acc2 = vadd(vadd(e0, e1), e2)
+                    if act != 0:
+                        acc = vact(acc, act)
+                        acc2 = vact(acc2, act)
+                    vstore2(dst, j - ja, c, acc)
+                    vstore2(dst, j + 1 - ja, c, acc2)
+                    j += 2
+            while j < jb:
                 o = (j * sw - pl) * C + c
                 # one chain per kernel row: 3 FMAs deep instead of 9 (FMA latency bound)
                 a0 = vfma(vload(xf, r0 + o), w00, b)
@@ -185,6 +229,7 @@ def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):
                 if act != 0:
                     acc = vact(acc, act)
                 vstore2(dst, j - ja, c, acc)
+                j += 1
         else:
             zero = vzero(x.dtype)
             for j in range(ja, jb):
