@@ -383,6 +383,9 @@ MEDIUM = [
     # 3x3, multiplier 1: the vectorised interior path, with a channel tail, dilated/strided
     ("depthwise", 2, 11, 13, 35, 3, 3, (2, 1), "same", (1, 2), 1, 0),
     ("separable", 1, 9, 12, 48, 3, 3, (1, 2), ((2, 0), (1, 1)), (2, 1), 1, 24),
+    # stride == dilation: two output pixels per step, odd interior widths
+    ("depthwise", 2, 9, 12, 37, 3, 3, 1, "same", 1, 1, 0),
+    ("separable", 1, 13, 15, 33, 3, 3, 2, "same", 2, 1, 20),
     ("conv2d", 1, 9, 9, 64, 7, 7, 1, "same", 1, 1, 64),  # reduction 3136
     ("conv2d", 2, 12, 11, 20, 3, 3, 2, "same", 1, 1, 36),
     ("pointwise", 3, 9, 10, 130, 1, 1, 1, "valid", 1, 1, 67),
@@ -399,6 +402,11 @@ def test_medium_sizes(cfg, dtype, rng):
     )  # fmt: skip
     geo = geo_kwargs(op, stride=stride, padding=padding, dilation=dilation)
     check_against_reference(op, x, weights, red, **geo, **bias_kw)
+    # and through the activations (applied in registers on the vector paths)
+    acts = {"activation": "relu6"}
+    if op == "separable":
+        acts["mid_activation"] = "relu"
+    check_against_reference(op, x, weights, red, **geo, **bias_kw, **acts)
 
 
 @pytest.mark.parametrize(
