@@ -171,9 +171,9 @@ class CudaBackend:
             d = self._contiguous(weights[0], dtype)
             b = self._bias(biases[0], spec.c_mid, dtype)
             kern = kernels.depthwise_kernel(*key, dtype)
-            _launch_1d(
-                kern, target.size, self.stream, xd, d, b, target, *geo, *rest, spec.activation
-            )
+            n, oh, ow, cm = target.shape
+            work = n * oh * -(-ow // kernels.DEPTHWISE_JB) * cm  # one thread per JB pixels
+            _launch_1d(kern, work, self.stream, xd, d, b, target, *geo, *rest, spec.activation)
             return
         tile = tuple(_config.CUDA_GEMM_TILE)
         if spec.op == "separable":

@@ -5,8 +5,9 @@ signature, so importing works on a machine without a GPU or driver. Factories ar
 is worth a compile-time constant:
 
 * ``copy4d``: layout/contiguity/dtype conversion of any strided 4-D view (NCHW <-> NHWC).
-* ``depthwise_kernel(KH, KW, SH, SW, dtype)``: one thread per output element, channel fastest
-  (coalesced in NHWC), grid-stride loop over a 64-bit flat index.
+* ``depthwise_kernel(KH, KW, SH, SW, dtype)``: one thread per DEPTHWISE_JB output pixels of a
+  row and one channel, channel fastest (coalesced in NHWC), grid-stride loop over a 64-bit flat
+  index.
 * ``gemm_kernel(mode, KH, KW, SH, SW, dtype, tile)``: one tiled GEMM skeleton for the three
   ops that end in a matrix product. A block owns a tile of TP output pixels x TN output
   channels; for each chunk of TK reduction channels it first *produces* the A tile into shared
@@ -28,7 +29,7 @@ from functools import cache
 
 import numba
 import numpy as np
-from numba import cuda, int64
+from numba import cuda, int32, int64
 
 POINTWISE, SEPARABLE, CONV2D = 0, 1, 2
 MODE_NAMES = {POINTWISE: "pointwise", SEPARABLE: "separable", CONV2D: "conv2d"}
@@ -84,14 +85,26 @@ def _activation(dtype: np.dtype):
     return activate
 
 
+# Output pixels per thread along a row in the depthwise kernel: the weight of a tap is loaded
+# once for all of them, and with stride 1 neighbouring pixels share input loads.
+DEPTHWISE_JB = 4
+
+
 @cache
 def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
-    activate = _activation(np.dtype(dtype))
-    zero = np.dtype(dtype).type(0)
+    dt = np.dtype(dtype)
+    nbt = numba.from_dtype(dt)
+    activate = _activation(dt)
+    zero = dt.type(0)
+    JB = DEPTHWISE_JB
 
     @cuda.jit
     def depthwise(x, d, bias, out, kh_, kw_, sh_, sw_, dh, dw, pt, pl, M, act):
-        """out[n,i,j,cM+q] = act(bias + sum x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q])."""
+        """out[n,i,j,cM+q] = act(bias + sum x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q]).
+
+        One thread per (image, output row, block of JB output columns, output channel),
+        channel fastest (coalesced in NHWC); grid-stride loop over a 64-bit flat index.
+        """
         kh = KH if KH != 0 else kh_
         kw = KW if KW != 0 else kw_
         sh = SH if SH != 0 else sh_
@@ -101,28 +114,35 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
         OH = out.shape[1]
         OW = out.shape[2]
         CM = out.shape[3]
-        total = int64(out.shape[0]) * OH * OW * CM
+        OWB = (OW + JB - 1) // JB
+        total = int64(out.shape[0]) * OH * OWB * CM
+        acc = cuda.local.array(JB, nbt)
         for e in range(cuda.grid(1), total, cuda.gridsize(1)):
             cm = e % CM
             r = e // CM
-            j = r % OW
-            r = r // OW
+            j0 = (r % OWB) * JB
+            r = r // OWB
             i = r % OH
             n = r // OH
             c = cm // M
-            acc = bias[cm]
+            b = bias[cm]
+            for jj in range(JB):
+                acc[jj] = b
             ih0 = i * sh - pt
-            iw0 = j * sw - pl
             for m in range(kh):
                 ih = ih0 + m * dh
                 row_inside = ih >= 0 and ih < H
                 for q in range(kw):
-                    iw = iw0 + q * dw
-                    xv = zero  # the zero padding: 0 * weight, so NaN/Inf weights propagate
-                    if row_inside and iw >= 0 and iw < W:
-                        xv = x[n, ih, iw, c]
-                    acc += xv * d[m, q, cm]
-            out[n, i, j, cm] = activate(acc, act)
+                    wv = d[m, q, cm]
+                    for jj in range(JB):
+                        iw = (j0 + jj) * sw - pl + q * dw
+                        xv = zero  # the zero padding: 0 * weight, so NaN/Inf weights propagate
+                        if row_inside and iw >= 0 and iw < W:
+                            xv = x[n, ih, iw, c]
+                        acc[jj] += xv * wv
+            for jj in range(JB):
+                if j0 + jj < OW:
+                    out[n, i, j0 + jj, cm] = activate(acc[jj], act)
 
     return depthwise
 
@@ -165,6 +185,11 @@ def gemm_kernel(
         P = int64(out.shape[0]) * OH * OW
         a_tile = cuda.shared.array((TP, TK), nbt)
         b_tile = cuda.shared.array((TK, TN), nbt)
+        # the tile's pixels as (image, row, column), decomposed once per tile: the producer and
+        # the epilogue would otherwise divide a 64-bit index by runtime sizes per element
+        pix_n = cuda.shared.array(TP, int32)
+        pix_i = cuda.shared.array(TP, int32)
+        pix_j = cuda.shared.array(TP, int32)
         acc = cuda.local.array((RP, RN), nbt)
         tid = cuda.threadIdx.x
         tn = tid % TNT
@@ -177,22 +202,35 @@ def gemm_kernel(
             ct = t % n_ctiles
             p0 = (t // n_ctiles) * TP
             c0 = ct * TN
+            cuda.syncthreads()  # the previous tile's epilogue is done with pix_*
+            for e in range(tid, TP, NT):
+                p = p0 + e
+                n = -1  # past the last pixel
+                i = 0
+                j = 0
+                if p < P:
+                    j = p % OW
+                    r = p // OW
+                    i = r % OH
+                    n = r // OH
+                pix_n[e] = n
+                pix_i[e] = i
+                pix_j[e] = j
             for a in range(RP):
                 for bb in range(RN):
                     acc[a, bb] = zero
+            cuda.syncthreads()
             for k0 in range(0, K, TK):
                 # produce the A tile (TP pixels x TK reduction channels) into shared memory
                 for e in range(tid, TP * TK, NT):
-                    pp = e // TK
+                    pp = e // TK  # TK is a compile-time constant: no division instruction
                     kk = e - pp * TK
-                    p = p0 + pp
                     k = k0 + kk
+                    n = pix_n[pp]
                     v = zero
-                    if p < P and k < K:
-                        j = p % OW
-                        r = p // OW
-                        i = r % OH
-                        n = r // OH
+                    if n >= 0 and k < K:
+                        i = pix_i[pp]
+                        j = pix_j[pp]
                         if mode == POINTWISE:
                             v = x[n, i, j, k]
                         elif mode == SEPARABLE:
@@ -238,12 +276,11 @@ def gemm_kernel(
                             acc[a, bb] += av * b_tile[kk, tn + bb * TNT]
                 cuda.syncthreads()  # the tiles are overwritten by the next chunk
             for a in range(RP):
-                p = p0 + tp + a * TPT
-                if p < P:
-                    j = p % OW
-                    r = p // OW
-                    i = r % OH
-                    n = r // OH
+                pp = tp + a * TPT
+                n = pix_n[pp]
+                if n >= 0:
+                    i = pix_i[pp]
+                    j = pix_j[pp]
                     for bb in range(RN):
                         co = c0 + tn + bb * TNT
                         if co < CO:
