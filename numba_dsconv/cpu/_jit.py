@@ -19,7 +19,6 @@ from ._simd import (
     vact,
     vadd,
     vfma,
-    vload,
     vload2,
     vloadp,
     vstore2,
@@ -106,18 +105,34 @@ def depthwise_row(
 ):  # pragma: no cover - compiled
     """dst[j - j0, :] = act(bias + depthwise taps of output pixels (i, j0..j1-1) of image n).
 
-    A 3x3 kernel (every MobileNet layer) with multiplier 1 takes ``depthwise3x3``: without
-    bounds checks for the pixels whose taps are all inside the image, with them for the
-    border. Other kernel sizes and depth multipliers > 1 take ``depthwise_pixel``.
+    x: (N,H,W,C), d: (KH,KW,C*M), bias, dst: C-contiguous, one dtype. A 3x3 kernel (every
+    MobileNet layer) with multiplier 1 takes ``depthwise3x3_row`` (vector code, on addresses);
+    other kernel sizes and depth multipliers take ``depthwise_pixel`` per pixel.
     """
-    if not (multiplier == 1 and KH == 3 and KW == 3):
-        for j in range(j0, j1):
-            depthwise_pixel(
-                x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0]
-            )
+    if multiplier == 1 and KH == 3 and KW == 3:
+        H = x.shape[1]
+        W = x.shape[2]
+        C = x.shape[3]
+        depthwise3x3_row(
+            address(x), address(d), address(bias), address(dst), dst.strides[0], H, W, C,
+            n, i, j0, j1, sh, sw, dh, dw, pt, pl, act, x.dtype, x.itemsize,
+        )  # fmt: skip
         return
-    H = x.shape[1]
-    W = x.shape[2]
+    for j in range(j0, j1):
+        depthwise_pixel(x, d, n, i, j, sh, sw, dh, dw, pt, pl, multiplier, bias, act, dst[j - j0])
+
+
+@helper
+def depthwise3x3_row(
+    px, pd, pb, pdst, sdst, H, W, C, n, i, j0, j1, sh, sw, dh, dw, pt, pl, act, dt, sz
+):  # pragma: no cover - compiled
+    """The 3x3, multiplier-1 row: output pixels (i, j0..j1-1) of image n, on byte addresses
+    (px: x (N,H,W,C), pd: weights (3,3,C), pb: bias, pdst: the row's first output pixel,
+    ``sdst`` bytes apart). Three segments: the left border, the interior (every tap inside the
+    image: no bounds checks), the right border; a row whose taps leave the image vertically is
+    all border. Addresses, not arrays: a call taking arrays pays an atomic reference-count
+    update per array, on counters every thread shares.
+    """
     ih0 = i * sh - pt
     ja = j1
     jb = j1
@@ -126,67 +141,72 @@ def depthwise_row(
         ja = min(j1, max(j0, (pl + sw - 1) // sw))
         last = W - 1 - 2 * dw + pl
         jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
-    # three segments: left border, interior, right border (one call site: one compilation)
+    # one call site: one compilation of the segment code
     for seg in range(3):
         lo = j0 if seg == 0 else (ja if seg == 1 else jb)
         hi = ja if seg == 0 else (jb if seg == 1 else j1)
         if hi > lo:
-            depthwise3x3(x, d, n, ih0, lo, hi, sw, dh, dw, pl, bias, act, dst[lo - j0 :], seg != 1)
+            depthwise3x3(
+                px, pd, pb, pdst + (lo - j0) * sdst, sdst, H, W, C, n, ih0, lo, hi, sw, dh, dw,
+                pl, act, seg != 1, dt, sz,
+            )  # fmt: skip
 
 
 @helper
-def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):  # pragma: no cover
-    """dst[j - ja, :] = act(bias + the 9 taps of output pixels ja..jb-1 of image n), the input
-    window starting at row ih0, column j * sw - pl.
+def depthwise3x3(
+    px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, sw, dh, dw, pl, act, checked, dt, sz
+):  # pragma: no cover - compiled
+    """Output pixels ja..jb-1 (stored from ``pdst``, ``sdst`` bytes apart) = act(bias + the 9
+    taps), the input window starting at row ih0, column j * sw - pl (addresses as in
+    ``depthwise3x3_row``).
 
     Channel-vector outer, pixel inner: the 9 weight vectors and the bias of a channel vector
-    stay in registers while the row is swept, so each output vector costs 9 input loads and
-    9 FMAs. Unless ``checked``, every tap must lie inside the image (no bounds checks); with
-    it, a tap on the zero padding contributes 0 * weight, so NaN/Inf weights propagate as the
-    formula says. Channels past the last whole vector take a scalar loop.
+    stay in registers while the row is swept; three FMA chains per pixel (one per kernel row).
+    Unless ``checked``, every tap must lie inside the image (no bounds checks); with it, a tap
+    on the zero padding contributes 0 * weight, so NaN/Inf weights propagate as the formula
+    says. Channels past the last whole vector take a scalar loop.
     """
-    H = x.shape[1]
-    W = x.shape[2]
-    C = x.shape[3]
-    L = VEC_BYTES // x.itemsize
-    xf = x.reshape(x.size)
-    df = d.reshape(d.size)
-    r0 = ((n * H + ih0) * W) * C
-    r1 = r0 + dh * W * C
-    r2 = r1 + dh * W * C
-    tap = dw * C
+    L = VEC_BYTES // sz
+    row = W * C * sz  # bytes per input image row
+    r0 = px + (n * H + ih0) * row
+    r1 = r0 + dh * row
+    r2 = r1 + dh * row
+    tap = dw * C * sz
+    pix = sw * C * sz  # bytes between the windows of neighbouring output pixels
+    o0 = (ja * sw - pl) * C * sz
     c = 0
     while c + L <= C:
-        w00 = vload(df, c)
-        w01 = vload(df, C + c)
-        w02 = vload(df, 2 * C + c)
-        w10 = vload(df, 3 * C + c)
-        w11 = vload(df, 4 * C + c)
-        w12 = vload(df, 5 * C + c)
-        w20 = vload(df, 6 * C + c)
-        w21 = vload(df, 7 * C + c)
-        w22 = vload(df, 8 * C + c)
-        b = vload(bias, c)
+        cb = c * sz
+        w00 = vloadp(pd + cb, dt)
+        w01 = vloadp(pd + C * sz + cb, dt)
+        w02 = vloadp(pd + 2 * C * sz + cb, dt)
+        w10 = vloadp(pd + 3 * C * sz + cb, dt)
+        w11 = vloadp(pd + 4 * C * sz + cb, dt)
+        w12 = vloadp(pd + 5 * C * sz + cb, dt)
+        w20 = vloadp(pd + 6 * C * sz + cb, dt)
+        w21 = vloadp(pd + 7 * C * sz + cb, dt)
+        w22 = vloadp(pd + 8 * C * sz + cb, dt)
+        b = vloadp(pb + cb, dt)
+        zero = vzero(dt)
         if not checked:
-            zero = vzero(x.dtype)
             j = ja
             if sw == dw:
                 # pixel j + 1's window is pixel j's shifted by one tap: two outputs per step
                 # share 6 of their 18 input vectors (12 loads instead of 18)
                 while j + 2 <= jb:
-                    o = (j * sw - pl) * C + c
-                    x00 = vload(xf, r0 + o)
-                    x01 = vload(xf, r0 + o + tap)
-                    x02 = vload(xf, r0 + o + 2 * tap)
-                    x03 = vload(xf, r0 + o + 3 * tap)
-                    x10 = vload(xf, r1 + o)
-                    x11 = vload(xf, r1 + o + tap)
-                    x12 = vload(xf, r1 + o + 2 * tap)
-                    x13 = vload(xf, r1 + o + 3 * tap)
-                    x20 = vload(xf, r2 + o)
-                    x21 = vload(xf, r2 + o + tap)
-                    x22 = vload(xf, r2 + o + 2 * tap)
-                    x23 = vload(xf, r2 + o + 3 * tap)
+                    o = o0 + (j - ja) * pix + cb
+                    x00 = vloadp(r0 + o, dt)
+                    x01 = vloadp(r0 + o + tap, dt)
+                    x02 = vloadp(r0 + o + 2 * tap, dt)
+                    x03 = vloadp(r0 + o + 3 * tap, dt)
+                    x10 = vloadp(r1 + o, dt)
+                    x11 = vloadp(r1 + o + tap, dt)
+                    x12 = vloadp(r1 + o + 2 * tap, dt)
+                    x13 = vloadp(r1 + o + 3 * tap, dt)
+                    x20 = vloadp(r2 + o, dt)
+                    x21 = vloadp(r2 + o + tap, dt)
+                    x22 = vloadp(r2 + o + 2 * tap, dt)
+                    x23 = vloadp(r2 + o + 3 * tap, dt)
                     a0 = vfma(x00, w00, b)
                     a1 = vfma(x10, w10, zero)
                     a2 = vfma(x20, w20, zero)
@@ -210,28 +230,26 @@ def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):
                     if act != 0:
                         acc = vact(acc, act)
                         acc2 = vact(acc2, act)
-                    vstore2(dst, j - ja, c, acc)
-                    vstore2(dst, j + 1 - ja, c, acc2)
+                    vstorep(pdst + (j - ja) * sdst + cb, acc)
+                    vstorep(pdst + (j + 1 - ja) * sdst + cb, acc2)
                     j += 2
             while j < jb:
-                o = (j * sw - pl) * C + c
-                # one chain per kernel row: 3 FMAs deep instead of 9 (FMA latency bound)
-                a0 = vfma(vload(xf, r0 + o), w00, b)
-                a1 = vfma(vload(xf, r1 + o), w10, zero)
-                a2 = vfma(vload(xf, r2 + o), w20, zero)
-                a0 = vfma(vload(xf, r0 + o + tap), w01, a0)
-                a1 = vfma(vload(xf, r1 + o + tap), w11, a1)
-                a2 = vfma(vload(xf, r2 + o + tap), w21, a2)
-                a0 = vfma(vload(xf, r0 + o + 2 * tap), w02, a0)
-                a1 = vfma(vload(xf, r1 + o + 2 * tap), w12, a1)
-                a2 = vfma(vload(xf, r2 + o + 2 * tap), w22, a2)
+                o = o0 + (j - ja) * pix + cb
+                a0 = vfma(vloadp(r0 + o, dt), w00, b)
+                a1 = vfma(vloadp(r1 + o, dt), w10, zero)
+                a2 = vfma(vloadp(r2 + o, dt), w20, zero)
+                a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
+                a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
+                a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
+                a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
+                a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
+                a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
                 acc = vadd(vadd(a0, a1), a2)
                 if act != 0:
                     acc = vact(acc, act)
-                vstore2(dst, j - ja, c, acc)
+                vstorep(pdst + (j - ja) * sdst + cb, acc)
                 j += 1
         else:
-            zero = vzero(x.dtype)
             for j in range(ja, jb):
                 iw0 = j * sw - pl
                 acc = b
@@ -239,30 +257,32 @@ def depthwise3x3(x, d, n, ih0, ja, jb, sw, dh, dw, pl, bias, act, dst, checked):
                     ih = ih0 + m * dh
                     for q in range(3):
                         iw = iw0 + q * dw
-                        wv = vload(df, (m * 3 + q) * C + c)
+                        wv = vloadp(pd + (m * 3 + q) * C * sz + cb, dt)
                         if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                            acc = vfma(vload(xf, ((n * H + ih) * W + iw) * C + c), wv, acc)
+                            xv = vloadp(px + ((n * H + ih) * W + iw) * C * sz + cb, dt)
+                            acc = vfma(xv, wv, acc)
                         else:
                             acc = vfma(zero, wv, acc)
                 if act != 0:
                     acc = vact(acc, act)
-                vstore2(dst, j - ja, c, acc)
+                vstorep(pdst + (j - ja) * sdst + cb, acc)
         c += L
     if c < C:
         for j in range(ja, jb):
             iw0 = j * sw - pl
             for cc in range(c, C):
-                acc1 = bias[cc]
+                acc1 = loadp(pb + cc * sz, dt)
                 for m in range(3):
                     ih = ih0 + m * dh
                     for q in range(3):
                         iw = iw0 + q * dw
-                        wq = df[(m * 3 + q) * C + cc]
+                        wq = loadp(pd + ((m * 3 + q) * C + cc) * sz, dt)
                         if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                            acc1 += xf[((n * H + ih) * W + iw) * C + cc] * wq
+                            xq = loadp(px + (((n * H + ih) * W + iw) * C + cc) * sz, dt)
+                            acc1 += xq * wq
                         else:
                             acc1 += 0 * wq
-                dst[j - ja, cc] = activated(acc1, act)
+                storep(pdst + (j - ja) * sdst + cc * sz, activated(acc1, act), dt)
 
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels

@@ -1,14 +1,15 @@
-"""Explicit SIMD vectors for the CPU GEMM micro-kernel.
+"""Explicit SIMD vectors for the CPU kernels (the GEMM register block, the depthwise sweep).
 
-One ``Vec`` is 64 bytes of an array's dtype (16 float32 or 8 float64) held as an LLVM vector
-value: LLVM keeps it in registers (two ymm registers where it prefers 256-bit vectors, one zmm
-otherwise) and turns ``vfma`` into vector FMA instructions. Loop code with the accumulators in
-scalars or in a small array was measured at 8-175 GFLOP/s on the same micro-kernel shape,
-depending on how the loop vectoriser and SLP vectoriser happened to read it; with these values
-the shape is fixed by the code (see cpu/_jit.py ``gemm_tile``).
+One ``Vec`` is 64 bytes of a float dtype (16 float32 or 8 float64) held as an LLVM vector value.
+On an AVX-512 CPU it lives in one zmm register (explicit 512-bit vectors are legal even where
+LLVM prefers 256-bit vectors for its own vectorisers); on AVX2 it becomes two ymm registers.
+``vfma`` is ``llvm.fma``: one rounding, as a fused multiply-add instruction. Loop code with the
+accumulators in scalars or in a small array was measured at 8-175 GFLOP/s on the GEMM block,
+depending on how the loop and SLP vectorisers happened to read it; with these values the shape
+of the generated code is fixed by the source.
 
-Everything here is typed from an array argument, so float32 and float64 kernels share one
-source. Loads and stores are unaligned and unchecked: callers guarantee ``idx + lanes <= len``.
+Vectors are typed from an array argument or a dtype, so float32 and float64 kernels share one
+source. Nothing is bounds-checked: callers keep every access inside its array.
 """
 
 from __future__ import annotations
@@ -72,12 +73,6 @@ def _is_rows(arr, idx) -> bool:
 
 
 @intrinsic
-def vload(typingctx, arr, idx):
-    """``arr[idx : idx + lanes]`` of a C-contiguous 1-D float array, as a vector."""
-    return _vload(arr, (idx,))
-
-
-@intrinsic
 def vload2(typingctx, arr, i, j):
     """``arr[i, j : j + lanes]`` of a C-contiguous 2-D float array, as a vector."""
     return _vload(arr, (i, j))
@@ -94,12 +89,6 @@ def _vload(arr, idx):
         return builder.load(vp, align=arr.dtype.bitwidth // 8)
 
     return vt(arr, *idx), codegen
-
-
-@intrinsic
-def vstore(typingctx, arr, idx, v):
-    """``arr[idx : idx + lanes] = v``."""
-    return _vstore(arr, (idx,), v)
 
 
 @intrinsic
