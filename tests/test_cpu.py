@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import (
@@ -445,3 +449,24 @@ def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
         )  # fmt: skip
         geo = geo_kwargs(op, stride=1, padding="same", dilation=1)
         check_against_reference(op, x, weights, red, activation="relu6", **geo, **bias_kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
+
+
+def test_32_byte_vector_build():
+    llvm = pytest.importorskip("llvmlite.binding")
+    feats = llvm.get_host_cpu_features().flatten().split(",")
+    if "+avx512f" not in feats:
+        pytest.skip("this host runs the 32-byte build in the rest of the suite already")
+    no512 = ",".join("-" + f[1:] if "avx512" in f else f for f in feats)
+    env = dict(os.environ, NUMBA_CPU_FEATURES=no512, NUMBA_DSCONV_NO_CACHE="1")
+    probe = "from numba_dsconv.cpu._simd import VEC_BYTES; assert VEC_BYTES == 32, VEC_BYTES"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    select = "gemm_blocking or medium_sizes or worked_example or parallel_kernels"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    r = subprocess.run([*cmd, "-k", select], env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

@@ -1,8 +1,8 @@
 """Explicit SIMD vectors for the CPU kernels (the GEMM register block, the depthwise sweep).
 
-One ``Vec`` is 64 bytes of a float dtype (16 float32 or 8 float64) held as an LLVM vector value.
-On an AVX-512 CPU it lives in one zmm register (explicit 512-bit vectors are legal even where
-LLVM prefers 256-bit vectors for its own vectorisers); on AVX2 it becomes two ymm registers.
+One ``Vec`` is VEC_BYTES of a float dtype held as an LLVM vector value: 64 bytes (16 float32 or
+8 float64) in one zmm register on an AVX-512 CPU (explicit 512-bit vectors are legal even where
+LLVM prefers 256-bit vectors for its own vectorisers), 32 bytes (one ymm register) elsewhere.
 ``vfma`` is ``llvm.fma``: one rounding, as a fused multiply-add instruction. Loop code with the
 accumulators in scalars or in a small array was measured at 8-175 GFLOP/s on the GEMM block,
 depending on how the loop and SLP vectorisers happened to read it; with these values the shape
@@ -14,12 +14,28 @@ source. Nothing is bounds-checked: callers keep every access inside its array.
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
-VEC_BYTES = 64
+
+def _vector_bytes() -> int:
+    """64 where Numba compiles for AVX-512 (the features it targets: NUMBA_CPU_FEATURES, else
+    the host's), else 32: AVX2's 16 ymm registers hold the GEMM block's 12 accumulators only
+    at that width. Numba's cache keys compiled kernels by the same features, so a cached kernel
+    never meets the other width."""
+    feats = config.CPU_FEATURES
+    if feats is None:
+        try:
+            feats = llvm.get_host_cpu_features().flatten()
+        except Exception:  # pragma: no cover - host without feature detection
+            return 32
+    return 64 if "+avx512f" in feats.split(",") else 32
+
+
+VEC_BYTES = _vector_bytes()
 
 
 class Vec(types.Type):
