@@ -7,6 +7,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from numba import njit, prange
 
 from .. import _config
@@ -296,6 +297,16 @@ def gemm_panel_width(itemsize: int) -> int:
 
 
 @helper
+def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
+    """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype."""
+    NR = 2 * VEC_BYTES // like.itemsize
+    pk = np.empty((kc, NR), dtype=like.dtype)
+    at = np.empty((GEMM_MR, kc), dtype=like.dtype)
+    part = np.empty((rows + GEMM_MR, NR), dtype=like.dtype)
+    return pk, at, part
+
+
+@helper
 def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):  # pragma: no cover
     """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
 
@@ -436,21 +447,7 @@ def gemm_block(
         x = loadp(p + 5 * sa, dt)
         s50 = vfma(x, w0, s50)
         s51 = vfma(x, w1, s51)
-    if not final:
-        vstorep(ppart, s00)
-        vstorep(ppart + B, s01)
-        vstorep(ppart + spart, s10)
-        vstorep(ppart + spart + B, s11)
-        vstorep(ppart + 2 * spart, s20)
-        vstorep(ppart + 2 * spart + B, s21)
-        vstorep(ppart + 3 * spart, s30)
-        vstorep(ppart + 3 * spart + B, s31)
-        vstorep(ppart + 4 * spart, s40)
-        vstorep(ppart + 4 * spart + B, s41)
-        vstorep(ppart + 5 * spart, s50)
-        vstorep(ppart + 5 * spart + B, s51)
-        return
-    if act != 0:
+    if final and act != 0:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
         s10 = vact(s10, act)
@@ -463,8 +460,9 @@ def gemm_block(
         s41 = vact(s41, act)
         s50 = vact(s50, act)
         s51 = vact(s51, act)
-    full = nout * sz == 2 * B and nvalid == GEMM_MR
-    # whole block: straight to dst; a short group or a panel cut by C_out: through part
+    # final and whole: straight to dst; partial sums, a short group or a panel cut by C_out:
+    # to part (the last two then copied lane by lane)
+    full = final and nout * sz == 2 * B and nvalid == GEMM_MR
     po = pdst if full else ppart
     so = sdst if full else spart
     vstorep(po, s00)
@@ -479,7 +477,7 @@ def gemm_block(
     vstorep(po + 4 * so + B, s41)
     vstorep(po + 5 * so, s50)
     vstorep(po + 5 * so + B, s51)
-    if not full:
+    if final and not full:
         for i in range(nvalid):
             for j in range(nout):
                 storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
@@ -488,9 +486,8 @@ def gemm_block(
 def transpose_batched(src, dst):  # pragma: no cover - compiled
     """dst[n, j, i] = src[n, i, j] (casting to dst's dtype), in 32 x 32 blocks.
 
-    Used to pack the pointwise weights (K, C_out) -> (C_out, K) and to convert NCHW <-> NHWC
-    ((C, H*W) <-> (H*W, C) per image): a plain strided copy (numpy's ``.T`` copy) thrashes the
-    cache and the TLB and took longer than the convolution itself.
+    Used to convert NCHW <-> NHWC ((C, H*W) <-> (H*W, C) per image): a plain strided copy
+    (numpy's ``.T`` copy) thrashes the cache and the TLB and took longer than the convolution.
     """
     N = src.shape[0]
     R = src.shape[1]

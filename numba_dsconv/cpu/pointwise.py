@@ -3,11 +3,10 @@ output-channel block) tasks."""
 
 from __future__ import annotations
 
-import numpy as np
 from numba import prange
 
-from ._jit import GEMM_MR, gemm_tile, parallel_and_serial
-from ._simd import VEC_BYTES, address
+from ._jit import gemm_scratch, gemm_tile, parallel_and_serial
+from ._simd import address
 
 
 def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cover - compiled
@@ -19,7 +18,6 @@ def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cov
     """
     rows = x2.shape[0]
     CO = w.shape[1]
-    NR = 2 * VEC_BYTES // w.itemsize
     nb = (rows + block - 1) // block
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -28,9 +26,7 @@ def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cov
         r0 = b * block
         r1 = min(rows, r0 + block)
         c0 = cb * cblock
-        pk = np.empty((kc, NR), dtype=out2.dtype)
-        at = np.empty((GEMM_MR, kc), dtype=out2.dtype)
-        part = np.empty((block + GEMM_MR, NR), dtype=out2.dtype)
+        pk, at, part = gemm_scratch(kc, block, out2)
         # the rows of this thread's next task (prange hands out contiguous chunks), to prefetch
         # while the GEMM runs; none if the next task reuses these rows
         n0 = min(rows, r1)

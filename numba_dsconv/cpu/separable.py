@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import GEMM_MR, depthwise_row, gemm_tile, parallel_and_serial
-from ._simd import VEC_BYTES, address
+from ._jit import depthwise_row, gemm_scratch, gemm_tile, parallel_and_serial
+from ._simd import address
 
 
 def separable_nhwc(
@@ -51,7 +51,6 @@ def separable_nhwc(
     CO = w.shape[1]
     CM = d.shape[2]
     H = x.shape[1]
-    NR = 2 * VEC_BYTES // w.itemsize
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -60,9 +59,7 @@ def separable_nhwc(
         p0 = b * tile
         p1 = min(P, p0 + tile)
         buf = np.empty((tile, CM), dtype=out2.dtype)
-        pk = np.empty((kc, NR), dtype=out2.dtype)
-        at = np.empty((GEMM_MR, kc), dtype=out2.dtype)
-        part = np.empty((tile + GEMM_MR, NR), dtype=out2.dtype)
+        pk, at, part = gemm_scratch(kc, tile, out2)
         p = p0
         while p < p1:  # the block as segments of output rows
             j = p % ow
