@@ -3,35 +3,17 @@
     python benchmarks/cuda_resources.py [--all] [--ptxas PATH]
 
 Each kernel specialisation is compiled to PTX for compute capability 9.0 (numba-cuda, as the
-PTX tests do) and assembled with ``ptxas -v`` (from the ``nvidia-cuda-nvcc`` wheel that the
-``cuda12`` extra brings, or a CUDA toolkit). Without ``--all`` only the float32 3x3 builds and
-the generic ones are reported.
+PTX tests do, with the launch bounds the backend uses) and assembled with ``ptxas -v`` (from
+the ``nvidia-cuda-nvcc`` wheel that the ``cuda12`` extra brings, or a CUDA toolkit). The last
+column is the resident blocks per multiprocessor that the registers and shared memory allow on
+sm_90, by the occupancy rules. Without ``--all`` only the float32 3x3 builds and the generic
+ones are reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-
-
-def find_ptxas() -> str | None:
-    found = shutil.which("ptxas")
-    if found:
-        return found
-    for pattern in (
-        os.path.join(sys.prefix, "lib", "python*", "site-packages", "nvidia", "*", "bin", "ptxas"),
-        "/usr/local/cuda*/bin/ptxas",
-    ):
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return hits[-1]
-    return None
 
 
 def main() -> int:
@@ -39,6 +21,8 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="every specialisation and dtype")
     ap.add_argument("--ptxas", default=None, help="path to ptxas")
     args = ap.parse_args()
+    from numba_dsconv.cuda._resources import assemble, blocks_per_sm, find_ptxas
+
     ptxas = args.ptxas or find_ptxas()
     if ptxas is None:
         print("ptxas not found: pip install 'numba-dsconv[cuda12]' or pass --ptxas")
@@ -51,35 +35,23 @@ def main() -> int:
     tile = tuple(_config.CUDA_GEMM_TILE)
     threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
     print(
-        f"GEMM tile (TP, TN, TK, RP, RN) = {tile}: {threads} threads per block; "
-        f"1-D kernels: {_config.CUDA_THREADS} threads per block"
+        f"GEMM tile (TP, TN, TK, RP, RN) = {tile}: {threads} threads per block, launch bounds "
+        f"{kernels.launch_bounds(threads, _config.CUDA_MIN_BLOCKS_PER_SM)}; 1-D kernels: "
+        f"{_config.CUDA_THREADS} threads per block; ptxas {ptxas}"
     )
-    print(f"{'kernel':45} {'regs':>5} {'smem B':>7} {'stack':>6} {'spill st/ld':>12}")
-    for name, fn, sig in kernels.ptx_cases(tile):
+    print(f"{'kernel':40} {'regs':>5} {'smem B':>7} {'stack':>6} {'spill st/ld':>12} {'blk/SM':>6}")
+    for name, fn, sig, opts in kernels.ptx_cases(tile, _config.CUDA_MIN_BLOCKS_PER_SM):
         if not args.all and not (
-            "float32" in name
-            and ("(3, 3" in name or "(0, 0" in name or name.startswith(("pointwise", "copy4d")))
+            "float32" in name and ("(3, 3" in name or "(0, 0" in name or name.startswith("pointw"))
         ):
             continue
-        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "k.ptx")
-            with open(src, "w") as fh:
-                fh.write(ptx)
-            proc = subprocess.run(
-                [ptxas, "-arch=sm_90", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                capture_output=True,
-                text=True,
-            )
-        text = proc.stderr
-        regs = re.search(r"Used (\d+) registers", text)
-        smem = re.search(r"(\d+) bytes smem", text)
-        stack = re.search(r"(\d+) bytes stack frame", text)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), **opts)
+        r = assemble(ptx, ptxas)
+        nthreads = threads if opts else _config.CUDA_THREADS
+        occ = blocks_per_sm(r["registers"], r["shared"], nthreads)
         print(
-            f"{name:45} {regs.group(1) if regs else '?':>5} {smem.group(1) if smem else '0':>7} "
-            f"{stack.group(1) if stack else '?':>6} "
-            f"{(spills.group(1) + '/' + spills.group(2)) if spills else '?':>12}"
+            f"{name:40} {r['registers']:>5} {r['shared']:>7} {r['stack']:>6} "
+            f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>12} {occ:>6}"
         )
     return 0
 

@@ -288,6 +288,89 @@ def _layer_fns(torch, nd, lay, xr, dw, pw):
     return ours_sep, ours_dw, torch_sep, torch_dw
 
 
+# Alternatives to the shipped CUDA settings, timed beside them so one GPU run can say which is
+# faster: (label, {_config knob: value}).
+VARIANTS = (
+    ("flat tiles", {"CUDA_HALO": "never"}),
+    ("halo tiles", {"CUDA_HALO": "always"}),
+    ("no launch bounds", {"CUDA_MIN_BLOCKS_PER_SM": 0}),
+    # 8 x 4 outputs per thread need more than 128 registers: one block per multiprocessor
+    ("tile 128x64 r8x4", {"CUDA_GEMM_TILE": (128, 64, 8, 8, 4), "CUDA_MIN_BLOCKS_PER_SM": 1}),
+)
+
+
+def separable_variants(torch, fn, reps: int) -> dict[str, float]:
+    """Median seconds of ``fn`` under each VARIANTS setting (the shipped ones restored)."""
+    from numba_dsconv import _config
+
+    out = {}
+    for label, knobs in VARIANTS:
+        saved = {k: getattr(_config, k) for k in knobs}
+        try:
+            for k, v in knobs.items():
+                setattr(_config, k, v)
+            out[label] = _event_time(torch, fn, reps)
+        finally:
+            for k, v in saved.items():
+                setattr(_config, k, v)
+    return out
+
+
+def n1_call_times(nd, cuda) -> dict[str, float]:
+    """Layer 7 at N=1 on numba device arrays: median wall seconds of (a) the call until it
+    returns (the launch is asynchronous), (b) the call and a device synchronise, (c) the same
+    with out= (no allocation), (d) the bare configured-kernel launch the call ends in, with
+    the same arguments (so (a) - (d) is this library's Python work)."""
+    from numba_dsconv.cuda import backend as cb
+    from numba_dsconv.suite import layer
+
+    lay = layer(7)
+    xs, dws, pws = lay.arrays(1)
+    xd, dwd, pwd = cuda.to_device(xs), cuda.to_device(dws), cuda.to_device(pws)
+    outd = nd.separable(xd, dwd, pwd, padding=1)
+    captured = {}
+    real_plan = cb.CudaBackend._plan
+
+    def spy(self, spec, dtype):
+        launch, ints = real_plan(self, spec, dtype)
+
+        def record(*args):
+            captured["call"] = (launch, args)
+            return launch(*args)
+
+        return record, ints
+
+    cb.CudaBackend._plan = spy
+    try:
+        nd.separable(xd, dwd, pwd, padding=1)
+    finally:
+        cb.CudaBackend._plan = real_plan
+    launch, args = captured["call"]
+
+    def med(fn, sync_inside: bool) -> float:
+        for _ in range(20):
+            fn()
+        cuda.synchronize()
+        walls = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            fn()
+            if sync_inside:
+                cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            if not sync_inside:
+                cuda.synchronize()
+        return statistics.median(walls)
+
+    return {
+        "call": med(lambda: nd.separable(xd, dwd, pwd, padding=1), False),
+        "call+sync": med(lambda: nd.separable(xd, dwd, pwd, padding=1), True),
+        "call out=": med(lambda: nd.separable(xd, dwd, pwd, padding=1, out=outd), False),
+        "bare launch": med(lambda: launch(*args), False),
+        "bare launch+sync": med(lambda: launch(*args), True),
+    }
+
+
 def suite_timings(torch, nd, batch: int, reps: int, layers) -> list[dict]:
     from numba import cuda
 
@@ -316,6 +399,7 @@ def suite_timings(torch, nd, batch: int, reps: int, layers) -> list[dict]:
             torch.backends.cudnn.allow_tf32 = True  # torch's defaults
             res["cudnn_default_sep_s"] = _event_time(torch, torch_sep, reps)
             torch.backends.cudnn.allow_tf32 = False
+            res["variants_s"] = separable_variants(torch, ours_sep, reps)
         c = nd.cost((batch, lay.hw, lay.hw, lay.c_in), 3, lay.c_out, stride=lay.stride, padding=1)
         oh, ow = c.output_shape[1:3]
         flops = 2 * c.separable_macs
@@ -339,22 +423,8 @@ def suite_timings(torch, nd, batch: int, reps: int, layers) -> list[dict]:
         xr.clear()
         torch.cuda.empty_cache()
     # the whole Python call at N=1 on device arrays (layer 7)
-    from numba_dsconv.suite import layer
-
-    lay = layer(7)
-    xs, dws, pws = lay.arrays(1)
-    xd, dwd, pwd = cuda.to_device(xs), cuda.to_device(dws), cuda.to_device(pws)
-    for _ in range(20):
-        nd.separable(xd, dwd, pwd, padding=1)
-    cuda.synchronize()
-    walls = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        nd.separable(xd, dwd, pwd, padding=1)
-        cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
-    RESULTS["n1_layer7_wall_s"] = statistics.median(walls)
     RESULTS["timings"] = rows
+    RESULTS["n1_layer7_wall_s"] = n1_call_times(nd, cuda)
     return rows
 
 
@@ -379,10 +449,19 @@ def print_table(rows: list[dict]) -> None:
             f"{r['ratio_default']:>6.2f} {r['pct_roofline']:>6.1f} {r['ours_dw_s'] * 1e6:>8.0f} "
             f"{r['cudnn_dw_s'] * 1e6:>8.0f} {r['ratio_dw']:>6.2f} {r['dw_pct_copy_bw']:>6.1f}"
         )
+    if rows and "variants_s" in rows[0]:
+        labels = list(rows[0]["variants_s"])
+        log("separable variants, time / shipped time (below 1: the variant is faster):")
+        log(f"{'layer':>5} " + " ".join(f"{lab:>18}" for lab in labels))
+        for r in rows:
+            v = r["variants_s"]
+            cells = " ".join(f"{v[lab] / r['ours_sep_s']:>18.3f}" for lab in labels)
+            log(f"{r['layer']:>5} {cells}")
     if "n1_layer7_wall_s" in RESULTS:
+        w = RESULTS["n1_layer7_wall_s"]
         log(
-            f"whole Python call, N=1, layer 7, numba device arrays: "
-            f"{RESULTS['n1_layer7_wall_s'] * 1e6:.0f} us (median of 200)"
+            "Python call, N=1, layer 7, numba device arrays (median of 300, us): "
+            + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in w.items())
         )
     failed = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
     log(

@@ -103,3 +103,11 @@ CUDA_THREADS: int = 256
 CUDA_GEMM_TILE: tuple[int, int, int, int, int] = (64, 64, 16, 4, 4)
 # Blocks in a launch at most; kernels grid-stride over the rest (grid x only).
 CUDA_MAX_BLOCKS: int = 1 << 18
+# The fused separable kernel's halo tiles (kernels.gemm_kernel): "auto" uses them for
+# specialised geometries with dilation 1 when rectangles of output pixels cover the output
+# with no more tiles than runs of flattened pixels do (and fit in shared memory); "always"
+# wherever they are possible (tests, benchmarks); "never" keeps the flat tiles.
+CUDA_HALO: str = "auto"
+# The register budget of the GEMM kernels: launch bounds asking for this many resident blocks
+# per multiprocessor (2 at 256 threads: <= 128 registers); 0 leaves registers to the compiler.
+CUDA_MIN_BLOCKS_PER_SM: int = 2

@@ -68,6 +68,92 @@ def test_specialised_builds(rng, op, k, s):
     )
 
 
+@pytest.fixture
+def halo_builds(monkeypatch):
+    """Force the halo-tiled separable build where one exists and record each GEMM build's
+    halo shape."""
+    from numba_dsconv import _config
+    from numba_dsconv.cuda import backend, kernels
+
+    monkeypatch.setattr(_config, "CUDA_HALO", "always")
+    monkeypatch.setattr(backend, "_PLANS", {})  # every call below plans (and builds) afresh
+    seen = []
+    real = kernels.gemm_kernel
+
+    def spy(mode, kh, kw, sh, sw, dtype, tile, halo=(0, 0), min_blocks=0):
+        seen.append(halo)
+        return real(mode, kh, kw, sh, sw, dtype, tile, halo, min_blocks)
+
+    monkeypatch.setattr(kernels, "gemm_kernel", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+@pytest.mark.parametrize("k,s", SPECIALISED)
+def test_separable_halo_tiles(rng, halo_builds, k, s, mult):
+    """Halo tiles: partial rectangles at the right and bottom edges, padding inside the halo,
+    several channel chunks and output-channel tiles, depth multipliers, both activations."""
+    x, w, b, red = make_case(
+        rng, "separable", n=2, h=k + 4, w=k + 3, c=3, kh=k, kw=k, mult=mult, c_out=5, biases=True
+    )
+    check_against_reference(
+        "separable",
+        x,
+        w,
+        red,
+        device="cuda",
+        stride=s,
+        padding="same",
+        mid_activation="relu",
+        activation="relu6",
+        **b,
+    )
+    assert halo_builds and all(h != (0, 0) for h in halo_builds), halo_builds
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_separable_halo_tiles_rectangular(rng, halo_builds, monkeypatch, s):
+    """A tile of 8 pixels with 4 x 2 outputs per thread: 2 x 4 halo rectangles."""
+    from numba_dsconv import _config
+
+    monkeypatch.setattr(_config, "CUDA_GEMM_TILE", (8, 4, 2, 4, 2))
+    x, w, b, red = make_case(rng, "separable", n=2, h=7, w=9, c=3, c_out=5, biases=True)
+    check_against_reference("separable", x, w, red, device="cuda", stride=s, padding=1, **b)
+    assert halo_builds == [(2, 4)]
+
+
+@pytest.mark.parametrize(
+    "geo",
+    [dict(padding=(2, 0)), dict(padding=((0, 2), (1, 0))), dict(padding="valid", stride=(1, 1))],
+)
+def test_separable_halo_tiles_asymmetric_padding(rng, halo_builds, geo):
+    x, w, b, red = make_case(rng, "separable", n=1, h=7, w=6, c=5, c_out=3)
+    check_against_reference("separable", x, w, red, device="cuda", **geo)
+    assert halo_builds == [halo_builds[0]] and halo_builds[0] != (0, 0)
+
+
+def test_separable_halo_not_for_dilation_or_float64(rng, halo_builds):
+    """No halo build for dilated or float64 separable layers: they take the flat tiles."""
+    x, w, b, red = make_case(rng, "separable", n=1, h=7, w=6)
+    check_against_reference("separable", x, w, red, device="cuda", padding=2, dilation=2)
+    x64, w64, _, _ = make_case(rng, "separable", n=1, h=7, w=6, xdtype=np.float64)
+    check_against_reference("separable", x64, w64, red, device="cuda", padding=1)
+    assert halo_builds == [(0, 0), (0, 0)]
+
+
+def test_launch_plans_follow_the_config(rng, halo_builds, monkeypatch):
+    """A launch plan is reused for the same call, and re-made when a _config knob changes."""
+    from numba_dsconv import _config
+
+    x, w, b, red = make_case(rng, "separable", n=1, h=6, w=6)
+    for _ in range(2):
+        check_against_reference("separable", x, w, red, device="cuda", padding=1)
+    assert len(halo_builds) == 1 and halo_builds[0] != (0, 0)
+    monkeypatch.setattr(_config, "CUDA_HALO", "never")
+    check_against_reference("separable", x, w, red, device="cuda", padding=1)
+    assert halo_builds[1:] == [(0, 0)]
+
+
 GENERIC = [
     dict(kh=2, kw=4, stride=(1, 2), padding=((0, 2), (1, 0)), dilation=1),
     dict(kh=3, kw=3, stride=3, padding=1, dilation=(2, 1)),

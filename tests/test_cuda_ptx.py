@@ -41,43 +41,95 @@ _SKIP = _nvvm_usable()
 needs_nvvm = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
+def _ptxas() -> str | None:
+    if _SKIP is not None:
+        return None
+    from numba_dsconv.cuda._resources import find_ptxas
+
+    return find_ptxas()
+
+
+PTXAS = _ptxas()  # the assembler's register/spill report, where the toolkit wheel brings it
+
+
 def _cases():
     if _SKIP is not None:
         return []
     from numba_dsconv import _config
     from numba_dsconv.cuda import kernels
 
-    return list(kernels.ptx_cases(tuple(_config.CUDA_GEMM_TILE)))
+    tile = tuple(_config.CUDA_GEMM_TILE)
+    return list(kernels.ptx_cases(tile, _config.CUDA_MIN_BLOCKS_PER_SM))
 
 
 CASES = _cases()
 
 
 @needs_nvvm
-@pytest.mark.parametrize("name,fn,sig", CASES, ids=[c[0] for c in CASES])
-def test_compiles_to_ptx_for_sm90(name, fn, sig):
+@pytest.mark.parametrize("name,fn,sig,opts", CASES, ids=[c[0] for c in CASES])
+def test_compiles_to_ptx_for_sm90(name, fn, sig, opts):
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), **opts)
     assert ".target sm_90" in ptx
     assert ".entry" in ptx
     # tiles and accumulators must live in registers / shared memory, not local memory
     assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} uses local memory"
-    if "separable" in name or "pointwise" in name or "conv2d" in name:
+    gemm = "separable" in name or "pointwise" in name or "conv2d" in name
+    if gemm:
         assert ".shared" in ptx and "bar.sync" in ptx
+    # ... and after register allocation: no spills within the launch bounds' register budget,
+    # and the promised blocks per multiprocessor fit (registers and shared memory)
+    if PTXAS is None:
+        return
+    from numba_dsconv import _config
+    from numba_dsconv.cuda._resources import assemble, blocks_per_sm
+
+    r = assemble(ptx, PTXAS)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} spills: {r}"
+    if gemm:
+        tile = _config.CUDA_GEMM_TILE
+        threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
+        fits = blocks_per_sm(r["registers"], r["shared"], threads)
+        assert fits >= _config.CUDA_MIN_BLOCKS_PER_SM, f"{name}: {r}, {fits} blocks per SM"
 
 
 @needs_nvvm
 def test_every_specialisation_is_covered():
+    from numba_dsconv import _config
     from numba_dsconv.cuda import kernels
 
+    tile = tuple(_config.CUDA_GEMM_TILE)
     names = {c[0] for c in CASES}
+    halos = 0
     for dt in ("float32", "float64"):
         for key in (*kernels.SPECIALISED, kernels.GENERIC):
             for op in ("depthwise", "separable", "conv2d"):
                 assert f"{op} {key} {dt}" in names
+            if kernels.halo_possible(key, np.dtype(dt), tile):
+                assert f"separable halo {key} {dt}" in names
+                halos += 1
         assert f"pointwise {dt}" in names
-    assert len(CASES) == 2 * (8 + 3 * (len(kernels.SPECIALISED) + 1) + 1)
+    # every float32 specialisation has a halo build (float64 has none)
+    assert halos == len(kernels.SPECIALISED)
+    assert len(CASES) == 2 * (8 + 3 * (len(kernels.SPECIALISED) + 1) + 1) + halos
+
+
+@needs_nvvm
+def test_gemm_kernels_carry_launch_bounds():
+    """The register budget reaches the PTX: .maxntid and .minnctapersm on every GEMM build."""
+    from numba import cuda
+
+    from numba_dsconv import _config
+
+    tile = tuple(_config.CUDA_GEMM_TILE)
+    threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
+    gemms = [c for c in CASES if c[0].startswith(("separable", "pointwise", "conv2d"))]
+    assert gemms and _config.CUDA_MIN_BLOCKS_PER_SM > 0
+    for name, fn, sig, opts in gemms[:3]:
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), **opts)
+        assert f".maxntid {threads}" in ptx, name
+        assert f".minnctapersm {_config.CUDA_MIN_BLOCKS_PER_SM}" in ptx, name
 
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator always has a device")
@@ -128,3 +180,61 @@ def test_reshape_of_fortran_device_weights_is_not_a_reinterpretation():
     d = DeviceNDArray(a.shape, a.strides, a.dtype, gpu_data=object())
     assert not d.is_c_contiguous()  # so CudaBackend.reshape takes its copying branch
     assert d.reshape(3, 4).strides != a.reshape(3, 4).strides  # the hazard it avoids
+
+
+def _suite_spec(number: int, batch: int, dilation: int = 1):
+    from numba_dsconv._spec import make_spec
+    from numba_dsconv.suite import layer
+
+    lay = layer(number)
+    return make_spec(
+        "separable",
+        x_shape=(batch, lay.hw, lay.hw, lay.c_in),
+        layout="NHWC",
+        kernel=(3, 3),
+        c_in_kernel=lay.c_in,
+        multiplier=1,
+        c_out=lay.c_out,
+        stride=lay.stride,
+        padding=dilation,
+        dilation=dilation,
+    )
+
+
+@pytest.mark.skipif(SIMULATOR, reason="needs the shipped tile, not the simulator's")
+def test_halo_tiles_where_rectangles_cover_the_output(monkeypatch):
+    """'auto' takes halo tiles on the 112/56-pixel MobileNet layers (8 x 8 rectangles tile
+    them exactly) and flat tiles where rectangles would leave slots idle (28, 14, 7)."""
+    pytest.importorskip("numba.cuda")
+    from numba_dsconv import _config
+    from numba_dsconv.cuda import backend, kernels
+
+    tile = (64, 64, 16, 4, 4)
+    f32 = np.dtype(np.float32)
+    key = (3, 3, 1, 1)
+
+    def choose(number, batch=64, dilation=1, dtype=f32):
+        spec = _suite_spec(number, batch, dilation)
+        k = kernels.specialisation(3, 3, spec.stride_h, spec.stride_w)
+        return backend._pixel_tiles(spec, k, dtype, tile)
+
+    # (halo shape, pixel tiles): layer 1 is 64 x 112 x 112 outputs = 64 * 196 rectangles
+    assert choose(1) == ((8, 8), 64 * 196)
+    assert choose(2) == ((8, 8), 64 * 49)  # stride 2: 56 x 56 outputs
+    assert choose(3) == ((8, 8), 64 * 49)
+    for number in (4, 5, 6, 7):
+        halo, tiles = choose(number)
+        spec = _suite_spec(number, 64)
+        assert halo == (0, 0) and tiles == -(-64 * spec.out_h * spec.out_w // 64)
+    assert choose(1, dilation=2)[0] == (0, 0)
+    assert choose(1, dtype=np.dtype(np.float64))[0] == (0, 0)
+    monkeypatch.setattr(_config, "CUDA_HALO", "always")
+    assert choose(5) == ((8, 8), 64 * 4)  # 14 x 14 outputs: 2 x 2 rectangles per image
+    monkeypatch.setattr(_config, "CUDA_HALO", "never")
+    assert choose(1)[0] == (0, 0)
+    monkeypatch.setattr(_config, "CUDA_HALO", "sometimes")
+    with pytest.raises(ValueError, match="CUDA_HALO"):
+        choose(1)
+    assert kernels.halo_possible(key, f32, tile) and not kernels.halo_possible(
+        kernels.GENERIC, f32, tile
+    )

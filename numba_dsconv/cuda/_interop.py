@@ -120,7 +120,8 @@ def byte_range(arr: Any) -> tuple[int, int]:
     return (lo, hi + arr.dtype.itemsize)
 
 
-_STREAMS: dict[int, Any] = {}
+_STREAMS: dict[int, Any] = {}  # external streams by handle
+_DEFAULT_STREAMS: dict[int, Any] = {}  # numba's default stream object by device
 
 
 def caller_stream(template: Any, index: int) -> Any:
@@ -136,9 +137,12 @@ def caller_stream(template: Any, index: int) -> Any:
 
         ptr = int(cupy.cuda.get_current_stream().ptr)
     if ptr == 0 or SIMULATOR:
-        # numba's built-in simulator (numba without numba-cuda) has no default_stream()
-        default = getattr(cuda, "default_stream", None)
-        return default() if default is not None else cuda.stream()
+        s = _DEFAULT_STREAMS.get(index)
+        if s is None:
+            # numba's built-in simulator (numba without numba-cuda) has no default_stream()
+            default = getattr(cuda, "default_stream", None)
+            s = _DEFAULT_STREAMS[index] = default() if default is not None else cuda.stream()
+        return s
     s = _STREAMS.get(ptr)
     if s is None:
         s = _STREAMS[ptr] = cuda.external_stream(ptr)
@@ -164,7 +168,19 @@ def allocate(template: Any, shape: tuple[int, ...], dtype: np.dtype, index: int,
     return d, d
 
 
+_NO_SWITCH = contextlib.nullcontext()
+_DEVICE_COUNT: list[int] = []
+
+
 def gpu_context(index: int) -> Any:
+    """A context manager making device ``index`` current for numba's calls inside it.
+
+    With one visible GPU there is nothing to switch (numba binds the device's primary context,
+    the one torch and CuPy use too, on first use), so no context push and pop: those are two
+    driver calls behind a lock, and a call entered them several times.
+    """
     if SIMULATOR:
-        return contextlib.nullcontext()
-    return cuda.gpus[index]
+        return _NO_SWITCH
+    if not _DEVICE_COUNT:
+        _DEVICE_COUNT.append(len(cuda.gpus))
+    return _NO_SWITCH if _DEVICE_COUNT[0] == 1 else cuda.gpus[index]

@@ -147,6 +147,54 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
     return depthwise
 
 
+def halo_shape(tile: tuple[int, int, int, int, int]) -> tuple[int, int]:
+    """The (rows, columns) of output pixels a halo-tiled block owns: TP pixels, near square."""
+    tp = tile[0]
+    th = 1 << ((tp.bit_length() - 1) // 2)
+    while tp % th:
+        th //= 2
+    return th, tp // th
+
+
+def shared_bytes(
+    tile: tuple[int, int, int, int, int],
+    itemsize: int,
+    geo: tuple[int, int, int, int] = GENERIC,
+    halo: tuple[int, int] = (0, 0),
+) -> int:
+    """Static shared memory of a gemm_kernel build (the A and B tiles, the pixel table, and for
+    a halo build the input halo and the chunk's depthwise weights)."""
+    tp, tn, tk, _, _ = tile
+    kh, kw, sh, sw = geo
+    th, tw = halo
+    items = tp * tk + tk * tn
+    if th:
+        items += ((th - 1) * sh + kh) * ((tw - 1) * sw + kw) * tk + kh * kw * tk
+    return items * itemsize + 3 * tp * 4
+
+
+# Static shared memory a block may declare (the CUDA limit without opt-in).
+SHARED_LIMIT = 48 * 1024
+
+
+def launch_bounds(threads: int, min_blocks: int) -> tuple[int, int] | None:
+    """At most ``threads`` per block and, as a register budget, ``min_blocks`` resident blocks
+    per multiprocessor (<= 128 registers at 256 threads and 2 blocks; the shipped builds
+    assemble without spills, see benchmarks/cuda_resources.py). None: no bounds."""
+    return (threads, min_blocks) if min_blocks > 0 else None
+
+
+def _jit_options(bounds: tuple[int, int] | None) -> dict:
+    """cuda.jit keyword arguments; the simulator's jit takes no launch bounds."""
+    return {} if bounds is None or _is_simulator() else {"launch_bounds": bounds}
+
+
+def _is_simulator() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
 @cache
 def gemm_kernel(
     mode: int,
@@ -156,12 +204,38 @@ def gemm_kernel(
     SW: int,
     dtype: np.dtype,
     tile: tuple[int, int, int, int, int],
+    halo: tuple[int, int] = (0, 0),
+    min_blocks: int = 0,
 ):
-    """The tiled GEMM kernel for ``mode``; ``tile`` = (TP, TN, TK, RP, RN)."""
+    """The tiled GEMM kernel for ``mode``; ``tile`` = (TP, TN, TK, RP, RN); ``min_blocks``: see
+    launch_bounds.
+
+    ``halo`` = (TH, TW) != (0, 0) builds the halo-tiled fused separable kernel: a block owns a
+    TH x TW rectangle of output pixels of one image (TH * TW == TP), stages the input it needs
+    ((TH-1)*SH+KH rows x (TW-1)*SW+KW columns x TK channels, zero padding included) and the
+    chunk's depthwise weights in shared memory with coalesced channel-fastest loads, and
+    computes the depthwise tile from there: every input element is read from global memory
+    once per chunk instead of once per tap. Only for specialised geometries with dilation 1
+    (the halo's size is a compile-time constant).
+    """
     TP, TN, TK, RP, RN = tile
     if TP % RP or TN % RN:
         raise ValueError(f"CUDA tile {tile}: TP must be a multiple of RP and TN of RN")
+    TH, TW = halo
+    HALO = TH > 0
     dt = np.dtype(dtype)
+    if HALO:
+        if mode != SEPARABLE or 0 in (KH, KW, SH, SW) or TH * TW != TP:
+            raise ValueError(
+                f"halo tile {halo}: only for specialised separable builds with TH * TW == TP"
+            )
+        if shared_bytes(tile, dt.itemsize, (KH, KW, SH, SW), halo) > SHARED_LIMIT:
+            raise ValueError(f"halo tile {halo} for {(KH, KW, SH, SW)} exceeds shared memory")
+    HH = (TH - 1) * SH + KH if HALO else 1  # halo rows
+    HW = (TW - 1) * SW + KW if HALO else 1  # halo columns
+    HSIZE = HH * HW * TK
+    TAPS = KH * KW if HALO else 1
+    DWSIZE = TAPS * TK  # shared array shapes must be constants, not expressions
     nbt = numba.from_dtype(dt)
     zero = dt.type(0)
     activate = _activation(dt)
@@ -169,7 +243,7 @@ def gemm_kernel(
     TNT = TN // RN  # threads along output channels
     NT = TPT * TNT  # threads per block
 
-    @cuda.jit
+    @cuda.jit(**_jit_options(launch_bounds(NT, min_blocks)))
     def gemm(x, d, dw_bias, b, bias, out, kh_, kw_, sh_, sw_, dh, dw, pt, pl, M, mid_act, act):
         kh = KH if KH != 0 else kh_
         kw = KW if KW != 0 else kw_
@@ -184,6 +258,8 @@ def gemm_kernel(
         K = b.shape[0]
         P = int64(out.shape[0]) * OH * OW
         a_tile = cuda.shared.array((TP, TK), nbt)
+        halo_t = cuda.shared.array(HSIZE, nbt)  # [halo row, halo column, channel]
+        dw_t = cuda.shared.array(DWSIZE, nbt)  # [tap, channel]
         b_tile = cuda.shared.array((TK, TN), nbt)
         # the tile's pixels as (image, row, column), decomposed once per tile: the producer and
         # the epilogue would otherwise divide a 64-bit index by runtime sizes per element
@@ -194,25 +270,40 @@ def gemm_kernel(
         tid = cuda.threadIdx.x
         tn = tid % TNT
         tp = tid // TNT
-        n_ptiles = (P + TP - 1) // TP
+        tiles_w = (OW + TW - 1) // TW if HALO else 1
+        tiles_h = (OH + TH - 1) // TH if HALO else 1
+        if HALO:
+            n_ptiles = int64(out.shape[0]) * tiles_h * tiles_w
+        else:
+            n_ptiles = (P + TP - 1) // TP
         n_ctiles = (CO + TN - 1) // TN
         ntiles = n_ptiles * n_ctiles
         for t in range(int64(cuda.blockIdx.x), ntiles, int64(cuda.gridDim.x)):
             # channel tiles fastest: neighbouring blocks reuse the same input pixels from L2
             ct = t % n_ctiles
-            p0 = (t // n_ctiles) * TP
+            ptile = t // n_ctiles
             c0 = ct * TN
             cuda.syncthreads()  # the previous tile's epilogue is done with pix_*
+            # halo tiles: image n0, output rows i0.., columns j0.. (unused by flat tiles)
+            n0 = ptile // (tiles_h * tiles_w)
+            i0 = (ptile // tiles_w) % tiles_h * TH
+            j0 = ptile % tiles_w * TW
             for e in range(tid, TP, NT):
-                p = p0 + e
                 n = -1  # past the last pixel
                 i = 0
                 j = 0
-                if p < P:
-                    j = p % OW
-                    r = p // OW
-                    i = r % OH
-                    n = r // OH
+                if HALO:
+                    i = i0 + e // TW
+                    j = j0 + e % TW
+                    if i < OH and j < OW:
+                        n = n0
+                else:
+                    p = ptile * TP + e
+                    if p < P:
+                        j = p % OW
+                        r = p // OW
+                        i = r % OH
+                        n = r // OH
                 pix_n[e] = n
                 pix_i[e] = i
                 pix_j[e] = j
@@ -221,6 +312,34 @@ def gemm_kernel(
                     acc[a, bb] = zero
             cuda.syncthreads()
             for k0 in range(0, K, TK):
+                if HALO:
+                    # stage the input halo and the chunk's depthwise weights: channel fastest,
+                    # so a warp reads TK neighbouring channels of consecutive pixels. (The
+                    # tile's origin is recomputed: fewer registers live across the chunk loop.)
+                    ptile = t // n_ctiles
+                    n0 = ptile // (tiles_h * tiles_w)
+                    ih0 = (ptile // tiles_w) % tiles_h * (TH * SH) - pt
+                    iw0 = ptile % tiles_w * (TW * SW) - pl
+                    for e in range(tid, HSIZE, NT):
+                        hp = e // TK
+                        kk = e - hp * TK
+                        hr = hp // HW
+                        ih = ih0 + hr
+                        iw = iw0 + (hp - hr * HW)
+                        k = k0 + kk
+                        v = zero  # zero padding: 0 * weight, as the formula says
+                        if k < K and ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            v = x[n0, ih, iw, k // M if M != 1 else k]
+                        halo_t[e] = v
+                    for e in range(tid, DWSIZE, NT):
+                        tap = e // TK
+                        kk = e - tap * TK
+                        k = k0 + kk
+                        w = zero
+                        if k < K:
+                            w = d[tap // KW, tap - (tap // KW) * KW, k]
+                        dw_t[e] = w
+                    cuda.syncthreads()
                 # produce the A tile (TP pixels x TK reduction channels) into shared memory
                 for e in range(tid, TP * TK, NT):
                     pp = e // TK  # TK is a compile-time constant: no division instruction
@@ -228,7 +347,17 @@ def gemm_kernel(
                     k = k0 + kk
                     n = pix_n[pp]
                     v = zero
-                    if n >= 0 and k < K:
+                    if HALO:
+                        if n >= 0 and k < K:
+                            row = pp // TW  # the pixel's row and column in the tile
+                            base = (row * SH * HW + (pp - row * TW) * SW) * TK + kk
+                            v = dw_bias[k]
+                            for m in range(KH):
+                                for q in range(KW):
+                                    tap = m * KW + q
+                                    v += halo_t[base + (m * HW + q) * TK] * dw_t[tap * TK + kk]
+                            v = activate(v, mid_act)
+                    elif n >= 0 and k < K:
                         i = pix_i[pp]
                         j = pix_j[pp]
                         if mode == POINTWISE:
@@ -297,24 +426,41 @@ def _arr(dt: np.dtype, ndim: int, layout: str = "C"):
     return numba.types.Array(numba.from_dtype(dt), ndim, layout)
 
 
-def ptx_cases(tile: tuple[int, int, int, int, int]):
-    """(name, python function, signature) for every kernel build the backend can launch."""
+def halo_possible(
+    geo: tuple[int, int, int, int], dtype: np.dtype, tile: tuple[int, int, int, int, int]
+) -> bool:
+    """Whether a halo build exists for this specialisation: float32 (in float64 the halo
+    builds spill registers at the 128-register budget) and its shared memory fits."""
+    if geo == GENERIC or np.dtype(dtype) != np.float32:
+        return False
+    return shared_bytes(tile, np.dtype(dtype).itemsize, geo, halo_shape(tile)) <= SHARED_LIMIT
+
+
+def ptx_cases(tile: tuple[int, int, int, int, int], min_blocks: int):
+    """(name, python function, signature, compile_ptx options) for every kernel build the
+    backend can launch with this tile and register budget."""
     i64 = numba.types.int64
+    bounds = launch_bounds((tile[0] // tile[3]) * (tile[1] // tile[4]), min_blocks)
+    gopt = {} if bounds is None else {"launch_bounds": bounds}
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         a4, a3, a2, a1 = _arr(dt, 4), _arr(dt, 3), _arr(dt, 2), _arr(dt, 1)
+        gsig = (a4, a3, a1, a2, a1, a4) + (i64,) * 11
         # layout, contiguity and dtype conversions: any source to any destination layout
         for sdt in (np.dtype(np.float32), np.dtype(np.float64)):
             for sl in ("C", "A"):
                 for dl in ("C", "A"):
                     sig = (_arr(sdt, 4, sl), _arr(dt, 4, dl))
-                    yield (f"copy4d {sdt}[{sl}]->{dt}[{dl}]", copy4d().py_func, sig)
+                    yield (f"copy4d {sdt}[{sl}]->{dt}[{dl}]", copy4d().py_func, sig, {})
         for key in (*SPECIALISED, GENERIC):
             dw = depthwise_kernel(*key, dt)
             sig = (a4, a3, a1, a4) + (i64,) * 10
-            yield (f"depthwise {key} {dt}", dw.py_func, sig)
+            yield (f"depthwise {key} {dt}", dw.py_func, sig, {})
             for mode in (SEPARABLE, CONV2D):
-                g = gemm_kernel(mode, *key, dt, tile)
-                sig = (a4, a3, a1, a2, a1, a4) + (i64,) * 11
-                yield (f"{MODE_NAMES[mode]} {key} {dt}", g.py_func, sig)
-        g = gemm_kernel(POINTWISE, *GENERIC, dt, tile)
-        yield (f"pointwise {dt}", g.py_func, (a4, a3, a1, a2, a1, a4) + (i64,) * 11)
+                g = gemm_kernel(mode, *key, dt, tile, (0, 0), min_blocks)
+                yield (f"{MODE_NAMES[mode]} {key} {dt}", g.py_func, gsig, gopt)
+            if halo_possible(key, dt, tile):
+                halo = halo_shape(tile)
+                g = gemm_kernel(SEPARABLE, *key, dt, tile, halo, min_blocks)
+                yield (f"separable halo {key} {dt}", g.py_func, gsig, gopt)
+        g = gemm_kernel(POINTWISE, *GENERIC, dt, tile, (0, 0), min_blocks)
+        yield (f"pointwise {dt}", g.py_func, gsig, gopt)
