@@ -78,6 +78,10 @@ def test_compiles_to_ptx_for_sm90(name, fn, sig, opts):
     gemm = "separable" in name or "pointwise" in name or "conv2d" in name
     if gemm:
         assert ".shared" in ptx and "bar.sync" in ptx
+        # the inner product step reads a thread's 4 pixels and 4 channels from the shared
+        # tiles with 16-byte vector loads (two per step, not eight scalar loads)
+        vector = "ld.shared.v4.f32" if "float32" in name else "ld.shared.v2.f64"
+        assert ptx.count(vector) >= (2 if "float32" in name else 4), name
     # ... and after register allocation: no spills within the launch bounds' register budget,
     # and the promised blocks per multiprocessor fit (registers and shared memory)
     if PTXAS is None:

@@ -12,7 +12,9 @@ is worth a compile-time constant:
   ops that end in a matrix product. A block owns a tile of TP output pixels x TN output
   channels; for each chunk of TK reduction channels it first *produces* the A tile into shared
   memory, then multiplies it with the matching B tile (also staged in shared memory) into a
-  register tile of RP x RN outputs per thread. The producer is what differs:
+  register tile of RP x RN outputs per thread. A thread's RP pixels and RN channels are
+  consecutive in the (16-byte aligned) tiles, so each step of the inner product is two vector
+  loads and RP * RN FMAs. The producer is what differs:
 
   - ``POINTWISE``: A[p, k] = x[p, k];
   - ``SEPARABLE``: A[p, k] = mid_act(dw_bias[k] + depthwise(x)[p, k]), computed right there:
@@ -20,7 +22,9 @@ is worth a compile-time constant:
   - ``CONV2D``: A[p, (tap, c)] = padded x at that tap (implicit GEMM, B = w as (K*K*C, C_out)).
 
   Biases and activations are fused into the epilogue. ``KH == 0`` (and so on) selects the
-  generic build, which reads the kernel size and stride from its arguments.
+  generic build, which reads the kernel size and stride from its arguments. The separable
+  mode also has a halo-tiled build (see ``gemm_kernel``), and every GEMM build carries launch
+  bounds that cap its registers (``launch_bounds``).
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def shared_bytes(
     tp, tn, tk, _, _ = tile
     kh, kw, sh, sw = geo
     th, tw = halo
-    items = tp * tk + tk * tn
+    items = tk * (tp + 4) + tk * tn  # the A tile's rows are padded by 4 (see TPA)
     if th:
         items += ((th - 1) * sh + kh) * ((tw - 1) * sw + kw) * tk + kh * kw * tk
     return items * itemsize + 3 * tp * 4
@@ -240,6 +244,10 @@ def gemm_kernel(
     zero = dt.type(0)
     activate = _activation(dt)
     TPT = TP // RP  # threads along pixels
+    # 16-byte aligned tiles, so a thread's consecutive tile values load as vectors (the
+    # simulator takes no alignment)
+    ALIGN = None if _is_simulator() else 16
+    TPA = TP + 4  # A-tile row length: 16-byte rows, and the producer's writes spread over banks
     TNT = TN // RN  # threads along output channels
     NT = TPT * TNT  # threads per block
 
@@ -257,18 +265,23 @@ def gemm_kernel(
         CO = out.shape[3]
         K = b.shape[0]
         P = int64(out.shape[0]) * OH * OW
-        a_tile = cuda.shared.array((TP, TK), nbt)
+        a_tile = cuda.shared.array((TK, TPA), nbt, alignment=ALIGN)  # [channel, pixel]
         halo_t = cuda.shared.array(HSIZE, nbt)  # [halo row, halo column, channel]
         dw_t = cuda.shared.array(DWSIZE, nbt)  # [tap, channel]
-        b_tile = cuda.shared.array((TK, TN), nbt)
+        b_tile = cuda.shared.array((TK, TN), nbt, alignment=ALIGN)
         # the tile's pixels as (image, row, column), decomposed once per tile: the producer and
         # the epilogue would otherwise divide a 64-bit index by runtime sizes per element
         pix_n = cuda.shared.array(TP, int32)
         pix_i = cuda.shared.array(TP, int32)
         pix_j = cuda.shared.array(TP, int32)
         acc = cuda.local.array((RP, RN), nbt)
+        av = cuda.local.array(RP, nbt)
+        bv = cuda.local.array(RN, nbt)
         tid = cuda.threadIdx.x
-        tn = tid % TNT
+        # (tid & (TNT - 1), not tid % TNT, where TNT is a power of two: LLVM then knows
+        # tn >= 0, drops the negative-index wraparound code, and merges a thread's RN
+        # consecutive b_tile loads into one vector load, as it does for the RP a_tile loads)
+        tn = tid & (TNT - 1) if TNT & (TNT - 1) == 0 else tid % TNT
         tp = tid // TNT
         tiles_w = (OW + TW - 1) // TW if HALO else 1
         tiles_h = (OH + TH - 1) // TH if HALO else 1
@@ -386,7 +399,7 @@ def gemm_kernel(
                             iw = j * sw - pl + q * dw
                             if ih >= 0 and ih < H and iw >= 0 and iw < W:
                                 v = x[n, ih, iw, c]
-                    a_tile[pp, kk] = v
+                    a_tile[kk, pp] = v
                 # stage the B tile (TK x TN), coalesced along output channels
                 for e in range(tid, TK * TN, NT):
                     kk = e // TN
@@ -399,19 +412,23 @@ def gemm_kernel(
                     b_tile[kk, cc] = w
                 cuda.syncthreads()
                 for kk in range(TK):
+                    # a thread's RP pixels and RN channels are contiguous: two vector loads
                     for a in range(RP):
-                        av = a_tile[tp + a * TPT, kk]
+                        av[a] = a_tile[kk, tp * RP + a]
+                    for bb in range(RN):
+                        bv[bb] = b_tile[kk, tn * RN + bb]
+                    for a in range(RP):
                         for bb in range(RN):
-                            acc[a, bb] += av * b_tile[kk, tn + bb * TNT]
+                            acc[a, bb] += av[a] * bv[bb]
                 cuda.syncthreads()  # the tiles are overwritten by the next chunk
             for a in range(RP):
-                pp = tp + a * TPT
+                pp = tp * RP + a
                 n = pix_n[pp]
                 if n >= 0:
                     i = pix_i[pp]
                     j = pix_j[pp]
                     for bb in range(RN):
-                        co = c0 + tn + bb * TNT
+                        co = c0 + tn * RN + bb
                         if co < CO:
                             out[n, i, j, co] = activate(acc[a, bb] + bias[co], act)
 
