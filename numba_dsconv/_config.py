@@ -108,6 +108,7 @@ CUDA_MAX_BLOCKS: int = 1 << 18
 # with no more tiles than runs of flattened pixels do (and fit in shared memory); "always"
 # wherever they are possible (tests, benchmarks); "never" keeps the flat tiles.
 CUDA_HALO: str = "auto"
-# The register budget of the GEMM kernels: launch bounds asking for this many resident blocks
-# per multiprocessor (2 at 256 threads: <= 128 registers); 0 leaves registers to the compiler.
-CUDA_MIN_BLOCKS_PER_SM: int = 2
+# The register budget of the GEMM kernels, per thread: launch bounds asking for as many
+# resident blocks per multiprocessor as 64K registers allow at this budget (2 blocks of 256
+# threads at 128); 0 leaves registers to the compiler (the fused kernel then takes 134-202).
+CUDA_GEMM_REGISTERS: int = 128

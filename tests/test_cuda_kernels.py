@@ -80,9 +80,9 @@ def halo_builds(monkeypatch):
     seen = []
     real = kernels.gemm_kernel
 
-    def spy(mode, kh, kw, sh, sw, dtype, tile, halo=(0, 0), min_blocks=0):
+    def spy(mode, kh, kw, sh, sw, dtype, tile, halo=(0, 0), registers=0):
         seen.append(halo)
-        return real(mode, kh, kw, sh, sw, dtype, tile, halo, min_blocks)
+        return real(mode, kh, kw, sh, sw, dtype, tile, halo, registers)
 
     monkeypatch.setattr(kernels, "gemm_kernel", spy)
     return seen
@@ -122,6 +122,21 @@ def test_separable_halo_tiles_rectangular(rng, halo_builds, monkeypatch, s):
     assert halo_builds == [(2, 4)]
 
 
+@pytest.mark.parametrize("halo", ["always", "never"])
+def test_shipped_tile(rng, monkeypatch, halo):
+    """The shipped tile (256 threads, 8 x 8 halo rectangles, 16-channel chunks) on a layer with
+    a partial last chunk (20 channels), a partial output-channel tile (70) and more tiles
+    than blocks."""
+    from numba_dsconv import _config
+
+    monkeypatch.setattr(_config, "CUDA_GEMM_TILE", (64, 64, 16, 4, 4))
+    monkeypatch.setattr(_config, "CUDA_HALO", halo)
+    x, w, b, red = make_case(rng, "separable", n=2, h=9, w=10, c=20, c_out=70, biases=True)
+    check_against_reference(
+        "separable", x, w, red, device="cuda", padding=1, activation="relu6", **b
+    )
+
+
 @pytest.mark.parametrize(
     "geo",
     [dict(padding=(2, 0)), dict(padding=((0, 2), (1, 0))), dict(padding="valid", stride=(1, 1))],
@@ -152,6 +167,9 @@ def test_launch_plans_follow_the_config(rng, halo_builds, monkeypatch):
     monkeypatch.setattr(_config, "CUDA_HALO", "never")
     check_against_reference("separable", x, w, red, device="cuda", padding=1)
     assert halo_builds[1:] == [(0, 0)]
+    x64, w64, _, _ = make_case(rng, "separable", n=1, h=6, w=6, xdtype=np.float64)
+    check_against_reference("separable", x64, w64, red, device="cuda", padding=1)
+    assert len(halo_builds) == 3  # another dtype: another plan
 
 
 GENERIC = [

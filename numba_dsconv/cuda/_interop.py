@@ -175,12 +175,25 @@ _DEVICE_COUNT: list[int] = []
 def gpu_context(index: int) -> Any:
     """A context manager making device ``index`` current for numba's calls inside it.
 
-    With one visible GPU there is nothing to switch (numba binds the device's primary context,
-    the one torch and CuPy use too, on first use), so no context push and pop: those are two
-    driver calls behind a lock, and a call entered them several times.
+    With one visible GPU, and no context or that GPU's primary context current in this thread
+    (numba binds the primary context, the one torch and CuPy use too, on first use), there is
+    nothing to switch: no context push and pop (driver calls behind a lock). Another context
+    current (PyCUDA, a green context) still gets numba's push of the primary one.
     """
     if SIMULATOR:
         return _NO_SWITCH
     if not _DEVICE_COUNT:
         _DEVICE_COUNT.append(len(cuda.gpus))
-    return _NO_SWITCH if _DEVICE_COUNT[0] == 1 else cuda.gpus[index]
+    if _DEVICE_COUNT[0] == 1 and _primary_or_none_current():
+        return _NO_SWITCH
+    return cuda.gpus[index]
+
+
+def _primary_or_none_current() -> bool:
+    from numba.cuda.cudadrv.driver import driver
+
+    with driver.get_active_context() as active:
+        if not active:
+            return True
+        primary = cuda.gpus[0].get_primary_context()
+        return int(active.context_handle) == int(primary.handle)

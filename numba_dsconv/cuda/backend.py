@@ -30,7 +30,7 @@ def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
 
 
 _ZEROS: dict[tuple[int, int, str], Any] = {}
-_PLANS: dict[tuple, tuple[Any, tuple[int, ...]]] = {}
+_PLANS: dict[tuple, tuple[Any, int, int, tuple[int, ...]]] = {}
 _PLANS_MAX = 256
 
 
@@ -105,7 +105,8 @@ class CudaBackend:
             )
         self.index = index
         self.host_in = _interop.library(template) == "host"
-        with _interop.gpu_context(index):
+        self.context = _interop.gpu_context(index)  # entered around every CUDA step of the call
+        with self.context:
             self.stream = _interop.caller_stream(template, index)
 
     # -- the hooks api.py calls -----------------------------------------------------------
@@ -116,7 +117,7 @@ class CudaBackend:
         idx = _interop.device_index(a)
         if idx is not None and idx != self.index:
             raise ValueError(f"{name} lives on cuda:{idx} but the call runs on cuda:{self.index}")
-        with _interop.gpu_context(self.index):
+        with self.context:
             return _interop.as_device_array(a, name)
 
     def out_array(self, out: Any) -> Any:
@@ -129,7 +130,7 @@ class CudaBackend:
             return arr
         arr = self.asarray(out, "out")
         if self.host_in:  # the result lands in the caller's array: use the caller's stream
-            with _interop.gpu_context(self.index):
+            with self.context:
                 self.stream = _interop.caller_stream(out, self.index)
         return arr
 
@@ -137,7 +138,7 @@ class CudaBackend:
         """``a`` reshaped; a non-C-contiguous device array is copied first (numba's reshape
         would reinterpret F-ordered memory with C strides)."""
         if _is_device(a) and not a.is_c_contiguous():
-            with _interop.gpu_context(self.index):
+            with self.context:
                 a = self._contiguous(a, np.dtype(a.dtype))
         return a if tuple(a.shape) == shape else a.reshape(shape)
 
@@ -194,18 +195,20 @@ class CudaBackend:
         _launch_1d(kernels.copy4d(), dst.size, self.stream, src, dst)
         return dst
 
-    def _plan(self, spec: ConvSpec, dtype: np.dtype) -> tuple[Any, tuple[int, ...]]:
-        """(configured kernel, its integer arguments) for ``spec``: the build, the grid and the
-        scalars depend only on the geometry, the dtype, the stream and the _config knobs, so
-        they are worked out once and reused (memo of at most _PLANS_MAX entries)."""
+    def _plan(self, spec: ConvSpec, dtype: np.dtype) -> tuple[Any, int, int, tuple[int, ...]]:
+        """(kernel build, blocks, threads, its integer arguments) for ``spec``: they depend only
+        on the geometry, the dtype and the _config knobs, so they are worked out once and kept
+        in a small memo (oldest entry dropped first). The stream is not part of a plan: a
+        configured launch would keep a foreign stream's handle alive after its owner freed it.
+        """
         knobs = (
             tuple(_config.CUDA_GEMM_TILE),
             _config.CUDA_HALO,
-            _config.CUDA_MIN_BLOCKS_PER_SM,
+            _config.CUDA_GEMM_REGISTERS,
             _config.CUDA_MAX_BLOCKS,
             _config.CUDA_THREADS,
         )
-        memo_key = (spec, dtype.str, self.stream, knobs)
+        memo_key = (spec, dtype.str, knobs)
         plan = _PLANS.get(memo_key)
         if plan is not None:
             return plan
@@ -229,21 +232,21 @@ class CudaBackend:
             if spec.op == "pointwise":
                 key = kernels.GENERIC
             halo, ptiles = _pixel_tiles(spec, key, dtype, tile)
-            kern = kernels.gemm_kernel(
-                mode, *key, dtype, tile, halo, _config.CUDA_MIN_BLOCKS_PER_SM
-            )
+            kern = kernels.gemm_kernel(mode, *key, dtype, tile, halo, _config.CUDA_GEMM_REGISTERS)
             tp, tn, _, rp, rn = tile
             ntiles = ptiles * math.ceil(spec.c_out / tn)
             blocks = max(1, min(ntiles, _config.CUDA_MAX_BLOCKS))
             threads = (tp // rp) * (tn // rn)
             ints = (*geo, *rest, spec.mid_activation, spec.activation)
-        plan = (kern[blocks, threads, self.stream], ints)
-        if len(_PLANS) < _PLANS_MAX:
-            _PLANS[memo_key] = plan
+        plan = (kern, blocks, threads, ints)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.pop(next(iter(_PLANS), None), None)
+        _PLANS[memo_key] = plan
         return plan
 
     def _launch(self, spec: ConvSpec, dtype: np.dtype, xd, weights, biases, target) -> None:
-        launch, ints = self._plan(spec, dtype)
+        kern, blocks, threads, ints = self._plan(spec, dtype)
+        launch = kern[blocks, threads, self.stream]
         if spec.op == "depthwise":
             d = self._contiguous(weights[0], dtype)
             b = self._bias(biases[0], spec.c_mid, dtype)
@@ -264,7 +267,7 @@ class CudaBackend:
 
     def run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
         dtype = np.dtype(dtype)
-        with _interop.gpu_context(self.index):
+        with self.context:
             return self._run(spec, dtype, x, weights, biases, out)
 
     def _run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:

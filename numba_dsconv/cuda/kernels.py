@@ -181,11 +181,14 @@ def shared_bytes(
 SHARED_LIMIT = 48 * 1024
 
 
-def launch_bounds(threads: int, min_blocks: int) -> tuple[int, int] | None:
-    """At most ``threads`` per block and, as a register budget, ``min_blocks`` resident blocks
-    per multiprocessor (<= 128 registers at 256 threads and 2 blocks; the shipped builds
-    assemble without spills, see benchmarks/cuda_resources.py). None: no bounds."""
-    return (threads, min_blocks) if min_blocks > 0 else None
+def launch_bounds(threads: int, registers: int) -> tuple[int, int] | None:
+    """(max threads per block, min resident blocks per multiprocessor) that hold a kernel of
+    ``threads`` per block to at most ``registers`` per thread (64K registers per
+    multiprocessor: 2 blocks of 256 threads at 128). None: no bounds (``registers`` <= 0).
+    The shipped builds assemble without spills at 128 (the PTX tests check it)."""
+    if registers <= 0:
+        return None
+    return (threads, max(1, 65536 // (registers * threads)))
 
 
 def _jit_options(bounds: tuple[int, int] | None) -> dict:
@@ -209,10 +212,10 @@ def gemm_kernel(
     dtype: np.dtype,
     tile: tuple[int, int, int, int, int],
     halo: tuple[int, int] = (0, 0),
-    min_blocks: int = 0,
+    registers: int = 0,
 ):
-    """The tiled GEMM kernel for ``mode``; ``tile`` = (TP, TN, TK, RP, RN); ``min_blocks``: see
-    launch_bounds.
+    """The tiled GEMM kernel for ``mode``; ``tile`` = (TP, TN, TK, RP, RN); ``registers``: the
+    per-thread register budget (see launch_bounds).
 
     ``halo`` = (TH, TW) != (0, 0) builds the halo-tiled fused separable kernel: a block owns a
     TH x TW rectangle of output pixels of one image (TH * TW == TP), stages the input it needs
@@ -251,7 +254,7 @@ def gemm_kernel(
     TNT = TN // RN  # threads along output channels
     NT = TPT * TNT  # threads per block
 
-    @cuda.jit(**_jit_options(launch_bounds(NT, min_blocks)))
+    @cuda.jit(**_jit_options(launch_bounds(NT, registers)))
     def gemm(x, d, dw_bias, b, bias, out, kh_, kw_, sh_, sw_, dh, dw, pt, pl, M, mid_act, act):
         kh = KH if KH != 0 else kh_
         kw = KW if KW != 0 else kw_
@@ -453,11 +456,11 @@ def halo_possible(
     return shared_bytes(tile, np.dtype(dtype).itemsize, geo, halo_shape(tile)) <= SHARED_LIMIT
 
 
-def ptx_cases(tile: tuple[int, int, int, int, int], min_blocks: int):
+def ptx_cases(tile: tuple[int, int, int, int, int], registers: int):
     """(name, python function, signature, compile_ptx options) for every kernel build the
     backend can launch with this tile and register budget."""
     i64 = numba.types.int64
-    bounds = launch_bounds((tile[0] // tile[3]) * (tile[1] // tile[4]), min_blocks)
+    bounds = launch_bounds((tile[0] // tile[3]) * (tile[1] // tile[4]), registers)
     gopt = {} if bounds is None else {"launch_bounds": bounds}
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         a4, a3, a2, a1 = _arr(dt, 4), _arr(dt, 3), _arr(dt, 2), _arr(dt, 1)
@@ -473,11 +476,11 @@ def ptx_cases(tile: tuple[int, int, int, int, int], min_blocks: int):
             sig = (a4, a3, a1, a4) + (i64,) * 10
             yield (f"depthwise {key} {dt}", dw.py_func, sig, {})
             for mode in (SEPARABLE, CONV2D):
-                g = gemm_kernel(mode, *key, dt, tile, (0, 0), min_blocks)
+                g = gemm_kernel(mode, *key, dt, tile, (0, 0), registers)
                 yield (f"{MODE_NAMES[mode]} {key} {dt}", g.py_func, gsig, gopt)
             if halo_possible(key, dt, tile):
                 halo = halo_shape(tile)
-                g = gemm_kernel(SEPARABLE, *key, dt, tile, halo, min_blocks)
+                g = gemm_kernel(SEPARABLE, *key, dt, tile, halo, registers)
                 yield (f"separable halo {key} {dt}", g.py_func, gsig, gopt)
-        g = gemm_kernel(POINTWISE, *GENERIC, dt, tile, (0, 0), min_blocks)
+        g = gemm_kernel(POINTWISE, *GENERIC, dt, tile, (0, 0), registers)
         yield (f"pointwise {dt}", g.py_func, gsig, gopt)
