@@ -172,6 +172,17 @@ def test_launch_plans_follow_the_config(rng, halo_builds, monkeypatch):
     assert len(halo_builds) == 3  # another dtype: another plan
 
 
+@pytest.mark.parametrize("dilation", [(2, 1), (1, 2), 2])
+@pytest.mark.parametrize("s", [1, 2])
+def test_depthwise_specialised_dilated(rng, s, dilation):
+    """Specialised 3x3 builds with dilation: the register window of input columns serves
+    column dilation 1 (any row dilation); column dilation > 1 takes the per-tap loads."""
+    x, w, b, red = make_case(rng, "depthwise", n=2, h=9, w=11, c=3, mult=2, biases=True)
+    check_against_reference(
+        "depthwise", x, w, red, device="cuda", stride=s, padding=2, dilation=dilation, **b
+    )
+
+
 GENERIC = [
     dict(kh=2, kw=4, stride=(1, 2), padding=((0, 2), (1, 0)), dilation=1),
     dict(kh=3, kw=3, stride=3, padding=1, dilation=(2, 1)),

@@ -30,7 +30,7 @@ def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
 
 
 _ZEROS: dict[tuple[int, int, str], Any] = {}
-_PLANS: dict[tuple, tuple[Any, int, int, tuple[int, ...]]] = {}
+_PLANS: dict[tuple, tuple[Any, Any, int, tuple[int, ...]]] = {}
 _PLANS_MAX = 256
 
 
@@ -195,7 +195,7 @@ class CudaBackend:
         _launch_1d(kernels.copy4d(), dst.size, self.stream, src, dst)
         return dst
 
-    def _plan(self, spec: ConvSpec, dtype: np.dtype) -> tuple[Any, int, int, tuple[int, ...]]:
+    def _plan(self, spec: ConvSpec, dtype: np.dtype) -> tuple[Any, Any, int, tuple[int, ...]]:
         """(kernel build, blocks, threads, its integer arguments) for ``spec``: they depend only
         on the geometry, the dtype and the _config knobs, so they are worked out once and kept
         in a small memo (oldest entry dropped first). The stream is not part of a plan: a
@@ -217,10 +217,13 @@ class CudaBackend:
         key = kernels.specialisation(*geo)
         if spec.op == "depthwise":
             kern = kernels.depthwise_kernel(*key, dtype)
-            # one thread per DEPTHWISE_JB pixels of a row and one channel
-            work = spec.n * spec.out_h * -(-spec.out_w // kernels.DEPTHWISE_JB) * spec.c_mid
+            # grid x: one thread per DEPTHWISE_JB pixels of a row and one channel; grid y: rows
+            # (at most 65535 blocks in y; the kernel strides over the rest)
+            per_row = -(-spec.out_w // kernels.DEPTHWISE_JB) * spec.c_mid
             threads = _config.CUDA_THREADS
-            blocks = max(1, min(math.ceil(work / threads), _config.CUDA_MAX_BLOCKS))
+            bx = max(1, min(math.ceil(per_row / threads), _config.CUDA_MAX_BLOCKS))
+            by = max(1, min(spec.n * spec.out_h, 65535, _config.CUDA_MAX_BLOCKS // bx))
+            blocks = (bx, by)
             ints = (*geo, *rest, spec.activation)
         else:
             tile = knobs[0]

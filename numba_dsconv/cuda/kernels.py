@@ -6,8 +6,8 @@ is worth a compile-time constant:
 
 * ``copy4d``: layout/contiguity/dtype conversion of any strided 4-D view (NCHW <-> NHWC).
 * ``depthwise_kernel(KH, KW, SH, SW, dtype)``: one thread per DEPTHWISE_JB output pixels of a
-  row and one channel, channel fastest (coalesced in NHWC), grid-stride loop over a 64-bit flat
-  index.
+  row and one channel, channel fastest (coalesced in NHWC); a 2-D grid (a row's columns x
+  channels, then rows) with grid-stride loops in 64 bits.
 * ``gemm_kernel(mode, KH, KW, SH, SW, dtype, tile)``: one tiled GEMM skeleton for the three
   ops that end in a matrix product. A block owns a tile of TP output pixels x TN output
   channels; for each chunk of TK reduction channels it first *produces* the A tile into shared
@@ -101,13 +101,18 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
     activate = _activation(dt)
     zero = dt.type(0)
     JB = DEPTHWISE_JB
+    # input columns the JB outputs of a specialised build read in one kernel row (dilation 1):
+    # loaded once into registers, each shared by up to KW taps
+    WIN = (JB - 1) * SW + KW if KW != 0 else 1
 
     @cuda.jit
     def depthwise(x, d, bias, out, kh_, kw_, sh_, sw_, dh, dw, pt, pl, M, act):
         """out[n,i,j,cM+q] = act(bias + sum x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q]).
 
-        One thread per (image, output row, block of JB output columns, output channel),
-        channel fastest (coalesced in NHWC); grid-stride loop over a 64-bit flat index.
+        One thread per (output row, block of JB output columns, output channel), channel
+        fastest (coalesced in NHWC). Grid x covers a row's column blocks x channels (the
+        channel and column of a thread are worked out once); grid y strides over the N * OH
+        output rows, so the per-row index work is one division.
         """
         kh = KH if KH != 0 else kh_
         kw = KW if KW != 0 else kw_
@@ -119,34 +124,50 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
         OW = out.shape[2]
         CM = out.shape[3]
         OWB = (OW + JB - 1) // JB
-        total = int64(out.shape[0]) * OH * OWB * CM
+        per_row = int64(OWB) * CM
+        rows = int64(out.shape[0]) * OH
         acc = cuda.local.array(JB, nbt)
-        for e in range(cuda.grid(1), total, cuda.gridsize(1)):
-            cm = e % CM
-            r = e // CM
-            j0 = (r % OWB) * JB
-            r = r // OWB
-            i = r % OH
-            n = r // OH
-            c = cm // M
+        win = cuda.local.array(WIN, nbt)
+        for ex in range(cuda.grid(1), per_row, cuda.gridsize(1)):
+            cm = ex % CM
+            j0 = (ex // CM) * JB
+            c = cm // M if M != 1 else cm
             b = bias[cm]
-            for jj in range(JB):
-                acc[jj] = b
-            ih0 = i * sh - pt
-            for m in range(kh):
-                ih = ih0 + m * dh
-                row_inside = ih >= 0 and ih < H
-                for q in range(kw):
-                    wv = d[m, q, cm]
-                    for jj in range(JB):
-                        iw = (j0 + jj) * sw - pl + q * dw
-                        xv = zero  # the zero padding: 0 * weight, so NaN/Inf weights propagate
-                        if row_inside and iw >= 0 and iw < W:
-                            xv = x[n, ih, iw, c]
-                        acc[jj] += xv * wv
-            for jj in range(JB):
-                if j0 + jj < OW:
-                    out[n, i, j0 + jj, cm] = activate(acc[jj], act)
+            iw0 = j0 * sw - pl
+            for r in range(int64(cuda.blockIdx.y), rows, int64(cuda.gridDim.y)):
+                i = r % OH
+                n = r // OH
+                for jj in range(JB):
+                    acc[jj] = b
+                ih0 = i * sh - pt
+                for m in range(kh):
+                    ih = ih0 + m * dh
+                    row_inside = ih >= 0 and ih < H
+                    if KW != 0 and dw == 1:
+                        # the row's input window, zero padding included (0 * weight, so
+                        # NaN/Inf weights propagate), then KW x JB FMAs from registers
+                        for t in range(WIN):
+                            iw = iw0 + t
+                            xv = zero
+                            if row_inside and iw >= 0 and iw < W:
+                                xv = x[n, ih, iw, c]
+                            win[t] = xv
+                        for q in range(KW):
+                            wv = d[m, q, cm]
+                            for jj in range(JB):
+                                acc[jj] += win[jj * SW + q] * wv
+                    else:
+                        for q in range(kw):
+                            wv = d[m, q, cm]
+                            for jj in range(JB):
+                                iw = iw0 + jj * sw + q * dw
+                                xv = zero
+                                if row_inside and iw >= 0 and iw < W:
+                                    xv = x[n, ih, iw, c]
+                                acc[jj] += xv * wv
+                for jj in range(JB):
+                    if j0 + jj < OW:
+                        out[n, i, j0 + jj, cm] = activate(acc[jj], act)
 
     return depthwise
 
