@@ -35,6 +35,8 @@ import numba
 import numpy as np
 from numba import cuda, int32, int64
 
+from ._interop import SIMULATOR
+
 POINTWISE, SEPARABLE, CONV2D = 0, 1, 2
 MODE_NAMES = {POINTWISE: "pointwise", SEPARABLE: "separable", CONV2D: "conv2d"}
 
@@ -214,13 +216,7 @@ def launch_bounds(threads: int, registers: int) -> tuple[int, int] | None:
 
 def _jit_options(bounds: tuple[int, int] | None) -> dict:
     """cuda.jit keyword arguments; the simulator's jit takes no launch bounds."""
-    return {} if bounds is None or _is_simulator() else {"launch_bounds": bounds}
-
-
-def _is_simulator() -> bool:
-    from numba import config
-
-    return bool(config.ENABLE_CUDASIM)
+    return {} if bounds is None or SIMULATOR else {"launch_bounds": bounds}
 
 
 @cache
@@ -270,7 +266,7 @@ def gemm_kernel(
     TPT = TP // RP  # threads along pixels
     # 16-byte aligned tiles, so a thread's consecutive tile values load as vectors (the
     # simulator takes no alignment)
-    ALIGN = None if _is_simulator() else 16
+    ALIGN = None if SIMULATOR else 16
     TPA = TP + 4  # A-tile row length: 16-byte rows, and the producer's writes spread over banks
     TNT = TN // RN  # threads along output channels
     NT = TPT * TNT  # threads per block
