@@ -30,17 +30,18 @@ def main() -> int:
     from numba import cuda
 
     from numba_dsconv import _config
-    from numba_dsconv.cuda import kernels
+    from numba_dsconv.cuda._jit import launch_bounds
+    from numba_dsconv.cuda._ptx import ptx_cases
 
     tile = tuple(_config.CUDA_GEMM_TILE)
     threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
     print(
         f"GEMM tile (TP, TN, TK, RP, RN) = {tile}: {threads} threads per block, launch bounds "
-        f"{kernels.launch_bounds(threads, _config.CUDA_GEMM_REGISTERS)}; 1-D kernels: "
+        f"{launch_bounds(threads, _config.CUDA_GEMM_REGISTERS)}; 1-D kernels: "
         f"{_config.CUDA_THREADS} threads per block; ptxas {ptxas}"
     )
     print(f"{'kernel':40} {'regs':>5} {'smem B':>7} {'stack':>6} {'spill st/ld':>12} {'blk/SM':>6}")
-    for name, fn, sig, opts in kernels.ptx_cases(tile, _config.CUDA_GEMM_REGISTERS):
+    for name, fn, sig, opts in ptx_cases(tile, _config.CUDA_GEMM_REGISTERS):
         if not args.all and not (
             "float32" in name and ("(3, 3" in name or "(0, 0" in name or name.startswith("pointw"))
         ):

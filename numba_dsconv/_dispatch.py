@@ -1,4 +1,4 @@
-"""Device resolution and the round trip of array types.
+"""Device resolution, the one array classifier, the backend protocol, host array round trips.
 
 NumPy (and anything ``numpy.asarray`` accepts) and PyTorch CPU tensors run on the CPU backend;
 arrays living on a CUDA device (numba device arrays, CuPy, torch CUDA tensors: anything with
@@ -8,14 +8,21 @@ back as the caller's array type.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from ._spec import ConvSpec
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
-_DLPACK_CUDA = (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+DLPACK_CUDA = (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+
+# What ``library`` answers for arrays in CUDA memory; everything else is a host array.
+CUDA_LIBRARIES = frozenset({"numba", "torch.cuda", "cupy", "cai", "dlpack"})
 
 
 @dataclass(frozen=True)
@@ -27,27 +34,36 @@ class Device:
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
-def _is_torch(a: object) -> bool:
-    return type(a).__module__.startswith("torch") and hasattr(a, "is_cuda")
+def library(a: object) -> str:
+    """The one array classifier.
+
+    Host arrays: 'numpy', 'torch' (a CPU tensor), 'host' (anything else: lists, scalars, other
+    array-likes, None). CUDA arrays: 'numba' (numba device arrays and the simulator's),
+    'torch.cuda', 'cupy', 'cai' (another ``__cuda_array_interface__``), 'dlpack' (a CUDA DLPack
+    device without that interface).
+    """
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    mod = type(a).__module__
+    if mod.startswith("torch") and hasattr(a, "is_cuda"):
+        return "torch.cuda" if a.is_cuda else "torch"  # type: ignore[attr-defined]
+    if mod.startswith("numba.cuda"):
+        return "numba"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cai"
+    dl = getattr(a, "__dlpack_device__", None)
+    if dl is not None:
+        with contextlib.suppress(Exception):
+            if int(dl()[0]) in DLPACK_CUDA:
+                return "dlpack"
+    return "host"
 
 
 def is_cuda_array(a: object) -> bool:
     """True for an array that lives in CUDA device memory."""
-    if a is None or isinstance(a, np.ndarray):
-        return False
-    if _is_torch(a):
-        return bool(a.is_cuda)  # type: ignore[attr-defined]
-    if type(a).__module__.startswith("numba.cuda"):  # numba device arrays (and the simulator's)
-        return True
-    if hasattr(a, "__cuda_array_interface__"):
-        return True
-    dl = getattr(a, "__dlpack_device__", None)
-    if dl is not None:
-        try:
-            return int(dl()[0]) in _DLPACK_CUDA
-        except Exception:
-            return False
-    return False
+    return library(a) in CUDA_LIBRARIES
 
 
 def parse_device(device: object) -> Device | None:
@@ -80,6 +96,55 @@ def resolve_device(device: object, x: object) -> Device:
     return Device("cuda") if is_cuda_array(x) else Device("cpu")
 
 
+class Backend(Protocol):
+    """What api.py asks of a backend (cpu/backend.py and cuda/backend.py implement it).
+
+    A backend is made for one call: it knows the device and the input's array type.
+    """
+
+    def asarray(self, a: Any, name: str) -> Any:
+        """``a`` as the backend's array type (a view where possible; never a write)."""
+
+    def out_array(self, out: Any) -> Any:
+        """The caller's ``out=`` as a writeable array of the backend (raises, naming out)."""
+
+    def reshape(self, a: Any, shape: tuple[int, ...], name: str) -> Any:
+        """``a`` with ``shape`` (a copy where a view would reinterpret memory)."""
+
+    def overlaps(self, a: Any, b: Any) -> bool:
+        """Whether two arrays may share memory."""
+
+    def run(
+        self,
+        spec: ConvSpec,
+        dtype: np.dtype,
+        x: Any,
+        weights: tuple[Any, ...],
+        biases: tuple[Any, ...],
+        out: Any,
+    ) -> Any:
+        """Compute one call; the result in the caller's layout (``out`` when given)."""
+
+    def wrap(self, result: Any, template: Any) -> Any:
+        """``result`` as the array type of ``template`` (the caller's x)."""
+
+
+def backend_for(device: object, x: object) -> Backend:
+    """The backend of one call: device ``device``, or where ``x`` lives."""
+    dev = resolve_device(device, x)
+    if dev.kind == "cpu":
+        from .cpu.backend import CpuBackend
+
+        return CpuBackend()
+    from .cuda import get_backend
+
+    return get_backend(dev, x)
+
+
+# --------------------------------------------------------------------------------------------
+# host arrays (both backends take them)
+
+
 def _torch_host(a: Any, name: str) -> np.ndarray:
     import torch
 
@@ -91,19 +156,32 @@ def _torch_host(a: Any, name: str) -> np.ndarray:
 
 def as_host_array(a: object, name: str) -> np.ndarray:
     """A NumPy view (or conversion) of a host array-like; a CUDA array is an error."""
-    if isinstance(a, np.ndarray):
-        return a
-    if is_cuda_array(a):
+    lib = library(a)
+    if lib == "numpy":
+        return a  # type: ignore[return-value]
+    if lib in CUDA_LIBRARIES:
         raise ValueError(
             f"{name} lives on a CUDA device but the computation runs on the CPU "
             f"(device='cpu' or x on the host); move it to the host or pass device='cuda'"
         )
-    if _is_torch(a):
+    if lib == "torch":
         return _torch_host(a, name)
     try:
         arr = np.asarray(a)
     except Exception as exc:
         raise TypeError(f"{name} must be an array; got {type(a).__name__}: {exc}") from None
+    return arr
+
+
+def host_out(out: object) -> np.ndarray:
+    """A host ``out=`` (a NumPy array or a torch CPU tensor) as a writeable NumPy view."""
+    if library(out) not in ("numpy", "torch"):
+        raise TypeError(
+            f"out must be a NumPy array or a torch CPU tensor here; got {type(out).__name__}"
+        )
+    arr = as_host_array(out, "out")
+    if not arr.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array")
     return arr
 
 
@@ -115,9 +193,9 @@ def host_overlap(a: np.ndarray, b: np.ndarray) -> bool:
         return True  # cannot prove they are disjoint: refuse rather than risk it
 
 
-def wrap_like(result: np.ndarray, template: object) -> Any:
+def wrap_host(result: np.ndarray, template: object) -> Any:
     """Return ``result`` as the caller's host array type (NumPy or a torch CPU tensor)."""
-    if _is_torch(template):
+    if library(template) == "torch":
         import torch
 
         return torch.from_numpy(result)

@@ -6,12 +6,48 @@ and never re-validate. All shapes in the spec are NHWC and batched (the internal
 
 from __future__ import annotations
 
+import enum
+import functools
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 LAYOUTS = ("NHWC", "NCHW")
+
+
+class Activation(enum.IntEnum):
+    """The fused activations. Kernels receive ``int(member)``; NaN passes through each."""
+
+    NONE = 0
+    RELU = 1  # v < 0 -> 0
+    RELU6 = 2  # v < 0 -> 0, v > 6 -> 6
+
+    @classmethod
+    def parse(cls, value: object, name: str) -> Activation:
+        """None | 'relu' | 'relu6' -> member; anything else raises, naming ``name``."""
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
+        member = _ACTIVATION_NAMES.get(value)
+        if member is None:
+            raise ValueError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
+        return member
+
+
+_ACTIVATION_NAMES = {None: Activation.NONE, "relu": Activation.RELU, "relu6": Activation.RELU6}
+
+
+class Geometry(NamedTuple):
+    """The integer geometry every kernel takes, as one argument (CPU and CUDA alike)."""
+
+    kh: int
+    kw: int
+    stride_h: int
+    stride_w: int
+    dilation_h: int
+    dilation_w: int
+    pad_top: int
+    pad_left: int
+    multiplier: int
 
 
 @dataclass(frozen=True)
@@ -45,8 +81,28 @@ class ConvSpec:
     pad_right: int
     out_h: int
     out_w: int
-    activation: int = 0
-    mid_activation: int = 0
+    activation: Activation = Activation.NONE
+    mid_activation: Activation = Activation.NONE
+
+    @functools.cached_property
+    def geometry(self) -> Geometry:
+        """The kernels' geometry argument (computed once per spec)."""
+        return Geometry(
+            self.kh,
+            self.kw,
+            self.stride_h,
+            self.stride_w,
+            self.dilation_h,
+            self.dilation_w,
+            self.pad_top,
+            self.pad_left,
+            self.multiplier,
+        )
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels over the batch (the rows of the pointwise GEMM)."""
+        return self.n * self.out_h * self.out_w
 
     @property
     def out_nhwc(self) -> tuple[int, int, int, int]:
@@ -98,14 +154,6 @@ def pair(value: object, name: str, *, minimum: int) -> tuple[int, int]:
     if min(vals) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in each dimension; got {value!r}")
     return vals
-
-
-def activation_code(value: object, name: str) -> int:
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
-    if value not in ACTIVATIONS:
-        raise ValueError(f"{name} must be None, 'relu' or 'relu6'; got {value!r}")
-    return ACTIVATIONS[value]
 
 
 def check_layout(layout: object) -> str:
@@ -185,7 +233,9 @@ def _plain(v: object) -> bool:
     """A value whose equality implies the same validation outcome: exact ints and strings,
     and tuples of them (bools, NumPy integers and lists take the uncached path)."""
     t = type(v)
-    return t is int or t is str or (t is tuple and all(_plain(e) for e in v))  # type: ignore[attr-defined]
+    if t is tuple:
+        return all(_plain(e) for e in v)  # type: ignore[attr-defined]
+    return t is int or t is str or t is Activation
 
 
 def make_spec(op: str, **kwargs: Any) -> ConvSpec:
@@ -217,8 +267,8 @@ def _build_spec(
     stride: object = 1,
     padding: object = "valid",
     dilation: object = 1,
-    activation: int = 0,
-    mid_activation: int = 0,
+    activation: Activation = Activation.NONE,
+    mid_activation: Activation = Activation.NONE,
     kernel_name: str = "w",
     x_name: str = "x",
 ) -> ConvSpec:

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _dispatch
-from ._spec import ConvSpec, activation_code, check_layout, make_spec
+from ._dispatch import Backend, backend_for
+from ._spec import Activation, ConvSpec, check_layout, make_spec
 
 __all__ = ["conv2d", "depthwise", "pointwise", "separable"]
 
-Activation = Literal["relu", "relu6"] | None
+ActivationName = Literal["relu", "relu6"] | None
 Padding = str | int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
 IntPair = int | tuple[int, int]
 
@@ -49,16 +49,7 @@ def _doc(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# validation helpers (every message names the argument)
-
-
-def _backend(device: object, x: object) -> Any:
-    dev = _dispatch.resolve_device(device, x)
-    if dev.kind == "cpu":
-        return _CpuBackend()
-    from .cuda import get_backend
-
-    return get_backend(dev, x)
+# the prologue every public function shares (every message names the argument)
 
 
 def _check_float(arr: Any, name: str) -> None:
@@ -72,106 +63,87 @@ def _check_ndim(arr: Any, name: str, ndims: tuple[int, ...], expected: str) -> N
         raise ValueError(f"{name} must be {expected}; got shape {tuple(arr.shape)}")
 
 
-def _pointwise_matrix(pw: Any, name: str, be: Any) -> Any:
-    """(C_in, C_out) or (1, 1, C_in, C_out) -> (C_in, C_out)."""
-    _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
-    if len(pw.shape) == 4:
-        if pw.shape[0] != 1 or pw.shape[1] != 1:
-            raise ValueError(
-                f"{name} as a 4-D kernel must be (1, 1, C_in, C_out); got shape {tuple(pw.shape)}"
-            )
-        pw = be.reshape(pw, (pw.shape[2], pw.shape[3]), name)
-    if pw.shape[0] == 0 or pw.shape[1] == 0:
-        raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
-    return pw
+class _Call:
+    """One public call: its backend, activations, arrays and result dtype (the prologue), then
+    the spec, biases and ``out=`` checks and the run (``finish``)."""
 
+    def __init__(self, device: object, layout: object, activations: dict, arrays: dict) -> None:
+        self.x_raw = arrays["x"]
+        self.be: Backend = backend_for(device, self.x_raw)
+        self.layout = check_layout(layout)
+        self.acts = {name: Activation.parse(v, name) for name, v in activations.items()}
+        self.arrays = {name: self.be.asarray(a, name) for name, a in arrays.items()}
+        for name, arr in self.arrays.items():
+            _check_float(arr, name)
+        self.dtype = np.result_type(*(np.dtype(a.dtype) for a in self.arrays.values()))
 
-def _depthwise_kernel(dw: Any, name: str, be: Any) -> tuple[Any, int]:
-    """(KH, KW, C) or (KH, KW, C, M) -> ((KH, KW, C*M), M)."""
-    _check_ndim(dw, name, (3, 4), "3-D (K_h, K_w, C_in) or 4-D (K_h, K_w, C_in, M)")
-    if min(dw.shape) == 0:
-        raise ValueError(f"{name} must have no zero-sized dimension; got shape {tuple(dw.shape)}")
-    m = 1 if len(dw.shape) == 3 else int(dw.shape[3])
-    kh, kw, c = (int(s) for s in dw.shape[:3])
-    return be.reshape(dw, (kh, kw, c * m), name), m
-
-
-def _bias(b: Any, name: str, size: int, be: Any) -> Any:
-    if b is None:
-        return None
-    arr = be.asarray(b, name)
-    _check_float(arr, name)
-    if len(arr.shape) != 1 or arr.shape[0] != size:
-        raise ValueError(f"{name} must have shape ({size},); got shape {tuple(arr.shape)}")
-    return arr
-
-
-def _result_dtype(**arrays: Any) -> np.dtype:
-    for name, arr in arrays.items():
-        _check_float(arr, name)
-    return np.result_type(*(np.dtype(a.dtype) for a in arrays.values()))
-
-
-def _check_out(out: Any, spec: ConvSpec, dtype: np.dtype, be: Any, inputs: dict) -> Any:
-    if out is None:
-        return None
-    arr = be.out_array(out)
-    if tuple(arr.shape) != spec.output_shape:
-        raise ValueError(
-            f"out must have shape {spec.output_shape} (the result's shape); "
-            f"got shape {tuple(arr.shape)}"
+    def spec(self, op: str, **kwargs: Any) -> ConvSpec:
+        return make_spec(
+            op, x_shape=tuple(self.arrays["x"].shape), layout=self.layout, **self.acts, **kwargs
         )
-    if np.dtype(arr.dtype) != dtype:
-        raise TypeError(f"out must have dtype {dtype} (the result's dtype); got {arr.dtype}")
-    for name, a in inputs.items():
-        if a is not None and be.overlaps(arr, a):
-            raise ValueError(f"out overlaps the memory of {name}; pass a separate buffer")
-    return arr
 
-
-class _CpuBackend:
-    """Host arrays (NumPy, torch CPU tensors) on the Numba CPU kernels."""
-
-    @staticmethod
-    def asarray(a: Any, name: str) -> np.ndarray:
-        return _dispatch.as_host_array(a, name)
-
-    @staticmethod
-    def out_array(out: Any) -> np.ndarray:
-        if not isinstance(out, np.ndarray) and not _dispatch._is_torch(out):
-            raise TypeError(
-                f"out must be a NumPy array (or torch CPU tensor) for the CPU backend; "
-                f"got {type(out).__name__}"
+    def depthwise_kernel(self, name: str = "dw") -> tuple[Any, int]:
+        """(K_h, K_w, C) or (K_h, K_w, C, M) -> ((K_h, K_w, C*M), M)."""
+        dw = self.arrays[name]
+        _check_ndim(dw, name, (3, 4), "3-D (K_h, K_w, C_in) or 4-D (K_h, K_w, C_in, M)")
+        if min(dw.shape) == 0:
+            raise ValueError(
+                f"{name} must have no zero-sized dimension; got shape {tuple(dw.shape)}"
             )
-        arr = _dispatch.as_host_array(out, "out")
-        if not arr.flags.writeable:
-            raise ValueError("out is read-only; pass a writeable array")
+        m = 1 if len(dw.shape) == 3 else int(dw.shape[3])
+        kh, kw, c = (int(s) for s in dw.shape[:3])
+        return self.be.reshape(dw, (kh, kw, c * m), name), m
+
+    def pointwise_matrix(self, name: str = "pw") -> Any:
+        """(C_in, C_out) or (1, 1, C_in, C_out) -> (C_in, C_out)."""
+        pw = self.arrays[name]
+        _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
+        if len(pw.shape) == 4:
+            if pw.shape[0] != 1 or pw.shape[1] != 1:
+                raise ValueError(
+                    f"{name} as a 4-D kernel must be (1, 1, C_in, C_out); got shape "
+                    f"{tuple(pw.shape)}"
+                )
+            pw = self.be.reshape(pw, (pw.shape[2], pw.shape[3]), name)
+        if pw.shape[0] == 0 or pw.shape[1] == 0:
+            raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
+        return pw
+
+    def _bias(self, name: str, b: Any, size: int) -> Any:
+        if b is None:
+            return None
+        arr = self.be.asarray(b, name)
+        _check_float(arr, name)
+        if len(arr.shape) != 1 or arr.shape[0] != size:
+            raise ValueError(f"{name} must have shape ({size},); got shape {tuple(arr.shape)}")
         return arr
 
-    @staticmethod
-    def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
-        return _dispatch.host_overlap(a, b)
+    def _out(self, out: Any, spec: ConvSpec, inputs: dict) -> Any:
+        arr = self.be.out_array(out)
+        if tuple(arr.shape) != spec.output_shape:
+            raise ValueError(
+                f"out must have shape {spec.output_shape} (the result's shape); "
+                f"got shape {tuple(arr.shape)}"
+            )
+        if np.dtype(arr.dtype) != self.dtype:
+            raise TypeError(
+                f"out must have dtype {self.dtype} (the result's dtype); got {arr.dtype}"
+            )
+        for name, a in inputs.items():
+            if a is not None and self.be.overlaps(arr, a):
+                raise ValueError(f"out overlaps the memory of {name}; pass a separate buffer")
+        return arr
 
-    @staticmethod
-    def reshape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-        return a.reshape(shape)  # copies when a view is impossible; never writes to a
-
-    @staticmethod
-    def run(spec, dtype, x, weights, biases, out):  # noqa: ANN001, ANN205
-        from . import cpu
-
-        return cpu.run(spec, dtype, x, weights, biases, out)
-
-    @staticmethod
-    def wrap(result: np.ndarray, template: Any) -> Any:
-        return _dispatch.wrap_like(result, template)
-
-
-def _finish(be: Any, spec, dtype, x_raw, xa, weights, biases, out, out_arr) -> Any:  # noqa: ANN001
-    result = be.run(spec, dtype, xa, weights, biases, out_arr)
-    if out is not None:
-        return out
-    return be.wrap(result, x_raw)
+    def finish(self, spec: ConvSpec, weights: tuple, biases: dict, out: Any) -> Any:
+        """Check the biases ({name: (value, size)}) and out=, run, return the caller's type."""
+        bs = {name: self._bias(name, b, size) for name, (b, size) in biases.items()}
+        out_arr = None
+        if out is not None:
+            out_arr = self._out(out, spec, {**self.arrays, **bs})
+        result = self.be.run(
+            spec, self.dtype, self.arrays["x"], weights, tuple(bs.values()), out_arr
+        )
+        return out if out is not None else self.be.wrap(result, self.x_raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,24 +158,19 @@ def conv2d(
     padding: Padding = "valid",
     dilation: IntPair = 1,
     bias: Any = None,
-    activation: Activation = None,
+    activation: ActivationName = None,
     layout: str = "NHWC",
     device: str | None = None,
     out: Any = None,
 ) -> Any:
-    be = _backend(device, x)
-    layout = check_layout(layout)
-    act = activation_code(activation, "activation")
-    xa, wa = be.asarray(x, "x"), be.asarray(w, "w")
-    dtype = _result_dtype(x=xa, w=wa)
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "w": w})
+    wa = call.arrays["w"]
     _check_ndim(wa, "w", (4,), "4-D (K_h, K_w, C_in, C_out)")
     if min(wa.shape) == 0:
         raise ValueError(f"w must have no zero-sized dimension; got shape {tuple(wa.shape)}")
     kh, kw, c_in, c_out = (int(s) for s in wa.shape)
-    spec = make_spec(
+    spec = call.spec(
         "conv2d",
-        x_shape=tuple(xa.shape),
-        layout=layout,
         kernel=(kh, kw),
         c_in_kernel=c_in,
         multiplier=1,
@@ -211,12 +178,9 @@ def conv2d(
         stride=stride,
         padding=padding,
         dilation=dilation,
-        activation=act,
         kernel_name="w",
     )
-    ba = _bias(bias, "bias", c_out, be)
-    out_arr = _check_out(out, spec, dtype, be, {"x": xa, "w": wa, "bias": ba})
-    return _finish(be, spec, dtype, x, xa, (wa,), (ba,), out, out_arr)
+    return call.finish(spec, (wa,), {"bias": (bias, c_out)}, out)
 
 
 conv2d.__doc__ = _doc(
@@ -238,6 +202,15 @@ conv2d.__doc__ = _doc(
     array, (N, H_out, W_out, C_out) (NHWC) or (N, C_out, H_out, W_out) (NCHW).
 
     {shape}
+
+    Examples
+    --------
+    >>> import numpy as np, numba_dsconv as nd
+    >>> x = np.ones((1, 8, 8, 3), np.float32)
+    >>> w = np.ones((3, 3, 3, 16), np.float32)
+    >>> y = nd.conv2d(x, w, stride=2, padding="same", activation="relu6")
+    >>> y.shape, float(y[0, 1, 1, 0])
+    ((1, 4, 4, 16), 6.0)
     """
 )
 
@@ -250,22 +223,16 @@ def depthwise(
     padding: Padding = "valid",
     dilation: IntPair = 1,
     bias: Any = None,
-    activation: Activation = None,
+    activation: ActivationName = None,
     layout: str = "NHWC",
     device: str | None = None,
     out: Any = None,
 ) -> Any:
-    be = _backend(device, x)
-    layout = check_layout(layout)
-    act = activation_code(activation, "activation")
-    xa, dwa = be.asarray(x, "x"), be.asarray(dw, "dw")
-    dtype = _result_dtype(x=xa, dw=dwa)
-    d3, m = _depthwise_kernel(dwa, "dw", be)
-    kh, kw, c_in = (int(s) for s in dwa.shape[:3])
-    spec = make_spec(
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "dw": dw})
+    d3, m = call.depthwise_kernel()
+    kh, kw, c_in = (int(s) for s in call.arrays["dw"].shape[:3])
+    spec = call.spec(
         "depthwise",
-        x_shape=tuple(xa.shape),
-        layout=layout,
         kernel=(kh, kw),
         c_in_kernel=c_in,
         multiplier=m,
@@ -273,12 +240,9 @@ def depthwise(
         stride=stride,
         padding=padding,
         dilation=dilation,
-        activation=act,
         kernel_name="dw",
     )
-    ba = _bias(bias, "bias", spec.c_mid, be)
-    out_arr = _check_out(out, spec, dtype, be, {"x": xa, "dw": dwa, "bias": ba})
-    return _finish(be, spec, dtype, x, xa, (d3,), (ba,), out, out_arr)
+    return call.finish(spec, (d3,), {"bias": (bias, spec.c_mid)}, out)
 
 
 depthwise.__doc__ = _doc(
@@ -300,6 +264,15 @@ depthwise.__doc__ = _doc(
     array, (N, H_out, W_out, C_in*M) (NHWC) or (N, C_in*M, H_out, W_out) (NCHW).
 
     {shape}
+
+    Examples
+    --------
+    >>> import numpy as np, numba_dsconv as nd
+    >>> x = np.ones((2, 7, 7, 4), np.float32)
+    >>> dw = np.ones((3, 3, 4, 2), np.float32)  # depth multiplier 2
+    >>> y = nd.depthwise(x, dw, padding=1)
+    >>> y.shape, float(y[0, 0, 0, 0]), float(y[0, 3, 3, 0])
+    ((2, 7, 7, 8), 4.0, 9.0)
     """
 )
 
@@ -309,32 +282,18 @@ def pointwise(
     pw: Any,
     *,
     bias: Any = None,
-    activation: Activation = None,
+    activation: ActivationName = None,
     layout: str = "NHWC",
     device: str | None = None,
     out: Any = None,
 ) -> Any:
-    be = _backend(device, x)
-    layout = check_layout(layout)
-    act = activation_code(activation, "activation")
-    xa, pwa = be.asarray(x, "x"), be.asarray(pw, "pw")
-    dtype = _result_dtype(x=xa, pw=pwa)
-    p2 = _pointwise_matrix(pwa, "pw", be)
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "pw": pw})
+    p2 = call.pointwise_matrix()
     c_in, c_out = (int(s) for s in p2.shape)
-    spec = make_spec(
-        "pointwise",
-        x_shape=tuple(xa.shape),
-        layout=layout,
-        kernel=(1, 1),
-        c_in_kernel=c_in,
-        multiplier=1,
-        c_out=c_out,
-        activation=act,
-        kernel_name="pw",
+    spec = call.spec(
+        "pointwise", kernel=(1, 1), c_in_kernel=c_in, multiplier=1, c_out=c_out, kernel_name="pw"
     )
-    ba = _bias(bias, "bias", c_out, be)
-    out_arr = _check_out(out, spec, dtype, be, {"x": xa, "pw": pwa, "bias": ba})
-    return _finish(be, spec, dtype, x, xa, (p2,), (ba,), out, out_arr)
+    return call.finish(spec, (p2,), {"bias": (bias, c_out)}, out)
 
 
 pointwise.__doc__ = _doc(
@@ -352,6 +311,14 @@ pointwise.__doc__ = _doc(
     Returns
     -------
     array, (N, H, W, C_out) (NHWC) or (N, C_out, H, W) (NCHW).
+
+    Examples
+    --------
+    >>> import numpy as np, numba_dsconv as nd
+    >>> y = np.ones((1, 4, 4, 8), np.float32)
+    >>> z = nd.pointwise(y, np.full((8, 3), 0.5, np.float32), bias=np.ones(3, np.float32))
+    >>> z.shape, float(z[0, 0, 0, 0])
+    ((1, 4, 4, 3), 5.0)
     """
 )
 
@@ -365,31 +332,26 @@ def separable(
     padding: Padding = "valid",
     dilation: IntPair = 1,
     dw_bias: Any = None,
-    mid_activation: Activation = None,
+    mid_activation: ActivationName = None,
     bias: Any = None,
-    activation: Activation = None,
+    activation: ActivationName = None,
     layout: str = "NHWC",
     device: str | None = None,
     out: Any = None,
 ) -> Any:
-    be = _backend(device, x)
-    layout = check_layout(layout)
-    act = activation_code(activation, "activation")
-    mid = activation_code(mid_activation, "mid_activation")
-    xa, dwa, pwa = be.asarray(x, "x"), be.asarray(dw, "dw"), be.asarray(pw, "pw")
-    dtype = _result_dtype(x=xa, dw=dwa, pw=pwa)
-    d3, m = _depthwise_kernel(dwa, "dw", be)
-    p2 = _pointwise_matrix(pwa, "pw", be)
+    acts = {"activation": activation, "mid_activation": mid_activation}
+    call = _Call(device, layout, acts, {"x": x, "dw": dw, "pw": pw})
+    d3, m = call.depthwise_kernel()
+    p2 = call.pointwise_matrix()
+    dwa = call.arrays["dw"]
     kh, kw, c_in = (int(s) for s in dwa.shape[:3])
     if p2.shape[0] != c_in * m:
         raise ValueError(
             f"pw expects {p2.shape[0]} input channels but the depthwise stage (dw shape "
             f"{tuple(dwa.shape)}) produces C_in*M = {c_in * m}"
         )
-    spec = make_spec(
+    spec = call.spec(
         "separable",
-        x_shape=tuple(xa.shape),
-        layout=layout,
         kernel=(kh, kw),
         c_in_kernel=c_in,
         multiplier=m,
@@ -397,15 +359,10 @@ def separable(
         stride=stride,
         padding=padding,
         dilation=dilation,
-        activation=act,
-        mid_activation=mid,
         kernel_name="dw",
     )
-    dwb = _bias(dw_bias, "dw_bias", spec.c_mid, be)
-    ba = _bias(bias, "bias", spec.c_out, be)
-    inputs = {"x": xa, "dw": dwa, "pw": pwa, "dw_bias": dwb, "bias": ba}
-    out_arr = _check_out(out, spec, dtype, be, inputs)
-    return _finish(be, spec, dtype, x, xa, (d3, p2), (dwb, ba), out, out_arr)
+    biases = {"dw_bias": (dw_bias, spec.c_mid), "bias": (bias, spec.c_out)}
+    return call.finish(spec, (d3, p2), biases, out)
 
 
 separable.__doc__ = _doc(
@@ -433,5 +390,20 @@ separable.__doc__ = _doc(
     array, (N, H_out, W_out, C_out) (NHWC) or (N, C_out, H_out, W_out) (NCHW).
 
     {shape}
+
+    Examples
+    --------
+    >>> import numpy as np, numba_dsconv as nd
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((1, 56, 56, 32), dtype=np.float32)
+    >>> dw = rng.standard_normal((3, 3, 32), dtype=np.float32)
+    >>> pw = rng.standard_normal((32, 64), dtype=np.float32)
+    >>> y = nd.separable(x, dw, pw, stride=2, padding="same", mid_activation="relu6")
+    >>> y.shape
+    (1, 28, 28, 64)
+    >>> t = nd.separable(x.transpose(0, 3, 1, 2), dw, pw, stride=2, padding="same",
+    ...                  mid_activation="relu6", layout="NCHW")
+    >>> bool(np.allclose(t.transpose(0, 2, 3, 1), y, atol=1e-5))
+    True
     """
 )

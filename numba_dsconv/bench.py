@@ -332,18 +332,9 @@ def gpu_available() -> bool:
 
 
 def _threading_layer() -> str:
-    import numba
+    from .cpu.backend import threading_layer
 
-    try:
-        return str(numba.threading_layer())
-    except ValueError:  # no parallel region yet: run a tiny one so Numba picks its layer
-        from .cpu import pointwise_nhwc_parallel
-
-        a = np.ones((4, 2), np.float32)
-        w = np.ones((2, 2), np.float32)
-        with _config.call_guard():
-            pointwise_nhwc_parallel(a, w, np.zeros(2, np.float32), np.empty_like(a), 1, 0)
-        return str(numba.threading_layer())
+    return threading_layer()
 
 
 def _cpu_model() -> str:

@@ -125,7 +125,7 @@ def info(args: argparse.Namespace) -> int:
     import numba
 
     from . import __version__, _config
-    from .cpu import threading_layer
+    from .cpu.backend import threading_layer
 
     t = Table(title="numba_dsconv info")
     t.add_column("item")

@@ -8,7 +8,7 @@ import sys
 import numba
 
 from numba_dsconv import cli
-from numba_dsconv.cpu import threading_layer
+from numba_dsconv.cpu.backend import threading_layer
 
 
 def test_demo_runs_and_reports_ok(capsys):

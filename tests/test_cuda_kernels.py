@@ -73,18 +73,18 @@ def halo_builds(monkeypatch):
     """Force the halo-tiled separable build where one exists and record each GEMM build's
     halo shape."""
     from numba_dsconv import _config
-    from numba_dsconv.cuda import backend, kernels
+    from numba_dsconv.cuda import backend, gemm
 
     monkeypatch.setattr(_config, "CUDA_HALO", "always")
     monkeypatch.setattr(backend, "_PLANS", {})  # every call below plans (and builds) afresh
     seen = []
-    real = kernels.gemm_kernel
+    real = gemm.gemm_kernel
 
-    def spy(mode, kh, kw, sh, sw, dtype, tile, halo=(0, 0), registers=0):
+    def spy(op, kh, kw, sh, sw, dtype, tile, halo=(0, 0), registers=0):
         seen.append(halo)
-        return real(mode, kh, kw, sh, sw, dtype, tile, halo, registers)
+        return real(op, kh, kw, sh, sw, dtype, tile, halo, registers)
 
-    monkeypatch.setattr(kernels, "gemm_kernel", spy)
+    monkeypatch.setattr(gemm, "gemm_kernel", spy)
     return seen
 
 

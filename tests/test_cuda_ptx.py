@@ -57,10 +57,10 @@ def _cases():
     if _SKIP is not None:
         return []
     from numba_dsconv import _config
-    from numba_dsconv.cuda import kernels
+    from numba_dsconv.cuda._ptx import ptx_cases
 
     tile = tuple(_config.CUDA_GEMM_TILE)
-    return list(kernels.ptx_cases(tile, _config.CUDA_GEMM_REGISTERS))
+    return list(ptx_cases(tile, _config.CUDA_GEMM_REGISTERS))
 
 
 CASES = _cases()
@@ -84,7 +84,7 @@ def _is_gemm(name: str) -> bool:
 @pytest.mark.parametrize("name,fn,sig,opts", CASES, ids=IDS)
 def test_compiles_to_ptx_for_sm90(name, fn, sig, opts):
     from numba_dsconv import _config
-    from numba_dsconv.cuda import kernels
+    from numba_dsconv.cuda._jit import launch_bounds
 
     ptx = _ptx(name, fn, sig, opts)
     assert ".target sm_90" in ptx
@@ -100,7 +100,7 @@ def test_compiles_to_ptx_for_sm90(name, fn, sig, opts):
         # the register budget reaches the PTX as launch bounds
         tile = _config.CUDA_GEMM_TILE
         threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
-        bounds = kernels.launch_bounds(threads, _config.CUDA_GEMM_REGISTERS)
+        bounds = launch_bounds(threads, _config.CUDA_GEMM_REGISTERS)
         assert bounds == (256, 2)  # the shipped tile and budget
         assert f".maxntid {threads}" in ptx and f".minnctapersm {bounds[1]}" in ptx, name
 
@@ -127,7 +127,8 @@ def test_assembles_without_spills(name, fn, sig, opts):
 @needs_nvvm
 def test_every_specialisation_is_covered():
     from numba_dsconv import _config
-    from numba_dsconv.cuda import kernels
+    from numba_dsconv.cuda import depthwise as kernels
+    from numba_dsconv.cuda.gemm import halo_possible
 
     tile = tuple(_config.CUDA_GEMM_TILE)
     names = {c[0] for c in CASES}
@@ -136,7 +137,7 @@ def test_every_specialisation_is_covered():
         for key in (*kernels.SPECIALISED, kernels.GENERIC):
             for op in ("depthwise", "separable", "conv2d"):
                 assert f"{op} {key} {dt}" in names
-            if kernels.halo_possible(key, np.dtype(dt), tile):
+            if halo_possible(key, np.dtype(dt), tile):
                 assert f"separable halo {key} {dt}" in names
                 halos += 1
         assert f"pointwise {dt}" in names
@@ -169,7 +170,8 @@ def test_unbatched_device_views_stay_contiguous(layout):
     the simulator, built on NumPy, cannot show this)."""
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
-    from numba_dsconv.cuda.backend import _as4d, _nhwc_view
+    from numba_dsconv.cuda.layout import as4d as _as4d
+    from numba_dsconv.cuda.layout import nhwc_view as _nhwc_view
 
     def fake(shape):  # a device array descriptor; no memory is touched
         a = np.zeros(shape, np.float32)
@@ -220,7 +222,8 @@ def test_halo_tiles_where_rectangles_cover_the_output(monkeypatch):
     them exactly) and flat tiles where rectangles would leave slots idle (28, 14, 7)."""
     pytest.importorskip("numba.cuda")
     from numba_dsconv import _config
-    from numba_dsconv.cuda import backend, kernels
+    from numba_dsconv.cuda import depthwise as kernels
+    from numba_dsconv.cuda import gemm
 
     tile = (64, 64, 16, 4, 4)
     f32 = np.dtype(np.float32)
@@ -229,7 +232,7 @@ def test_halo_tiles_where_rectangles_cover_the_output(monkeypatch):
     def choose(number, batch=64, dilation=1, dtype=f32):
         spec = _suite_spec(number, batch, dilation)
         k = kernels.specialisation(3, 3, spec.stride_h, spec.stride_w)
-        return backend._pixel_tiles(spec, k, dtype, tile)
+        return gemm.pixel_tiles(spec, k, dtype, tile)
 
     # (halo shape, pixel tiles): layer 1 is 64 x 112 x 112 outputs = 64 * 196 rectangles
     assert choose(1) == ((8, 8), 64 * 196)
@@ -248,6 +251,6 @@ def test_halo_tiles_where_rectangles_cover_the_output(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_HALO", "sometimes")
     with pytest.raises(ValueError, match="CUDA_HALO"):
         choose(1)
-    assert kernels.halo_possible(key, f32, tile) and not kernels.halo_possible(
+    assert gemm.halo_possible(key, f32, tile) and not gemm.halo_possible(
         kernels.GENERIC, f32, tile
     )

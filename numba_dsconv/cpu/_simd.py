@@ -3,10 +3,9 @@
 One ``Vec`` is VEC_BYTES of a float dtype held as an LLVM vector value: 64 bytes (16 float32 or
 8 float64) in one zmm register on an AVX-512 CPU (explicit 512-bit vectors are legal even where
 LLVM prefers 256-bit vectors for its own vectorisers), 32 bytes (one ymm register) elsewhere.
-``vfma`` is ``llvm.fma``: one rounding, as a fused multiply-add instruction. Loop code with the
-accumulators in scalars or in a small array was measured at 8-175 GFLOP/s on the GEMM block,
-depending on how the loop and SLP vectorisers happened to read it; with these values the shape
-of the generated code is fixed by the source.
+``vfma`` is ``llvm.fma``: one rounding, as a fused multiply-add instruction. With explicit
+vector values the shape of the generated code is fixed by the source, not by how LLVM's loop and
+SLP vectorisers happen to read a loop (BENCHMARKS.md, "Design measurements").
 
 Vectors are typed from an array argument or a dtype, so float32 and float64 kernels share one
 source. Nothing is bounds-checked: callers keep every access inside its array.
@@ -19,6 +18,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
+
+from .._spec import Activation
 
 
 def _vector_bytes() -> int:
@@ -178,8 +179,8 @@ def vzero(typingctx, dt):
 
 @intrinsic
 def vact(typingctx, v, code):
-    """The activation ``code`` lane by lane: 0 none, 1 relu (v < 0 -> 0), 2 relu6 (also
-    v > 6 -> 6). Ordered compares: a NaN lane stays NaN, -0.0 stays -0.0."""
+    """The Activation ``code`` lane by lane: NONE, RELU (v < 0 -> 0), RELU6 (also v > 6 -> 6).
+    Ordered compares: a NaN lane stays NaN, -0.0 stays -0.0."""
     if not (isinstance(v, Vec) and isinstance(code, types.Integer)):
         return None
 
@@ -188,8 +189,9 @@ def vact(typingctx, v, code):
         c = context.cast(builder, args[1], sig.args[1], types.int64)
         zero = ir.Constant(vty, [0.0] * v.lanes)
         six = ir.Constant(vty, [6.0] * v.lanes)
-        on = builder.icmp_signed("!=", c, ir.Constant(ir.IntType(64), 0))
-        six_on = builder.icmp_signed("==", c, ir.Constant(ir.IntType(64), 2))
+        none = ir.Constant(ir.IntType(64), int(Activation.NONE))
+        on = builder.icmp_signed("!=", c, none)
+        six_on = builder.icmp_signed("==", c, ir.Constant(ir.IntType(64), int(Activation.RELU6)))
         low = builder.and_(
             builder.fcmp_ordered("<", args[0], zero),
             _splat(builder, ir.VectorType(ir.IntType(1), v.lanes), on),

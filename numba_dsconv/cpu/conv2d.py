@@ -1,18 +1,24 @@
-"""Standard (dense) convolution, NHWC, parallel over (batch x output rows)."""
+"""Standard (dense) convolution on the CPU, NHWC, parallel over (batch x output rows)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from numba import prange
 
-from ._jit import activated, parallel_and_serial
+from .._spec import ConvSpec
+from ._jit import NO_ACTIVATION, Kernel, activated, kernel
+from .layout import bias_vector
 
 
-def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cover - compiled
+def conv2d_nhwc(x, w, bias, out, geo, act):  # pragma: no cover - compiled
     """out[n,i,j,k] = act(bias[k] + sum_{m,q,c} x[n, i*sh+m*dh-pt, j*sw+q*dw-pl, c] w[m,q,c,k]).
 
     Each valid tap is a (1 x C_in) @ (C_in x C_out) product accumulated into the output row,
     which stays in L1; the output-channel loop is innermost and contiguous.
     """
+    _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
     H = x.shape[1]
     W = x.shape[2]
     C = x.shape[3]
@@ -30,10 +36,10 @@ def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cov
             for k in range(CO):
                 o[k] = bias[k]
             for m in range(KH):
-                ih = i * sh - pt + m * dh
+                ih = i * sh - pt + m * dil_h
                 row_inside = ih >= 0 and ih < H
                 for q in range(KW):
-                    iw = j * sw - pl + q * dw
+                    iw = j * sw - pl + q * dil_w
                     if row_inside and iw >= 0 and iw < W:
                         xr = x[n, ih, iw]
                         for c in range(C):
@@ -46,9 +52,19 @@ def conv2d_nhwc(x, w, bias, out, sh, sw, dh, dw, pt, pl, act):  # pragma: no cov
                             wr = w[m, q, c]
                             for k in range(CO):
                                 o[k] += 0 * wr[k]
-            if act != 0:
+            if act != NO_ACTIVATION:
                 for k in range(CO):
                     o[k] = activated(o[k], act)
 
 
-conv2d_nhwc_parallel, conv2d_nhwc_serial = parallel_and_serial(conv2d_nhwc)
+def conv2d_args(
+    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
+) -> tuple[Any, ...]:
+    """The arguments of conv2d_nhwc for one call (x and out NHWC, C-contiguous)."""
+    (w,) = weights
+    (bias,) = biases
+    b = bias_vector(bias, spec.c_out, out.dtype)
+    return (x, w, b, out, spec.geometry, int(spec.activation))
+
+
+CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)

@@ -1,19 +1,296 @@
-"""Depthwise convolution, NHWC, parallel over (batch x output rows)."""
+"""Depthwise convolution on the CPU: the kernel (NHWC, parallel over batch x output rows) and
+the depthwise family it is built from, which the fused separable kernel shares.
+
+- ``depthwise_row``: the output pixels (i, j0..j1-1) of one image; 3x3 kernels with depth
+  multiplier 1 (every MobileNet layer) take ``depthwise3x3_row``, anything else
+  ``depthwise_pixel`` per pixel.
+- ``depthwise3x3_row`` cuts a row into the left border, the interior (every tap inside the image)
+  and the right border; ``depthwise3x3_segment`` sweeps one of them, per channel vector, with one
+  of four paths: ``dw3x3_interior2`` (two channel vectors, no bounds checks),
+  ``dw3x3_interior`` (one vector, no checks), ``dw3x3_border`` (one vector, per-tap checks) and
+  ``dw3x3_tail`` (the channels past the last whole vector, scalar).
+
+The 3x3 code works on byte addresses, not arrays: a call taking arrays pays an atomic
+reference-count update per array, on counters every thread shares.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from numba import prange
 
-from ._jit import depthwise_row, parallel_and_serial
+from .._spec import ConvSpec
+from ._jit import NO_ACTIVATION, Kernel, activated, helper, kernel
+from ._simd import VEC_BYTES, address, loadp, storep, vact, vadd, vfma, vloadp, vstorep, vzero
+from .layout import bias_vector
 
 
-def depthwise_nhwc(
-    x, d, bias, out, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, act
+@helper
+def depthwise_pixel(x, dwk, n, i, j, geo, bias, act, o):  # pragma: no cover - compiled
+    """o[c*M+q] = act(bias + the taps of output pixel (i, j) of image n), any geometry.
+
+    The general path (border pixels, depth multiplier > 1): a tap on the zero padding
+    contributes 0 * weight, so NaN/Inf weights propagate as the formula says.
+    """
+    _, _, sh, sw, dil_h, dil_w, pt, pl, mult = geo
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    CM = dwk.shape[2]
+    for c in range(CM):
+        o[c] = bias[c]
+    for m in range(dwk.shape[0]):
+        ih = i * sh - pt + m * dil_h
+        row_inside = ih >= 0 and ih < H
+        for q in range(dwk.shape[1]):
+            iw = j * sw - pl + q * dil_w
+            dq = dwk[m, q]
+            if row_inside and iw >= 0 and iw < W:
+                if mult == 1:
+                    for c in range(C):
+                        o[c] += x[n, ih, iw, c] * dq[c]
+                else:
+                    for c in range(C):
+                        xv = x[n, ih, iw, c]
+                        base = c * mult
+                        for mq in range(mult):
+                            o[base + mq] += xv * dq[base + mq]
+            else:
+                for c in range(CM):
+                    o[c] += 0 * dq[c]
+    if act != NO_ACTIVATION:
+        for c in range(CM):
+            o[c] = activated(o[c], act)
+
+
+@helper
+def depthwise_row(x, dwk, n, i, j0, j1, geo, bias, act, dst):  # pragma: no cover - compiled
+    """dst[j - j0, :] = act(bias + depthwise taps of output pixels (i, j0..j1-1) of image n).
+
+    x: (N,H,W,C), dwk: (KH,KW,C*M), bias, dst: C-contiguous, one dtype.
+    """
+    if geo.multiplier == 1 and geo.kh == 3 and geo.kw == 3:
+        depthwise3x3_row(
+            address(x), address(dwk), address(bias), address(dst), dst.strides[0],
+            x.shape[1], x.shape[2], x.shape[3], n, i, j0, j1, geo, act, x.dtype, x.itemsize,
+        )  # fmt: skip
+        return
+    for j in range(j0, j1):
+        depthwise_pixel(x, dwk, n, i, j, geo, bias, act, dst[j - j0])
+
+
+@helper
+def depthwise3x3_row(
+    px, pd, pb, pdst, sdst, H, W, C, n, i, j0, j1, geo, act, dt, sz
 ):  # pragma: no cover - compiled
-    """out[n,i,j,c*M+q] = act(bias + sum_{m,q'} x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] d[m,q',cM+q]).
+    """The 3x3, multiplier-1 row: output pixels (i, j0..j1-1) of image n, on byte addresses
+    (px: x (N,H,W,C), pd: weights (3,3,C), pb: bias, pdst: the row's first output pixel,
+    ``sdst`` bytes apart). Three segments: the left border, the interior (every tap inside the
+    image: no bounds checks), the right border; a row whose taps leave the image vertically is
+    all border.
+    """
+    _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
+    ih0 = i * sh - pt
+    ja = j1
+    jb = j1
+    if ih0 >= 0 and ih0 + 2 * dil_h < H:
+        # interior columns: j * sw - pl >= 0 and j * sw - pl + 2 * dil_w <= W - 1
+        ja = min(j1, max(j0, (pl + sw - 1) // sw))
+        last = W - 1 - 2 * dil_w + pl
+        jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
+    # one call site: one compilation of the segment code
+    for seg in range(3):
+        lo = j0 if seg == 0 else (ja if seg == 1 else jb)
+        hi = ja if seg == 0 else (jb if seg == 1 else j1)
+        if hi > lo:
+            depthwise3x3_segment(
+                px, pd, pb, pdst + (lo - j0) * sdst, sdst, H, W, C, n, ih0, lo, hi, geo, act,
+                seg != 1, dt, sz,
+            )  # fmt: skip
 
-    x: (N,H,W,C) C-contiguous; d: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M);
-    kh, kw: d's kernel size (3x3 takes an unrolled interior path).
+
+@helper
+def depthwise3x3_segment(
+    px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, act, checked, dt, sz
+):  # pragma: no cover - compiled
+    """Output pixels ja..jb-1 (stored from ``pdst``, ``sdst`` bytes apart) = act(bias + the 9
+    taps), the input window starting at row ih0, column j * sw - pl (addresses as in
+    ``depthwise3x3_row``).
+
+    Channel-vector outer, pixel inner: the 9 weight vectors and the bias of one or two channel
+    vectors stay in registers while the segment is swept. Unless ``checked``, every tap must
+    lie inside the image (no bounds checks); with it, a tap on the zero padding contributes
+    0 * weight, so NaN/Inf weights propagate as the formula says.
+    """
+    sw = geo.stride_w
+    L = VEC_BYTES // sz
+    row = W * C * sz  # bytes per input image row
+    r0 = px + (n * H + ih0) * row
+    r1 = r0 + geo.dilation_h * row
+    r2 = r1 + geo.dilation_h * row
+    tap = geo.dilation_w * C * sz
+    pix = sw * C * sz  # bytes between the windows of neighbouring output pixels
+    o0 = (ja * sw - geo.pad_left) * C * sz
+    count = jb - ja
+    c = 0
+    while c + L <= C:
+        cb = c * sz
+        if checked:
+            dw3x3_border(px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, cb, act, dt, sz)
+            c += L
+        elif c + 2 * L <= C:
+            # two channel vectors per sweep: each pixel then reads two neighbouring 64-byte
+            # lines per tap (BENCHMARKS.md, "Design measurements")
+            dw3x3_interior2(r0, r1, r2, o0 + cb, tap, pix, pd + cb, pb + cb, C * sz,
+                            pdst + cb, sdst, count, act, dt)  # fmt: skip
+            c += 2 * L
+        else:
+            dw3x3_interior(r0, r1, r2, o0 + cb, tap, pix, pd + cb, pb + cb, C * sz,
+                           pdst + cb, sdst, count, act, dt)  # fmt: skip
+            c += L
+    if c < C:
+        dw3x3_tail(px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, c, act, dt, sz)
+
+
+@helper
+def taps3x3(pw, srow, dt):  # pragma: no cover - compiled
+    """The 9 weight vectors at address ``pw``, ``srow`` bytes from one tap to the next."""
+    return (
+        vloadp(pw, dt),
+        vloadp(pw + srow, dt),
+        vloadp(pw + 2 * srow, dt),
+        vloadp(pw + 3 * srow, dt),
+        vloadp(pw + 4 * srow, dt),
+        vloadp(pw + 5 * srow, dt),
+        vloadp(pw + 6 * srow, dt),
+        vloadp(pw + 7 * srow, dt),
+        vloadp(pw + 8 * srow, dt),
+    )
+
+
+@helper
+def dw3x3_interior(
+    r0, r1, r2, o0, tap, pix, pw, pb, srow, pdst, sdst, count, act, dt
+):  # pragma: no cover - compiled
+    """One channel vector of ``count`` interior pixels: r0..r2 the three input rows, o0 the
+    first window's byte offset in them (channel offset included), ``pix`` bytes between
+    windows, ``tap`` bytes between a window's columns; pw / pb the vector's weights (9 taps,
+    ``srow`` bytes apart) and bias. One FMA chain per kernel row (3 deep, FMA-latency bound)."""
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pw, srow, dt)
+    b = vloadp(pb, dt)
+    zero = vzero(dt)
+    for j in range(count):
+        o = o0 + j * pix
+        a0 = vfma(vloadp(r0 + o, dt), w00, b)
+        a1 = vfma(vloadp(r1 + o, dt), w10, zero)
+        a2 = vfma(vloadp(r2 + o, dt), w20, zero)
+        a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
+        a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
+        a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
+        a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
+        a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
+        a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
+        acc = vadd(vadd(a0, a1), a2)
+        if act != NO_ACTIVATION:
+            acc = vact(acc, act)
+        vstorep(pdst + j * sdst, acc)
+
+
+@helper
+def dw3x3_interior2(
+    r0, r1, r2, o0, tap, pix, pw, pb, srow, pdst, sdst, count, act, dt
+):  # pragma: no cover - compiled
+    """``dw3x3_interior`` for two neighbouring channel vectors at once (18 weight vectors in
+    registers, six FMA chains per pixel)."""
+    B = VEC_BYTES
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pw, srow, dt)
+    v00, v01, v02, v10, v11, v12, v20, v21, v22 = taps3x3(pw + B, srow, dt)
+    b = vloadp(pb, dt)
+    b2 = vloadp(pb + B, dt)
+    zero = vzero(dt)
+    for j in range(count):
+        o = o0 + j * pix
+        a0 = vfma(vloadp(r0 + o, dt), w00, b)
+        a1 = vfma(vloadp(r1 + o, dt), w10, zero)
+        a2 = vfma(vloadp(r2 + o, dt), w20, zero)
+        e0 = vfma(vloadp(r0 + o + B, dt), v00, b2)
+        e1 = vfma(vloadp(r1 + o + B, dt), v10, zero)
+        e2 = vfma(vloadp(r2 + o + B, dt), v20, zero)
+        a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
+        a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
+        a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
+        e0 = vfma(vloadp(r0 + o + tap + B, dt), v01, e0)
+        e1 = vfma(vloadp(r1 + o + tap + B, dt), v11, e1)
+        e2 = vfma(vloadp(r2 + o + tap + B, dt), v21, e2)
+        a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
+        a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
+        a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
+        e0 = vfma(vloadp(r0 + o + 2 * tap + B, dt), v02, e0)
+        e1 = vfma(vloadp(r1 + o + 2 * tap + B, dt), v12, e1)
+        e2 = vfma(vloadp(r2 + o + 2 * tap + B, dt), v22, e2)
+        acc = vadd(vadd(a0, a1), a2)
+        acc2 = vadd(vadd(e0, e1), e2)
+        if act != NO_ACTIVATION:
+            acc = vact(acc, act)
+            acc2 = vact(acc2, act)
+        vstorep(pdst + j * sdst, acc)
+        vstorep(pdst + j * sdst + B, acc2)
+
+
+@helper
+def dw3x3_border(
+    px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, cb, act, dt, sz
+):  # pragma: no cover - compiled
+    """One channel vector (byte offset ``cb``) of border pixels ja..jb-1, every tap checked."""
+    zero = vzero(dt)
+    b = vloadp(pb + cb, dt)
+    for j in range(ja, jb):
+        iw0 = j * geo.stride_w - geo.pad_left
+        acc = b
+        for m in range(3):
+            ih = ih0 + m * geo.dilation_h
+            for q in range(3):
+                iw = iw0 + q * geo.dilation_w
+                wv = vloadp(pd + (m * 3 + q) * C * sz + cb, dt)
+                if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                    xv = vloadp(px + ((n * H + ih) * W + iw) * C * sz + cb, dt)
+                    acc = vfma(xv, wv, acc)
+                else:
+                    acc = vfma(zero, wv, acc)
+        if act != NO_ACTIVATION:
+            acc = vact(acc, act)
+        vstorep(pdst + (j - ja) * sdst + cb, acc)
+
+
+@helper
+def dw3x3_tail(
+    px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, c0, act, dt, sz
+):  # pragma: no cover - compiled
+    """Channels c0..C-1 (past the last whole vector) of pixels ja..jb-1, scalar, checked."""
+    for j in range(ja, jb):
+        iw0 = j * geo.stride_w - geo.pad_left
+        for cc in range(c0, C):
+            acc = loadp(pb + cc * sz, dt)
+            for m in range(3):
+                ih = ih0 + m * geo.dilation_h
+                for q in range(3):
+                    iw = iw0 + q * geo.dilation_w
+                    wq = loadp(pd + ((m * 3 + q) * C + cc) * sz, dt)
+                    if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                        acc += loadp(px + (((n * H + ih) * W + iw) * C + cc) * sz, dt) * wq
+                    else:
+                        acc += 0 * wq
+            storep(pdst + (j - ja) * sdst + cc * sz, activated(acc, act), dt)
+
+
+def depthwise_nhwc(x, dwk, bias, out, geo, act):  # pragma: no cover - compiled
+    """out[n,i,j,c*M+q] = act(bias + sum_{m,q'} x[n, i*sh+m*dh-pt, j*sw+q'*dw-pl, c] ...
+    ... * dwk[m,q',c*M+q]), parallel over (batch x output rows).
+
+    x: (N,H,W,C) C-contiguous; dwk: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M);
+    geo: the spec's Geometry; act: an Activation code.
     """
     N = out.shape[0]
     OH = out.shape[1]
@@ -21,10 +298,17 @@ def depthwise_nhwc(
     for t in prange(N * OH):
         n = t // OH
         i = t - n * OH
-        orow = out[n, i]
-        depthwise_row(
-            x, d, n, i, 0, OW, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, bias, act, orow
-        )
+        depthwise_row(x, dwk, n, i, 0, OW, geo, bias, act, out[n, i])
 
 
-depthwise_nhwc_parallel, depthwise_nhwc_serial = parallel_and_serial(depthwise_nhwc)
+def depthwise_args(
+    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
+) -> tuple[Any, ...]:
+    """The arguments of depthwise_nhwc for one call (x and out NHWC, C-contiguous)."""
+    (dwk,) = weights
+    (bias,) = biases
+    b = bias_vector(bias, spec.c_mid, out.dtype)
+    return (x, dwk, b, out, spec.geometry, int(spec.activation))
+
+
+DEPTHWISE: Kernel = kernel(depthwise_nhwc, depthwise_args)

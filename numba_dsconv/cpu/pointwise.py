@@ -1,23 +1,318 @@
-"""Pointwise (1x1) convolution: a GEMM over pixels, NHWC, parallel over (pixel block x
-output-channel block) tasks."""
+"""Pointwise (1x1) convolution on the CPU, and the GEMM micro-kernel it shares with the fused
+separable kernel.
+
+- ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels:
+  packs each (reduction block x panel) of weights into L1 and runs ``gemm_block`` on every
+  group of GEMM_MR rows.
+- ``gemm_block``: the register block, GEMM_MR pixel rows x 2 vectors of output channels
+  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 12 vector accumulators. It is written out
+  by hand, 12 accumulators by name: they must be SSA values for LLVM to keep them in registers
+  (a loop over a small array of them put them in memory).
+- ``gemm_split``: how many output pixels and channels one parallel task takes.
+- ``pointwise_nhwc``: the kernel, parallel over (pixel block x output-channel block) tasks.
+"""
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
+import numba
+import numpy as np
 from numba import prange
 
-from ._jit import gemm_scratch, gemm_tile, parallel_and_serial
-from ._simd import address
+from .. import _config
+from .._spec import ConvSpec
+from ._jit import NO_ACTIVATION, Kernel, helper, kernel
+from ._simd import (
+    VEC_BYTES,
+    address,
+    loadp,
+    prefetch,
+    storep,
+    vact,
+    vfma,
+    vload2,
+    vloadp,
+    vstore2,
+    vstorep,
+)
+from .layout import bias_vector
+
+# The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels
+# (2 x 16 float32 = 32 channels, or 2 x 8 float64), 12 vector accumulators.
+GEMM_MR = 6
 
 
-def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cover - compiled
-    """out2[r, c] = act(bias[c] + x2[r, :] @ w[:, c]) for every pixel r.
+def gemm_panel_width(itemsize: int) -> int:
+    """Output channels per micro-kernel panel: two 64-byte vectors."""
+    return 2 * VEC_BYTES // itemsize
 
-    x2: (pixels, C_in) C-contiguous; w: (C_in, C_out) as given; bias padded to a multiple of
-    the micro-kernel's panel width; out2: (pixels, C_out). ``cblock`` is a multiple of the
-    panel width, ``kc`` the reduction block (see ``gemm_tile``).
+
+@helper
+def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
+    """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype."""
+    NR = 2 * VEC_BYTES // like.itemsize
+    pk = np.empty((kc, NR), dtype=like.dtype)
+    at = np.empty((GEMM_MR, kc), dtype=like.dtype)
+    part = np.empty((rows + GEMM_MR, NR), dtype=like.dtype)
+    return pk, at, part
+
+
+@helper
+def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):  # pragma: no cover
+    """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
+
+    a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
+    pointwise weights as given; bias: padded to a multiple of the panel width NR; scratch:
+    pk (KC, NR), at (GEMM_MR, KC), part (>= rows rounded up to GEMM_MR, NR); all C-contiguous,
+    one dtype. c_lo is a multiple of NR.
+
+    For each panel of NR output channels and each block of KC reduction channels, the weights
+    w[k0:k1, c0:c0+NR] are copied into ``pk`` (contiguous, zero-padded past C_out: it stays in
+    L1 and never hits the cache-set conflicts of a 4 KB row stride); then every group of
+    GEMM_MR pixel rows runs ``gemm_block``. The last group, if short, is copied into ``at``
+    (its last row repeated) so that every block reads GEMM_MR whole rows.
+
+    ``pf_len`` bytes from address ``pf`` (the input the caller's next task reads) are
+    prefetched into L2 a few lines per block, so that the memory traffic of the next task's
+    first phase overlaps this task's arithmetic.
     """
-    rows = x2.shape[0]
+    K = w.shape[0]
     CO = w.shape[1]
+    dt = w.dtype
+    sz = w.itemsize
+    L = VEC_BYTES // sz
+    NR = 2 * L
+    KC = pk.shape[0]
+    full = rows // GEMM_MR * GEMM_MR
+    # byte addresses and row strides (the arrays stay alive in this frame)
+    pa, sa = address(a), a.strides[0]
+    pat, sat = address(at), at.strides[0]
+    ppk, spk = address(pk), pk.strides[0]
+    ppart, spart = address(part), part.strides[0]
+    pdst, sdst = address(dst), dst.strides[0]
+    pbias = address(bias)
+    nblocks = -(-(c_hi - c_lo) // NR) * -(-K // KC) * -(-rows // GEMM_MR)
+    pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
+    pf_end = pf + pf_len
+    for c0 in range(c_lo, c_hi, NR):
+        ncol = min(NR, CO - c0)
+        nout = min(NR, c_hi - c0)
+        for k0 in range(0, K, KC):
+            nk = min(KC, K - k0)
+            for k in range(nk):
+                if ncol == NR:
+                    vstore2(pk, k, 0, vload2(w, k0 + k, c0))
+                    vstore2(pk, k, L, vload2(w, k0 + k, c0 + L))
+                else:
+                    for j in range(ncol):
+                        pk[k, j] = w[k0 + k, c0 + j]
+                    for j in range(ncol, NR):
+                        pk[k, j] = 0
+            first = k0 == 0
+            final = k0 + nk == K
+            cb = pbias + c0 * sz
+            cd = pdst + c0 * sz
+            for r in range(0, rows, GEMM_MR):
+                q = pf
+                pf = min(pf_end, pf + pf_step)
+                while q < pf:
+                    prefetch(q)
+                    q += 64
+                src, stride = pa + r * sa + k0 * sz, sa
+                if r == full:  # the short last group, copied (one call site: one inlined copy)
+                    for i in range(GEMM_MR):
+                        ri = min(full + i, rows - 1)
+                        for k in range(nk):
+                            at[i, k] = a[ri, k0 + k]
+                    src, stride = pat, sat
+                gemm_block(
+                    src, stride, ppk, spk, nk, first, cb, ppart + r * spart, spart, final,
+                    cd + r * sdst, sdst, min(GEMM_MR, rows - r), nout, act, dt, sz,
+                )  # fmt: skip
+
+
+@helper
+def gemm_block(
+    pa, sa, ppk, spk, nk, first, pbias, ppart, spart, final, pdst, sdst, nvalid, nout, act, dt, sz
+):  # pragma: no cover - compiled
+    """One register block of GEMM_MR pixel rows x NR output channels, on byte addresses.
+
+    pa: a[row 0, first reduction channel], rows ``sa`` bytes apart; ppk: the packed panel
+    (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0]; ppart / pdst: row 0 of the partial
+    sums / of the output at column c0 (strides ``spart`` / ``sdst``); ``dt``/``sz``: the dtype
+    and its size. The 12 accumulators live in registers for the whole reduction loop: they
+    start from the bias on the ``first`` reduction block, else from ``part``; each step is two
+    vector loads of the panel, GEMM_MR scalar broadcasts and 12 vector FMAs. On the ``final``
+    block the activation is applied in registers and the first ``nvalid`` rows x ``nout``
+    channels are stored to dst; otherwise the sums go back to ``part``. Addresses, not arrays:
+    a helper taking arrays pays an atomic reference-count update per array per call (and the
+    IR-inlined version still did), which cost half the block's time at K=32.
+    """
+    B = VEC_BYTES
+    if first:
+        s00 = vloadp(pbias, dt)
+        s01 = vloadp(pbias + B, dt)
+        s10 = s00
+        s11 = s01
+        s20 = s00
+        s21 = s01
+        s30 = s00
+        s31 = s01
+        s40 = s00
+        s41 = s01
+        s50 = s00
+        s51 = s01
+    else:
+        s00 = vloadp(ppart, dt)
+        s01 = vloadp(ppart + B, dt)
+        s10 = vloadp(ppart + spart, dt)
+        s11 = vloadp(ppart + spart + B, dt)
+        s20 = vloadp(ppart + 2 * spart, dt)
+        s21 = vloadp(ppart + 2 * spart + B, dt)
+        s30 = vloadp(ppart + 3 * spart, dt)
+        s31 = vloadp(ppart + 3 * spart + B, dt)
+        s40 = vloadp(ppart + 4 * spart, dt)
+        s41 = vloadp(ppart + 4 * spart + B, dt)
+        s50 = vloadp(ppart + 5 * spart, dt)
+        s51 = vloadp(ppart + 5 * spart + B, dt)
+    for k in range(nk):
+        pw = ppk + k * spk
+        w0 = vloadp(pw, dt)
+        w1 = vloadp(pw + B, dt)
+        p = pa + k * sz
+        x = loadp(p, dt)
+        s00 = vfma(x, w0, s00)
+        s01 = vfma(x, w1, s01)
+        x = loadp(p + sa, dt)
+        s10 = vfma(x, w0, s10)
+        s11 = vfma(x, w1, s11)
+        x = loadp(p + 2 * sa, dt)
+        s20 = vfma(x, w0, s20)
+        s21 = vfma(x, w1, s21)
+        x = loadp(p + 3 * sa, dt)
+        s30 = vfma(x, w0, s30)
+        s31 = vfma(x, w1, s31)
+        x = loadp(p + 4 * sa, dt)
+        s40 = vfma(x, w0, s40)
+        s41 = vfma(x, w1, s41)
+        x = loadp(p + 5 * sa, dt)
+        s50 = vfma(x, w0, s50)
+        s51 = vfma(x, w1, s51)
+    if final and act != NO_ACTIVATION:
+        s00 = vact(s00, act)
+        s01 = vact(s01, act)
+        s10 = vact(s10, act)
+        s11 = vact(s11, act)
+        s20 = vact(s20, act)
+        s21 = vact(s21, act)
+        s30 = vact(s30, act)
+        s31 = vact(s31, act)
+        s40 = vact(s40, act)
+        s41 = vact(s41, act)
+        s50 = vact(s50, act)
+        s51 = vact(s51, act)
+    # final and whole: straight to dst; partial sums, a short group or a panel cut by C_out:
+    # to part (the last two then copied lane by lane)
+    full = final and nout * sz == 2 * B and nvalid == GEMM_MR
+    po = pdst if full else ppart
+    so = sdst if full else spart
+    vstorep(po, s00)
+    vstorep(po + B, s01)
+    vstorep(po + so, s10)
+    vstorep(po + so + B, s11)
+    vstorep(po + 2 * so, s20)
+    vstorep(po + 2 * so + B, s21)
+    vstorep(po + 3 * so, s30)
+    vstorep(po + 3 * so + B, s31)
+    vstorep(po + 4 * so, s40)
+    vstorep(po + 4 * so + B, s41)
+    vstorep(po + 5 * so, s50)
+    vstorep(po + 5 * so + B, s51)
+    if final and not full:
+        for i in range(nvalid):
+            for j in range(nout):
+                storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
+
+
+class GemmSplit(NamedTuple):
+    """One GEMM task: ``tile`` output pixels (a multiple of GEMM_MR) x ``cblock`` output
+    channels (a multiple of the panel width); ``kc`` reduction channels per packed block."""
+
+    tile: int
+    cblock: int
+    kc: int
+
+
+def gemm_split(spec: ConvSpec, c_red: int, dw_taps: int, itemsize: int, parallel: bool):
+    """The task split of a GEMM kernel call (see ``_gemm_split``; the tunables are read here,
+    so a test that patches them gets a new split)."""
+    threads = numba.get_num_threads() if parallel else 1
+    tile, cblock = _gemm_split(
+        spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
+        _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
+    )  # fmt: skip
+    return GemmSplit(tile, cblock, _config.CPU_GEMM_KC)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_split(
+    pixels: int,
+    c_red: int,
+    c_out: int,
+    itemsize: int,
+    dw_taps: int,
+    parallel: bool,
+    threads: int,
+    tile_bytes: int,
+    tile_max_pixels: int,
+) -> tuple[int, int]:
+    """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
+
+    A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
+    ``tile_bytes`` (L2) and ``tile_max_pixels``; tiles are whole GEMM_MR row groups, channel
+    blocks whole panels. A serial call takes the largest tile and every channel. A parallel
+    call picks the split with the shortest estimated critical path: Numba hands each thread
+    one contiguous chunk of the task list, so the cost is the largest chunk, counted in
+    multiply-adds (a task's GEMM, plus its depthwise work, ``dw_taps`` per reduction channel
+    and pixel, which every channel block of a pixel block repeats, plus the weight packing).
+    """
+    nr = gemm_panel_width(itemsize)
+    panels = -(-c_out // nr)
+    fit = tile_bytes // max(1, c_red * itemsize)
+    max_tile = max(GEMM_MR, min(tile_max_pixels, fit) // GEMM_MR * GEMM_MR)
+    if not parallel or pixels == 0:
+        return max_tile, panels * nr
+    best: tuple[tuple[int, int], int, int] | None = None
+    nb_min = -(-pixels // max_tile)
+    for nb in range(nb_min, nb_min + threads):
+        per_block = -(-pixels // nb)
+        tile = -(-per_block // GEMM_MR) * GEMM_MR
+        nb_eff = -(-pixels // tile)
+        for nc in range(1, panels + 1):
+            per = -(-panels // nc)
+            nc_eff = -(-panels // per)
+            if nc > 1 and nc_eff != nc:
+                continue  # the same split as a smaller nc
+            tasks = nb_eff * nc_eff
+            task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
+            key = (-(-tasks // threads) * task, tasks)
+            if best is None or key < best[0]:
+                best = (key, tile, per * nr)
+    assert best is not None
+    return best[1], best[2]
+
+
+def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compiled
+    """out2[r, c] = act(bias[c] + x2[r, :] @ pw[:, c]) for every pixel r.
+
+    x2: (pixels, C_in) C-contiguous; pw: (C_in, C_out) as given; bias padded to a multiple of
+    the micro-kernel's panel width; out2: (pixels, C_out); split: a GemmSplit.
+    """
+    block, cblock, kc = split
+    rows = x2.shape[0]
+    CO = pw.shape[1]
     nb = (rows + block - 1) // block
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -34,7 +329,20 @@ def pointwise_nhwc(x2, w, bias, out2, block, cblock, kc, act):  # pragma: no cov
         pf = address(x2) + n0 * x2.strides[0]
         pf_len = (n1 - n0) * x2.strides[0]
         c1 = min(CO, c0 + cblock)
-        gemm_tile(x2[r0:r1], r1 - r0, w, bias, out2[r0:r1], c0, c1, act, pk, at, part, pf, pf_len)
+        gemm_tile(x2[r0:r1], r1 - r0, pw, bias, out2[r0:r1], c0, c1, act, pk, at, part, pf, pf_len)
 
 
-pointwise_nhwc_parallel, pointwise_nhwc_serial = parallel_and_serial(pointwise_nhwc)
+def pointwise_args(
+    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
+) -> tuple[Any, ...]:
+    """The arguments of pointwise_nhwc for one call (x and out NHWC, C-contiguous)."""
+    (pw,) = weights
+    (bias,) = biases
+    rows = spec.pixels
+    b = bias_vector(bias, spec.c_out, out.dtype, gemm_panel_width(out.itemsize))
+    split = gemm_split(spec, spec.c_in, 0, out.itemsize, parallel)
+    x2 = x.reshape(rows, spec.c_in)
+    return (x2, pw, b, out.reshape(rows, spec.c_out), split, int(spec.activation))
+
+
+POINTWISE: Kernel = kernel(pointwise_nhwc, pointwise_args)

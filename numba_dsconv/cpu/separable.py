@@ -2,55 +2,48 @@
 
 One task is a block of up to ``tile`` consecutive output pixels (flattened over batch, rows and
 columns) times a block of output channels. Its depthwise result (tile x C_in*M) is computed
-into a small buffer sized to stay in L2 and consumed at once by the pointwise GEMM micro-kernel
-(``gemm_tile``); the full intermediate tensor is never allocated. Biases and activations are
-applied inside the kernel. Output-channel blocks exist only to give every thread work when
-there are few pixels (N=1, late layers); otherwise each task covers all output channels.
+into a small buffer sized to stay in L2 (``depthwise_row``) and consumed at once by the
+pointwise GEMM micro-kernel (``gemm_tile``); the full intermediate tensor is never allocated.
+Biases and activations are applied inside the kernel. Output-channel blocks exist only to give
+every thread work when there are few pixels (N=1, late layers); otherwise each task covers all
+output channels.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import prange
 
-from ._jit import depthwise_row, gemm_scratch, gemm_tile, parallel_and_serial
+from .._spec import ConvSpec
+from ._jit import Kernel, kernel
 from ._simd import address
+from .depthwise import depthwise_row
+from .layout import bias_vector
+from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_tile
 
 
 def separable_nhwc(
-    x,
-    d,
-    dw_bias,
-    w,
-    bias,
-    out2,
-    oh,
-    ow,
-    kh,
-    kw,
-    sh,
-    sw,
-    dh,
-    dw,
-    pt,
-    pl,
-    multiplier,
-    mid_act,
-    act,
-    tile,
-    cblock,
-    kc,
+    x, dwk, dw_bias, pw, bias, out, geo, mid_act, act, split
 ):  # pragma: no cover - compiled
-    """out2 = act(bias + mid_act(depthwise(x, d) + dw_bias) @ w), block by block.
+    """out = act(bias + mid_act(depthwise(x, dwk) + dw_bias) @ pw), block by block.
 
-    x: (N,H,W,C); d: (KH,KW,C*M); w: (C*M, C_out) the pointwise weights as given, bias padded
-    to a multiple of the panel width; out2: (N*OH*OW, C_out), the output viewed as a matrix of
-    pixels. ``tile`` is a multiple of GEMM_MR, ``cblock`` of the panel width.
+    x: (N,H,W,C); dwk: (KH,KW,C*M) the depthwise weights; pw: (C*M, C_out) the pointwise
+    weights as given, bias padded to a multiple of the panel width; out: (N,OH,OW,C_out);
+    geo: the spec's Geometry; split: a GemmSplit (``tile`` a multiple of GEMM_MR, ``cblock``
+    of the panel width).
     """
-    P = out2.shape[0]
-    CO = w.shape[1]
-    CM = d.shape[2]
+    tile, cblock, kc = split
+    oh = out.shape[1]
+    ow = out.shape[2]
+    P = out.shape[0] * oh * ow
+    CO = pw.shape[1]
+    out2 = out.reshape(P, CO)  # the output as a matrix of pixels
+    CM = dwk.shape[2]
     H = x.shape[1]
+    sh = geo.stride_h
+    pt = geo.pad_top
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -58,20 +51,15 @@ def separable_nhwc(
         b = t // nc
         p0 = b * tile
         p1 = min(P, p0 + tile)
-        buf = np.empty((tile, CM), dtype=out2.dtype)
-        pk, at, part = gemm_scratch(kc, tile, out2)
+        buf = np.empty((tile, CM), dtype=out.dtype)
+        pk, at, part = gemm_scratch(kc, tile, out)
         p = p0
         while p < p1:  # the block as segments of output rows
             j = p % ow
             r = p // ow
-            i = r % oh
-            n = r // oh
             seg = min(p1 - p, ow - j)
             rows = buf[p - p0 : p - p0 + seg]
-            depthwise_row(
-                x, d, n, i, j, j + seg, kh, kw, sh, sw, dh, dw, pt, pl, multiplier, dw_bias,
-                mid_act, rows,
-            )  # fmt: skip
+            depthwise_row(x, dwk, r // oh, r % oh, j, j + seg, geo, dw_bias, mid_act, rows)
             p += seg
         # the input rows of this thread's next task (prange hands out contiguous chunks), to
         # prefetch while the GEMM runs; none if the next task reuses this pixel block
@@ -82,12 +70,26 @@ def separable_nhwc(
             r0 = p1 // ow
             r1 = q1 // ow
             lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
-            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dh)
+            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (geo.kh - 1) * geo.dilation_h)
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
         c0 = cb * cblock
         c1 = min(CO, c0 + cblock)
-        gemm_tile(buf, p1 - p0, w, bias, out2[p0:p1], c0, c1, act, pk, at, part, pf, pf_len)
+        gemm_tile(buf, p1 - p0, pw, bias, out2[p0:p1], c0, c1, act, pk, at, part, pf, pf_len)
 
 
-separable_nhwc_parallel, separable_nhwc_serial = parallel_and_serial(separable_nhwc)
+def separable_args(
+    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
+) -> tuple[Any, ...]:
+    """The arguments of separable_nhwc for one call (x and out NHWC, C-contiguous)."""
+    dwk, pw = weights
+    dw_bias, bias = biases
+    dt, sz = out.dtype, out.itemsize
+    db = bias_vector(dw_bias, spec.c_mid, dt)
+    b = bias_vector(bias, spec.c_out, dt, gemm_panel_width(sz))
+    split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
+    acts = (int(spec.mid_activation), int(spec.activation))
+    return (x, dwk, db, pw, b, out, spec.geometry, *acts, split)
+
+
+SEPARABLE: Kernel = kernel(separable_nhwc, separable_args)

@@ -1,5 +1,16 @@
-"""The CUDA backend: @cuda.jit kernels (kernels.py), interop and streams (_interop.py), and the
-launch logic (backend.py).
+"""The CUDA backend: ``@cuda.jit`` kernels, one module per operation family, mirroring
+``numba_dsconv/cpu``.
+
+- ``depthwise.py``: the depthwise kernel
+- ``gemm.py``: the tiled GEMM kernel of pointwise, separable and conv2d (load A with the op's
+  producer, load B, multiply, epilogue)
+- ``pointwise.py``, ``separable.py``, ``conv2d.py``: the producers of the GEMM's A tile (the
+  separable one is the fused depthwise, flat or halo-tiled)
+- ``layout.py``: the conversion kernel (layouts, strides, dtypes) and zero-copy NHWC views
+- ``backend.py``: ``CudaBackend`` (the api's hooks) and the launch plans
+- ``_interop.py``: zero-copy views of foreign CUDA arrays, the caller's stream, allocation
+- ``_jit.py``: jit options (launch bounds), device functions, the activation
+- ``_ptx.py``, ``_resources.py``: every build for PTX compilation, and what ptxas says of it
 
 Nothing here touches the GPU at import time; ``numba.cuda`` itself is imported only when a
 call asks for the CUDA device.

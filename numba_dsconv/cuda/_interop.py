@@ -15,41 +15,14 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._dispatch import _DLPACK_CUDA
-
-
-def _is_simulator() -> bool:
-    from numba import config
-
-    return bool(config.ENABLE_CUDASIM)
-
-
-SIMULATOR = _is_simulator()
-
-
-def library(a: Any) -> str:
-    """'numba' | 'torch' | 'cupy' | 'cai' (other interface) | 'dlpack' | 'host'."""
-    mod = type(a).__module__
-    if mod.startswith("numba.cuda"):
-        return "numba"
-    if mod.startswith("torch") and getattr(a, "is_cuda", False):
-        return "torch"
-    if mod.startswith("cupy"):
-        return "cupy"
-    if hasattr(a, "__cuda_array_interface__"):
-        return "cai"
-    dl = getattr(a, "__dlpack_device__", None)
-    if dl is not None:
-        with contextlib.suppress(Exception):
-            if int(dl()[0]) in _DLPACK_CUDA:
-                return "dlpack"
-    return "host"
+from .._dispatch import library
+from ._jit import SIMULATOR
 
 
 def device_index(a: Any) -> int | None:
     """The CUDA device a foreign array lives on, where its library says."""
     lib = library(a)
-    if lib == "torch":
+    if lib == "torch.cuda":
         return a.device.index
     if lib == "cupy":
         return int(a.device.id)
@@ -68,7 +41,7 @@ def as_device_array(a: Any, name: str) -> Any:
     lib = library(a)
     if lib == "numba":
         return a
-    if lib == "torch":
+    if lib == "torch.cuda":
         import torch
 
         if a.dtype not in (torch.float32, torch.float64):
@@ -128,7 +101,7 @@ def caller_stream(template: Any, index: int) -> Any:
     """The caller's current stream: torch's or CuPy's for their arrays, else the default."""
     lib = library(template)
     ptr = 0
-    if lib == "torch":
+    if lib == "torch.cuda":
         import torch
 
         ptr = int(torch.cuda.current_stream(index).cuda_stream)
@@ -152,7 +125,7 @@ def caller_stream(template: Any, index: int) -> Any:
 def allocate(template: Any, shape: tuple[int, ...], dtype: np.dtype, index: int, stream: Any):
     """(caller-type array, numba view of it) of ``shape``: torch/CuPy allocators where used."""
     lib = library(template)
-    if lib == "torch":
+    if lib == "torch.cuda":
         import torch
 
         tdt = torch.float32 if dtype == np.float32 else torch.float64

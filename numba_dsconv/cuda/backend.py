@@ -14,75 +14,60 @@ import numpy as np
 from numba import cuda
 
 from .. import _config
-from .._dispatch import Device, _is_torch, as_host_array, host_overlap, wrap_like
+from .._dispatch import (
+    CUDA_LIBRARIES,
+    Device,
+    as_host_array,
+    host_out,
+    host_overlap,
+    library,
+    wrap_host,
+)
 from .._spec import ConvSpec
-from . import _interop, kernels
+from . import _interop
+from .depthwise import depthwise_args, depthwise_launch
+from .gemm import gemm_args, gemm_launch
+from .layout import as4d, copy4d, copy4d_args, nhwc_view
 
 
 def _is_device(a: Any) -> bool:
     return not isinstance(a, np.ndarray)
 
 
-def _launch_1d(kernel: Any, total: int, stream: Any, *args: Any) -> None:
+def _copy(src: Any, dst: Any, stream: Any) -> None:
+    """dst[...] = src on the device (any strides, casting), one thread per element."""
     threads = _config.CUDA_THREADS
-    blocks = max(1, min(math.ceil(total / threads), _config.CUDA_MAX_BLOCKS))
-    kernel[blocks, threads, stream](*args)
+    blocks = max(1, min(math.ceil(dst.size / threads), _config.CUDA_MAX_BLOCKS))
+    copy4d()[blocks, threads, stream](*copy4d_args(src, dst))
 
 
 _ZEROS: dict[tuple[int, int, str], Any] = {}
-_PLANS: dict[tuple, tuple[Any, Any, int, tuple[int, ...]]] = {}
+_PLANS: dict[tuple, tuple[Any, Any, int]] = {}
 _PLANS_MAX = 256
 
 
-def _lead_stride(arr: Any) -> int:
-    """The C stride of a unit axis put in front of ``arr`` (a 0 stride would make numba
-    call the view non-contiguous and force a copy)."""
-    return int(arr.dtype.itemsize * max(1, math.prod(arr.shape)))
-
-
-def _as4d(arr: Any, shape4: tuple[int, ...]) -> Any:
-    """View a device array of <= 4 dims as 4-D (unit axes in front) without copying."""
-    extra = 4 - len(arr.shape)
-    return _interop.view(arr, shape4, (_lead_stride(arr),) * extra + tuple(arr.strides))
-
-
-def _nhwc_view(arr: Any, shape4: tuple[int, ...], batched: bool, layout: str) -> Any:
-    """The batched NHWC view ``shape4`` of a device array in ``layout`` (no copy)."""
-    st = tuple(arr.strides)
-    if not batched:
-        st = (_lead_stride(arr), *st)
-    if layout == "NCHW":
-        st = (st[0], st[2], st[3], st[1])
-    return _interop.view(arr, shape4, st)
-
-
-def _pixel_tiles(
-    spec: ConvSpec, key: tuple[int, int, int, int], dtype: np.dtype, tile: tuple[int, ...]
-) -> tuple[tuple[int, int], int]:
-    """(halo shape or (0, 0), number of pixel tiles) for a GEMM launch (see _config.CUDA_HALO).
-
-    Flat tiles are runs of TP flattened output pixels; halo tiles are TH x TW rectangles of
-    one image, which waste slots where TH or TW does not divide the output (14 x 14: 4 tiles
-    of 64 for 196 pixels, against 3.06 flat tiles), so "auto" takes them only where they
-    need no more tiles than the flat ones.
-    """
-    choice = _config.CUDA_HALO
-    if choice not in ("auto", "always", "never"):
-        raise ValueError(f"_config.CUDA_HALO must be 'auto', 'always' or 'never'; got {choice!r}")
-    tp = tile[0]
-    flat = math.ceil(spec.n * spec.out_h * spec.out_w / tp)
-    if (
-        choice == "never"
-        or spec.op != "separable"
-        or (spec.dilation_h, spec.dilation_w) != (1, 1)
-        or not kernels.halo_possible(key, dtype, tile)
-    ):
-        return (0, 0), flat
-    th, tw = kernels.halo_shape(tile)
-    rects = spec.n * math.ceil(spec.out_h / th) * math.ceil(spec.out_w / tw)
-    if choice == "always" or rects <= flat:
-        return (th, tw), rects
-    return (0, 0), flat
+def plan(spec: ConvSpec, dtype: np.dtype) -> tuple[Any, Any, int]:
+    """(kernel build, grid, threads per block) for ``spec``: they depend only on the geometry,
+    the dtype and the _config knobs, so they are worked out once and kept in a small memo
+    (oldest entry dropped first). The stream is not part of a plan: a configured launch would
+    keep a foreign stream's handle alive after its owner freed it."""
+    knobs = (
+        tuple(_config.CUDA_GEMM_TILE),
+        _config.CUDA_HALO,
+        _config.CUDA_GEMM_REGISTERS,
+        _config.CUDA_MAX_BLOCKS,
+        _config.CUDA_THREADS,
+    )
+    memo_key = (spec, dtype.str, knobs)
+    found = _PLANS.get(memo_key)
+    if found is not None:
+        return found
+    launch = depthwise_launch if spec.op == "depthwise" else gemm_launch
+    found = launch(spec, dtype)
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS), None), None)
+    _PLANS[memo_key] = found
+    return found
 
 
 class CudaBackend:
@@ -104,7 +89,7 @@ class CudaBackend:
                 f"device={str(device)!r}: only {len(cuda.gpus)} CUDA device(s) are visible"
             )
         self.index = index
-        self.host_in = _interop.library(template) == "host"
+        self.host_in = library(template) not in CUDA_LIBRARIES
         self.context = _interop.gpu_context(index)  # entered around every CUDA step of the call
         with self.context:
             self.stream = _interop.caller_stream(template, index)
@@ -112,7 +97,7 @@ class CudaBackend:
     # -- the hooks api.py calls -----------------------------------------------------------
 
     def asarray(self, a: Any, name: str) -> Any:
-        if _interop.library(a) == "host":
+        if library(a) not in CUDA_LIBRARIES:
             return as_host_array(a, name)
         idx = _interop.device_index(a)
         if idx is not None and idx != self.index:
@@ -121,13 +106,8 @@ class CudaBackend:
             return _interop.as_device_array(a, name)
 
     def out_array(self, out: Any) -> Any:
-        if _interop.library(out) == "host":
-            if not isinstance(out, np.ndarray) and not _is_torch(out):
-                raise TypeError(f"out must be an array; got {type(out).__name__}")
-            arr = as_host_array(out, "out")
-            if not arr.flags.writeable:
-                raise ValueError("out is read-only; pass a writeable array")
-            return arr
+        if library(out) not in CUDA_LIBRARIES:
+            return host_out(out)
         arr = self.asarray(out, "out")
         if self.host_in:  # the result lands in the caller's array: use the caller's stream
             with self.context:
@@ -153,7 +133,7 @@ class CudaBackend:
         return lo1 < hi2 and lo2 < hi1
 
     def wrap(self, result: Any, template: Any) -> Any:
-        return wrap_like(result, template) if self.host_in else result
+        return wrap_host(result, template) if self.host_in else result
 
     # -- the computation ------------------------------------------------------------------
 
@@ -166,7 +146,7 @@ class CudaBackend:
         shape = tuple(a.shape)
         shape4 = (1,) * (4 - len(shape)) + shape
         dst = cuda.device_array(shape4, dtype=dtype, stream=self.stream)
-        _launch_1d(kernels.copy4d(), dst.size, self.stream, _as4d(a, shape4), dst)
+        _copy(as4d(a, shape4), dst, self.stream)
         return dst.reshape(shape)
 
     def _bias(self, b: Any, size: int, dtype: np.dtype) -> Any:
@@ -188,85 +168,34 @@ class CudaBackend:
             if spec.layout == "NCHW":
                 x4 = x4.transpose(0, 2, 3, 1)
             return self._contiguous(x4, dtype)
-        src = _nhwc_view(x, (n, h, w, c), spec.batched, spec.layout)
+        src = nhwc_view(x, (n, h, w, c), spec.batched, spec.layout)
         if np.dtype(x.dtype) == dtype and src.is_c_contiguous():
             return src
         dst = cuda.device_array((n, h, w, c), dtype=dtype, stream=self.stream)
-        _launch_1d(kernels.copy4d(), dst.size, self.stream, src, dst)
+        _copy(src, dst, self.stream)
         return dst
 
-    def _plan(self, spec: ConvSpec, dtype: np.dtype) -> tuple[Any, Any, int, tuple[int, ...]]:
-        """(kernel build, blocks, threads, its integer arguments) for ``spec``: they depend only
-        on the geometry, the dtype and the _config knobs, so they are worked out once and kept
-        in a small memo (oldest entry dropped first). The stream is not part of a plan: a
-        configured launch would keep a foreign stream's handle alive after its owner freed it.
-        """
-        knobs = (
-            tuple(_config.CUDA_GEMM_TILE),
-            _config.CUDA_HALO,
-            _config.CUDA_GEMM_REGISTERS,
-            _config.CUDA_MAX_BLOCKS,
-            _config.CUDA_THREADS,
-        )
-        memo_key = (spec, dtype.str, knobs)
-        plan = _PLANS.get(memo_key)
-        if plan is not None:
-            return plan
-        geo = (spec.kh, spec.kw, spec.stride_h, spec.stride_w)
-        rest = (spec.dilation_h, spec.dilation_w, spec.pad_top, spec.pad_left, spec.multiplier)
-        key = kernels.specialisation(*geo)
-        if spec.op == "depthwise":
-            kern = kernels.depthwise_kernel(*key, dtype)
-            # grid x: one thread per DEPTHWISE_JB pixels of a row and one channel; grid y: rows
-            # (at most 65535 blocks in y; the kernel strides over the rest)
-            per_row = -(-spec.out_w // kernels.DEPTHWISE_JB) * spec.c_mid
-            threads = _config.CUDA_THREADS
-            bx = max(1, min(math.ceil(per_row / threads), _config.CUDA_MAX_BLOCKS))
-            by = max(1, min(spec.n * spec.out_h, 65535, _config.CUDA_MAX_BLOCKS // bx))
-            blocks = (bx, by)
-            ints = (*geo, *rest, spec.activation)
-        else:
-            tile = knobs[0]
-            mode = {
-                "separable": kernels.SEPARABLE,
-                "pointwise": kernels.POINTWISE,
-                "conv2d": kernels.CONV2D,
-            }[spec.op]
-            if spec.op == "pointwise":
-                key = kernels.GENERIC
-            halo, ptiles = _pixel_tiles(spec, key, dtype, tile)
-            kern = kernels.gemm_kernel(mode, *key, dtype, tile, halo, _config.CUDA_GEMM_REGISTERS)
-            tp, tn, _, rp, rn = tile
-            ntiles = ptiles * math.ceil(spec.c_out / tn)
-            blocks = max(1, min(ntiles, _config.CUDA_MAX_BLOCKS))
-            threads = (tp // rp) * (tn // rn)
-            ints = (*geo, *rest, spec.mid_activation, spec.activation)
-        plan = (kern, blocks, threads, ints)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.pop(next(iter(_PLANS), None), None)
-        _PLANS[memo_key] = plan
-        return plan
-
-    def _launch(self, spec: ConvSpec, dtype: np.dtype, xd, weights, biases, target) -> None:
-        kern, blocks, threads, ints = self._plan(spec, dtype)
-        launch = kern[blocks, threads, self.stream]
+    def kernel_call(self, spec: ConvSpec, dtype: np.dtype, xd, weights, biases, target):
+        """(configured kernel, its arguments) of one call: what ``run`` launches (benchmarks
+        time the bare launch with it)."""
+        kern, grid, threads = plan(spec, dtype)
         if spec.op == "depthwise":
             d = self._contiguous(weights[0], dtype)
             b = self._bias(biases[0], spec.c_mid, dtype)
-            launch(xd, d, b, target, *ints)
-            return
-        if spec.op == "separable":
+            args = depthwise_args(spec, xd, d, b, target)
+        elif spec.op == "separable":
             d = self._contiguous(weights[0], dtype)
             dwb = self._bias(biases[0], spec.c_mid, dtype)
             bmat = self._contiguous(weights[1], dtype)
             bias = self._bias(biases[1], spec.c_out, dtype)
-        else:
-            d = self._bias(None, 1, dtype).reshape(1, 1, 1)  # unused by these modes
-            dwb = self._bias(None, 1, dtype)
+            args = gemm_args(spec, xd, d, dwb, bmat, bias, target)
+        else:  # pointwise, conv2d: the weights as a (K, C_out) matrix; no depthwise operands
+            unused = self._bias(None, 1, dtype)
             w = self._contiguous(weights[0], dtype)
             bmat = w.reshape(spec.kh * spec.kw * spec.c_in, spec.c_out)
             bias = self._bias(biases[0], spec.c_out, dtype)
-        launch(xd, d, dwb, bmat, bias, target, *ints)
+            args = gemm_args(spec, xd, unused.reshape(1, 1, 1), unused, bmat, bias, target)
+        return kern[grid, threads, self.stream], args
 
     def run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
         dtype = np.dtype(dtype)
@@ -294,7 +223,8 @@ class CudaBackend:
                 target = cuda.device_array(spec.out_nhwc, dtype=dtype, stream=stream)
         if spec.n > 0:
             xd = self._input_nhwc(x, spec, dtype)
-            self._launch(spec, dtype, xd, weights, biases, target)
+            launch, args = self.kernel_call(spec, dtype, xd, weights, biases, target)
+            launch(*args)
         if out is not None:
             if host_out:
                 host = target.copy_to_host(stream=stream)
@@ -302,20 +232,13 @@ class CudaBackend:
                 o4 = out if spec.batched else out[np.newaxis]
                 (o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4)[...] = host
             elif not direct:
-                _launch_1d(
-                    kernels.copy4d(),
-                    target.size,
-                    stream,
-                    target,
-                    _nhwc_view(out, spec.out_nhwc, spec.batched, spec.layout),
-                )
+                _copy(target, nhwc_view(out, spec.out_nhwc, spec.batched, spec.layout), stream)
             return out
         if result is None:  # NCHW: convert into a result of the caller's type
             template = None if self.host_in else self.template
             shape4 = (spec.n, spec.c_out, spec.out_h, spec.out_w)
             result, res_nb = _interop.allocate(template, shape4, dtype, self.index, stream)
-            view = _nhwc_view(res_nb, spec.out_nhwc, True, "NCHW")
-            _launch_1d(kernels.copy4d(), target.size, stream, target, view)
+            _copy(target, nhwc_view(res_nb, spec.out_nhwc, True, "NCHW"), stream)
         if self.host_in:
             host = result.copy_to_host(stream=stream)
             stream.synchronize()

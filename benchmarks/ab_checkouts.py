@@ -1,0 +1,73 @@
+"""Time two checkouts of numba_dsconv against each other, in alternating processes.
+
+    python benchmarks/ab_checkouts.py OLD_TREE NEW_TREE [--layers 3,7] [--batches 1,8]
+        [--op separable] [--rounds 5] [--repeat 9]
+
+Each round runs ``python -m numba_dsconv bench --no-torch --json`` once per tree and batch
+(OLD, NEW, OLD, NEW, ...; each tree on PYTHONPATH in its own process, so the two builds never
+share a process or a thread pool), then prints, per layer and batch, the median over the rounds
+of each tree's median time and the ratio NEW / OLD (below 1: NEW is faster), and the same for
+the best round (shared machines have slow rounds; the best is the least disturbed). Kernels are
+compiled (or loaded from each tree's cache) before anything is timed, by the bench itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _bench(tree: str, args: argparse.Namespace, batch: int, out: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+    cmd = [sys.executable, "-m", "numba_dsconv", "bench", "--no-torch", "--layers", args.layers]
+    cmd += ["--batch", str(batch), "--op", args.op, "--repeat", str(args.repeat)]
+    cmd += ["--json", str(out)]
+    subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--layers", default="3,7")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--op", default="separable")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
+    args = ap.parse_args(argv)
+    times: dict[tuple[str, int, int], list[float]] = {}
+    commits = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for label, tree in (("old", args.old), ("new", args.new)):
+                    d = _bench(tree, args, batch, Path(tmp) / f"{label}.json")
+                    commits[label] = d["machine"]["commit"]
+                    for row in d["layers"]:
+                        key = (label, row["layer"], batch)
+                        times.setdefault(key, []).append(row["ours"]["median_s"])
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"{args.op}: old {args.old} ({commits['old']}) vs new {args.new} ({commits['new']})")
+    head = f"{'layer':>5} {'N':>3} {'old us':>9} {'new us':>9} {'new/old':>8}"
+    print(f"{head} {'best old':>9} {'best new':>9} {'new/old':>8}  per-round ratios")
+    for (label, layer, batch), old in sorted(times.items()):
+        if label != "old":
+            continue
+        new = times[("new", layer, batch)]
+        ratios = " ".join(f"{n / o:.3f}" for o, n in zip(old, new, strict=True))
+        o, n = statistics.median(old), statistics.median(new)
+        bo, bn = min(old), min(new)
+        cells = f"{o * 1e6:>9.1f} {n * 1e6:>9.1f} {n / o:>8.3f} {bo * 1e6:>9.1f} {bn * 1e6:>9.1f}"
+        print(f"{layer:>5} {batch:>3} {cells} {bn / bo:>8.3f}  {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

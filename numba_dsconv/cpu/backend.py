@@ -1,0 +1,103 @@
+"""The CPU backend: host arrays in, the Numba kernels run, the caller's array type out.
+
+``run`` receives host arrays that api.py has validated (dtype float32/float64, shapes checked)
+and returns the result in the caller's layout. Internally everything is NHWC, C-contiguous
+(layout.py); each kernel module builds its own arguments (``Kernel.args``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from .. import _config
+from .._dispatch import as_host_array, host_out, host_overlap, wrap_host
+from .._spec import ConvSpec
+from ._jit import Kernel
+from .conv2d import CONV2D
+from .depthwise import DEPTHWISE
+from .layout import TRANSPOSE, from_nhwc, nhwc_view, to_nhwc
+from .pointwise import POINTWISE
+from .separable import SEPARABLE
+
+__all__ = ["KERNELS", "CpuBackend", "threading_layer"]
+
+KERNELS: dict[str, Kernel] = {
+    "conv2d": CONV2D,
+    "depthwise": DEPTHWISE,
+    "pointwise": POINTWISE,
+    "separable": SEPARABLE,
+}
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use (runs one tiny parallel kernel to make Numba pick it)."""
+    a = np.ones((1, 1, 1), np.float32)
+    with _config.call_guard():
+        TRANSPOSE.parallel(a, np.empty_like(a))
+    return str(numba.threading_layer())
+
+
+def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> None:
+    """Run the kernel of ``spec.op`` on NHWC, C-contiguous x and out: the serial build where
+    the call has little work (waking the thread pool would cost more), else the parallel
+    one."""
+    k = KERNELS[spec.op]
+    parallel = spec.macs > _config.SERIAL_MAX_MACS
+    args = k.args(spec, x, weights, biases, out, parallel)
+    if parallel:
+        with _config.call_guard():
+            k.parallel(*args)
+    else:
+        k.serial(*args)
+
+
+class CpuBackend:
+    """Host arrays (NumPy, torch CPU tensors) on the Numba CPU kernels."""
+
+    @staticmethod
+    def asarray(a: Any, name: str) -> np.ndarray:
+        return as_host_array(a, name)
+
+    @staticmethod
+    def out_array(out: Any) -> np.ndarray:
+        return host_out(out)
+
+    @staticmethod
+    def reshape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+        return a.reshape(shape)  # copies when a view is impossible; never writes to a
+
+    @staticmethod
+    def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+        return host_overlap(a, b)
+
+    @staticmethod
+    def run(
+        spec: ConvSpec,
+        dtype: np.dtype,
+        x: np.ndarray,
+        weights: tuple[np.ndarray, ...],
+        biases: tuple[np.ndarray | None, ...],
+        out: np.ndarray | None,
+    ) -> np.ndarray:
+        """Compute one call. ``weights`` are in the kernels' shapes (see api.py); ``out``
+        validated."""
+        ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
+        out_view = None if out is None else nhwc_view(out, spec)
+        if out_view is not None and out_view.flags.c_contiguous:
+            target = out_view
+        else:
+            target = np.empty(spec.out_nhwc, dtype=dtype)
+        if spec.n > 0:
+            launch(spec, to_nhwc(x, spec, dtype), ws, biases, target)
+        if out_view is None:
+            return from_nhwc(target, spec)
+        if target is not out_view:
+            out_view[...] = target
+        return out
+
+    @staticmethod
+    def wrap(result: np.ndarray, template: Any) -> Any:
+        return wrap_host(result, template)

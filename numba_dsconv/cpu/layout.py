@@ -1,0 +1,96 @@
+"""The memory layouts the CPU kernels take: NCHW <-> NHWC transposes, NHWC views of a caller's
+``out=``, contiguous bias vectors. The kernels work in NHWC, C-contiguous."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import prange
+
+from .. import _config
+from .._spec import ConvSpec
+from ._jit import kernel
+
+
+def transpose_batched(src, dst):  # pragma: no cover - compiled
+    """dst[n, j, i] = src[n, i, j] (casting to dst's dtype), in 32 x 32 blocks.
+
+    Used to convert NCHW <-> NHWC ((C, H*W) <-> (H*W, C) per image): a plain strided copy
+    (numpy's ``.T`` copy) thrashes the cache and the TLB and took longer than the convolution.
+    """
+    N = src.shape[0]
+    R = src.shape[1]
+    C = src.shape[2]
+    nrb = (R + 31) // 32
+    ncb = (C + 31) // 32
+    for t in prange(N * nrb * ncb):
+        n = t // (nrb * ncb)
+        b = t - n * (nrb * ncb)
+        r0 = (b // ncb) * 32
+        c0 = (b % ncb) * 32
+        s = src[n]
+        d = dst[n]
+        for c in range(c0, min(C, c0 + 32)):
+            row = d[c]
+            for r in range(r0, min(R, r0 + 32)):
+                row[r] = s[r, c]
+
+
+TRANSPOSE = kernel(transpose_batched, None)
+
+
+def transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(N, R, C) -> C-contiguous (N, C, R) of ``dtype``, blocked, parallel when large."""
+    src = np.ascontiguousarray(src)
+    dst = np.empty((src.shape[0], src.shape[2], src.shape[1]), dtype=dtype)
+    if src.size > _config.SERIAL_MAX_MACS:
+        with _config.call_guard():
+            TRANSPOSE.parallel(src, dst)
+    elif src.size:
+        TRANSPOSE.serial(src, dst)
+    return dst
+
+
+def to_nhwc(x: np.ndarray, spec: ConvSpec, dtype: np.dtype) -> np.ndarray:
+    """The input as a C-contiguous (N,H,W,C) array of ``dtype``; copies only when needed."""
+    x4 = x if spec.batched else x[np.newaxis]
+    if spec.layout == "NCHW":
+        n, c, h, w = x4.shape
+        return transposed(x4.reshape(n, c, h * w), dtype).reshape(n, h, w, c)
+    return np.ascontiguousarray(x4, dtype=dtype)
+
+
+def from_nhwc(y: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """A batched NHWC result in the caller's layout and batchedness."""
+    if spec.layout == "NCHW":
+        n, oh, ow, co = y.shape
+        y = transposed(y.reshape(n, oh * ow, co), y.dtype).reshape(n, co, oh, ow)
+    return y if spec.batched else y[0]
+
+
+def nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """The caller's out= as an (N,OH,OW,C_out) view (no copy)."""
+    o4 = out if spec.batched else out[np.newaxis]
+    return o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(size: int, dtype: np.dtype) -> np.ndarray:
+    """A zero vector standing in for a missing bias, shared between calls (kernels only read
+    biases; a read-only flag would make Numba compile a second specialisation)."""
+    return np.zeros(size, dtype)
+
+
+def bias_vector(b: np.ndarray | None, size: int, dtype: np.dtype, multiple: int = 1) -> np.ndarray:
+    """The bias as a contiguous ``dtype`` vector, zero-padded to a multiple of ``multiple``
+    (the GEMM kernels load it a whole panel at a time); zeros where there is none."""
+    n = -(-size // multiple) * multiple
+    if b is None:
+        return _zeros(n, dtype)
+    b = np.ascontiguousarray(b, dtype=dtype)
+    if n == size:
+        return b
+    padded = np.zeros(n, dtype)
+    padded[:size] = b
+    return padded
