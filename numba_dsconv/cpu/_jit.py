@@ -28,11 +28,12 @@ from .._spec import Activation
 _PACKAGE = Path(__file__).resolve().parent.parent
 
 # The files whose code the compiled kernels contain or whose constants they freeze: the CPU
-# package and the two top-level modules it imports (tests/test_cache.py checks that this
-# covers every module the package imports from numba_dsconv).
+# package and the top-level modules it imports (tests/test_cache.py checks that this covers
+# every module the package imports from numba_dsconv).
 KERNEL_SOURCES: tuple[Path, ...] = (
     *sorted((_PACKAGE / "cpu").glob("*.py")),
     _PACKAGE / "_config.py",
+    _PACKAGE / "_dispatch.py",
     _PACKAGE / "_spec.py",
 )
 

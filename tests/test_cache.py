@@ -1,0 +1,94 @@
+"""The on-disk kernel cache: reused while nothing changed, invalidated by an edit to any kernel
+source file (not only the kernel's own file, which is all Numba checks by itself)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numba_dsconv
+from numba_dsconv.cpu import _jit
+
+PACKAGE = Path(numba_dsconv.__file__).resolve().parent
+
+# conv2d_nhwc (cpu/conv2d.py) calls the scalar ``activated`` helper of cpu/_jit.py: relu6 of a
+# large output is 6 until the helper is edited to clip at 5.
+PROBE = """
+import json
+import numpy as np
+import numba_dsconv
+from numba_dsconv import conv2d
+from numba_dsconv.cpu.conv2d import CONV2D
+y = conv2d(np.ones((1, 3, 3, 2)), np.ones((3, 3, 2, 2)), activation="relu6")
+hits = sum(CONV2D.serial.stats.cache_hits.values())
+print(json.dumps({"max": float(y.max()), "hits": hits, "file": numba_dsconv.__file__}))
+"""
+
+
+def _run(root: Path, cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DSCONV_NO_CACHE"}
+    env.update(PYTHONPATH=str(root), NUMBA_CACHE_DIR=str(cache))
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        cwd=root,  # `python -c` puts the working directory first on sys.path
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(got.pop("file")).resolve().parent == (root / "numba_dsconv").resolve()
+    return got
+
+
+def test_editing_a_helper_in_another_file_recompiles_its_callers(tmp_path):
+    root = tmp_path / "src"
+    shutil.copytree(PACKAGE, root / "numba_dsconv", ignore=shutil.ignore_patterns("__pycache__"))
+    cache = tmp_path / "cache"
+    first = _run(root, cache)
+    assert first == {"max": 6.0, "hits": 0}
+    second = _run(root, cache)
+    assert second == {"max": 6.0, "hits": 1}  # nothing changed: the compiled kernel is reused
+    helper = root / "numba_dsconv" / "cpu" / "_jit.py"
+    text = helper.read_text()
+    edited = text.replace(
+        "code == RELU6 and v > 6:\n        return 6.0",
+        "code == RELU6 and v > 5:\n        return 5.0",
+    )
+    assert edited != text, "the probe's helper changed shape: update the edit"
+    helper.write_text(edited)
+    third = _run(root, cache)
+    assert third == {"max": 5.0, "hits": 0}  # recompiled from the edited helper
+
+
+def _package_imports(path: Path) -> set[Path]:
+    """The numba_dsconv source files a module of the cpu package imports (relative imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            parts = node.module.split(".") if node.module else []
+            target = base.joinpath(*parts)
+            if node.module is None:  # from .. import _config
+                found |= {base / f"{alias.name}.py" for alias in node.names}
+            elif target.with_suffix(".py").exists():
+                found.add(target.with_suffix(".py"))
+            else:
+                found.add(target / "__init__.py")
+    return found
+
+
+def test_the_stamp_covers_every_source_the_kernels_import():
+    sources = {p.resolve() for p in _jit.KERNEL_SOURCES}
+    for module in (PACKAGE / "cpu").glob("*.py"):
+        assert module.resolve() in sources
+        for imported in _package_imports(module):
+            assert imported.resolve() in sources, f"{module.name} imports {imported}"
