@@ -1,7 +1,7 @@
 """asv benchmarks of the four operations over the MobileNet layer suite.
 
-The layers are numba_dsconv.suite.LAYERS (the one definition the command line and the tests
-use too); arrays, FLOP/byte counts and the timed calls come from numba_dsconv.bench.
+The layers are numba_dsconv.bench.suite.LAYERS (the one definition the command line and the
+tests use too); arrays, FLOP/byte counts and the timed calls come from numba_dsconv.bench.
 
 Parameters: layer (all 11), batch (1 and 8 on the CPU, 1 and 64 on CUDA; the other
 combinations are skipped) and device ("cuda" is skipped where no GPU is usable: setup raises
@@ -25,8 +25,8 @@ import textwrap
 import numba
 
 from numba_dsconv import bench
-from numba_dsconv.suite import LAYERS
-from numba_dsconv.suite import layer as suite_layer
+from numba_dsconv.bench.suite import LAYERS
+from numba_dsconv.bench.suite import layer as suite_layer
 
 QUICK = os.environ.get("NUMBA_DSCONV_ASV_QUICK", "") not in ("", "0")
 
@@ -124,7 +124,7 @@ _COLD_CALL = textwrap.dedent(
     """
     import time
     import numba_dsconv
-    from numba_dsconv.suite import layer
+    from numba_dsconv.bench.suite import layer
     x, dw, pw = layer(3).arrays(1)
     t0 = time.perf_counter()
     numba_dsconv.separable(x, dw, pw, stride=1, padding=1)
@@ -153,7 +153,7 @@ track_cold_compile_seconds.timeout = 600.0  # type: ignore[attr-defined]
 
 
 class SeparableRoofline:
-    """% of the roofline floor (PERFORMANCE.md) the fused separable call reaches."""
+    """% of the roofline floor (numba_dsconv.bench.work) the fused separable call reaches."""
 
     params = [LAYER_NUMBERS, BATCHES, ["cpu", "cuda"]]
     param_names = ["layer", "batch", "device"]

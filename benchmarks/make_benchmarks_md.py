@@ -25,39 +25,6 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
-
-
-def _table(result) -> list[str]:  # noqa: ANN001
-    from numba_dsconv.bench import ANCHORS
-
-    labels = dict(ANCHORS[result.settings["device"]])
-    head = ["#", "layer", "numba_dsconv ms"]
-    for name in result.anchors:
-        head += [f"{labels[name]} ms", f"vs {labels[name]}"]
-    head += ["GFLOP/s", "GB/s", "FLOP/B", "floor ms", "% roofline"]
-    head += [f"{labels[name]} % roofline" for name in result.anchors]
-    head += ["max rel err"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result.layers:
-        cells = [str(r.layer), f"{r.hw}x{r.hw}x{r.c_in}->{r.c_out} s{r.stride}"]
-        cells.append(_ms(r.ours.median_s))
-        for name in result.anchors:
-            cells += [_ms(r.anchors[name].median_s), f"{r.speedup[name]:.2f}x"]
-        cells += [
-            f"{r.ours.gflops:.1f}",
-            f"{r.ours.gbs:.1f}",
-            f"{r.intensity:.1f}",
-            _ms(r.floor_s),
-            f"{r.ours.pct_roofline:.0f} %",
-        ]
-        cells += [f"{r.anchors[name].pct_roofline:.0f} %" for name in result.anchors]
-        cells.append(f"{r.ours.error_rel:.1e}" + ("" if r.ours.ok else " **MISMATCH**"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -73,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from numba_dsconv import bench
+    from numba_dsconv.bench import report
 
     console = Console(stderr=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -149,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         s = result.settings
         note = f" (anchors: {result.anchor_note})" if result.anchor_note else ""
-        out += [f"## {s['op']}, N={s['batch']}{note}", "", *_table(result), ""]
+        out += [f"## {s['op']}, N={s['batch']}{note}", "", *report.markdown_table(result), ""]
     Path(args.out).write_text("\n".join(out).rstrip() + "\n")
     console.print(f"wrote {args.out}")
     return 0 if all(r.ok for r in results) else 1

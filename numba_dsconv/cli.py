@@ -10,14 +10,22 @@ from collections.abc import Sequence
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from . import _numpy_ref, api
+from . import api
 from ._spec import make_spec
+from .bench import reference
+from .bench.suite import layer as suite_layer
 from .cost import cost
-from .suite import layer as suite_layer
 
 console = Console()
+
+
+def _error(message: str) -> int:
+    """Print ``message`` as an error (literally: brackets in it are not rich markup); 2."""
+    console.print("[red]error:[/] " + escape(message))
+    return 2
 
 
 def _cost_table(title: str, c) -> Table:  # noqa: ANN001
@@ -62,8 +70,8 @@ def _run_case(title: str, x, dw, pw, *, padding, stride, device) -> float:  # no
         padding=padding,
     )
     x4 = x if x.ndim == 4 else x[None]
-    mid = _numpy_ref.depthwise(x4, dw, None, spec)
-    ref = _numpy_ref.pointwise(mid, pw.reshape(pw.shape[-2], pw.shape[-1]), None)
+    mid = reference.depthwise(x4, dw, None, spec)
+    ref = reference.pointwise(mid, pw.reshape(pw.shape[-2], pw.shape[-1]), None)
     ref = ref if x.ndim == 4 else ref[0]
     err = float(np.max(np.abs(y - ref))) if y.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 1.0
@@ -159,10 +167,6 @@ def _devices() -> list[str]:
     return devs
 
 
-def _fmt_ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
-
-
 def bench(args: argparse.Namespace) -> int:
     """Ceilings, then each layer timed against the PyTorch anchors, as rich tables."""
     from rich.progress import (
@@ -174,23 +178,19 @@ def bench(args: argparse.Namespace) -> int:
     )
 
     from . import bench as engine
+    from .bench import report
 
     try:
         lays = engine.parse_layers(args.layers)
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+        return _error(str(exc))
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            console.print(
-                "[red]error:[/] --plot needs matplotlib: pip install 'numba-dsconv[bench]'"
-            )
-            return 2
+            return _error("--plot needs matplotlib: pip install 'numba-dsconv[bench]'")
     if args.device == "cuda" and not engine.gpu_available():
-        console.print("[red]error:[/] --device cuda: no usable CUDA GPU on this machine")
-        return 2
+        return _error("--device cuda: no usable CUDA GPU on this machine")
     phases = {"ceilings": "measuring ceilings", "compile": "compiling", "measure": "measuring"}
     columns = (
         TextColumn("[bold]{task.fields[phase]:<18}"),
@@ -218,75 +218,22 @@ def bench(args: argparse.Namespace) -> int:
                 progress=progress,
             )
         except (NotImplementedError, ValueError) as exc:
-            console.print(f"[red]error:[/] {exc}")
-            return 2
-    _print_bench(result)
+            return _error(str(exc))
+    # Piped output defaults to 80 columns, too narrow for this table.
+    wide = console if console.is_terminal else Console(width=max(console.width, 170))
+    for line in report.headline(result):
+        wide.print(escape(line))
+    wide.print(report.rich_table(result))
     if args.json:
         engine.write_json(result, args.json)
-        console.print(f"wrote {args.json}")
+        console.print(f"wrote {escape(args.json)}")
     if args.plot:
         engine.plot_roofline(result, args.plot)
-        console.print(f"wrote {args.plot}")
+        console.print(f"wrote {escape(args.plot)}")
     if not result.ok:
         console.print("[red]MISMATCH: a result differs from the float64 reference[/]")
         return 1
     return 0
-
-
-def _print_bench(result) -> None:  # noqa: ANN001
-    from .bench import ANCHORS
-
-    m, c, s = result.machine, result.ceilings, result.settings
-    v = m["versions"]
-    console.print(
-        f"[bold]{s['op']}[/], N={s['batch']}, {s['device']}, float32 | {m['cpu']} | "
-        f"{s['threads']} numba threads ({m['threading_layer']}) | numpy {v['numpy']}, "
-        f"numba {v['numba']}, torch {v['torch'] or 'not installed'}"
-    )
-    console.print(
-        f"ceilings: SGEMM [bold]{c.sgemm_gflops:.1f}[/] GFLOP/s ({c.sgemm_source}); copy "
-        f"[bold]{c.copy_gbs:.1f}[/] GB/s ({c.copy_source}); ridge {c.ridge:.1f} FLOP/byte"
-    )
-    labels = dict(ANCHORS[s["device"]])
-    t = Table(
-        title=f"numba_dsconv {s['op']} vs anchors (median; ms)",
-        caption="vs X = time(X) / time(numba_dsconv): above 1, numba_dsconv is faster. "
-        "% roof = roofline floor / time. err = max |error| / max |value| vs float64.",
-    )
-    t.add_column("#", justify="right")
-    t.add_column("layer", no_wrap=True)
-    t.add_column("ours ms", justify="right")
-    for name in result.anchors:
-        t.add_column(f"{labels[name]} ms", justify="right")
-        t.add_column(f"vs {labels[name]}", justify="right")
-    if not result.anchors:
-        t.add_column(f"anchors ({result.anchor_note})", justify="center")
-    for col in ("GFLOP/s", "GB/s", "FLOP/B", "floor ms", "% roof"):
-        t.add_column(col, justify="right")
-    for name in result.anchors:
-        t.add_column(f"{labels[name]} % roof", justify="right")
-    t.add_column("err", justify="right")
-    for r in result.layers:
-        shape = f"{r.hw}x{r.hw}x{r.c_in}->{r.c_out} s{r.stride}"
-        cells = [str(r.layer), shape, _fmt_ms(r.ours.median_s)]
-        for name in result.anchors:
-            cells += [_fmt_ms(r.anchors[name].median_s), f"{r.speedup[name]:.2f}x"]
-        if not result.anchors:
-            cells.append("-")
-        cells += [
-            f"{r.ours.gflops:.1f}",
-            f"{r.ours.gbs:.1f}",
-            f"{r.intensity:.1f}",
-            _fmt_ms(r.floor_s),
-            f"{r.ours.pct_roofline:.0f}%",
-        ]
-        cells += [f"{r.anchors[name].pct_roofline:.0f}%" for name in result.anchors]
-        err = f"{r.ours.error_rel:.1e}"
-        cells.append(err if r.ours.ok else f"[red]{err} MISMATCH[/]")
-        t.add_row(*cells)
-    # Piped output defaults to 80 columns, too narrow for this table.
-    wide = console if console.is_terminal else Console(width=max(console.width, 170))
-    wide.print(t)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

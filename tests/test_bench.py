@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from numba_dsconv import bench, cli, suite
+from numba_dsconv import bench, cli
+from numba_dsconv.bench import cases, machine, report, run, suite
 
 TINY = suite.Layer(99, "tiny", 8, 4, 8, 1)
 TINY_S2 = suite.Layer(98, "tiny", 9, 4, 8, 2)
@@ -19,16 +20,16 @@ TINY_S2 = suite.Layer(98, "tiny", 9, 4, 8, 2)
 def small_ceilings(monkeypatch):
     """Measure the ceilings on small arrays (a 128^3 SGEMM, a 1 MiB copy): fast, same code."""
     small = functools.partial(bench.measure_ceilings, repeat=2, sgemm_n=128, copy_bytes=1 << 20)
-    monkeypatch.setattr(bench, "measure_ceilings", small)
+    monkeypatch.setattr(run, "measure_ceilings", small)
     return small
 
 
 @pytest.fixture
 def tiny_layers(monkeypatch):
     """Let `--layers 99,98` name the tiny layers on the command line."""
-    real = bench.suite_layer
+    real = run.suite_layer
     extra = {TINY.number: TINY, TINY_S2.number: TINY_S2}
-    monkeypatch.setattr(bench, "suite_layer", lambda n: extra.get(n) or real(n))
+    monkeypatch.setattr(run, "suite_layer", lambda n: extra.get(n) or real(n))
 
 
 SIDE_FIELDS = {
@@ -185,7 +186,7 @@ def test_work_pointwise_is_the_stage_after_a_strided_depthwise():
 def test_percent_of_roofline_is_floor_over_time():
     w = bench.work(TINY, "separable", 1)
     floor = bench.roofline_floor(w.flops, w.nbytes, 100.0, 10.0)
-    side = bench._side("x", [2 * floor, 4 * floor, 3 * floor], 1, w, floor, 0.0)
+    side = report.side("x", [2 * floor, 4 * floor, 3 * floor], 1, w, floor, 0.0)
     assert side.median_s == pytest.approx(3 * floor)
     assert side.pct_roofline == pytest.approx(100 / 3)
     assert side.gflops == pytest.approx(w.flops / (3 * floor) / 1e9)
@@ -228,7 +229,9 @@ def test_run_bench_on_tiny_layers(op, small_ceilings):
 
 
 def test_run_bench_without_torch(monkeypatch, small_ceilings):
-    monkeypatch.setattr(bench, "_torch", lambda: None)
+    monkeypatch.setattr(machine, "torch_module", lambda: None)
+    monkeypatch.setattr(run, "torch_module", lambda: None)
+    monkeypatch.setattr(cases, "torch_module", lambda: None)
     result = bench.run_bench("cpu", 2, [TINY], "separable", 2, ceilings=small_ceilings("cpu"))
     assert result.anchors == [] and result.anchor_note == "torch not installed"
     assert result.layers[0].anchors == {} and result.layers[0].speedup == {}
@@ -295,7 +298,9 @@ def test_cli_bench_writes_json_and_plot(tmp_path, small_ceilings, tiny_layers, c
 
 
 def test_cli_bench_without_torch_says_so(monkeypatch, tmp_path, small_ceilings, tiny_layers):
-    monkeypatch.setattr(bench, "_torch", lambda: None)
+    monkeypatch.setattr(machine, "torch_module", lambda: None)
+    monkeypatch.setattr(run, "torch_module", lambda: None)
+    monkeypatch.setattr(cases, "torch_module", lambda: None)
     out = tmp_path / "b.json"
     assert cli.main(["bench", "--layers", "99", "--repeat", "1", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
@@ -322,6 +327,22 @@ def test_plot_needs_matplotlib_with_a_clear_message(monkeypatch, tmp_path, small
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"numba-dsconv\[bench\]"):
         bench.plot_roofline(result, tmp_path / "r.png")
+
+
+def test_cli_errors_print_brackets_literally(monkeypatch, capsys):
+    """An error message with brackets (an extra's name) is not eaten as rich markup."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert cli.main(["bench", "--layers", "9", "--plot", "r.png"]) == 2
+    assert "pip install 'numba-dsconv[bench]'" in capsys.readouterr().out
 
 
 def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):

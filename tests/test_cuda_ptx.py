@@ -199,7 +199,7 @@ def test_reshape_of_fortran_device_weights_is_not_a_reinterpretation():
 
 def _suite_spec(number: int, batch: int, dilation: int = 1):
     from numba_dsconv._spec import make_spec
-    from numba_dsconv.suite import layer
+    from numba_dsconv.bench.suite import layer
 
     lay = layer(number)
     return make_spec(
@@ -251,6 +251,4 @@ def test_halo_tiles_where_rectangles_cover_the_output(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_HALO", "sometimes")
     with pytest.raises(ValueError, match="CUDA_HALO"):
         choose(1)
-    assert gemm.halo_possible(key, f32, tile) and not gemm.halo_possible(
-        kernels.GENERIC, f32, tile
-    )
+    assert gemm.halo_possible(key, f32, tile) and not gemm.halo_possible(kernels.GENERIC, f32, tile)

@@ -1,6 +1,7 @@
 """The MobileNet layer suite: one definition shared by asv, the command line and the tests.
 
-Every layer is a 3x3 depthwise separable layer with padding 1 (PERFORMANCE.md).
+Every layer is a 3x3 depthwise separable layer with padding 1: MobileNetV1's rows 1-7 and four
+MobileNetV2 shapes (BENCHMARKS.md names them).
 """
 
 from __future__ import annotations
