@@ -7,13 +7,13 @@ import concurrent.futures
 
 import numpy as np
 import pytest
-from conftest import (
+from cases import make_case
+from helpers import (
     ALL_OPS,
     assert_close,
     bitwise_equal,
     geo_kwargs,
     lib_fn,
-    make_case,
     ref_fn,
 )
 from reference import geometry

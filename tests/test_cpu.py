@@ -1,4 +1,6 @@
-"""Every op on device='cpu' against the float64 reference, over the geometry/dtype/layout space."""
+"""CPU-specific checks: exact worked examples, argument spellings, the GEMM blocking knobs, the
+32-byte vector build, the cost model. The geometry/dtype/layout sweep is the case table
+(tests/cases.py, run by tests/test_ops.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,21 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import (
+from cases import Case
+from helpers import (
     ALL_OPS,
+    D_EX,
+    P_EX,
+    X_EX,
+    Y_EX,
+    Z_EX,
     assert_close,
     check_against_reference,
-    geo_kwargs,
     lib_fn,
-    make_case,
     ref_fn,
     x_shape,
 )
 from reference import ref_cost, ref_separable
-from test_reference import D_EX, P_EX, X_EX, Y_EX, Z_EX
 
 import numba_dsconv as nd
 
@@ -75,162 +80,19 @@ def test_cost_worked_example():
 
 
 # ---------------------------------------------------------------------------------------------
-# geometry sweep
-
-GEOMS = [
-    # (h, w, kh, kw, stride, padding, dilation)
-    (5, 5, 3, 3, 1, "valid", 1),
-    (7, 9, 3, 3, 1, "same", 1),
-    (7, 9, 3, 3, 2, "same", 1),
-    (8, 8, 3, 3, 2, "same", 1),
-    (8, 8, 2, 2, 1, "same", 1),
-    (8, 7, 4, 4, 1, "same", 1),
-    (9, 8, 4, 4, 2, "same", 1),
-    (7, 7, 2, 2, 2, "same", 1),
-    (10, 11, 3, 3, 3, "valid", 1),
-    (9, 9, 3, 3, 3, "same", 1),
-    (7, 9, 3, 3, (1, 2), "valid", 1),
-    (7, 9, 3, 3, (1, 2), "same", 1),
-    (6, 6, 3, 3, 1, 1, 1),
-    (6, 7, 3, 5, 1, (1, 2), 1),
-    (6, 7, 3, 3, 1, ((0, 2), (1, 0)), 1),
-    (6, 7, 3, 3, 2, ((0, 2), (1, 0)), 1),
-    (9, 9, 3, 3, 1, "valid", 2),
-    (9, 9, 3, 3, 1, "same", 2),
-    (9, 10, 3, 3, 2, "same", 2),
-    (9, 9, 3, 3, 1, "valid", (2, 1)),
-    (9, 9, 3, 2, 1, "same", (2, 1)),
-    (4, 4, 1, 1, 1, "valid", 1),
-    (5, 6, 1, 1, 2, "valid", 1),
-    (6, 6, 2, 2, 1, "valid", 1),
-    (7, 7, 5, 5, 1, "same", 1),
-    (7, 8, 6, 6, 1, "same", 1),
-    (8, 8, 7, 7, 1, "same", 1),
-    (7, 7, 7, 7, 1, "valid", 1),
-    (7, 9, 1, 3, 1, "same", 1),
-    (7, 9, 3, 1, 2, "same", 1),
-    (8, 9, 2, 5, (2, 1), 2, (1, 2)),
-    (3, 3, 3, 3, 1, "valid", 1),  # 1x1 output
-    (1, 1, 1, 1, 1, "valid", 1),
-    (1, 1, 3, 3, 1, "same", 1),  # every tap but the centre reads padding
-    (1, 9, 1, 3, 1, "same", 1),
-    (5, 5, 3, 3, 1, 4, 1),  # padding wider than the kernel: all-zero border outputs
-    (4, 5, 3, 3, 2, ((3, 0), (0, 3)), 1),
-    (5, 5, 3, 3, 7, "same", 1),  # stride larger than the kernel
-]
-
-OP_MULTS = [("conv2d", 1), ("depthwise", 1), ("depthwise", 2), ("separable", 1), ("separable", 2)]
-
-
-@pytest.mark.parametrize("geom", GEOMS, ids=str)
-@pytest.mark.parametrize(("op", "mult"), OP_MULTS, ids=lambda v: str(v))
-def test_geometry(op, mult, geom, rng):
-    h, w, kh, kw, stride, padding, dilation = geom
-    x, weights, _, red = make_case(
-        rng, op, n=2, h=h, w=w, c=3, kh=kh, kw=kw, mult=mult, c_out=4, xdtype=np.float32
-    )
-    check_against_reference(op, x, weights, red, stride=stride, padding=padding, dilation=dilation)
-
-
-# ---------------------------------------------------------------------------------------------
 # dtypes x layouts x batchedness
-
-DTYPES = [
-    (np.float32, np.float32),
-    (np.float64, np.float64),
-    (np.float32, np.float64),  # -> float64, float64-accurate
-    (np.float64, np.float32),  # -> float64
-]
-
-
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0].__name__}x{d[1].__name__}")
-@pytest.mark.parametrize("op", ALL_OPS)
-def test_dtypes_layouts(op, dtypes, layout, batched, rng):
-    xdt, wdt = dtypes
-    x, weights, bias_kw, red = make_case(
-        rng, op, n=2, h=7, w=6, c=3, kh=3, kw=2, mult=2 if op in ("depthwise", "separable") else 1,
-        c_out=5, xdtype=xdt, wdtype=wdt, layout=layout, batched=batched, biases=True,
-    )  # fmt: skip
-    geo = geo_kwargs(op, stride=(2, 1), padding="same", dilation=1)
-    y = check_against_reference(op, x, weights, red, layout=layout, **geo, **bias_kw)
-    assert y.dtype == np.result_type(xdt, wdt)
-    assert isinstance(y, np.ndarray)
 
 
 @pytest.mark.parametrize(("xdt", "bdt"), [(np.float32, np.float64), (np.float64, np.float32)])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_bias_dtype_does_not_change_result_dtype(op, xdt, bdt, rng):
-    x, weights, bias_kw, red = make_case(rng, op, n=1, h=5, w=5, xdtype=xdt, biases=True)
-    bias_kw = {k: v.astype(bdt) for k, v in bias_kw.items()}
-    geo = geo_kwargs(op, padding="same")
-    expected = ref_fn(op)(x, *weights, **geo, **bias_kw)
-    y = lib_fn(op)(x, *weights, device="cpu", **geo, **bias_kw)
+    case = Case(op, n=1, h=5, w=5, xdtype=xdt, biases=True, padding="same")
+    x, weights, kw = case.make(rng)
+    kw.update({k: kw[k].astype(bdt) for k in ("bias", "dw_bias") if k in kw})
+    expected = ref_fn(op)(x, *weights, **kw)
+    y = lib_fn(op)(x, *weights, device="cpu", **kw)
     assert y.dtype == xdt
-    assert_close(y, expected, xdt, red)
-
-
-# ---------------------------------------------------------------------------------------------
-# channels (exercise vector widths and their remainders)
-
-
-@pytest.mark.parametrize(
-    ("c", "mult", "c_out"), [(1, 1, 1), (1, 3, 2), (5, 1, 7), (8, 2, 16), (17, 1, 33), (32, 1, 8)]
-)
-@pytest.mark.parametrize("op", ALL_OPS)
-def test_channel_counts(op, c, mult, c_out, rng):
-    if op == "conv2d":
-        mult = 1
-    if op == "pointwise":
-        mult = 1
-    x, weights, bias_kw, red = make_case(
-        rng, op, n=1, h=6, w=5, c=c, mult=mult, c_out=c_out, xdtype=np.float32, biases=True
-    )
-    geo = geo_kwargs(op, stride=1, padding="same")
-    check_against_reference(op, x, weights, red, **geo, **bias_kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# biases and activations
-
-ACTS = [None, "relu", "relu6"]
-
-
-@pytest.mark.parametrize("biases", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("op", ["conv2d", "depthwise", "pointwise"])
-def test_bias_activation(op, activation, biases, rng):
-    # scale 3 so that relu6 really clips on both sides
-    x, weights, bias_kw, red = make_case(
-        rng, op, n=2, h=6, w=6, c=4, mult=1, c_out=4, xdtype=np.float32, biases=biases, scale=3.0
-    )
-    geo = geo_kwargs(op, padding="same")
-    y = check_against_reference(op, x, weights, red, activation=activation, **geo, **bias_kw)
-    if activation is not None:
-        assert (y == 0).any()
-        assert (y >= 0).all()
-    if activation == "relu6":
-        assert (y == 6).any()
-        assert (y <= 6).all()
-
-
-@pytest.mark.parametrize("biases", ["none", "dw_bias", "bias", "both"])
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("mid_activation", ACTS)
-def test_separable_bias_activation(mid_activation, activation, biases, rng):
-    x, weights, bias_kw, red = make_case(
-        rng, "separable", n=2, h=6, w=6, c=4, mult=2, c_out=5, xdtype=np.float32, biases=True,
-        scale=3.0,
-    )  # fmt: skip
-    if biases in ("none", "bias"):
-        del bias_kw["dw_bias"]
-    if biases in ("none", "dw_bias"):
-        del bias_kw["bias"]
-    check_against_reference(
-        "separable", x, weights, red, padding="same", mid_activation=mid_activation,
-        activation=activation, **bias_kw,
-    )  # fmt: skip
+    assert_close(y, expected, xdt, case.reduction_len)
 
 
 def test_mid_activation_is_applied_before_pointwise(rng):
@@ -272,12 +134,11 @@ def test_weight_spellings_agree(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_empty_batch(op, dtype, layout, rng):
-    x, weights, bias_kw, _ = make_case(
-        rng, op, n=0, h=7, w=6, c=3, mult=2 if op in ("depthwise", "separable") else 1,
-        c_out=5, xdtype=dtype, layout=layout, biases=True,
-    )  # fmt: skip
-    geo = geo_kwargs(op, stride=2, padding="same")
-    y = lib_fn(op)(x, *weights, layout=layout, device="cpu", **geo, **bias_kw)
+    mult = 2 if op in ("depthwise", "separable") else 1
+    case = Case(op, n=0, h=7, w=6, c=3, mult=mult, c_out=5, xdtype=dtype, layout=layout,
+                biases=True, stride=2, padding="same")  # fmt: skip
+    x, weights, kw = case.make(rng)
+    y = lib_fn(op)(x, *weights, device="cpu", **kw)
     c_res = 5 if op != "depthwise" else 6
     oh, ow = (4, 3) if op != "pointwise" else (7, 6)
     assert y.shape == x_shape(0, oh, ow, c_res, layout)
@@ -286,9 +147,9 @@ def test_empty_batch(op, dtype, layout, rng):
 
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_default_device_is_cpu(op, rng):
-    x, weights, bias_kw, _ = make_case(rng, op, n=1, h=5, w=5, xdtype=np.float32, biases=True)
-    a = lib_fn(op)(x, *weights, **bias_kw)
-    b = lib_fn(op)(x, *weights, device="cpu", **bias_kw)
+    x, weights, kw = Case(op, n=1, h=5, w=5, biases=True).make(rng)
+    a = lib_fn(op)(x, *weights, **kw)
+    b = lib_fn(op)(x, *weights, device="cpu", **kw)
     np.testing.assert_array_equal(a, b)
 
 
@@ -307,34 +168,6 @@ def test_padding_spellings_agree(rng):
     a = nd.depthwise(x, dw, padding=1, stride=(2, 2), dilation=(1, 1), device="cpu")
     b = nd.depthwise(x, dw, padding=(1, 1), stride=2, dilation=1, device="cpu")
     np.testing.assert_array_equal(a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# the parallel kernels on small inputs (the library's serial/parallel threshold patched to 0)
-
-PARALLEL_GEOMS = [
-    (2, 7, 9, 3, 3, 3, 1, "same", 1, 2, 5),
-    (1, 9, 8, 4, 4, 4, 2, "same", 1, 1, 3),
-    (1, 8, 9, 3, 2, 5, (2, 1), ((0, 2), (1, 0)), (1, 2), 2, 4),
-    (3, 6, 6, 8, 3, 3, 1, "valid", 2, 1, 16),
-    (0, 6, 6, 3, 3, 3, 1, "valid", 1, 1, 2),
-]
-
-
-@pytest.mark.parametrize("cfg", PARALLEL_GEOMS, ids=str)
-@pytest.mark.parametrize("op", ALL_OPS)
-def test_parallel_kernels(op, cfg, force_parallel, rng):
-    n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out = cfg
-    if op in ("conv2d", "pointwise"):
-        mult = 1
-    for dtype in (np.float32, np.float64):
-        x, weights, bias_kw, red = make_case(
-            rng, op, n=n, h=h, w=w, c=c, kh=kh, kw=kw, mult=mult, c_out=c_out, xdtype=dtype,
-            biases=True,
-        )  # fmt: skip
-        geo = geo_kwargs(op, stride=stride, padding=padding, dilation=dilation)
-        kw_act = {"mid_activation": "relu6"} if op == "separable" else {}
-        check_against_reference(op, x, weights, red, activation="relu", **geo, **bias_kw, **kw_act)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,44 +208,6 @@ def test_cost_output_shape_matches_separable(rng):
     assert tuple(c.output_shape) == y.shape
 
 
-# ---------------------------------------------------------------------------------------------
-# medium sizes: many channels (fused-separable tiles of several pixel counts), long reductions
-
-MEDIUM = [
-    # (op, n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out)
-    ("separable", 1, 13, 11, 96, 3, 3, 2, ((0, 2), (1, 0)), 1, 2, 40),
-    ("separable", 3, 10, 9, 40, 5, 5, 1, "same", 1, 1, 72),
-    ("separable", 1, 17, 19, 24, 3, 3, (1, 2), "same", (2, 1), 3, 33),
-    ("depthwise", 2, 15, 14, 70, 3, 3, 2, "same", 1, 2, 0),
-    # 3x3, multiplier 1: the vectorised interior path, with a channel tail, dilated/strided
-    ("depthwise", 2, 11, 13, 35, 3, 3, (2, 1), "same", (1, 2), 1, 0),
-    ("separable", 1, 9, 12, 48, 3, 3, (1, 2), ((2, 0), (1, 1)), (2, 1), 1, 24),
-    # stride == dilation: two output pixels per step, odd interior widths
-    ("depthwise", 2, 9, 12, 37, 3, 3, 1, "same", 1, 1, 0),
-    ("separable", 1, 13, 15, 33, 3, 3, 2, "same", 2, 1, 20),
-    ("conv2d", 1, 9, 9, 64, 7, 7, 1, "same", 1, 1, 64),  # reduction 3136
-    ("conv2d", 2, 12, 11, 20, 3, 3, 2, "same", 1, 1, 36),
-    ("pointwise", 3, 9, 10, 130, 1, 1, 1, "valid", 1, 1, 67),
-]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cfg", MEDIUM, ids=str)
-def test_medium_sizes(cfg, dtype, rng):
-    op, n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out = cfg
-    x, weights, bias_kw, red = make_case(
-        rng, op, n=n, h=h, w=w, c=c, kh=kh, kw=kw, mult=mult, c_out=c_out, xdtype=dtype,
-        biases=True,
-    )  # fmt: skip
-    geo = geo_kwargs(op, stride=stride, padding=padding, dilation=dilation)
-    check_against_reference(op, x, weights, red, **geo, **bias_kw)
-    # and through the activations (applied in registers on the vector paths)
-    acts = {"activation": "relu6"}
-    if op == "separable":
-        acts["mid_activation"] = "relu"
-    check_against_reference(op, x, weights, red, **geo, **bias_kw, **acts)
-
-
 @pytest.mark.parametrize(
     ("xdt", "dwdt", "pwdt"),
     [(np.float32, np.float64, np.float32), (np.float32, np.float32, np.float64)],
@@ -443,12 +238,10 @@ def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
     if parallel:
         monkeypatch.setattr(config, "SERIAL_MAX_MACS", 0)
     for dtype in (np.float32, np.float64):
-        x, weights, bias_kw, red = make_case(
-            rng, op, n=2, h=5, w=7, c=c, kh=3, kw=3, mult=mult, c_out=c_out, xdtype=dtype,
-            biases=True,
-        )  # fmt: skip
-        geo = geo_kwargs(op, stride=1, padding="same", dilation=1)
-        check_against_reference(op, x, weights, red, activation="relu6", **geo, **bias_kw)
+        case = Case(op, n=2, h=5, w=7, c=c, mult=mult, c_out=c_out, xdtype=dtype, biases=True,
+                    padding="same", activation="relu6")  # fmt: skip
+        x, weights, kw = case.make(rng)
+        check_against_reference(op, x, weights, case.reduction_len, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +258,10 @@ def test_32_byte_vector_build():
     probe = "from numba_dsconv.cpu._simd import VEC_BYTES; assert VEC_BYTES == 32, VEC_BYTES"
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    select = "gemm_blocking or medium_sizes or worked_example or parallel_kernels"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    r = subprocess.run([*cmd, "-k", select], env=env, capture_output=True, text=True, timeout=1800)
+    select = "gemm_blocking or worked_example or medium or parallel"
+    ops = os.path.join(os.path.dirname(__file__), "test_ops.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, ops]
+    cmd += ["-k", f"({select}) and not cuda"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout

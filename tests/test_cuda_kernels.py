@@ -1,4 +1,6 @@
-"""Every CUDA kernel and specialisation against the float64 reference (simulator or GPU).
+"""The CUDA backend's own behaviour (simulator or GPU): halo tiles, launch plans, device arrays,
+out=, non-contiguous and non-finite inputs. Every kernel specialisation against the float64
+reference is in the case table (tests/cases.py, run by tests/test_ops.py on device='cuda').
 
 Runs under the simulator (NUMBA_ENABLE_CUDASIM=1, set before Python starts, as .ci/run does)
 or on a real GPU; elsewhere it skips. Tiles and blocks are patched small so tiny inputs still
@@ -7,65 +9,36 @@ span several blocks and every grid-stride loop turns more than once.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from conftest import (  # tests/conftest.py
+from cases import make_case
+from helpers import (
+    SIMULATOR,
     assert_close,
     check_against_reference,
-    geo_kwargs,
-    make_case,
+    cuda_usable,
     randn,
     ref_fn,
+    small_cuda_blocks,
 )
-
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
-
-
-def cuda_usable() -> bool:
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
 
 requires_cuda = pytest.mark.skipif(
     not cuda_usable(), reason="no CUDA GPU and not under the simulator (NUMBA_ENABLE_CUDASIM=1)"
 )
-
-# (threads per block for 1-D kernels, GEMM tile (TP, TN, TK, RP, RN), max blocks)
-SMALL = (8, (4, 4, 2, 2, 2), 3)
-TILE_CONFIGS = [SMALL] if SIMULATOR else [SMALL, None]  # None: the shipped defaults
+TILE_CONFIGS = ["small-blocks"] if SIMULATOR else ["small-blocks", "default-blocks"]
 
 
-@pytest.fixture(params=TILE_CONFIGS, ids=lambda c: "small-blocks" if c else "default-blocks")
+@pytest.fixture(params=TILE_CONFIGS)
 def cuda_config(request, monkeypatch):
-    from numba_dsconv import _config
-
-    if request.param is not None:
-        threads, tile, blocks = request.param
-        monkeypatch.setattr(_config, "CUDA_THREADS", threads)
-        monkeypatch.setattr(_config, "CUDA_GEMM_TILE", tile)
-        monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", blocks)
+    if request.param == "small-blocks":
+        small_cuda_blocks(monkeypatch)
     return request.param
 
 
 pytestmark = [requires_cuda, pytest.mark.usefixtures("cuda_config")]
 
-# every specialised (K, K, s, s) build plus geometries that take the generic build
+# every specialised (K, K, s, s) build
 SPECIALISED = [(k, s) for k in (3, 5, 7) for s in (1, 2)]
-
-
-@pytest.mark.parametrize("op", ["depthwise", "separable", "conv2d"])
-@pytest.mark.parametrize("k,s", SPECIALISED)
-def test_specialised_builds(rng, op, k, s):
-    x, w, b, red = make_case(rng, op, n=1, h=k + 2, w=k + 3, c=3, kh=k, kw=k, c_out=5, biases=True)
-    check_against_reference(
-        op, x, w, red, device="cuda", stride=s, padding="same", activation="relu6", **b
-    )
 
 
 @pytest.fixture
@@ -170,73 +143,6 @@ def test_launch_plans_follow_the_config(rng, halo_builds, monkeypatch):
     x64, w64, _, _ = make_case(rng, "separable", n=1, h=6, w=6, xdtype=np.float64)
     check_against_reference("separable", x64, w64, red, device="cuda", padding=1)
     assert len(halo_builds) == 3  # another dtype: another plan
-
-
-@pytest.mark.parametrize("dilation", [(2, 1), (1, 2), 2])
-@pytest.mark.parametrize("s", [1, 2])
-def test_depthwise_specialised_dilated(rng, s, dilation):
-    """Specialised 3x3 builds with dilation: the register window of input columns serves
-    column dilation 1 (any row dilation); column dilation > 1 takes the per-tap loads."""
-    x, w, b, red = make_case(rng, "depthwise", n=2, h=9, w=11, c=3, mult=2, biases=True)
-    check_against_reference(
-        "depthwise", x, w, red, device="cuda", stride=s, padding=2, dilation=dilation, **b
-    )
-
-
-GENERIC = [
-    dict(kh=2, kw=4, stride=(1, 2), padding=((0, 2), (1, 0)), dilation=1),
-    dict(kh=3, kw=3, stride=3, padding=1, dilation=(2, 1)),
-    dict(kh=1, kw=1, stride=1, padding="valid", dilation=1),
-    dict(kh=4, kw=4, stride=2, padding="same", dilation=1),
-]
-
-
-@pytest.mark.parametrize("op", ["depthwise", "separable", "conv2d"])
-@pytest.mark.parametrize("geo", GENERIC, ids=lambda g: f"k{g['kh']}x{g['kw']}s{g['stride']}")
-def test_generic_build(rng, op, geo):
-    geo = dict(geo)
-    kh, kw = geo.pop("kh"), geo.pop("kw")
-    x, w, b, red = make_case(rng, op, n=2, h=6, w=7, c=3, kh=kh, kw=kw, c_out=5, biases=True)
-    check_against_reference(op, x, w, red, device="cuda", **geo, **b)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("op", ["depthwise", "separable", "pointwise", "conv2d"])
-def test_dtypes_and_activations(rng, op, dtype):
-    x, w, b, red = make_case(rng, op, n=2, h=5, w=6, c=3, c_out=5, xdtype=dtype, biases=True)
-    kw = geo_kwargs(op, padding="same")
-    if op == "separable":
-        kw["mid_activation"] = "relu"
-    check_against_reference(op, x, w, red, device="cuda", activation="relu", **kw, **b)
-
-
-def test_mixed_dtype_gives_float64(rng):
-    x, w, b, red = make_case(rng, "separable", xdtype=np.float32, wdtype=np.float64)
-    y = check_against_reference("separable", x, w, red, device="cuda", padding=1)
-    assert y.dtype == np.float64
-
-
-@pytest.mark.parametrize("op", ["depthwise", "separable"])
-def test_multiplier_two(rng, op):
-    x, w, b, red = make_case(rng, op, n=1, h=5, w=5, c=3, mult=2, c_out=4, biases=True)
-    check_against_reference(op, x, w, red, device="cuda", padding=1, stride=2, **b)
-
-
-@pytest.mark.parametrize("op", ["depthwise", "separable", "pointwise", "conv2d"])
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("batched", [True, False])
-def test_layouts_and_batchedness(rng, op, layout, batched):
-    x, w, b, red = make_case(rng, op, n=2, h=5, w=4, c=3, c_out=4, layout=layout, batched=batched)
-    y = check_against_reference(
-        op, x, w, red, device="cuda", layout=layout, **geo_kwargs(op, padding=1)
-    )
-    assert isinstance(y, np.ndarray)
-
-
-def test_empty_batch(rng):
-    x, w, b, red = make_case(rng, "separable", n=0)
-    y = check_against_reference("separable", x, w, red, device="cuda", padding=1)
-    assert y.shape == (0, 5, 5, 4)
 
 
 def test_non_contiguous_and_read_only_inputs(rng):

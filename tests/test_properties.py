@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import check_against_reference, make_case
+from cases import make_case
+from helpers import check_against_reference
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import geometry

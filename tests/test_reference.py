@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from cases import params, select
+from helpers import D_EX, P_EX, X_EX, Y_EX, Z_EX, ref_fn
 from reference import (
     ref_conv2d,
     ref_cost,
@@ -32,12 +36,6 @@ from reference import (
 #
 # Pointwise: (0,0) -> [135-459, 135+288+459] = [-324, 882];  (0,1) -> [-378, 1044];
 #            (1,0) -> [-540, 1530];                            (1,1) -> [-594, 1692].
-
-X_EX = np.arange(48, dtype=np.float64).reshape(4, 4, 3)
-D_EX = np.broadcast_to(np.array([1.0, 2.0, 3.0]), (3, 3, 3)).copy()
-P_EX = np.array([[1.0, 1.0], [0.0, 1.0], [-1.0, 1.0]])
-Y_EX = np.array([[[135, 288, 459], [162, 342, 540]], [[243, 504, 783], [270, 558, 864]]], float)
-Z_EX = np.array([[[-324, 882], [-378, 1044]], [[-540, 1530], [-594, 1692]]], float)
 
 
 def test_worked_example_by_hand():
@@ -143,60 +141,24 @@ def test_cost_worked_example():
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference against torch.nn.functional.conv2d (independent code, float64).
-
-CONFIGS = [
-    # (n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out)
-    (2, 5, 5, 3, 3, 3, 1, "valid", 1, 1, 4),
-    (1, 7, 9, 2, 3, 3, 2, "same", 1, 2, 3),
-    (2, 8, 8, 3, 4, 4, 1, "same", 1, 1, 2),
-    (1, 9, 8, 2, 2, 2, 2, "same", 1, 2, 3),
-    (1, 9, 9, 3, 3, 3, 3, "same", 1, 1, 2),
-    (1, 7, 9, 2, 3, 5, (1, 2), 1, 1, 2, 2),
-    (2, 6, 7, 3, 3, 3, 1, ((0, 2), (1, 0)), 1, 1, 2),
-    (1, 6, 7, 2, 3, 3, 2, ((0, 2), (1, 0)), (2, 1), 2, 3),
-    (1, 9, 10, 2, 3, 3, 2, "same", 2, 1, 2),
-    (1, 8, 9, 2, 2, 5, (2, 1), (1, 2), (1, 2), 1, 3),
-    (1, 1, 1, 3, 3, 3, 1, "same", 1, 2, 2),
-    (0, 5, 5, 3, 3, 3, 1, "valid", 1, 1, 2),
-]
+# The reference against torch.nn.functional.conv2d (independent code, float64), on the table's
+# geometry and torch cases: every op with biases and activations, and the NCHW spelling.
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-def test_reference_matches_torch(cfg, rng):
+@pytest.mark.parametrize("case", params(select("geometry", "torch", "dtypes")))
+def test_reference_matches_torch(case, rng):
     pytest.importorskip("torch")
     from torch_helpers import torch_conv2d, torch_depthwise, torch_pointwise, torch_separable
 
-    n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out = cfg
-    geo = dict(stride=stride, padding=padding, dilation=dilation)
-    x = rng.standard_normal((n, h, w, c))
-    wt = rng.standard_normal((kh, kw, c, c_out))
-    dw = rng.standard_normal((kh, kw, c, mult))
-    pw = rng.standard_normal((c * mult, c_out))
-    b = rng.standard_normal(c_out)
-    db = rng.standard_normal(c * mult)
-    tol = dict(rtol=1e-12, atol=1e-12)
-
-    np.testing.assert_allclose(
-        ref_conv2d(x, wt, **geo, bias=b, activation="relu"),
-        torch_conv2d(x, wt, **geo, bias=b, activation="relu"),
-        **tol,
-    )
-    np.testing.assert_allclose(
-        ref_depthwise(x, dw, **geo, bias=db), torch_depthwise(x, dw, **geo, bias=db), **tol
-    )
-    np.testing.assert_allclose(ref_pointwise(x, pw[:c]), torch_pointwise(x, pw[:c]), **tol)
-    np.testing.assert_allclose(
-        ref_separable(x, dw, pw, **geo, dw_bias=db, mid_activation="relu6", bias=b),
-        torch_separable(x, dw, pw, **geo, dw_bias=db, mid_activation="relu6", bias=b),
-        **tol,
-    )
-    # NCHW spelling of the reference is the transpose of the NHWC one.
-    np.testing.assert_allclose(
-        ref_separable(x.transpose(0, 3, 1, 2), dw, pw, **geo, layout="NCHW"),
-        ref_separable(x, dw, pw, **geo).transpose(0, 3, 1, 2),
-        **tol,
-    )
+    oracle = {"conv2d": torch_conv2d, "depthwise": torch_depthwise,
+              "pointwise": torch_pointwise, "separable": torch_separable}[case.op]  # fmt: skip
+    x, weights, kwargs = replace(case, xdtype=np.float64, wdtype=np.float64).make(rng)
+    layout = kwargs.pop("layout")
+    ref = ref_fn(case.op)(x, *weights, layout=layout, **kwargs)
+    if layout == "NCHW":  # the oracle speaks NHWC: the NCHW reference is its transpose
+        x = np.moveaxis(x, -3, -1)
+        ref = np.moveaxis(ref, -3, -1)
+    np.testing.assert_allclose(ref, oracle(x, *weights, **kwargs), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same.")
