@@ -133,9 +133,9 @@ def backend_for(device: object, x: object) -> Backend:
     """The backend of one call: device ``device``, or where ``x`` lives."""
     dev = resolve_device(device, x)
     if dev.kind == "cpu":
-        from .cpu.backend import CpuBackend
+        from .cpu.backend import CPU
 
-        return CpuBackend()
+        return CPU
     from .cuda import get_backend
 
     return get_backend(dev, x)

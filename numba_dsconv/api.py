@@ -15,7 +15,8 @@ ActivationName = Literal["relu", "relu6"] | None
 Padding = str | int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
 IntPair = int | tuple[int, int]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 
 # Docstring fragments shared by the four functions (as torch/nn/modules/conv.py does).
 _NOTES = {
@@ -54,6 +55,8 @@ def _doc(text: str) -> str:
 
 def _check_float(arr: Any, name: str) -> None:
     dt = getattr(arr, "dtype", None)
+    if dt is _F32 or dt is _F64:  # the common case, without constructing a dtype
+        return
     if dt is None or np.dtype(dt) not in _FLOATS:
         raise TypeError(f"{name} must be float32 or float64; got dtype {dt}")
 
@@ -72,10 +75,13 @@ class _Call:
         self.be: Backend = backend_for(device, self.x_raw)
         self.layout = check_layout(layout)
         self.acts = {name: Activation.parse(v, name) for name, v in activations.items()}
-        self.arrays = {name: self.be.asarray(a, name) for name, a in arrays.items()}
-        for name, arr in self.arrays.items():
+        self.arrays = {}
+        dtypes = set()
+        for name, a in arrays.items():
+            arr = self.arrays[name] = self.be.asarray(a, name)
             _check_float(arr, name)
-        self.dtype = np.result_type(*(np.dtype(a.dtype) for a in self.arrays.values()))
+            dtypes.add(arr.dtype)
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
 
     def spec(self, op: str, **kwargs: Any) -> ConvSpec:
         return make_spec(

@@ -65,6 +65,14 @@ def test_editing_a_helper_in_another_file_recompiles_its_callers(tmp_path):
     helper.write_text(edited)
     third = _run(root, cache)
     assert third == {"max": 5.0, "hits": 0}  # recompiled from the edited helper
+    # an index that cannot be read back (a type of another version, a truncated file) is a
+    # cache miss, not a crash
+    for index in cache.rglob("*.nbi"):
+        data = index.read_bytes()
+        index.write_bytes(data[: len(data) // 2])
+    fourth = _run(root, cache)
+    assert fourth == {"max": 5.0, "hits": 0}
+    assert _run(root, cache) == {"max": 5.0, "hits": 1}  # and the rewritten index is used
 
 
 def _package_imports(path: Path) -> set[Path]:

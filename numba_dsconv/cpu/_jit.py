@@ -68,10 +68,26 @@ class _KernelCacheImpl(caching.CompileResultCacheImpl):
     ]
 
 
+class _TolerantIndex(caching.IndexDataCacheFile):
+    def _load_index(self) -> dict:
+        # An index Numba cannot read back (written by another version of this package that
+        # pickled an argument type it no longer has, or truncated) is a cache miss, not an
+        # error: the kernel is compiled again and the index rewritten.
+        try:
+            return super()._load_index()
+        except Exception:
+            return {}
+
+
 class KernelCache(caching.FunctionCache):
-    """Numba's function cache, invalidated by any change to KERNEL_SOURCES."""
+    """Numba's function cache, invalidated by any change to KERNEL_SOURCES, and tolerant of
+    an index it cannot read."""
 
     _impl_class = _KernelCacheImpl
+
+    def __init__(self, py_func: Any) -> None:
+        super().__init__(py_func)
+        self._cache_file.__class__ = _TolerantIndex
 
 
 _JIT_OPTS = dict(fastmath=set(_config.FASTMATH), nogil=True)

@@ -22,7 +22,7 @@ from .layout import TRANSPOSE, from_nhwc, nhwc_view, to_nhwc
 from .pointwise import POINTWISE
 from .separable import SEPARABLE
 
-__all__ = ["KERNELS", "CpuBackend", "threading_layer"]
+__all__ = ["CPU", "KERNELS", "CpuBackend", "threading_layer"]
 
 KERNELS: dict[str, Kernel] = {
     "conv2d": CONV2D,
@@ -101,3 +101,6 @@ class CpuBackend:
     @staticmethod
     def wrap(result: np.ndarray, template: Any) -> Any:
         return wrap_host(result, template)
+
+
+CPU = CpuBackend()  # stateless: one instance serves every call

@@ -7,8 +7,10 @@ the depthwise family it is built from, which the fused separable kernel shares.
 - ``depthwise3x3_row`` cuts a row into the left border, the interior (every tap inside the image)
   and the right border; ``depthwise3x3_segment`` sweeps one of them, per channel vector, with one
   of four paths: ``dw3x3_interior2`` (two channel vectors, no bounds checks),
-  ``dw3x3_interior`` (one vector, no checks), ``dw3x3_border`` (one vector, per-tap checks) and
-  ``dw3x3_tail`` (the channels past the last whole vector, scalar).
+  ``dw3x3_interior`` (one vector, no checks), the border loop (one vector, per-tap checks; kept
+  inline in the segment: as a helper of its own LLVM compiled it to slower code, see
+  BENCHMARKS.md, "Design measurements") and ``dw3x3_tail`` (the channels past the last whole
+  vector, scalar).
 
 The 3x3 code works on byte addresses, not arrays: a call taking arrays pays an atomic
 reference-count update per array, on counters every thread shares.
@@ -71,7 +73,8 @@ def depthwise_row(x, dwk, n, i, j0, j1, geo, bias, act, dst):  # pragma: no cove
 
     x: (N,H,W,C), dwk: (KH,KW,C*M), bias, dst: C-contiguous, one dtype.
     """
-    if geo.multiplier == 1 and geo.kh == 3 and geo.kw == 3:
+    kh, kw, _, _, _, _, _, _, mult = geo
+    if mult == 1 and kh == 3 and kw == 3:
         depthwise3x3_row(
             address(x), address(dwk), address(bias), address(dst), dst.strides[0],
             x.shape[1], x.shape[2], x.shape[3], n, i, j0, j1, geo, act, x.dtype, x.itemsize,
@@ -124,21 +127,38 @@ def depthwise3x3_segment(
     lie inside the image (no bounds checks); with it, a tap on the zero padding contributes
     0 * weight, so NaN/Inf weights propagate as the formula says.
     """
-    sw = geo.stride_w
+    _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
     L = VEC_BYTES // sz
     row = W * C * sz  # bytes per input image row
     r0 = px + (n * H + ih0) * row
-    r1 = r0 + geo.dilation_h * row
-    r2 = r1 + geo.dilation_h * row
-    tap = geo.dilation_w * C * sz
+    r1 = r0 + dil_h * row
+    r2 = r1 + dil_h * row
+    tap = dil_w * C * sz
     pix = sw * C * sz  # bytes between the windows of neighbouring output pixels
-    o0 = (ja * sw - geo.pad_left) * C * sz
+    o0 = (ja * sw - pl) * C * sz
     count = jb - ja
     c = 0
     while c + L <= C:
         cb = c * sz
-        if checked:
-            dw3x3_border(px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, cb, act, dt, sz)
+        if checked:  # border pixels: every tap checked, padding taps 0 * weight
+            zero = vzero(dt)
+            b = vloadp(pb + cb, dt)
+            for j in range(ja, jb):
+                iw0 = j * sw - pl
+                acc = b
+                for m in range(3):
+                    ih = ih0 + m * dil_h
+                    for q in range(3):
+                        iw = iw0 + q * dil_w
+                        wv = vloadp(pd + (m * 3 + q) * C * sz + cb, dt)
+                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                            xv = vloadp(px + ((n * H + ih) * W + iw) * C * sz + cb, dt)
+                            acc = vfma(xv, wv, acc)
+                        else:
+                            acc = vfma(zero, wv, acc)
+                if act != NO_ACTIVATION:
+                    acc = vact(acc, act)
+                vstorep(pdst + (j - ja) * sdst + cb, acc)
             c += L
         elif c + 2 * L <= C:
             # two channel vectors per sweep: each pixel then reads two neighbouring 64-byte
@@ -171,28 +191,36 @@ def taps3x3(pw, srow, dt):  # pragma: no cover - compiled
 
 
 @helper
+def taps3x3_dot(r0, r1, r2, o, tap, w, b, zero, dt):  # pragma: no cover - compiled
+    """b + the 9 taps of one channel vector of one pixel: r0..r2 the three input rows, ``o``
+    the window's byte offset in them, ``tap`` bytes between its columns, ``w`` the 9 weight
+    vectors. One FMA chain per kernel row (3 deep: FMA-latency bound, not 9 deep)."""
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = w
+    a0 = vfma(vloadp(r0 + o, dt), w00, b)
+    a1 = vfma(vloadp(r1 + o, dt), w10, zero)
+    a2 = vfma(vloadp(r2 + o, dt), w20, zero)
+    a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
+    a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
+    a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
+    a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
+    a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
+    a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
+    return vadd(vadd(a0, a1), a2)
+
+
+@helper
 def dw3x3_interior(
     r0, r1, r2, o0, tap, pix, pw, pb, srow, pdst, sdst, count, act, dt
 ):  # pragma: no cover - compiled
     """One channel vector of ``count`` interior pixels: r0..r2 the three input rows, o0 the
     first window's byte offset in them (channel offset included), ``pix`` bytes between
     windows, ``tap`` bytes between a window's columns; pw / pb the vector's weights (9 taps,
-    ``srow`` bytes apart) and bias. One FMA chain per kernel row (3 deep, FMA-latency bound)."""
-    w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pw, srow, dt)
+    ``srow`` bytes apart) and bias."""
+    w = taps3x3(pw, srow, dt)
     b = vloadp(pb, dt)
     zero = vzero(dt)
     for j in range(count):
-        o = o0 + j * pix
-        a0 = vfma(vloadp(r0 + o, dt), w00, b)
-        a1 = vfma(vloadp(r1 + o, dt), w10, zero)
-        a2 = vfma(vloadp(r2 + o, dt), w20, zero)
-        a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
-        a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
-        a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
-        a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
-        a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
-        a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
-        acc = vadd(vadd(a0, a1), a2)
+        acc = taps3x3_dot(r0, r1, r2, o0 + j * pix, tap, w, b, zero, dt)
         if act != NO_ACTIVATION:
             acc = vact(acc, act)
         vstorep(pdst + j * sdst, acc)
@@ -205,33 +233,15 @@ def dw3x3_interior2(
     """``dw3x3_interior`` for two neighbouring channel vectors at once (18 weight vectors in
     registers, six FMA chains per pixel)."""
     B = VEC_BYTES
-    w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pw, srow, dt)
-    v00, v01, v02, v10, v11, v12, v20, v21, v22 = taps3x3(pw + B, srow, dt)
+    w = taps3x3(pw, srow, dt)
+    v = taps3x3(pw + B, srow, dt)
     b = vloadp(pb, dt)
     b2 = vloadp(pb + B, dt)
     zero = vzero(dt)
     for j in range(count):
         o = o0 + j * pix
-        a0 = vfma(vloadp(r0 + o, dt), w00, b)
-        a1 = vfma(vloadp(r1 + o, dt), w10, zero)
-        a2 = vfma(vloadp(r2 + o, dt), w20, zero)
-        e0 = vfma(vloadp(r0 + o + B, dt), v00, b2)
-        e1 = vfma(vloadp(r1 + o + B, dt), v10, zero)
-        e2 = vfma(vloadp(r2 + o + B, dt), v20, zero)
-        a0 = vfma(vloadp(r0 + o + tap, dt), w01, a0)
-        a1 = vfma(vloadp(r1 + o + tap, dt), w11, a1)
-        a2 = vfma(vloadp(r2 + o + tap, dt), w21, a2)
-        e0 = vfma(vloadp(r0 + o + tap + B, dt), v01, e0)
-        e1 = vfma(vloadp(r1 + o + tap + B, dt), v11, e1)
-        e2 = vfma(vloadp(r2 + o + tap + B, dt), v21, e2)
-        a0 = vfma(vloadp(r0 + o + 2 * tap, dt), w02, a0)
-        a1 = vfma(vloadp(r1 + o + 2 * tap, dt), w12, a1)
-        a2 = vfma(vloadp(r2 + o + 2 * tap, dt), w22, a2)
-        e0 = vfma(vloadp(r0 + o + 2 * tap + B, dt), v02, e0)
-        e1 = vfma(vloadp(r1 + o + 2 * tap + B, dt), v12, e1)
-        e2 = vfma(vloadp(r2 + o + 2 * tap + B, dt), v22, e2)
-        acc = vadd(vadd(a0, a1), a2)
-        acc2 = vadd(vadd(e0, e1), e2)
+        acc = taps3x3_dot(r0, r1, r2, o, tap, w, b, zero, dt)
+        acc2 = taps3x3_dot(r0, r1, r2, o + B, tap, v, b2, zero, dt)
         if act != NO_ACTIVATION:
             acc = vact(acc, act)
             acc2 = vact(acc2, act)
@@ -240,43 +250,19 @@ def dw3x3_interior2(
 
 
 @helper
-def dw3x3_border(
-    px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, cb, act, dt, sz
-):  # pragma: no cover - compiled
-    """One channel vector (byte offset ``cb``) of border pixels ja..jb-1, every tap checked."""
-    zero = vzero(dt)
-    b = vloadp(pb + cb, dt)
-    for j in range(ja, jb):
-        iw0 = j * geo.stride_w - geo.pad_left
-        acc = b
-        for m in range(3):
-            ih = ih0 + m * geo.dilation_h
-            for q in range(3):
-                iw = iw0 + q * geo.dilation_w
-                wv = vloadp(pd + (m * 3 + q) * C * sz + cb, dt)
-                if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                    xv = vloadp(px + ((n * H + ih) * W + iw) * C * sz + cb, dt)
-                    acc = vfma(xv, wv, acc)
-                else:
-                    acc = vfma(zero, wv, acc)
-        if act != NO_ACTIVATION:
-            acc = vact(acc, act)
-        vstorep(pdst + (j - ja) * sdst + cb, acc)
-
-
-@helper
 def dw3x3_tail(
     px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, c0, act, dt, sz
 ):  # pragma: no cover - compiled
     """Channels c0..C-1 (past the last whole vector) of pixels ja..jb-1, scalar, checked."""
+    _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
     for j in range(ja, jb):
-        iw0 = j * geo.stride_w - geo.pad_left
+        iw0 = j * sw - pl
         for cc in range(c0, C):
             acc = loadp(pb + cc * sz, dt)
             for m in range(3):
-                ih = ih0 + m * geo.dilation_h
+                ih = ih0 + m * dil_h
                 for q in range(3):
-                    iw = iw0 + q * geo.dilation_w
+                    iw = iw0 + q * dil_w
                     wq = loadp(pd + ((m * 3 + q) * C + cc) * sz, dt)
                     if ih >= 0 and ih < H and iw >= 0 and iw < W:
                         acc += loadp(px + (((n * H + ih) * W + iw) * C + cc) * sz, dt) * wq
@@ -290,7 +276,7 @@ def depthwise_nhwc(x, dwk, bias, out, geo, act):  # pragma: no cover - compiled
     ... * dwk[m,q',c*M+q]), parallel over (batch x output rows).
 
     x: (N,H,W,C) C-contiguous; dwk: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M);
-    geo: the spec's Geometry; act: an Activation code.
+    geo: the spec's geometry tuple (_spec.GEOMETRY_FIELDS); act: an Activation code.
     """
     N = out.shape[0]
     OH = out.shape[1]

@@ -15,7 +15,7 @@ separable kernel.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import numba
 import numpy as np
@@ -236,24 +236,20 @@ def gemm_block(
                 storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
 
 
-class GemmSplit(NamedTuple):
-    """One GEMM task: ``tile`` output pixels (a multiple of GEMM_MR) x ``cblock`` output
-    channels (a multiple of the panel width); ``kc`` reduction channels per packed block."""
-
-    tile: int
-    cblock: int
-    kc: int
-
-
-def gemm_split(spec: ConvSpec, c_red: int, dw_taps: int, itemsize: int, parallel: bool):
-    """The task split of a GEMM kernel call (see ``_gemm_split``; the tunables are read here,
-    so a test that patches them gets a new split)."""
+def gemm_split(
+    spec: ConvSpec, c_red: int, dw_taps: int, itemsize: int, parallel: bool
+) -> tuple[int, int, int]:
+    """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
+    ``tile`` output pixels (a multiple of GEMM_MR) x ``cblock`` output channels (a multiple of
+    the panel width), ``kc`` reduction channels per packed block. A plain tuple (see
+    _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
+    split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
         _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
     )  # fmt: skip
-    return GemmSplit(tile, cblock, _config.CPU_GEMM_KC)
+    return (tile, cblock, _config.CPU_GEMM_KC)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -308,7 +304,7 @@ def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compil
     """out2[r, c] = act(bias[c] + x2[r, :] @ pw[:, c]) for every pixel r.
 
     x2: (pixels, C_in) C-contiguous; pw: (C_in, C_out) as given; bias padded to a multiple of
-    the micro-kernel's panel width; out2: (pixels, C_out); split: a GemmSplit.
+    the micro-kernel's panel width; out2: (pixels, C_out); split: see ``gemm_split``.
     """
     block, cblock, kc = split
     rows = x2.shape[0]

@@ -31,8 +31,8 @@ def separable_nhwc(
 
     x: (N,H,W,C); dwk: (KH,KW,C*M) the depthwise weights; pw: (C*M, C_out) the pointwise
     weights as given, bias padded to a multiple of the panel width; out: (N,OH,OW,C_out);
-    geo: the spec's Geometry; split: a GemmSplit (``tile`` a multiple of GEMM_MR, ``cblock``
-    of the panel width).
+    geo: the spec's geometry tuple (_spec.GEOMETRY_FIELDS); split: (tile, cblock, kc), see
+    ``gemm_split``.
     """
     tile, cblock, kc = split
     oh = out.shape[1]
@@ -42,8 +42,7 @@ def separable_nhwc(
     out2 = out.reshape(P, CO)  # the output as a matrix of pixels
     CM = dwk.shape[2]
     H = x.shape[1]
-    sh = geo.stride_h
-    pt = geo.pad_top
+    kh, _, sh, _, dil_h, _, pt, _, _ = geo
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -70,7 +69,7 @@ def separable_nhwc(
             r0 = p1 // ow
             r1 = q1 // ow
             lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
-            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (geo.kh - 1) * geo.dilation_h)
+            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
         c0 = cb * cblock

@@ -56,15 +56,11 @@ def depthwise_kernel(KH: int, KW: int, SH: int, SW: int, dtype: np.dtype):
         channel and column of a thread are worked out once); grid y strides over the N * OH
         output rows, so the per-row index work is one division.
         """
-        kh = KH if KH != 0 else geo.kh
-        kw = KW if KW != 0 else geo.kw
-        sh = SH if SH != 0 else geo.stride_h
-        sw = SW if SW != 0 else geo.stride_w
-        dil_h = geo.dilation_h
-        dil_w = geo.dilation_w
-        pt = geo.pad_top
-        pl = geo.pad_left
-        M = geo.multiplier
+        gkh, gkw, gsh, gsw, dil_h, dil_w, pt, pl, M = geo
+        kh = KH if KH != 0 else gkh
+        kw = KW if KW != 0 else gkw
+        sh = SH if SH != 0 else gsh
+        sw = SW if SW != 0 else gsw
         H = x.shape[1]
         W = x.shape[2]
         OH = out.shape[1]

@@ -79,6 +79,21 @@ def _no_stage():
     return stage
 
 
+def _check_build(op: str, key: tuple, dt: np.dtype, tile: tuple, halo: tuple) -> None:
+    TP, TN, _, RP, RN = tile
+    if TP % RP or TN % RN:
+        raise ValueError(f"CUDA tile {tile}: TP must be a multiple of RP and TN of RN")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}; got {op!r}")
+    if halo[0]:
+        if op != "separable" or 0 in key or halo[0] * halo[1] != TP:
+            raise ValueError(
+                f"halo tile {halo}: only for specialised separable builds with TH * TW == TP"
+            )
+        if shared_bytes(tile, dt.itemsize, key, halo) > SHARED_LIMIT:
+            raise ValueError(f"halo tile {halo} for {key} exceeds shared memory")
+
+
 @cache
 def gemm_kernel(
     op: str,
@@ -99,27 +114,16 @@ def gemm_kernel(
     TH x TW rectangle of output pixels of one image (TH * TW == TP); see separable.py.
     """
     TP, TN, TK, RP, RN = tile
-    if TP % RP or TN % RN:
-        raise ValueError(f"CUDA tile {tile}: TP must be a multiple of RP and TN of RN")
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}; got {op!r}")
     TH, TW = halo
     HALO = TH > 0
     dt = np.dtype(dtype)
     key = (KH, KW, SH, SW)
-    if HALO:
-        if op != "separable" or 0 in key or TH * TW != TP:
-            raise ValueError(
-                f"halo tile {halo}: only for specialised separable builds with TH * TW == TP"
-            )
-        if shared_bytes(tile, dt.itemsize, key, halo) > SHARED_LIMIT:
-            raise ValueError(f"halo tile {halo} for {key} exceeds shared memory")
+    _check_build(op, key, dt, tile, halo)
     HSIZE, DWSIZE = halo_sizes(key, TK, halo) if HALO else (1, 1)
     stage, a_value = _producer(op, key, dt, tile, halo)
     MID = op == "separable"  # the fused depthwise's activation
     nbt = numba.from_dtype(dt)
     zero = dt.type(0)
-    activate = activation(dt)
     TPT = TP // RP  # threads along pixels
     TNT = TN // RN  # threads along output channels
     NT = TPT * TNT  # threads per block
@@ -128,102 +132,26 @@ def gemm_kernel(
     ALIGN = None if SIMULATOR else 16
     TPA = TP + 4  # A-tile row length: 16-byte rows, and the producer's writes spread over banks
 
-    @device_function
-    def tile_pixels(pix_n, pix_i, pix_j, ptile, P, OH, OW, tiles_h, tiles_w, tid):
-        """The tile's pixels as (image, row, column), decomposed once per tile (n = -1: past
-        the last pixel): the producer and the epilogue would otherwise divide a 64-bit index
-        by runtime sizes per element. Halo tiles are TH x TW rectangles of one image."""
-        n0 = ptile // (tiles_h * tiles_w)
-        i0 = (ptile // tiles_w) % tiles_h * TH
-        j0 = ptile % tiles_w * TW
-        for e in range(tid, TP, NT):
-            n = -1
-            i = 0
-            j = 0
-            if HALO:
-                i = i0 + e // TW
-                j = j0 + e % TW
-                if i < OH and j < OW:
-                    n = n0
-            else:
-                p = ptile * TP + e
-                if p < P:
-                    j = p % OW
-                    r = p // OW
-                    i = r % OH
-                    n = r // OH
-            pix_n[e] = n
-            pix_i[e] = i
-            pix_j[e] = j
-
-    @device_function
-    def load_a(a_tile, halo_t, dw_t, x, dwk, dw_bias, pix_n, pix_i, pix_j, k0, K, g, mid, tid):
-        """A[pixel, channel] for the chunk k0.. (zero past the last pixel or channel)."""
-        for e in range(tid, TP * TK, NT):
-            pp = e // TK  # TK is a compile-time constant: no division instruction
-            kk = e - pp * TK
-            k = k0 + kk
-            n = pix_n[pp]
-            v = zero
-            if n >= 0 and k < K:
-                v = a_value(x, dwk, dw_bias, halo_t, dw_t, n, pix_i[pp], pix_j[pp], pp, k, kk, g)
-                if MID:
-                    v = activate(v, mid)
-            a_tile[kk, pp] = v
-
-    @device_function
-    def load_b(b_tile, b, k0, c0, K, CO, tid):
-        """The B tile (TK x TN weights), coalesced along output channels."""
-        for e in range(tid, TK * TN, NT):
-            kk = e // TN
-            cc = e - kk * TN
-            k = k0 + kk
-            co = c0 + cc
-            w = zero
-            if k < K and co < CO:
-                w = b[k, co]
-            b_tile[kk, cc] = w
-
-    @device_function
-    def multiply(acc, av, bv, a_tile, b_tile, tp, tn):
-        """acc += A tile x B tile for this thread's RP pixels x RN channels."""
-        for kk in range(TK):
-            # a thread's RP pixels and RN channels are contiguous: two vector loads
-            for a in range(RP):
-                av[a] = a_tile[kk, tp * RP + a]
-            for bb in range(RN):
-                bv[bb] = b_tile[kk, tn * RN + bb]
-            for a in range(RP):
-                for bb in range(RN):
-                    acc[a, bb] += av[a] * bv[bb]
-
-    @device_function
-    def epilogue(out, acc, bias, pix_n, pix_i, pix_j, c0, CO, tp, tn, act):
-        """out = act(acc + bias) for this thread's valid pixels and channels."""
-        for a in range(RP):
-            pp = tp * RP + a
-            n = pix_n[pp]
-            if n >= 0:
-                i = pix_i[pp]
-                j = pix_j[pp]
-                for bb in range(RN):
-                    co = c0 + tn * RN + bb
-                    if co < CO:
-                        out[n, i, j, co] = activate(acc[a, bb] + bias[co], act)
+    tile_pixels = _tile_pixels(tile, halo)
+    load_a = _load_a(tile, dt, a_value, MID)
+    load_b = _load_b(tile, dt)
+    multiply = _multiply(tile)
+    epilogue = _epilogue(tile, dt)
 
     @cuda.jit(**kernel_options(launch_bounds(NT, registers)))
     def gemm(x, dwk, dw_bias, b, bias, out, geo, mid_act, act):
         # the specialised kernel size and stride are compile-time constants
+        gkh, gkw, gsh, gsw, dil_h, dil_w, pt, pl, M = geo
         g = (
-            KH if KH != 0 else geo.kh,
-            KW if KW != 0 else geo.kw,
-            SH if SH != 0 else geo.stride_h,
-            SW if SW != 0 else geo.stride_w,
-            geo.dilation_h,
-            geo.dilation_w,
-            geo.pad_top,
-            geo.pad_left,
-            geo.multiplier,
+            KH if KH != 0 else gkh,
+            KW if KW != 0 else gkw,
+            SH if SH != 0 else gsh,
+            SW if SW != 0 else gsw,
+            dil_h,
+            dil_w,
+            pt,
+            pl,
+            M,
         )
         OH = out.shape[1]
         OW = out.shape[2]
@@ -278,6 +206,138 @@ def gemm_kernel(
             epilogue(out, acc, bias, pix_n, pix_i, pix_j, c0, CO, tp, tn, act)
 
     return gemm
+
+
+# --------------------------------------------------------------------------------------------
+# the steps of the kernel, one device function each (built per tile, dtype and producer)
+
+
+def _threads(tile: tuple[int, int, int, int, int]) -> int:
+    return (tile[0] // tile[3]) * (tile[1] // tile[4])
+
+
+@cache
+def _tile_pixels(tile: tuple[int, int, int, int, int], halo: tuple[int, int]):
+    TP, NT = tile[0], _threads(tile)
+    TH, TW = halo
+    HALO = TH > 0
+
+    @device_function
+    def tile_pixels(pix_n, pix_i, pix_j, ptile, P, OH, OW, tiles_h, tiles_w, tid):
+        """The tile's pixels as (image, row, column), decomposed once per tile (n = -1: past
+        the last pixel): the producer and the epilogue would otherwise divide a 64-bit index
+        by runtime sizes per element. Halo tiles are TH x TW rectangles of one image."""
+        n0 = ptile // (tiles_h * tiles_w)
+        i0 = (ptile // tiles_w) % tiles_h * TH
+        j0 = ptile % tiles_w * TW
+        for e in range(tid, TP, NT):
+            n = -1
+            i = 0
+            j = 0
+            if HALO:
+                i = i0 + e // TW
+                j = j0 + e % TW
+                if i < OH and j < OW:
+                    n = n0
+            else:
+                p = ptile * TP + e
+                if p < P:
+                    j = p % OW
+                    r = p // OW
+                    i = r % OH
+                    n = r // OH
+            pix_n[e] = n
+            pix_i[e] = i
+            pix_j[e] = j
+
+    return tile_pixels
+
+
+@cache
+def _load_a(tile: tuple[int, int, int, int, int], dt: np.dtype, a_value, MID: bool):
+    TP, TK, NT = tile[0], tile[2], _threads(tile)
+    zero = dt.type(0)
+    activate = activation(dt)
+
+    @device_function
+    def load_a(a_tile, halo_t, dw_t, x, dwk, dw_bias, pix_n, pix_i, pix_j, k0, K, g, mid, tid):
+        """A[pixel, channel] for the chunk k0.. (zero past the last pixel or channel)."""
+        for e in range(tid, TP * TK, NT):
+            pp = e // TK  # TK is a compile-time constant: no division instruction
+            kk = e - pp * TK
+            k = k0 + kk
+            n = pix_n[pp]
+            v = zero
+            if n >= 0 and k < K:
+                v = a_value(x, dwk, dw_bias, halo_t, dw_t, n, pix_i[pp], pix_j[pp], pp, k, kk, g)
+                if MID:  # the fused depthwise's activation
+                    v = activate(v, mid)
+            a_tile[kk, pp] = v
+
+    return load_a
+
+
+@cache
+def _load_b(tile: tuple[int, int, int, int, int], dt: np.dtype):
+    TN, TK, NT = tile[1], tile[2], _threads(tile)
+    zero = dt.type(0)
+
+    @device_function
+    def load_b(b_tile, b, k0, c0, K, CO, tid):
+        """The B tile (TK x TN weights), coalesced along output channels."""
+        for e in range(tid, TK * TN, NT):
+            kk = e // TN
+            cc = e - kk * TN
+            k = k0 + kk
+            co = c0 + cc
+            w = zero
+            if k < K and co < CO:
+                w = b[k, co]
+            b_tile[kk, cc] = w
+
+    return load_b
+
+
+@cache
+def _multiply(tile: tuple[int, int, int, int, int]):
+    _, _, TK, RP, RN = tile
+
+    @device_function
+    def multiply(acc, av, bv, a_tile, b_tile, tp, tn):
+        """acc += A tile x B tile for this thread's RP pixels x RN channels."""
+        for kk in range(TK):
+            # a thread's RP pixels and RN channels are contiguous: two vector loads
+            for a in range(RP):
+                av[a] = a_tile[kk, tp * RP + a]
+            for bb in range(RN):
+                bv[bb] = b_tile[kk, tn * RN + bb]
+            for a in range(RP):
+                for bb in range(RN):
+                    acc[a, bb] += av[a] * bv[bb]
+
+    return multiply
+
+
+@cache
+def _epilogue(tile: tuple[int, int, int, int, int], dt: np.dtype):
+    RP, RN = tile[3], tile[4]
+    activate = activation(dt)
+
+    @device_function
+    def epilogue(out, acc, bias, pix_n, pix_i, pix_j, c0, CO, tp, tn, act):
+        """out = act(acc + bias) for this thread's valid pixels and channels."""
+        for a in range(RP):
+            pp = tp * RP + a
+            n = pix_n[pp]
+            if n >= 0:
+                i = pix_i[pp]
+                j = pix_j[pp]
+                for bb in range(RN):
+                    co = c0 + tn * RN + bb
+                    if co < CO:
+                        out[n, i, j, co] = activate(acc[a, bb] + bias[co], act)
+
+    return epilogue
 
 
 def pixel_tiles(
