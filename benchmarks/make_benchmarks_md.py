@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         "to last ~20 ms; the table shows the median. `vs X` = time(X) / time(numba_dsconv): "
         "above 1, numba_dsconv is faster. Roofline floor = max(FLOPs / SGEMM rate, bytes / "
         "copy bandwidth), 2 FLOPs per multiply-add, bytes = inputs read once + output written "
-        "once (the separable intermediate is not counted); % roofline = floor / time. A call "
+        "once (the separable intermediate is not counted); % roof = floor / time. A call "
         "can pass 100 %: data that stays in cache between calls moves faster than the copy "
         "ceiling (one-thread `numpy.copyto` of 256 MiB; a two-thread copy is ~10 % faster "
         "here), and oneDNN's convolutions can beat OpenBLAS's SGEMM rate. "
-        "`max rel err` = max |result - float64 reference| / max |reference|. "
+        "`err` = max |result - float64 reference| / max |reference|. "
         "pointwise is the pointwise stage of the layer (its input has the depthwise output's "
         "shape); conv2d is the standard 3x3 convolution the separable layer replaces.",
         "",
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         s = result.settings
         note = f" (anchors: {result.anchor_note})" if result.anchor_note else ""
         out += [f"## {s['op']}, N={s['batch']}{note}", "", *report.markdown_table(result), ""]
+    design = (ROOT / "benchmarks" / "design_measurements.md").read_text().rstrip()
+    out += ["## Design measurements", "", design, ""]
     Path(args.out).write_text("\n".join(out).rstrip() + "\n")
     console.print(f"wrote {args.out}")
     return 0 if all(r.ok for r in results) else 1

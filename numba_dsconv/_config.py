@@ -25,12 +25,12 @@ CACHE: bool = os.environ.get("NUMBA_DSCONV_NO_CACHE", "") == ""
 SERIAL_MAX_MACS: int = 200_000
 
 # CPU GEMM tasks (pointwise, fused separable): the A tile (pixels x reduction channels: the
-# depthwise result in the fused kernel) is kept under this many bytes, so it stays in L2 (2 MB
-# per core on the development machine) while every panel of output channels re-reads it. Half
-# the L2: at K=1024 a tile then holds ~250 pixels, so each weight panel read from memory serves
-# that many rows (separable N=8, 7x7x1024: 4.5 -> 3.5 ms against 256 KB; N=1 unchanged) ...
+# depthwise result in the fused kernel) is kept under this many bytes, so it stays in L2 while
+# every panel of output channels re-reads it; at K=1024 a tile then holds ~250 pixels, so each
+# weight panel read from memory serves that many rows ...
 CPU_TILE_BYTES: int = 1024 * 1024
-# ... and holds at most this many output pixels (256 measured better than 1024 at N=1).
+# ... and holds at most this many output pixels (both chosen by measurement: BENCHMARKS.md,
+# "Design measurements").
 CPU_TILE_MAX_PIXELS: int = 256
 # Reduction channels per block of the GEMM micro-kernel: a KC x 32 float32 panel of packed
 # weights (32 KB at 256) stays in L1 while it is reused by every pixel row of the task.
@@ -103,12 +103,13 @@ CUDA_THREADS: int = 256
 CUDA_GEMM_TILE: tuple[int, int, int, int, int] = (64, 64, 16, 4, 4)
 # Blocks in a launch at most; kernels grid-stride over the rest (grid x only).
 CUDA_MAX_BLOCKS: int = 1 << 18
-# The fused separable kernel's halo tiles (kernels.gemm_kernel): "auto" uses them for
+# The fused separable kernel's halo tiles (cuda/separable.py): "auto" uses them for
 # specialised geometries with dilation 1 when rectangles of output pixels cover the output
 # with no more tiles than runs of flattened pixels do (and fit in shared memory); "always"
 # wherever they are possible (tests, benchmarks); "never" keeps the flat tiles.
 CUDA_HALO: str = "auto"
 # The register budget of the GEMM kernels, per thread: launch bounds asking for as many
 # resident blocks per multiprocessor as 64K registers allow at this budget (2 blocks of 256
-# threads at 128); 0 leaves registers to the compiler (the fused kernel then takes 134-202).
+# threads at 128); 0 leaves registers to the compiler (`python benchmarks/cuda_resources.py`
+# shows what ptxas then allocates).
 CUDA_GEMM_REGISTERS: int = 128

@@ -37,8 +37,8 @@ _ACTIVATION_NAMES = {None: Activation.NONE, "relu": Activation.RELU, "relu6": Ac
 
 
 # The integer geometry every kernel takes as one argument (CPU and CUDA alike), in this order.
-# A plain tuple: Numba's dispatcher types it on its fast path (a NamedTuple argument costs
-# ~0.6 us more per call, and two NamedTuple classes of the same shape share a type code).
+# A plain tuple: Numba's dispatcher types it on its fast path (a NamedTuple argument is
+# slower to dispatch, and two NamedTuple classes of the same shape share a type code).
 GEOMETRY_FIELDS = (
     "kh",
     "kw",
@@ -258,7 +258,7 @@ def make_spec(op: str, **kwargs: Any) -> ConvSpec:
     """Validate the geometry against x's shape and build the spec (see ``_build_spec``).
 
     Specs are immutable, so the spec of an argument set seen before is returned from a small
-    memo (validation and padding arithmetic cost ~10 us per call, which shows at N=1).
+    memo (validation and padding arithmetic are a visible part of a small call's time).
     """
     for v in kwargs.values():
         if not _plain(v):
@@ -325,29 +325,6 @@ def _build_spec(
             f"dilation {d} does not fit the padded input {h + t + b}x{w + left + r} "
             f"({x_name} spatial size {h}x{w}, padding {(t, b, left, r)})"
         )
-    return ConvSpec(
-        op=op,
-        layout=layout,
-        batched=batched,
-        n=n,
-        h=h,
-        w=w,
-        c_in=c,
-        kh=kernel[0],
-        kw=kernel[1],
-        multiplier=multiplier,
-        c_mid=c * multiplier,
-        c_out=c_out,
-        stride_h=s[0],
-        stride_w=s[1],
-        dilation_h=d[0],
-        dilation_w=d[1],
-        pad_top=t,
-        pad_bottom=b,
-        pad_left=left,
-        pad_right=r,
-        out_h=oh,
-        out_w=ow,
-        activation=activation,
-        mid_activation=mid_activation,
-    )
+    # the fields in ConvSpec's order
+    return ConvSpec(op, layout, batched, n, h, w, c, *kernel, multiplier, c * multiplier, c_out,
+                    *s, *d, t, b, left, r, oh, ow, activation, mid_activation)  # fmt: skip

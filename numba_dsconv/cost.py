@@ -55,6 +55,15 @@ def cost(
     Standard: N*H_out*W_out*K_h*K_w*C_in*C_out MACs, K_h*K_w*C_in*C_out weights.
     Separable: depthwise N*H_out*W_out*K_h*K_w*C_in*M + pointwise N*H_out*W_out*C_in*M*C_out
     MACs; K_h*K_w*C_in*M + C_in*M*C_out weights. Biases are not counted.
+
+    Examples
+    --------
+    >>> from numba_dsconv import cost
+    >>> c = cost((112, 112, 32), 3, 64, padding="same")
+    >>> c.output_shape, c.standard_macs, c.separable_macs
+    ((112, 112, 64), 231211008, 29302784)
+    >>> round(c.mac_ratio, 4)  # 1/C_out + 1/K^2
+    0.1267
     """
     if not isinstance(input_shape, (tuple, list)) or not all(_is_int(v) for v in input_shape):
         raise TypeError(f"input_shape must be a tuple of ints; got {input_shape!r}")

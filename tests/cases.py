@@ -121,39 +121,22 @@ def _tag(tag: str, cases, sim: bool = False) -> list[Case]:
     return [replace(c, tags=c.tags | {tag}, sim=c.sim or sim) for c in cases]
 
 
+# The tables below are rows: the formatter leaves them as written.
+# fmt: off
+
 # --- geometry: every padding form, stride, dilation, kernel size, tiny and odd shapes --------
 # (h, w, kh, kw, stride, padding, dilation)
 _GEOMS = [
-    (5, 5, 3, 3, 1, "valid", 1),
-    (7, 9, 3, 3, 1, "same", 1),
-    (7, 9, 3, 3, 2, "same", 1),
-    (8, 8, 3, 3, 2, "same", 1),
-    (8, 8, 2, 2, 1, "same", 1),
-    (8, 7, 4, 4, 1, "same", 1),
-    (9, 8, 4, 4, 2, "same", 1),
-    (7, 7, 2, 2, 2, "same", 1),
-    (10, 11, 3, 3, 3, "valid", 1),
-    (9, 9, 3, 3, 3, "same", 1),
-    (7, 9, 3, 3, (1, 2), "valid", 1),
-    (7, 9, 3, 3, (1, 2), "same", 1),
-    (6, 6, 3, 3, 1, 1, 1),
-    (6, 7, 3, 5, 1, (1, 2), 1),
-    (6, 7, 3, 3, 1, ((0, 2), (1, 0)), 1),
-    (6, 7, 3, 3, 2, ((0, 2), (1, 0)), 1),
-    (9, 9, 3, 3, 1, "valid", 2),
-    (9, 9, 3, 3, 1, "same", 2),
-    (9, 10, 3, 3, 2, "same", 2),
-    (9, 9, 3, 3, 1, "valid", (2, 1)),
-    (9, 9, 3, 2, 1, "same", (2, 1)),
-    (4, 4, 1, 1, 1, "valid", 1),
-    (5, 6, 1, 1, 2, "valid", 1),
-    (6, 6, 2, 2, 1, "valid", 1),
-    (7, 7, 5, 5, 1, "same", 1),
-    (7, 8, 6, 6, 1, "same", 1),
-    (8, 8, 7, 7, 1, "same", 1),
-    (7, 7, 7, 7, 1, "valid", 1),
-    (7, 9, 1, 3, 1, "same", 1),
-    (7, 9, 3, 1, 2, "same", 1),
+    (5, 5, 3, 3, 1, "valid", 1), (7, 9, 3, 3, 1, "same", 1), (7, 9, 3, 3, 2, "same", 1),
+    (8, 8, 3, 3, 2, "same", 1), (8, 8, 2, 2, 1, "same", 1), (8, 7, 4, 4, 1, "same", 1),
+    (9, 8, 4, 4, 2, "same", 1), (7, 7, 2, 2, 2, "same", 1), (10, 11, 3, 3, 3, "valid", 1),
+    (9, 9, 3, 3, 3, "same", 1), (7, 9, 3, 3, (1, 2), "valid", 1), (7, 9, 3, 3, (1, 2), "same", 1),
+    (6, 6, 3, 3, 1, 1, 1), (6, 7, 3, 5, 1, (1, 2), 1), (6, 7, 3, 3, 1, ((0, 2), (1, 0)), 1),
+    (6, 7, 3, 3, 2, ((0, 2), (1, 0)), 1), (9, 9, 3, 3, 1, "valid", 2), (9, 9, 3, 3, 1, "same", 2),
+    (9, 10, 3, 3, 2, "same", 2), (9, 9, 3, 3, 1, "valid", (2, 1)), (9, 9, 3, 2, 1, "same", (2, 1)),
+    (4, 4, 1, 1, 1, "valid", 1), (5, 6, 1, 1, 2, "valid", 1), (6, 6, 2, 2, 1, "valid", 1),
+    (7, 7, 5, 5, 1, "same", 1), (7, 8, 6, 6, 1, "same", 1), (8, 8, 7, 7, 1, "same", 1),
+    (7, 7, 7, 7, 1, "valid", 1), (7, 9, 1, 3, 1, "same", 1), (7, 9, 3, 1, 2, "same", 1),
     (8, 9, 2, 5, (2, 1), 2, (1, 2)),
     (3, 3, 3, 3, 1, "valid", 1),  # 1x1 output
     (1, 1, 1, 1, 1, "valid", 1),
@@ -164,108 +147,41 @@ _GEOMS = [
     (5, 5, 3, 3, 7, "same", 1),  # stride larger than the kernel
 ]
 _OP_MULTS = [("conv2d", 1), ("depthwise", 1), ("depthwise", 2), ("separable", 1), ("separable", 2)]
-GEOMETRY = _tag(
-    "geometry",
-    [
-        Case(op, n=2, h=h, w=w, c=3, kh=kh, kw=kw, mult=m, c_out=4, stride=s, padding=p, dilation=d)
-        for op, m in _OP_MULTS
-        for h, w, kh, kw, s, p, d in _GEOMS
-    ],
-)
+GEOMETRY = _tag("geometry", [
+    Case(op, n=2, h=h, w=w, c=3, kh=kh, kw=kw, mult=m, c_out=4, stride=s, padding=p, dilation=d)
+    for op, m in _OP_MULTS for h, w, kh, kw, s, p, d in _GEOMS
+])
 
 # --- dtypes x layouts x batchedness, with biases (mixed dtypes give float64) -------------------
 _DTYPES = [(np.float32, np.float32), (np.float64, np.float64), (np.float32, np.float64),
-           (np.float64, np.float32)]  # fmt: skip
-DTYPES = _tag(
-    "dtypes",
-    [
-        Case(
-            op,
-            n=2,
-            h=7,
-            w=6,
-            c=3,
-            kh=3,
-            kw=2,
-            mult=2 if op in ("depthwise", "separable") else 1,
-            c_out=5,
-            xdtype=xdt,
-            wdtype=wdt,
-            layout=layout,
-            batched=batched,
-            biases=True,
-            stride=(2, 1),
-            padding="same",
-        )  # fmt: skip
-        for op in ("conv2d", "depthwise", "pointwise", "separable")
-        for xdt, wdt in _DTYPES
-        for layout in ("NHWC", "NCHW")
-        for batched in (True, False)
-    ],
-)
+           (np.float64, np.float32)]
+_MULT2 = {"conv2d": 1, "pointwise": 1, "depthwise": 2, "separable": 2}
+DTYPES = _tag("dtypes", [
+    Case(op, n=2, h=7, w=6, c=3, kh=3, kw=2, mult=_MULT2[op], c_out=5, xdtype=xdt, wdtype=wdt,
+         layout=layout, batched=batched, biases=True, stride=(2, 1), padding="same")
+    for op in _MULT2 for xdt, wdt in _DTYPES for layout in ("NHWC", "NCHW")
+    for batched in (True, False)
+])
 
 # --- channel counts: vector widths and their remainders -------------------------------------
-CHANNELS = _tag(
-    "channels",
-    [
-        Case(
-            op,
-            n=1,
-            h=6,
-            w=5,
-            c=c,
-            mult=m if op in ("depthwise", "separable") else 1,
-            c_out=co,
-            biases=True,
-            padding="same",
-        )  # fmt: skip
-        for op in ("conv2d", "depthwise", "pointwise", "separable")
-        for c, m, co in [(1, 1, 1), (1, 3, 2), (5, 1, 7), (8, 2, 16), (17, 1, 33), (32, 1, 8)]
-    ],
-)
+CHANNELS = _tag("channels", [
+    Case(op, n=1, h=6, w=5, c=c, mult=m if _MULT2[op] == 2 else 1, c_out=co, biases=True,
+         padding="same")
+    for op in _MULT2
+    for c, m, co in [(1, 1, 1), (1, 3, 2), (5, 1, 7), (8, 2, 16), (17, 1, 33), (32, 1, 8)]
+])
 
 # --- biases and activations (scale 3: relu6 clips on both sides; tag "clips" checks it) ------
 _ACTS = [None, "relu", "relu6"]
-ACTIVATIONS = _tag(
-    "activations",
-    [
-        Case(
-            op,
-            n=2,
-            h=6,
-            w=6,
-            c=4,
-            c_out=4,
-            scale=3.0,
-            biases=b,
-            activation=a,
-            padding="same",
-            tags=frozenset({"clips"}),
-        )  # fmt: skip
-        for op in ("conv2d", "depthwise", "pointwise")
-        for a in _ACTS
-        for b in (False, True)
-    ]
-    + [
-        Case(
-            "separable",
-            n=2,
-            h=6,
-            w=6,
-            c=4,
-            mult=2,
-            c_out=5,
-            scale=3.0,
-            biases=b,
-            padding="same",
-            mid_activation=mid,
-            activation=a,
-        )  # fmt: skip
-        for mid in _ACTS
-        for a in _ACTS
-        for b in (False, "dw_bias", "bias", True)
-    ],
-)
+ACTIVATIONS = _tag("activations", [
+    Case(op, n=2, h=6, w=6, c=4, c_out=4, scale=3.0, biases=b, activation=a, padding="same",
+         tags=frozenset({"clips"}))
+    for op in ("conv2d", "depthwise", "pointwise") for a in _ACTS for b in (False, True)
+] + [
+    Case("separable", n=2, h=6, w=6, c=4, mult=2, c_out=5, scale=3.0, biases=b, padding="same",
+         mid_activation=mid, activation=a)
+    for mid in _ACTS for a in _ACTS for b in (False, "dw_bias", "bias", True)
+])
 
 # --- medium sizes: many channels (fused tiles of several pixel counts), long reductions ------
 # (op, n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out)
@@ -289,26 +205,17 @@ _MEDIUM = [
 def _from_tuple(t, **kw) -> Case:
     op, n, h, w, c, kh, kw_, s, p, d, m, co = t
     return Case(op, n=n, h=h, w=w, c=c, kh=kh, kw=kw_, stride=s, padding=p, dilation=d,
-                mult=m, c_out=co or c * m, **kw)  # fmt: skip
+                mult=m, c_out=co or c * m, **kw)
 
 
-MEDIUM = _tag(
-    "medium",
-    [
-        _from_tuple(
-            t,
-            xdtype=dt,
-            biases=True,
-            activation=act,
-            mid_activation="relu" if act and t[0] == "separable" else None,
-        )  # fmt: skip
-        for t in _MEDIUM
-        for dt in (np.float32, np.float64)
-        for act in (None, "relu6")
-    ],
-)
+MEDIUM = _tag("medium", [
+    _from_tuple(t, xdtype=dt, biases=True, activation=act,
+                mid_activation="relu" if act and t[0] == "separable" else None)
+    for t in _MEDIUM for dt in (np.float32, np.float64) for act in (None, "relu6")
+])
 
 # --- the parallel kernels on small inputs (test_ops runs these with SERIAL_MAX_MACS = 0) ------
+# (n, h, w, c, kh, kw, stride, padding, dilation, mult, c_out)
 _PARALLEL = [
     (2, 7, 9, 3, 3, 3, 1, "same", 1, 2, 5),
     (1, 9, 8, 4, 4, 4, 2, "same", 1, 1, 3),
@@ -316,21 +223,11 @@ _PARALLEL = [
     (3, 6, 6, 8, 3, 3, 1, "valid", 2, 1, 16),
     (0, 6, 6, 3, 3, 3, 1, "valid", 1, 1, 2),
 ]
-PARALLEL = _tag(
-    "parallel",
-    [
-        _from_tuple(
-            (op, *t[:9], 1 if op in ("conv2d", "pointwise") else t[9], t[10]),
-            xdtype=dt,
-            biases=True,
-            activation="relu",
-            mid_activation="relu6" if op == "separable" else None,
-        )  # fmt: skip
-        for t in _PARALLEL
-        for op in ("conv2d", "depthwise", "pointwise", "separable")
-        for dt in (np.float32, np.float64)
-    ],
-)
+PARALLEL = _tag("parallel", [
+    _from_tuple((op, *t[:9], t[9] if _MULT2[op] == 2 else 1, t[10]), xdtype=dt, biases=True,
+                activation="relu", mid_activation="relu6" if op == "separable" else None)
+    for t in _PARALLEL for op in _MULT2 for dt in (np.float32, np.float64)
+])
 
 # --- MobileNet-like layers and odd ones, compared with torch too --------------------------------
 _TORCH = [
@@ -352,122 +249,50 @@ _TORCH = [
     ("separable", 1, 9, 11, 6, 2, 4, (1, 2), (1, 2), (2, 1), 2, 9),
     ("conv2d", 1, 10, 10, 16, 1, 1, 2, "valid", 1, 1, 24),
 ]
-TORCH = _tag(
-    "torch",
-    [
-        _from_tuple(
-            t,
-            xdtype=dt,
-            biases=True,
-            activation="relu",
-            mid_activation="relu6" if t[0] == "separable" else None,
-            dw_4d=t[0] == "separable" and t[10] == 1,
-        )  # fmt: skip
-        for t in _TORCH
-        for dt in (np.float32, np.float64)
-    ],
-)
+TORCH = _tag("torch", [
+    _from_tuple(t, xdtype=dt, biases=True, activation="relu",
+                mid_activation="relu6" if t[0] == "separable" else None,
+                dw_4d=t[0] == "separable" and t[10] == 1)
+    for t in _TORCH for dt in (np.float32, np.float64)
+])
 
 # --- every specialised CUDA build (K x K, stride s) and the generic one -------------------------
-SPECIALISED = _tag(
-    "specialised",
-    [
-        Case(
-            op,
-            n=1,
-            h=k + 2,
-            w=k + 3,
-            c=3,
-            kh=k,
-            kw=k,
-            c_out=5,
-            biases=True,
-            stride=s,
-            padding="same",
-            activation="relu6",
-        )  # fmt: skip
-        for op in ("depthwise", "separable", "conv2d")
-        for k in (3, 5, 7)
-        for s in (1, 2)
-    ],
-    sim=True,
-)
-GENERIC = _tag(
-    "generic",
-    [
-        Case(
-            op,
-            n=2,
-            h=6,
-            w=7,
-            c=3,
-            kh=kh,
-            kw=kw,
-            c_out=5,
-            biases=True,
-            stride=s,
-            padding=p,
-            dilation=d,
-        )  # fmt: skip
-        for op in ("depthwise", "separable", "conv2d")
-        for kh, kw, s, p, d in [
-            (2, 4, (1, 2), ((0, 2), (1, 0)), 1),
-            (3, 3, 3, 1, (2, 1)),
-            (1, 1, 1, "valid", 1),
-            (4, 4, 2, "same", 1),
-        ]
-    ],
-    sim=True,
-)
+_DW_SEP_CONV = ("depthwise", "separable", "conv2d")
+SPECIALISED = _tag("specialised", [
+    Case(op, n=1, h=k + 2, w=k + 3, c=3, kh=k, kw=k, c_out=5, biases=True, stride=s,
+         padding="same", activation="relu6")
+    for op in _DW_SEP_CONV for k in (3, 5, 7) for s in (1, 2)
+], sim=True)
+GENERIC = _tag("generic", [
+    Case(op, n=2, h=6, w=7, c=3, kh=kh, kw=kw, c_out=5, biases=True, stride=s, padding=p,
+         dilation=d)
+    for op in _DW_SEP_CONV
+    for kh, kw, s, p, d in [(2, 4, (1, 2), ((0, 2), (1, 0)), 1), (3, 3, 3, 1, (2, 1)),
+                            (1, 1, 1, "valid", 1), (4, 4, 2, "same", 1)]
+], sim=True)
 # specialised 3x3 builds with dilation: the CUDA register window serves column dilation 1
-DILATED = _tag(
-    "dilated",
-    [
-        Case(
-            "depthwise", n=2, h=9, w=11, c=3, mult=2, biases=True, stride=s, padding=2, dilation=d
-        )  # fmt: skip
-        for s in (1, 2)
-        for d in ((2, 1), (1, 2), 2)
-    ],
-    sim=True,
-)
+DILATED = _tag("dilated", [
+    Case("depthwise", n=2, h=9, w=11, c=3, mult=2, biases=True, stride=s, padding=2, dilation=d)
+    for s in (1, 2) for d in ((2, 1), (1, 2), 2)
+], sim=True)
 # the small configurations the CUDA backend was first checked on: both dtypes with activations,
 # multiplier 2, every layout and batchedness, an empty batch, mixed dtypes
-SMALL = _tag(
-    "small",
-    [
-        Case(
-            op,
-            n=2,
-            h=5,
-            w=6,
-            c=3,
-            c_out=5,
-            xdtype=dt,
-            biases=True,
-            activation="relu",
-            padding="same",
-            mid_activation="relu" if op == "separable" else None,
-        )  # fmt: skip
-        for op in ("depthwise", "separable", "pointwise", "conv2d")
-        for dt in (np.float32, np.float64)
-    ]
-    + [
-        Case(op, n=1, h=5, w=5, c=3, mult=2, c_out=4, biases=True, padding=1, stride=2)
-        for op in ("depthwise", "separable")
-    ]
-    + [
-        Case(op, n=2, h=5, w=4, c=3, c_out=4, layout=layout, batched=b, padding=1)
-        for op in ("depthwise", "separable", "pointwise", "conv2d")
-        for layout in ("NHWC", "NCHW")
-        for b in (True, False)
-    ]
-    + [
-        Case("separable", n=0, padding=1),
-        Case("separable", xdtype=np.float32, wdtype=np.float64, padding=1),
-    ],
-    sim=True,
-)
+SMALL = _tag("small", [
+    Case(op, n=2, h=5, w=6, c=3, c_out=5, xdtype=dt, biases=True, activation="relu",
+         padding="same", mid_activation="relu" if op == "separable" else None)
+    for op in _MULT2 for dt in (np.float32, np.float64)
+] + [
+    Case(op, n=1, h=5, w=5, c=3, mult=2, c_out=4, biases=True, padding=1, stride=2)
+    for op in ("depthwise", "separable")
+] + [
+    Case(op, n=2, h=5, w=4, c=3, c_out=4, layout=layout, batched=b, padding=1)
+    for op in _MULT2 for layout in ("NHWC", "NCHW") for b in (True, False)
+] + [
+    Case("separable", n=0, padding=1),
+    Case("separable", xdtype=np.float32, wdtype=np.float64, padding=1),
+], sim=True)
+
+# fmt: on
 
 CASES: list[Case] = (
     GEOMETRY + DTYPES + CHANNELS + ACTIVATIONS + MEDIUM + PARALLEL + TORCH + SPECIALISED

@@ -13,7 +13,7 @@ Formulas (NHWC per image; indices into the zero-padded input):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -209,19 +209,6 @@ def ref_separable(
 # cost model
 
 
-@dataclass(frozen=True)
-class RefCost:
-    output_shape: tuple
-    standard_macs: int
-    depthwise_macs: int
-    pointwise_macs: int
-    separable_macs: int
-    standard_params: int
-    separable_params: int
-    mac_ratio: float
-    param_ratio: float
-
-
 def ref_cost(
     input_shape, kernel_size, c_out, *, stride=1, padding="valid", dilation=1, depth_multiplier=1
 ):
@@ -234,20 +221,21 @@ def ref_cost(
     if oh <= 0 or ow <= 0:
         raise ValueError("the output would be empty")
     pixels = n * oh * ow
-    standard = pixels * kh * kw * c_in * c_out
-    depthwise = pixels * kh * kw * c_in * mult
-    pointwise = pixels * c_in * mult * c_out
-    standard_params = kh * kw * c_in * c_out
-    separable_params = kh * kw * c_in * mult + c_in * mult * c_out
-    out_shape = (oh, ow, c_out) if len(input_shape) == 3 else (n, oh, ow, c_out)
-    return RefCost(
-        output_shape=out_shape,
-        standard_macs=standard,
-        depthwise_macs=depthwise,
-        pointwise_macs=pointwise,
-        separable_macs=depthwise + pointwise,
-        standard_params=standard_params,
-        separable_params=separable_params,
-        mac_ratio=(depthwise + pointwise) / standard,
-        param_ratio=separable_params / standard_params,
+    macs = {
+        "standard": pixels * kh * kw * c_in * c_out,
+        "depthwise": pixels * kh * kw * c_in * mult,
+        "pointwise": pixels * c_in * mult * c_out,
+    }
+    macs["separable"] = macs["depthwise"] + macs["pointwise"]
+    params = {
+        "standard": kh * kw * c_in * c_out,
+        "separable": kh * kw * c_in * mult + c_in * mult * c_out,
+    }
+    # a plain namespace of the same field names as the library's record, compared field by field
+    return SimpleNamespace(
+        output_shape=(oh, ow, c_out) if len(input_shape) == 3 else (n, oh, ow, c_out),
+        mac_ratio=macs["separable"] / macs["standard"],
+        param_ratio=params["separable"] / params["standard"],
+        **{f"{k}_macs": v for k, v in macs.items()},
+        **{f"{k}_params": v for k, v in params.items()},
     )

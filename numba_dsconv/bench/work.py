@@ -45,7 +45,7 @@ def work(lay: Layer, op: str, batch: int, itemsize: int = 4) -> Work:
     Examples
     --------
     >>> from numba_dsconv.bench import suite, work
-    >>> w = work.work(suite.layer(7), "separable", 1)
+    >>> w = work(suite.layer(7), "separable", 1)
     >>> w.flops, w.nbytes
     (103663616, 4632576)
     """

@@ -104,8 +104,8 @@ def _jit(fn: Callable[..., Any], parallel: bool) -> Any:
 
 
 def helper(fn: Callable[..., Any]) -> Any:
-    """A device function the kernels call. Not IR-inlined (``inline="always"`` made the
-    parallel separable kernel slow to compile, cold); LLVM still inlines it."""
+    """A function the kernels call. Not IR-inlined (``inline="always"`` made the parallel
+    separable kernel much slower to compile cold); LLVM still inlines it."""
     return _jit(fn, parallel=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from numba import prange
 
 from .._spec import ConvSpec
@@ -19,15 +18,9 @@ def conv2d_nhwc(x, w, bias, out, geo, act):  # pragma: no cover - compiled
     which stays in L1; the output-channel loop is innermost and contiguous.
     """
     _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
-    H = x.shape[1]
-    W = x.shape[2]
-    C = x.shape[3]
-    KH = w.shape[0]
-    KW = w.shape[1]
-    CO = w.shape[3]
-    N = out.shape[0]
-    OH = out.shape[1]
-    OW = out.shape[2]
+    _, H, W, C = x.shape
+    KH, KW, _, CO = w.shape
+    N, OH, OW, _ = out.shape
     for t in prange(N * OH):
         n = t // OH
         i = t - n * OH
@@ -57,14 +50,10 @@ def conv2d_nhwc(x, w, bias, out, geo, act):  # pragma: no cover - compiled
                     o[k] = activated(o[k], act)
 
 
-def conv2d_args(
-    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
-) -> tuple[Any, ...]:
+def conv2d_args(spec: ConvSpec, x, weights, biases, out, parallel: bool) -> tuple[Any, ...]:
     """The arguments of conv2d_nhwc for one call (x and out NHWC, C-contiguous)."""
-    (w,) = weights
-    (bias,) = biases
-    b = bias_vector(bias, spec.c_out, out.dtype)
-    return (x, w, b, out, spec.geometry, int(spec.activation))
+    b = bias_vector(biases[0], spec.c_out, out.dtype)
+    return (x, weights[0], b, out, spec.geometry, int(spec.activation))
 
 
 CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)

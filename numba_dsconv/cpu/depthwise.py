@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from numba import prange
 
 from .._spec import ConvSpec
@@ -278,23 +277,17 @@ def depthwise_nhwc(x, dwk, bias, out, geo, act):  # pragma: no cover - compiled
     x: (N,H,W,C) C-contiguous; dwk: (KH,KW,C*M); bias: (C*M,); out: (N,OH,OW,C*M);
     geo: the spec's geometry tuple (_spec.GEOMETRY_FIELDS); act: an Activation code.
     """
-    N = out.shape[0]
-    OH = out.shape[1]
-    OW = out.shape[2]
+    N, OH, OW, _ = out.shape
     for t in prange(N * OH):
         n = t // OH
         i = t - n * OH
         depthwise_row(x, dwk, n, i, 0, OW, geo, bias, act, out[n, i])
 
 
-def depthwise_args(
-    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
-) -> tuple[Any, ...]:
+def depthwise_args(spec: ConvSpec, x, weights, biases, out, parallel: bool) -> tuple[Any, ...]:
     """The arguments of depthwise_nhwc for one call (x and out NHWC, C-contiguous)."""
-    (dwk,) = weights
-    (bias,) = biases
-    b = bias_vector(bias, spec.c_mid, out.dtype)
-    return (x, dwk, b, out, spec.geometry, int(spec.activation))
+    b = bias_vector(biases[0], spec.c_mid, out.dtype)
+    return (x, weights[0], b, out, spec.geometry, int(spec.activation))
 
 
 DEPTHWISE: Kernel = kernel(depthwise_nhwc, depthwise_args)

@@ -50,6 +50,16 @@ def gemm_panel_width(itemsize: int) -> int:
 
 
 @helper
+def gemm_task(t, nc, block, cblock, rows, cols):  # pragma: no cover - compiled
+    """Task ``t`` of a GEMM kernel's task list, channel blocks fastest (``nc`` of them): (its
+    channel block, rows r0..r1, channels c0..c1)."""
+    cb = t % nc
+    r0 = (t // nc) * block
+    c0 = cb * cblock
+    return cb, r0, min(rows, r0 + block), c0, min(cols, c0 + cblock)
+
+
+@helper
 def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
     """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype."""
     NR = 2 * VEC_BYTES // like.itemsize
@@ -312,11 +322,7 @@ def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compil
     nb = (rows + block - 1) // block
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
-        cb = t % nc
-        b = t // nc
-        r0 = b * block
-        r1 = min(rows, r0 + block)
-        c0 = cb * cblock
+        cb, r0, r1, c0, c1 = gemm_task(t, nc, block, cblock, rows, CO)
         pk, at, part = gemm_scratch(kc, block, out2)
         # the rows of this thread's next task (prange hands out contiguous chunks), to prefetch
         # while the GEMM runs; none if the next task reuses these rows
@@ -324,7 +330,6 @@ def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compil
         n1 = min(rows, n0 + block) if cb == nc - 1 else n0
         pf = address(x2) + n0 * x2.strides[0]
         pf_len = (n1 - n0) * x2.strides[0]
-        c1 = min(CO, c0 + cblock)
         gemm_tile(x2[r0:r1], r1 - r0, pw, bias, out2[r0:r1], c0, c1, act, pk, at, part, pf, pf_len)
 
 

@@ -21,7 +21,7 @@ from ._jit import Kernel, kernel
 from ._simd import address
 from .depthwise import depthwise_row
 from .layout import bias_vector
-from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_tile
+from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_task, gemm_tile
 
 
 def separable_nhwc(
@@ -46,10 +46,7 @@ def separable_nhwc(
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
-        cb = t % nc
-        b = t // nc
-        p0 = b * tile
-        p1 = min(P, p0 + tile)
+        cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
         buf = np.empty((tile, CM), dtype=out.dtype)
         pk, at, part = gemm_scratch(kc, tile, out)
         p = p0
@@ -72,8 +69,6 @@ def separable_nhwc(
             hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
-        c0 = cb * cblock
-        c1 = min(CO, c0 + cblock)
         gemm_tile(buf, p1 - p0, pw, bias, out2[p0:p1], c0, c1, act, pk, at, part, pf, pf_len)
 
 
