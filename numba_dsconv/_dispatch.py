@@ -129,18 +129,6 @@ class Backend(Protocol):
         """``result`` as the array type of ``template`` (the caller's x)."""
 
 
-def backend_for(device: object, x: object) -> Backend:
-    """The backend of one call: device ``device``, or where ``x`` lives."""
-    dev = resolve_device(device, x)
-    if dev.kind == "cpu":
-        from .cpu.backend import CPU
-
-        return CPU
-    from .cuda import get_backend
-
-    return get_backend(dev, x)
-
-
 # --------------------------------------------------------------------------------------------
 # host arrays (both backends take them)
 

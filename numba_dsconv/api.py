@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._dispatch import Backend, backend_for
+from ._dispatch import Backend, resolve_device
 from ._spec import Activation, ConvSpec, check_layout, make_spec
 
 __all__ = ["conv2d", "depthwise", "pointwise", "separable"]
@@ -51,6 +51,18 @@ def _doc(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # the prologue every public function shares (every message names the argument)
+
+
+def backend_for(device: object, x: object) -> Backend:
+    """The backend of one call: device ``device``, or where ``x`` lives."""
+    dev = resolve_device(device, x)
+    if dev.kind == "cpu":
+        from .cpu.backend import CPU  # here, not in _dispatch: the backends import _dispatch
+
+        return CPU
+    from .cuda import get_backend
+
+    return get_backend(dev, x)
 
 
 def _check_float(arr: Any, name: str) -> None:
