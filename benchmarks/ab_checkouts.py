@@ -1,7 +1,7 @@
-"""Time two checkouts of numba_dsconv against each other, in alternating processes.
+"""Time two checkouts of numba_dsconv against each other.
 
     python benchmarks/ab_checkouts.py OLD_TREE NEW_TREE [--layers 3,7] [--batches 1,8]
-        [--op separable] [--rounds 5] [--repeat 9]
+        [--op separable] [--rounds 5] [--repeat 9] [--in-process]
 
 Each round runs ``python -m numba_dsconv bench --no-torch --json`` once per tree and batch
 (OLD, NEW, OLD, NEW, ...; each tree on PYTHONPATH in its own process, so the two builds never
@@ -9,13 +9,22 @@ share a process or a thread pool), then prints, per layer and batch, the median 
 of each tree's median time and the ratio NEW / OLD (below 1: NEW is faster), and the same for
 the best round (shared machines have slow rounds; the best is the least disturbed). Kernels are
 compiled (or loaded from each tree's cache) before anything is timed, by the bench itself.
+
+``--in-process``: both in one process instead, OLD_TREE's package copied under another name
+(its imports within the package are relative), calls interleaved A B A B ... by
+numba_dsconv.bench.timing, after a warm-up and a check that both give the same result. On a
+shared machine whose speed drifts between processes this is the steadier comparison (both run
+within milliseconds of each other, on one Numba thread pool); NEW_TREE must be the tree this
+script is run from (it is imported as numba_dsconv).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +41,40 @@ def _bench(tree: str, args: argparse.Namespace, batch: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _in_process(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import numba_dsconv as new
+    from numba_dsconv.bench.suite import layer
+    from numba_dsconv.bench.timing import no_sync, time_interleaved
+
+    with tempfile.TemporaryDirectory() as tmp:
+        name = "numba_dsconv_ab_old"
+        src = Path(args.old).resolve() / "numba_dsconv"
+        shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
+        sys.path.insert(0, tmp)
+        old = importlib.import_module(name)
+        print(f"{args.op}: old {src} vs new {Path(new.__file__).parent}, one process")
+        print(f"{'layer':>5} {'N':>3} {'old us':>9} {'new us':>9} {'new/old':>8}")
+        for batch in (int(b) for b in args.batches.split(",")):
+            for number in (int(v) for v in args.layers.split(",")):
+                lay = layer(number)
+                x, dw, pw = lay.arrays(batch)
+                arrays = {"separable": (x, dw, pw), "depthwise": (x, dw), "pointwise": (x, pw)}
+                kw = {} if args.op == "pointwise" else {"stride": lay.stride, "padding": 1}
+
+                def call(module, a=arrays[args.op], kw=kw):
+                    return lambda: getattr(module, args.op)(*a, **kw)
+
+                fa, fb = call(old), call(new)
+                np.testing.assert_allclose(fa(), fb(), rtol=1e-5, atol=1e-4)
+                fns = {"old": (fa, no_sync), "new": (fb, no_sync)}
+                samples, _ = time_interleaved(fns, args.rounds * args.repeat)
+                o, n = statistics.median(samples["old"]), statistics.median(samples["new"])
+                print(f"{number:>5} {batch:>3} {o * 1e6:>9.1f} {n * 1e6:>9.1f} {n / o:>8.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old")
@@ -41,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", default="separable")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--in-process", action="store_true", help="both trees in one process")
     args = ap.parse_args(argv)
+    if args.in_process:
+        return _in_process(args)
     times: dict[tuple[str, int, int], list[float]] = {}
     commits = {}
     with tempfile.TemporaryDirectory() as tmp:
