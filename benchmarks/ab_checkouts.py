@@ -45,6 +45,7 @@ def _in_process(args: argparse.Namespace) -> int:
     import numpy as np
 
     import numba_dsconv as new
+    from numba_dsconv.bench.cases import Case
     from numba_dsconv.bench.suite import layer
     from numba_dsconv.bench.timing import no_sync, time_interleaved
 
@@ -59,11 +60,11 @@ def _in_process(args: argparse.Namespace) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             for number in (int(v) for v in args.layers.split(",")):
                 lay = layer(number)
-                x, dw, pw = lay.arrays(batch)
-                arrays = {"separable": (x, dw, pw), "depthwise": (x, dw), "pointwise": (x, pw)}
+                host = Case(lay, args.op, batch).host  # x, then the op's weights
+                a = (host["x"], *(host[k] for k in ("w", "dw", "pw") if k in host))
                 kw = {} if args.op == "pointwise" else {"stride": lay.stride, "padding": 1}
 
-                def call(module, a=arrays[args.op], kw=kw):
+                def call(module, a=a, kw=kw):
                     return lambda: getattr(module, args.op)(*a, **kw)
 
                 fa, fb = call(old), call(new)

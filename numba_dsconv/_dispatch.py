@@ -38,17 +38,21 @@ def library(a: object) -> str:
     """The one array classifier.
 
     Host arrays: 'numpy', 'torch' (a CPU tensor), 'host' (anything else: lists, scalars, other
-    array-likes, None). CUDA arrays: 'numba' (numba device arrays and the simulator's),
+    array-likes, None). CUDA arrays: 'numba' (numba device arrays and the simulator's, and
+    numba's managed and mapped arrays, which are NumPy arrays too: see ``is_cuda_array``),
     'torch.cuda', 'cupy', 'cai' (another ``__cuda_array_interface__``), 'dlpack' (a CUDA DLPack
     device without that interface).
     """
-    if isinstance(a, np.ndarray):
+    t = type(a)
+    if t is np.ndarray:
         return "numpy"
-    mod = type(a).__module__
-    if mod.startswith("torch") and hasattr(a, "is_cuda"):
-        return "torch.cuda" if a.is_cuda else "torch"  # type: ignore[attr-defined]
+    mod = t.__module__
     if mod.startswith("numba.cuda"):
         return "numba"
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    if mod.startswith("torch") and hasattr(a, "is_cuda"):
+        return "torch.cuda" if a.is_cuda else "torch"  # type: ignore[attr-defined]
     if mod.startswith("cupy"):
         return "cupy"
     if hasattr(a, "__cuda_array_interface__"):
@@ -62,8 +66,10 @@ def library(a: object) -> str:
 
 
 def is_cuda_array(a: object) -> bool:
-    """True for an array that lives in CUDA device memory."""
-    return library(a) in CUDA_LIBRARIES
+    """True for an array that lives in CUDA device memory only. Memory both sides can read
+    (numba's managed and mapped arrays, NumPy subclasses) is host memory for ``device=None``
+    (the CPU computes) and a numba array for ``device='cuda'`` (viewed without a copy)."""
+    return not isinstance(a, np.ndarray) and library(a) in CUDA_LIBRARIES
 
 
 def parse_device(device: object) -> Device | None:
@@ -144,9 +150,9 @@ def _torch_host(a: Any, name: str) -> np.ndarray:
 
 def as_host_array(a: object, name: str) -> np.ndarray:
     """A NumPy view (or conversion) of a host array-like; a CUDA array is an error."""
+    if isinstance(a, np.ndarray):
+        return a
     lib = library(a)
-    if lib == "numpy":
-        return a  # type: ignore[return-value]
     if lib in CUDA_LIBRARIES:
         raise ValueError(
             f"{name} lives on a CUDA device but the computation runs on the CPU "
@@ -161,12 +167,12 @@ def as_host_array(a: object, name: str) -> np.ndarray:
     return arr
 
 
-def host_out(out: object) -> np.ndarray:
-    """A host ``out=`` (a NumPy array or a torch CPU tensor) as a writeable NumPy view."""
-    if library(out) not in ("numpy", "torch"):
-        raise TypeError(
-            f"out must be a NumPy array or a torch CPU tensor here; got {type(out).__name__}"
-        )
+def host_out(out: object, expected: str) -> np.ndarray:
+    """A host ``out=`` (a NumPy array or a torch tensor) as a writeable NumPy view; anything
+    else raises TypeError "out must be {expected}; got <type>" (a torch CUDA tensor, the
+    ValueError that it lives on a CUDA device)."""
+    if not isinstance(out, np.ndarray) and library(out) not in ("torch", "torch.cuda"):
+        raise TypeError(f"out must be {expected}; got {type(out).__name__}")
     arr = as_host_array(out, "out")
     if not arr.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")

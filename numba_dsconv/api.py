@@ -87,10 +87,10 @@ class _Call:
         self.be: Backend = backend_for(device, self.x_raw)
         self.layout = check_layout(layout)
         self.acts = {name: Activation.parse(v, name) for name, v in activations.items()}
-        self.arrays = {}
+        # every array converted first, then every dtype checked (the order errors come in)
+        self.arrays = {name: self.be.asarray(a, name) for name, a in arrays.items()}
         dtypes = set()
-        for name, a in arrays.items():
-            arr = self.arrays[name] = self.be.asarray(a, name)
+        for name, arr in self.arrays.items():
             _check_float(arr, name)
             dtypes.add(arr.dtype)
         self.dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)

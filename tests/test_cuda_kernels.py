@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cases import make_case
+from cases import make_case, params, select
 from helpers import (
     SIMULATOR,
     assert_close,
@@ -21,6 +21,8 @@ from helpers import (
     ref_fn,
     small_cuda_blocks,
 )
+
+import numba_dsconv as nd
 
 requires_cuda = pytest.mark.skipif(
     not cuda_usable(), reason="no CUDA GPU and not under the simulator (NUMBA_ENABLE_CUDASIM=1)"
@@ -250,3 +252,29 @@ def test_fortran_and_permuted_device_weights(rng):
 
     y = nd.separable(_device(x), cuda.to_device(dwf), cuda.to_device(pw4), padding=1)
     assert_close(y.copy_to_host(), expected, np.float32, red)
+
+
+@pytest.mark.parametrize("lib", ["torch", "cupy"])
+@pytest.mark.parametrize("case", params(select("small")))
+def test_foreign_cuda_arrays_in_and_out(case, lib, rng):
+    """torch CUDA tensors and CuPy arrays through every op, both dtypes, multiplier 2, every
+    layout, an empty batch, mixed dtypes: zero-copy in, the caller's type out on its device."""
+    if SIMULATOR:
+        pytest.skip("torch and CuPy need a real GPU")
+    mod = pytest.importorskip(lib)
+    if lib == "torch" and not mod.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    x, weights, kwargs = case.make(rng)
+    expected = ref_fn(case.op)(x, *weights, **kwargs)
+
+    def dev(a):
+        a = np.ascontiguousarray(a)
+        return mod.from_numpy(a).cuda() if lib == "torch" else mod.asarray(a)
+
+    kw = {k: dev(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    y = getattr(nd, case.op)(dev(x), *(dev(w) for w in weights), **kw)
+    if lib == "torch":
+        assert isinstance(y, mod.Tensor) and y.is_cuda
+    else:
+        assert isinstance(y, mod.ndarray)
+    assert_close(y, expected, case.result_dtype, case.reduction_len)

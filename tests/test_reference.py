@@ -142,10 +142,11 @@ def test_cost_worked_example():
 
 # ---------------------------------------------------------------------------------------------
 # The reference against torch.nn.functional.conv2d (independent code, float64), on the table's
-# geometry and torch cases: every op with biases and activations, and the NCHW spelling.
+# geometry, torch, dtypes and parallel cases: every op, biases and activations on exotic
+# geometries, an empty batch, and the NCHW spelling.
 
 
-@pytest.mark.parametrize("case", params(select("geometry", "torch", "dtypes")))
+@pytest.mark.parametrize("case", params(select("geometry", "torch", "dtypes", "parallel")))
 def test_reference_matches_torch(case, rng):
     pytest.importorskip("torch")
     from torch_helpers import torch_conv2d, torch_depthwise, torch_pointwise, torch_separable

@@ -154,9 +154,16 @@ class Case:
         be = CudaBackend(Device("cuda"), xs[0])
         weights = tuple(ws[k] for k in ("w", "dw", "pw") if k in ws)
         biases = (None, None) if self.op == "separable" else (None,)
-        target = cuda.device_array(spec.out_nhwc, np.float32)
-        launch, args = be.kernel_call(spec, np.dtype(np.float32), xs[0], weights, biases, target)
-        return (lambda: launch(*args)), sync
+        with be.context:  # the device current for every CUDA step, as in a call
+            target = cuda.device_array(spec.out_nhwc, np.float32)
+            dt = np.dtype(np.float32)
+            launch, args = be.kernel_call(spec, dt, xs[0], weights, biases, target)
+
+        def bare() -> None:
+            with be.context:
+                launch(*args)
+
+        return bare, sync
 
     # -- the anchors -----------------------------------------------------------------------
 

@@ -92,19 +92,20 @@ def side(name: str, samples: list[float], number: int, w: Work, floor: float, er
     )
 
 
+def json_ready(v: Any) -> Any:
+    """``v`` with non-finite floats as None (JSON has no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_ready(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_ready(x) for x in v]
+    return v
+
+
 def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:
     """Every number of ``result`` as JSON (non-finite floats written as null)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    Path(path).write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    Path(path).write_text(json.dumps(json_ready(result.to_dict()), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ separable kernel under other _config settings, the N=1 call broken down)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -201,20 +202,19 @@ def run_bench(
 
 def time_variants(
     case: Case, variants: Sequence[tuple[str, dict[str, Any]]], repeat: int
-) -> dict[str, float]:
-    """Median seconds per call of the case's numba_dsconv call as shipped and under each
-    variant's _config settings, interleaved; every variant is checked against float64 first
-    (a variant that disagrees raises)."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds per call, relative error against float64) of the case's numba_dsconv
+    call as shipped and under each variant's _config settings, timed interleaved. A variant
+    whose error exceeds RTOL_FLOAT32 is still timed; the caller judges the errors."""
     ref = case.reference()
     fns = {"shipped": case.numba_fn()}
-    for label, knobs in variants:
-        fn, sync = fns[label] = case.numba_fn(knobs=knobs)
-        err = case.relative_error(fn(), ref)
+    fns.update((label, case.numba_fn(knobs=knobs)) for label, knobs in variants)
+    errors = {}
+    for label, (fn, sync) in fns.items():
+        errors[label] = case.relative_error(fn(), ref)
         sync()
-        if not err <= RTOL_FLOAT32:
-            raise AssertionError(f"variant {label!r}: relative error {err:.2e} vs float64")
     samples, _ = time_interleaved(fns, repeat)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}, errors
 
 
 def call_breakdown(case: Case, reps: int = 300) -> dict[str, float]:

@@ -63,7 +63,7 @@ class CpuBackend:
 
     @staticmethod
     def out_array(out: Any) -> np.ndarray:
-        return host_out(out)
+        return host_out(out, "a NumPy array (or torch CPU tensor) for the CPU backend")
 
     @staticmethod
     def reshape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -107,7 +107,7 @@ class CudaBackend:
 
     def out_array(self, out: Any) -> Any:
         if library(out) not in CUDA_LIBRARIES:
-            return host_out(out)
+            return host_out(out, "an array")
         arr = self.asarray(out, "out")
         if self.host_in:  # the result lands in the caller's array: use the caller's stream
             with self.context:
