@@ -278,3 +278,27 @@ def test_foreign_cuda_arrays_in_and_out(case, lib, rng):
     else:
         assert isinstance(y, mod.ndarray)
     assert_close(y, expected, case.result_dtype, case.reduction_len)
+
+
+def test_bench_engine_cuda_paths(monkeypatch):
+    """What benchmarks/gpu_check.py runs on a GPU, on a tiny layer: the CUDA ceilings (a small
+    copy; no SGEMM without a CUDA torch), separable variants checked against float64, and the
+    call breakdown down to the bare kernel launch (built without monkeypatching)."""
+    from numba_dsconv import bench
+    from numba_dsconv.bench import suite
+
+    tiny = suite.Layer(99, "tiny", 6, 4, 8, 1)
+    c = bench.measure_ceilings("cuda", repeat=1, sgemm_n=64, copy_bytes=1 << 12)
+    assert c.device == "cuda" and c.copy_gbs > 0 and c.copy_bytes == 1 << 12
+    case = bench.Case(tiny, "separable", 1, "cuda")
+    variants = [("flat tiles", {"CUDA_HALO": "never"}), ("halo tiles", {"CUDA_HALO": "always"})]
+    times, errors = bench.time_variants(case, variants, repeat=2)
+    assert set(times) == set(errors) == {"shipped", "flat tiles", "halo tiles"}
+    assert all(t > 0 for t in times.values())
+    assert all(e <= bench.RTOL_FLOAT32 for e in errors.values()), errors
+    parts = bench.call_breakdown(case, reps=3)
+    assert set(parts) == {"call", "call+sync", "call out=", "bare launch", "bare launch+sync"}
+    assert all(t > 0 for t in parts.values())
+    fn, sync = case.bare_launch()
+    fn()
+    sync()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .cases import ANCHORS, RTOL_FLOAT32
+from .cases import ANCHORS, OURS, RTOL_FLOAT32
 from .machine import Ceilings
 from .work import Work
 
@@ -278,9 +278,7 @@ def _draw_points(ax: Any, result: BenchResult) -> None:
             label = labels.get(name, name)
             ax.scatter(xs, ys, color=color, marker=marker, s=28, alpha=0.8, label=label, zorder=3)
     ai = [r.intensity for r in rows]
-    ax.scatter(
-        ai, [r.ours.gflops for r in rows], color="tab:blue", s=40, zorder=4, label=OURS_LABEL
-    )
+    ax.scatter(ai, [r.ours.gflops for r in rows], color="tab:blue", s=40, zorder=4, label=OURS)
     for i, r in enumerate(sorted(rows, key=lambda r: (r.intensity, r.ours.gflops))):
         ax.annotate(
             str(r.layer),
@@ -290,6 +288,3 @@ def _draw_points(ax: Any, result: BenchResult) -> None:
             fontsize=8,
             color="tab:blue",
         )
-
-
-OURS_LABEL = "numba_dsconv"
