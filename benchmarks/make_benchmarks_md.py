@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench.thread_limits(numba.get_num_threads()):
         ceilings = bench.measure_ceilings("cpu")
     results = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("runs", total=len(runs))
         for op, n in runs:

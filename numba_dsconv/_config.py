@@ -7,6 +7,7 @@ paths; benchmarks read them to report what was run.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numba
@@ -93,6 +94,43 @@ def call_guard() -> threading.Lock | _NullGuard:
         safe = numba.config.THREADING_LAYER in ("threadsafe", "safe", "omp", "tbb")
         return _NULL_GUARD if safe else _WORKQUEUE_LOCK
     return _WORKQUEUE_LOCK if layer == "workqueue" else _NULL_GUARD
+
+
+# Set in a forked child whose parent had started a thread pool that cannot survive fork: GNU
+# OpenMP (numba's "omp" layer with libgomp, the default where TBB is absent) kills the child's
+# first parallel region ("fork() called from a process already using GNU OpenMP"), and a
+# multiprocessing.Pool waiting on that child hangs. Such a child runs the serial build of every
+# kernel: the same bits, one core. TBB, Intel OpenMP and workqueue pools survive fork.
+SERIAL_ONLY: bool = False
+
+
+def _pool_survives_fork() -> bool:
+    """Whether this process's Numba thread pool (if one was started) works in a forked child.
+    Runs in the child right after fork: no imports (another thread may have held the import
+    lock at fork time), only modules already loaded."""
+    par = sys.modules.get("numba.np.ufunc.parallel")
+    if par is None or not getattr(par, "_is_initialized", False):
+        return True  # no pool yet: the child starts its own
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        return True
+    omp = sys.modules.get("numba.np.ufunc.omppool")
+    return layer != "omp" or getattr(omp, "openmp_vendor", "GNU") != "GNU"
+
+
+def _after_fork_in_child() -> None:
+    global SERIAL_ONLY
+    if not _pool_survives_fork():
+        SERIAL_ONLY = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def use_parallel(work: int) -> bool:
+    """Whether a call of ``work`` multiply-adds (or elements) runs the parallel build."""
+    return work > SERIAL_MAX_MACS and not SERIAL_ONLY
 
 
 # CUDA: threads per block for the one-thread-per-element kernels (depthwise, copies).

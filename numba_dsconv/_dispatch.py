@@ -139,19 +139,58 @@ class Backend(Protocol):
 # host arrays (both backends take them)
 
 
-def _torch_host(a: Any, name: str) -> np.ndarray:
+def check_torch(a: Any, name: str, *, writable: bool = False) -> Any:
+    """A torch tensor we can read (or, with ``writable``, write) through NumPy or
+    ``__cuda_array_interface__``: strided, holding data, float32/float64, no autograd; a lazy
+    conjugate or negative view is resolved (a copy) for reading and refused for writing, where
+    a copy would lose the result. Raises, naming ``name``."""
     import torch
 
+    if a.layout is not torch.strided:
+        raise TypeError(
+            f"{name} is a torch tensor with layout {a.layout}; pass a dense (strided) tensor, "
+            f"e.g. {name}.to_dense()"
+        )
+    if a.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"{name} is a torch tensor on device {str(a.device)!r}, which holds no data we can "
+            f"read here; pass a CPU or CUDA tensor"
+        )
     if a.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64; got torch dtype {a.dtype}")
+    if a.is_conj() or a.is_neg():
+        if writable:
+            raise ValueError(
+                f"{name} is a lazily negated or conjugated torch view (its negative or "
+                f"conjugate bit is set), which cannot be written in place; pass a plain tensor"
+            )
+        a = a.resolve_conj().resolve_neg()
     # No autograd: the result never tracks gradients, so detaching loses nothing.
-    return a.detach().resolve_conj().numpy()
+    return a.detach()
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """A float array in the machine's byte order (a big-endian input converted once)."""
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _refuse_masked(a: object, name: str) -> None:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a NumPy masked array; its mask would be ignored. Pass "
+            f"{name}.filled(value) (the value masked elements should take) or {name}.data"
+        )
 
 
 def as_host_array(a: object, name: str) -> np.ndarray:
     """A NumPy view (or conversion) of a host array-like; a CUDA array is an error."""
+    if type(a) is np.ndarray:
+        return a if a.dtype.isnative else _native(a)
+    _refuse_masked(a, name)
     if isinstance(a, np.ndarray):
-        return a
+        return _native(a)
     lib = library(a)
     if lib in CUDA_LIBRARIES:
         raise ValueError(
@@ -159,12 +198,36 @@ def as_host_array(a: object, name: str) -> np.ndarray:
             f"(device='cpu' or x on the host); move it to the host or pass device='cuda'"
         )
     if lib == "torch":
-        return _torch_host(a, name)
+        return check_torch(a, name).numpy()
     try:
         arr = np.asarray(a)
     except Exception as exc:
         raise TypeError(f"{name} must be an array; got {type(a).__name__}: {exc}") from None
-    return arr
+    return _native(arr)
+
+
+def self_overlapping(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether two elements of an array may share memory (a zero stride, an expanded tensor,
+    an ``as_strided`` view). Sufficient for disjointness: with the dimensions sorted by
+    stride, each stride spans every element of the smaller ones. Arrays it cannot prove
+    disjoint (exotic interleaved strides) count as overlapping."""
+    dims = sorted((abs(st), n) for n, st in zip(shape, strides, strict=True) if n > 1)
+    span = itemsize
+    for st, n in dims:
+        if st < span:
+            return True
+        span = st * (n - 1) + span
+    return False
+
+
+def check_out_elements(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> None:
+    """Refuse an ``out=`` whose elements alias each other (its result would be garbage)."""
+    if self_overlapping(tuple(shape), tuple(strides), itemsize):
+        raise ValueError(
+            f"out has elements that share memory (shape {tuple(shape)}, strides "
+            f"{tuple(strides)} bytes: an expanded or as_strided view); pass a buffer with one "
+            f"element per result value, e.g. numpy.empty"
+        )
 
 
 def host_out(out: object, expected: str) -> np.ndarray:
@@ -173,9 +236,16 @@ def host_out(out: object, expected: str) -> np.ndarray:
     ValueError that it lives on a CUDA device)."""
     if not isinstance(out, np.ndarray) and library(out) not in ("torch", "torch.cuda"):
         raise TypeError(f"out must be {expected}; got {type(out).__name__}")
-    arr = as_host_array(out, "out")
+    _refuse_masked(out, "out")
+    if isinstance(out, np.ndarray):
+        arr = out
+    elif library(out) == "torch":
+        arr = check_torch(out, "out", writable=True).numpy()
+    else:
+        arr = as_host_array(out, "out")  # a CUDA tensor: the error that says so
     if not arr.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
+    check_out_elements(arr.shape, arr.strides, arr.itemsize)
     return arr
 
 

@@ -220,6 +220,61 @@ def padding_amounts(
     return vals  # type: ignore[return-value]
 
 
+# Every index the kernels form (CPU and CUDA) is a signed 64-bit integer: byte offsets into x,
+# the intermediate and out, and the input coordinates of the taps (in the padding too, before
+# any bounds check). _check_index_range keeps a bound on all of them below this: half of
+# int64's range, so a sum of two such terms cannot wrap either.
+INDEX_LIMIT = 2**62
+_LARGEST_ITEMSIZE = 8
+
+
+def _check_index_range(
+    x_name: str,
+    x_shape: tuple[int, ...],
+    n: int,
+    extents: tuple[int, int],
+    channels: int,
+    kernel: tuple[int, int],
+    given: dict[str, object],
+    values_of: dict[str, tuple[int, ...]],
+    terms: dict[str, tuple[int, int]],
+) -> None:
+    """Raise ValueError, naming the argument that dominates, where an index could overflow.
+
+    ``extents`` are the larger of the input's and the output's rows and columns, ``channels``
+    the widest of input, intermediate and output. A tap's row (column) coordinate stays within
+    the input extent plus the sums of ``terms`` (the stride, the total padding, the dilated
+    kernel span), and the kernels multiply a coordinate by one row (column) stride only, so
+    every byte offset is below (N + 1) images + that many rows + that many columns, of 8-byte
+    elements.
+    """
+    # each value is a 64-bit kernel argument itself (even a dilation no tap multiplies)
+    huge = [f"{k}={given[k]!r}" for k, v in values_of.items() if max(v) >= INDEX_LIMIT]
+    if huge:
+        raise ValueError(
+            f"{' and '.join(huge)} {'is' if len(huge) == 1 else 'are'} too large: the kernels "
+            f"take each value as a signed 64-bit integer, below 2**{INDEX_LIMIT.bit_length() - 1}"
+        )
+    rows = extents[0] + sum(t[0] for t in terms.values())
+    cols = extents[1] + sum(t[1] for t in terms.values())
+    image = extents[0] * extents[1]
+    bound = ((n + 1) * image + rows * extents[1] + cols) * channels * _LARGEST_ITEMSIZE
+    if bound < INDEX_LIMIT:
+        return
+    name, largest = max(((k, max(v)) for k, v in terms.items()), key=lambda kv: kv[1])
+    if largest < max(extents):
+        culprit = f"{x_name} of shape {tuple(x_shape)} with {channels} channels"
+    elif name == "dilation" and max(values_of["dilation"]) == 1:
+        culprit = f"the {kernel[0]}x{kernel[1]} kernel"
+    else:
+        culprit = f"{name}={given[name]!r}"
+    raise ValueError(
+        f"{culprit} is too large: the kernels' index arithmetic (signed 64-bit) would reach "
+        f"about 2**{bound.bit_length() - 1} bytes for {x_name} of shape {tuple(x_shape)}; "
+        f"every offset must stay below 2**{INDEX_LIMIT.bit_length() - 1}"
+    )
+
+
 def _out_size(size: int, before: int, after: int, k: int, stride: int, dilation: int) -> int:
     span = (k - 1) * dilation + 1
     padded = size + before + after
@@ -288,11 +343,14 @@ def _build_spec(
     mid_activation: Activation = Activation.NONE,
     kernel_name: str = "w",
     x_name: str = "x",
+    for_kernels: bool = True,
 ) -> ConvSpec:
     """Validate the geometry against x's shape and build the spec.
 
     ``x_shape`` is the caller's shape (3-D or 4-D, in ``layout``); ``c_in_kernel`` is the
-    input-channel count the weights expect (named ``kernel_name`` in errors).
+    input-channel count the weights expect (named ``kernel_name`` in errors). Unless
+    ``for_kernels`` is False (the cost model: exact integers, nothing is run), the geometry
+    must keep every index the kernels form within 64 bits (``_check_index_range``).
     """
     if len(x_shape) not in (3, 4):
         raise ValueError(
@@ -324,6 +382,19 @@ def _build_spec(
             f"the output would be empty: {kernel_name} kernel {kernel[0]}x{kernel[1]} with "
             f"dilation {d} does not fit the padded input {h + t + b}x{w + left + r} "
             f"({x_name} spatial size {h}x{w}, padding {(t, b, left, r)})"
+        )
+    if for_kernels:
+        spans = tuple((kernel[i] - 1) * d[i] + 1 for i in range(2))
+        _check_index_range(
+            x_name,
+            x_shape,
+            n,
+            (max(h, oh), max(w, ow)),
+            max(c, c * multiplier, c_out),
+            kernel,
+            {"stride": stride, "padding": padding, "dilation": dilation},
+            {"stride": s, "padding": (t, b, left, r), "dilation": d},
+            {"stride": s, "padding": (t + b, left + r), "dilation": spans},
         )
     # the fields in ConvSpec's order
     return ConvSpec(op, layout, batched, n, h, w, c, *kernel, multiplier, c * multiplier, c_out,

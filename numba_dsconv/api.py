@@ -143,7 +143,7 @@ class _Call:
                 f"out must have shape {spec.output_shape} (the result's shape); "
                 f"got shape {tuple(arr.shape)}"
             )
-        if np.dtype(arr.dtype) != self.dtype:
+        if np.dtype(arr.dtype).newbyteorder("=") != self.dtype:  # either byte order
             raise TypeError(
                 f"out must have dtype {self.dtype} (the result's dtype); got {arr.dtype}"
             )

@@ -7,25 +7,74 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import api
+from ._dispatch import parse_device
 from ._spec import make_spec
 from .bench import reference
+from .bench.suite import LAYERS
 from .bench.suite import layer as suite_layer
 from .cost import cost
 
-console = Console()
+# No rich markup anywhere: every message prints as it is written (a "[bench]" in a pip
+# command stays); styles are given as styles.
+console = Console(markup=False)
 
 
 def _error(message: str) -> int:
-    """Print ``message`` as an error (literally: brackets in it are not rich markup); 2."""
-    console.print("[red]error:[/] " + escape(message))
+    """Print ``message`` as an error on stderr; the exit status 2 (argparse's, for usage)."""
+    Console(stderr=True, markup=False).print(Text.assemble(("error: ", "red"), message))
     return 2
+
+
+# argparse types: a bad value is a usage error (a message and exit status 2), never a traceback
+
+
+def _count(minimum: int):  # noqa: ANN202
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def _layer_number(text: str) -> int:
+    try:
+        return suite_layer(int(text)).number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _device(text: str) -> str:
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Fail before measuring, not after, when an output file cannot be written."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        p.unlink()
 
 
 def _cost_table(title: str, c) -> Table:  # noqa: ANN001
@@ -89,16 +138,21 @@ def _run_case(title: str, x, dw, pw, *, padding, stride, device) -> float:  # no
     c = cost(x.shape, dw.shape[:2], pw.shape[-1], stride=stride, padding=padding)
     console.print(_cost_table("Section 3.3 cost comparison", c))
     console.print(
-        f"dtype {y.dtype}, device {device or 'cpu'}: largest |error| vs float64 reference "
-        f"[bold]{err:.3g}[/] (largest |value| {scale:.3g}); first call {first * 1e3:.1f} ms "
-        f"(includes JIT compile or cache load), second {second * 1e3:.2f} ms"
+        Text.assemble(
+            f"dtype {y.dtype}, device {device or 'cpu'}: largest |error| vs float64 reference ",
+            (f"{err:.3g}", "bold"),
+            f" (largest |value| {scale:.3g}); first call {first * 1e3:.1f} ms "
+            f"(includes JIT compile or cache load), second {second * 1e3:.2f} ms",
+        )
     )
     return err / max(scale, 1e-30)
 
 
 def demo(args: argparse.Namespace) -> int:
     device = args.device
-    console.rule("[bold]numba_dsconv demo: the worked example")
+    if device is not None:
+        api.backend_for(device, None)  # no usable GPU: the ValueError that says so, up front
+    console.rule(Text("numba_dsconv demo: the worked example", style="bold"))
     x = np.arange(4 * 4 * 3, dtype=np.float64).reshape(4, 4, 3) / 10.0
     dw = np.linspace(-1.0, 1.0, 27).reshape(3, 3, 3)
     pw = np.array([[[[1.0, -1.0], [0.5, 2.0], [-0.25, 0.75]]]])
@@ -112,7 +166,7 @@ def demo(args: argparse.Namespace) -> int:
         device=device,
     )
     lay = suite_layer(args.layer)
-    console.rule(f"[bold]one MobileNet layer: {lay.name}, N={args.batch}, float32")
+    console.rule(Text(f"one MobileNet layer: {lay.name}, N={args.batch}, float32", style="bold"))
     xl, dwl, pwl = lay.arrays(args.batch)
     rel2 = _run_case(
         f"MobileNet layer {lay.name}",
@@ -124,7 +178,7 @@ def demo(args: argparse.Namespace) -> int:
         device=device,
     )
     ok = rel1 < 1e-12 and rel2 < 1e-5
-    console.print("[green]OK[/]" if ok else "[red]MISMATCH against the reference[/]")
+    console.print("OK" if ok else "MISMATCH against the reference", style="green" if ok else "red")
     return 0 if ok else 1
 
 
@@ -191,13 +245,16 @@ def bench(args: argparse.Namespace) -> int:
             return _error("--plot needs matplotlib: pip install 'numba-dsconv[bench]'")
     if args.device == "cuda" and not engine.gpu_available():
         return _error("--device cuda: no usable CUDA GPU on this machine")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_writable(path, option)
     phases = {"ceilings": "measuring ceilings", "compile": "compiling", "measure": "measuring"}
     columns = (
-        TextColumn("[bold]{task.fields[phase]:<18}"),
+        TextColumn("{task.fields[phase]:<18}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
     )
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, object] = {}
@@ -220,18 +277,18 @@ def bench(args: argparse.Namespace) -> int:
         except (NotImplementedError, ValueError) as exc:
             return _error(str(exc))
     # Piped output defaults to 80 columns, too narrow for this table.
-    wide = console if console.is_terminal else Console(width=max(console.width, 170))
+    wide = console if console.is_terminal else Console(markup=False, width=max(console.width, 170))
     for line in report.headline(result):
-        wide.print(escape(line))
+        wide.print(line)
     wide.print(report.rich_table(result))
     if args.json:
         engine.write_json(result, args.json)
-        console.print(f"wrote {escape(args.json)}")
+        console.print(f"wrote {args.json}")
     if args.plot:
         engine.plot_roofline(result, args.plot)
-        console.print(f"wrote {escape(args.plot)}")
+        console.print(f"wrote {args.plot}")
     if not result.ok:
-        console.print("[red]MISMATCH: a result differs from the float64 reference[/]")
+        console.print("MISMATCH: a result differs from the float64 reference", style="red")
         return 1
     return 0
 
@@ -242,9 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="run the worked example and one MobileNet layer")
-    p_demo.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
-    p_demo.add_argument("--layer", type=int, default=3, help="suite layer number (default 3)")
-    p_demo.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p_demo.add_argument(
+        "--device", type=_device, default=None, help="cpu | cuda | cuda:N (default: cpu)"
+    )
+    p_demo.add_argument(
+        "--layer", type=_layer_number, default=3, help=f"suite layer 1-{len(LAYERS)} (default 3)"
+    )
+    p_demo.add_argument("--batch", type=_count(1), default=1, help="batch size (default 1)")
     p_demo.set_defaults(func=demo)
     p_info = sub.add_parser("info", help="versions, threading layer, threads and devices")
     p_info.set_defaults(func=info)
@@ -256,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios, GFLOP/s, GB/s, % of roofline and the error against float64.",
     )
     p_bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p_bench.add_argument("--batch", type=int, default=1, help="batch size N (default 1)")
+    p_bench.add_argument("--batch", type=_count(1), default=1, help="batch size N (default 1)")
     p_bench.add_argument(
         "--layers", default="1-11", help="suite layers, e.g. 1,3,7 or 1-11 (default all)"
     )
@@ -264,14 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--op", choices=("separable", "depthwise", "pointwise", "conv2d"), default="separable"
     )
     p_bench.add_argument(
-        "--repeat", type=int, default=None, help="samples per side (default 7-15 by call time)"
+        "--repeat",
+        type=_count(1),
+        default=None,
+        help="samples per side (default 7-15 by call time)",
     )
     p_bench.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="draw a roofline chart")
     p_bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, OSError) as exc:  # a clean message, never a traceback
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return _error("interrupted")
 
 
 if __name__ == "__main__":  # pragma: no cover

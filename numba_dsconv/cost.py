@@ -71,31 +71,36 @@ def cost(
         raise ValueError(
             f"input_shape must be (H, W, C_in) or (N, H, W, C_in); got {input_shape!r}"
         )
-    if min(input_shape) < 0 or (len(input_shape) == 4 and min(input_shape[1:]) < 1):
+    # every count is an exact Python int, whatever integer type was passed (NumPy's wrap)
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 4 and shape[0] < 0:
+        raise ValueError(f"input_shape must have N >= 0; got {input_shape!r}")
+    if min(shape[-3:]) < 1:
         raise ValueError(f"input_shape must have positive H, W, C_in; got {input_shape!r}")
     kh, kw = pair(kernel_size, "kernel_size", minimum=1)
     if not _is_int(c_out):
         raise TypeError(f"c_out must be an int; got {c_out!r}")
-    if c_out < 1:
-        raise ValueError(f"c_out must be >= 1; got {c_out!r}")
     if not _is_int(depth_multiplier):
         raise TypeError(f"depth_multiplier must be an int; got {depth_multiplier!r}")
+    c_out, depth_multiplier = int(c_out), int(depth_multiplier)
+    if c_out < 1:
+        raise ValueError(f"c_out must be >= 1; got {c_out!r}")
     if depth_multiplier < 1:
         raise ValueError(f"depth_multiplier must be >= 1; got {depth_multiplier!r}")
-    shape = tuple(int(v) for v in input_shape)
     spec = make_spec(
         "separable",
         x_shape=shape,
         layout="NHWC",
         kernel=(kh, kw),
         c_in_kernel=shape[-1],
-        multiplier=int(depth_multiplier),
-        c_out=int(c_out),
+        multiplier=depth_multiplier,
+        c_out=c_out,
         stride=stride,
         padding=padding,
         dilation=dilation,
         kernel_name="kernel_size",
         x_name="input_shape",
+        for_kernels=False,
     )
     pix = spec.n * spec.out_h * spec.out_w
     taps = kh * kw
@@ -105,7 +110,7 @@ def cost(
     pw = pix * cm * c_out
     std_params = taps * c_in * c_out
     sep_params = taps * cm + cm * c_out
-    out_shape = (spec.out_h, spec.out_w, int(c_out))
+    out_shape = (spec.out_h, spec.out_w, c_out)
     if len(shape) == 4:
         out_shape = (spec.n, *out_shape)
     return Cost(

@@ -1,8 +1,8 @@
 """Float64 reference implementation: the judge the tests compare the library against.
 
-Written straight from the formulas of the contract, slow and obvious on purpose: explicit zero
-padding, then plain loops over output pixels and kernel taps (NumPy only vectorises over the
-batch and the channels). It does not import numba_dsconv.
+Written straight from the formulas of the contract, slow and obvious on purpose: zero padding
+(read pixel by pixel, any size), then plain loops over output pixels and kernel taps (NumPy
+only vectorises over the batch and the channels). It does not import numba_dsconv.
 
 Formulas (NHWC per image; indices into the zero-padded input):
     standard:   Y[i,j,k]     = sum_m sum_n sum_c X[i*s+m*d, j*s+n*d, c] * W[m,n,c,k]
@@ -102,16 +102,29 @@ def _from_nhwc(y, layout, batched):
     return np.ascontiguousarray(y if batched else y[0])
 
 
+class _Padded:
+    """Batched NHWC x inside its zero padding, read one padded pixel at a time (Python-int
+    coordinates, so a geometry of any size, say a padding of 2**64, needs no padded copy)."""
+
+    def __init__(self, x, top, left):
+        self.x, self.top, self.left = x, top, left
+
+    def pixel(self, r, c):
+        """The padded input at row r, column c: (N, C_in); zeros on the padding."""
+        r, c = r - self.top, c - self.left
+        if 0 <= r < self.x.shape[1] and 0 <= c < self.x.shape[2]:
+            return self.x[:, r, c, :]
+        return np.zeros((self.x.shape[0], self.x.shape[3]))
+
+
 def _padded_and_size(x, khw, stride, padding, dilation):
-    """Zero-pad batched NHWC x explicitly; return it and the output size."""
-    ((top, bottom), (left, right)), (oh, ow) = geometry(
+    """Batched NHWC x with its zero padding, and the output size."""
+    ((top, _), (left, _)), (oh, ow) = geometry(
         x.shape[1:3], khw, stride=stride, padding=padding, dilation=dilation
     )
     if oh <= 0 or ow <= 0:
         raise ValueError("the output would be empty")
-    xp = np.zeros((x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3]))
-    xp[:, top : top + x.shape[1], left : left + x.shape[2], :] = x
-    return xp, oh, ow
+    return _Padded(x, top, left), oh, ow
 
 
 def _finish(y, bias, activation):
@@ -134,7 +147,7 @@ def _conv2d_nhwc(x, w, stride, padding, dilation):
         for j in range(ow):
             for m in range(kh):
                 for n in range(kw):
-                    pixel = xp[:, i * s + m * d, j * t + n * e, :]  # (N, C_in)
+                    pixel = xp.pixel(i * s + m * d, j * t + n * e)  # (N, C_in)
                     y[:, i, j, :] += (pixel[:, :, None] * w[m, n]).sum(axis=1)
     return y
 
@@ -151,7 +164,7 @@ def _depthwise_nhwc(x, dw, stride, padding, dilation):
         for j in range(ow):
             for m in range(kh):
                 for n in range(kw):
-                    pixel = xp[:, i * s + m * d, j * t + n * e, :]  # (N, C_in)
+                    pixel = xp.pixel(i * s + m * d, j * t + n * e)  # (N, C_in)
                     y[:, i, j, :, :] += pixel[:, :, None] * dw[m, n]  # (N, C_in, M)
     return y.reshape(x.shape[0], oh, ow, c_in * mult)  # channel c*M + q
 

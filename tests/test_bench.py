@@ -197,8 +197,12 @@ def test_parse_layers():
     assert [lay.number for lay in bench.parse_layers("1-3, 11")] == [1, 2, 3, 11]
     assert len(bench.parse_layers(None)) == len(suite.LAYERS)
     assert bench.parse_layers([TINY]) == [TINY]
-    with pytest.raises(ValueError, match="layer must be 1..11"):
-        bench.parse_layers("12")
+    for bad in ("12", "0", "0-3", "11-12"):
+        with pytest.raises(ValueError, match="layer must be 1..11"):
+            bench.parse_layers(bad)
+    for bad in ("3-2", "1-999999999999", "5-100"):  # refused before expanding
+        with pytest.raises(ValueError, match="is not a range of suite layers"):
+            bench.parse_layers(bad)
     with pytest.raises(ValueError, match="layers must look like"):
         bench.parse_layers("one")
 
@@ -310,7 +314,7 @@ def test_cli_bench_without_torch_says_so(monkeypatch, tmp_path, small_ceilings, 
 
 def test_cli_bench_rejects_bad_layers(capsys):
     assert cli.main(["bench", "--layers", "0"]) == 2
-    assert "layer must be 1..11" in capsys.readouterr().out
+    assert "layer must be 1..11" in capsys.readouterr().err
 
 
 def test_plot_needs_matplotlib_with_a_clear_message(monkeypatch, tmp_path, small_ceilings):
@@ -342,11 +346,11 @@ def test_cli_errors_print_brackets_literally(monkeypatch, capsys):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert cli.main(["bench", "--layers", "9", "--plot", "r.png"]) == 2
-    assert "pip install 'numba-dsconv[bench]'" in capsys.readouterr().out
+    assert "pip install 'numba-dsconv[bench]'" in capsys.readouterr().err
 
 
 def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):
     if bench.gpu_available():
         pytest.skip("a GPU (or the CUDA simulator) is available here")
     assert cli.main(["bench", "--device", "cuda", "--layers", "9"]) == 2
-    assert "no usable CUDA GPU" in capsys.readouterr().out
+    assert "no usable CUDA GPU" in capsys.readouterr().err

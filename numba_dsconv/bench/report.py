@@ -167,21 +167,23 @@ CAPTION = (
 
 
 def rich_table(result: Any) -> Any:
-    """The table as a rich Table (mismatches in red)."""
-    from rich.markup import escape
+    """The table as a rich Table (mismatches in red). Every cell is a ``Text``, never markup:
+    brackets in names and messages print as they are."""
     from rich.table import Table
+    from rich.text import Text
 
     head, rows = table(result)
     t = Table(
-        title=f"numba_dsconv {result.settings['op']} vs anchors (median; ms)", caption=CAPTION
+        title=Text(f"numba_dsconv {result.settings['op']} vs anchors (median; ms)"),
+        caption=Text(CAPTION),
     )
     for i, col in enumerate(head):
-        t.add_column(escape(col), justify="left" if i == 1 else "right", no_wrap=i == 1)
+        t.add_column(Text(col), justify="left" if i == 1 else "right", no_wrap=i == 1)
     for cells in rows:
-        cells = [escape(c) for c in cells]
+        texts = [Text(c) for c in cells]
         if cells[-1].endswith("MISMATCH"):
-            cells[-1] = f"[red]{cells[-1]}[/]"
-        t.add_row(*cells)
+            texts[-1].stylize("red")
+        t.add_row(*texts)
     return t
 
 

@@ -39,13 +39,14 @@ def parse_layers(spec: str | Sequence[int | Layer] | None) -> list[Layer]:
             if not part:
                 continue
             try:
-                if "-" in part:
-                    lo, hi = (int(v) for v in part.split("-", 1))
-                    numbers.extend(range(lo, hi + 1))
-                else:
-                    numbers.append(int(part))
+                lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part),) * 2
             except ValueError:
                 raise ValueError(f"layers must look like '1,3,7' or '1-11'; got {spec!r}") from None
+            if hi < lo or hi - lo >= len(LAYERS):  # checked before the range is expanded
+                raise ValueError(
+                    f"layers: {part!r} is not a range of suite layers (1-{len(LAYERS)})"
+                )
+            numbers.extend(range(lo, hi + 1))  # each number checked by suite_layer below
         spec = numbers
     out = [item if isinstance(item, Layer) else suite_layer(int(item)) for item in spec]
     if not out:

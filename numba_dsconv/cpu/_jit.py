@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,15 +80,49 @@ class _TolerantIndex(caching.IndexDataCacheFile):
             return {}
 
 
+_CACHE_HELP = (
+    "set NUMBA_CACHE_DIR to a writable directory to keep them between processes "
+    "(or NUMBA_DSCONV_NO_CACHE=1 to silence this)"
+)
+_warned = False
+
+
+def _warn_no_cache(why: str) -> None:
+    """Warn, once per process, that kernels run without the disk cache, and why."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"numba_dsconv: {why}; the kernels run, but are compiled again in every process: "
+            f"{_CACHE_HELP}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class KernelCache(caching.FunctionCache):
     """Numba's function cache, invalidated by any change to KERNEL_SOURCES, and tolerant of
-    an index it cannot read."""
+    an index it cannot read and of a disk it cannot read or write (a full disk, a directory
+    made read-only after start): the kernel runs uncached, with a warning."""
 
     _impl_class = _KernelCacheImpl
 
     def __init__(self, py_func: Any) -> None:
         super().__init__(py_func)
         self._cache_file.__class__ = _TolerantIndex
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return super().load_overload(sig, target_context)
+        except OSError as exc:
+            _warn_no_cache(f"the kernel cache in {self._cache_path} cannot be read ({exc})")
+            return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            super().save_overload(sig, data)
+        except OSError as exc:
+            _warn_no_cache(f"the kernel cache in {self._cache_path} cannot be written ({exc})")
 
 
 _JIT_OPTS = dict(fastmath=set(_config.FASTMATH), nogil=True)
@@ -98,8 +133,8 @@ def _jit(fn: Callable[..., Any], parallel: bool) -> Any:
     if _config.CACHE:
         try:
             disp._cache = KernelCache(disp.py_func)  # what Dispatcher.enable_caching does
-        except RuntimeError:  # no writable cache location for this file: compile every time
-            pass
+        except RuntimeError as exc:  # Numba found no writable cache location anywhere
+            _warn_no_cache(f"no writable location for the kernel cache ({exc})")
     return disp
 
 

@@ -45,7 +45,7 @@ def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np
     the call has little work (waking the thread pool would cost more), else the parallel
     one."""
     k = KERNELS[spec.op]
-    parallel = spec.macs > _config.SERIAL_MAX_MACS
+    parallel = _config.use_parallel(spec.macs)
     args = k.args(spec, x, weights, biases, out, parallel)
     if parallel:
         with _config.call_guard():
@@ -86,7 +86,7 @@ class CpuBackend:
         validated."""
         ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
         out_view = None if out is None else nhwc_view(out, spec)
-        if out_view is not None and out_view.flags.c_contiguous:
+        if out_view is not None and out_view.flags.c_contiguous and out_view.dtype.isnative:
             target = out_view
         else:
             target = np.empty(spec.out_nhwc, dtype=dtype)

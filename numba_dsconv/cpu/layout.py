@@ -44,7 +44,7 @@ def transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(N, R, C) -> C-contiguous (N, C, R) of ``dtype``, blocked, parallel when large."""
     src = np.ascontiguousarray(src)
     dst = np.empty((src.shape[0], src.shape[2], src.shape[1]), dtype=dtype)
-    if src.size > _config.SERIAL_MAX_MACS:
+    if _config.use_parallel(src.size):
         with _config.call_guard():
             TRANSPOSE.parallel(src, dst)
     elif src.size:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._dispatch import library
+from .._dispatch import check_torch, library
 from ._jit import SIMULATOR
 
 
@@ -36,17 +36,15 @@ def device_index(a: Any) -> int | None:
     return None
 
 
-def as_device_array(a: Any, name: str) -> Any:
-    """A numba device array viewing ``a`` (no copy, no implicit sync)."""
+def as_device_array(a: Any, name: str, writable: bool = False) -> Any:
+    """A numba device array viewing ``a`` (no copy, no implicit sync; ``writable``: the
+    caller's out=, never a copy)."""
     lib = library(a)
     if lib == "numba":
         return a
     if lib == "torch.cuda":
-        import torch
-
-        if a.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64; got torch dtype {a.dtype}")
-        a = a.detach()  # arrays that require grad refuse the interface; we never track grads
+        # (tensors that require grad refuse the interface: detached; we never track grads)
+        a = check_torch(a, name, writable=writable)
     elif lib == "dlpack":
         try:
             import cupy

@@ -18,6 +18,7 @@ from .._dispatch import (
     CUDA_LIBRARIES,
     Device,
     as_host_array,
+    check_out_elements,
     host_out,
     host_overlap,
     library,
@@ -62,12 +63,28 @@ def plan(spec: ConvSpec, dtype: np.dtype) -> tuple[Any, Any, int]:
     found = _PLANS.get(memo_key)
     if found is not None:
         return found
+    _check_int32_extents(spec)
     launch = depthwise_launch if spec.op == "depthwise" else gemm_launch
     found = launch(spec, dtype)
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.pop(next(iter(_PLANS), None), None)
     _PLANS[memo_key] = found
     return found
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _check_int32_extents(spec: ConvSpec) -> None:
+    """The GEMM kernels keep each tile pixel's image, row and column in 32-bit shared memory
+    (every other index is 64-bit, bounded in _spec): refuse extents past that, naming x."""
+    extents = {"batch": spec.n, "output rows": spec.out_h, "output columns": spec.out_w}
+    for what, size in extents.items():
+        if size > INT32_MAX:
+            raise ValueError(
+                f"x: {size} {what} exceed the CUDA kernels' 32-bit pixel coordinates "
+                f"(at most {INT32_MAX}); split the call or use device='cpu'"
+            )
 
 
 class CudaBackend:
@@ -96,19 +113,20 @@ class CudaBackend:
 
     # -- the hooks api.py calls -----------------------------------------------------------
 
-    def asarray(self, a: Any, name: str) -> Any:
+    def asarray(self, a: Any, name: str, writable: bool = False) -> Any:
         if library(a) not in CUDA_LIBRARIES:
             return as_host_array(a, name)
         idx = _interop.device_index(a)
         if idx is not None and idx != self.index:
             raise ValueError(f"{name} lives on cuda:{idx} but the call runs on cuda:{self.index}")
         with self.context:
-            return _interop.as_device_array(a, name)
+            return _interop.as_device_array(a, name, writable)
 
     def out_array(self, out: Any) -> Any:
         if library(out) not in CUDA_LIBRARIES:
             return host_out(out, "an array")
-        arr = self.asarray(out, "out")
+        arr = self.asarray(out, "out", writable=True)
+        check_out_elements(arr.shape, arr.strides, arr.dtype.itemsize)
         if self.host_in:  # the result lands in the caller's array: use the caller's stream
             with self.context:
                 self.stream = _interop.caller_stream(out, self.index)
