@@ -133,6 +133,10 @@ def use_parallel(work: int) -> bool:
     return work > SERIAL_MAX_MACS and not SERIAL_ONLY
 
 
+# Numba threads per dask block task (numba_dsconv/_dask.py): 0 shares the cores out among the
+# dask threads on the host (see _dask.task_threads); NUMBA_DSCONV_DASK_THREADS sets it.
+DASK_TASK_THREADS: int = int(os.environ.get("NUMBA_DSCONV_DASK_THREADS", "0") or 0)
+
 # CUDA: threads per block for the one-thread-per-element kernels (depthwise, copies).
 # Tests patch these small so tiny inputs still span several blocks in the simulator.
 CUDA_THREADS: int = 256

@@ -37,9 +37,10 @@ class Device:
 def library(a: object) -> str:
     """The one array classifier.
 
-    Host arrays: 'numpy', 'torch' (a CPU tensor), 'host' (anything else: lists, scalars, other
-    array-likes, None). CUDA arrays: 'numba' (numba device arrays and the simulator's, and
-    numba's managed and mapped arrays, which are NumPy arrays too: see ``is_cuda_array``),
+    Host arrays: 'numpy', 'torch' (a CPU tensor), 'dask' (a dask array, lazy: only api's
+    dask path takes it), 'host' (anything else: lists, scalars, other array-likes, None).
+    CUDA arrays: 'numba' (numba device arrays and the simulator's, and numba's managed and
+    mapped arrays, which are NumPy arrays too: see ``is_cuda_array``),
     'torch.cuda', 'cupy', 'cai' (another ``__cuda_array_interface__``), 'dlpack' (a CUDA DLPack
     device without that interface).
     """
@@ -55,6 +56,8 @@ def library(a: object) -> str:
         return "torch.cuda" if a.is_cuda else "torch"  # type: ignore[attr-defined]
     if mod.startswith("cupy"):
         return "cupy"
+    if mod.startswith("dask.") and hasattr(a, "chunks"):
+        return "dask"
     if hasattr(a, "__cuda_array_interface__"):
         return "cai"
     dl = getattr(a, "__dlpack_device__", None)
@@ -199,6 +202,11 @@ def as_host_array(a: object, name: str) -> np.ndarray:
         )
     if lib == "torch":
         return check_torch(a, name).numpy()
+    if lib == "dask":  # never computed behind the caller's back
+        raise TypeError(
+            f"{name} is a dask array; only x may be one (the result is then a lazy dask "
+            f"array); pass {name}.compute() for weights, biases and out"
+        )
     try:
         arr = np.asarray(a)
     except Exception as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -158,10 +161,51 @@ class _Call:
         out_arr = None
         if out is not None:
             out_arr = self._out(out, spec, {**self.arrays, **bs})
+        if _PLAN_ONLY.get():
+            return Plan(spec, self.dtype)
         result = self.be.run(
             spec, self.dtype, self.arrays["x"], weights, tuple(bs.values()), out_arr
         )
         return out if out is not None else self.be.wrap(result, self.x_raw)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call would compute: its validated spec and result dtype (``plan``)."""
+
+    spec: ConvSpec
+    dtype: np.dtype
+
+
+_PLAN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("plan_only", default=False)
+
+
+def plan(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Plan:
+    """Validate ``fn(x, *args, **kwargs)`` exactly as the call would, and return its Plan
+    without computing anything (x may be a zero-strided stand-in: it is never read)."""
+    token = _PLAN_ONLY.set(True)
+    try:
+        return fn(x, *args, **kwargs)
+    finally:
+        _PLAN_ONLY.reset(token)
+
+
+_WEIGHT_PARAMS = {"conv2d": ("w",), "depthwise": ("dw",), "pointwise": ("pw",),
+                  "separable": ("dw", "pw")}  # fmt: skip
+
+
+def _lazy(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
+    """``fn`` for a dask array x (``params``: the call's arguments by name): a lazy dask array
+    (``_dask.lazy``: the same call per block). Public functions test ``type(x).__module__``
+    first, so other calls pay one string comparison, not a wrapper."""
+    from ._dask import is_dask, lazy
+
+    x = params["x"]
+    if not is_dask(x):
+        raise TypeError(f"x must be an array; got a {type(x).__name__} from {type(x).__module__}")
+    names = _WEIGHT_PARAMS[fn.__name__]
+    kwargs = {k: v for k, v in params.items() if k != "x" and k not in names}
+    return lazy(fn, x, tuple(params[n] for n in names), kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +225,8 @@ def conv2d(
     device: str | None = None,
     out: Any = None,
 ) -> Any:
+    if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
+        return _lazy(conv2d, locals())
     call = _Call(device, layout, {"activation": activation}, {"x": x, "w": w})
     wa = call.arrays["w"]
     _check_ndim(wa, "w", (4,), "4-D (K_h, K_w, C_in, C_out)")
@@ -246,6 +292,8 @@ def depthwise(
     device: str | None = None,
     out: Any = None,
 ) -> Any:
+    if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
+        return _lazy(depthwise, locals())
     call = _Call(device, layout, {"activation": activation}, {"x": x, "dw": dw})
     d3, m = call.depthwise_kernel()
     kh, kw, c_in = (int(s) for s in call.arrays["dw"].shape[:3])
@@ -305,6 +353,8 @@ def pointwise(
     device: str | None = None,
     out: Any = None,
 ) -> Any:
+    if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
+        return _lazy(pointwise, locals())
     call = _Call(device, layout, {"activation": activation}, {"x": x, "pw": pw})
     p2 = call.pointwise_matrix()
     c_in, c_out = (int(s) for s in p2.shape)
@@ -357,6 +407,8 @@ def separable(
     device: str | None = None,
     out: Any = None,
 ) -> Any:
+    if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
+        return _lazy(separable, locals())
     acts = {"activation": activation, "mid_activation": mid_activation}
     call = _Call(device, layout, acts, {"x": x, "dw": dw, "pw": pw})
     d3, m = call.depthwise_kernel()
