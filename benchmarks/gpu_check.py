@@ -18,6 +18,8 @@ With the project on PYTHONPATH (torch, numba-cuda and optionally CuPy installed)
    tile), so one run shows which is faster;
 5. times the whole Python call at N=1 on layer 7 (returning, synchronised, with out=, and the
    bare kernel launch it ends in),
+6. runs the README's CUDA cluster example: CuPy chunks through dask (a dask-cuda
+   LocalCUDACluster where installed), equal to the in-memory call bit for bit,
 
 and prints short tables last. Exit status 1 if any check failed. Every global setting it
 touches (torch's TF32 flags, numba_dsconv._config) is restored. The flow is smoke-tested on the
@@ -128,6 +130,47 @@ def check_interop(torch, nd) -> None:
     check("CuPy round trip on a non-default stream", ok, f"err {errc:.2e}")
 
 
+def check_dask(gpu: bool, nd) -> None:
+    """The README's CUDA cluster example: CuPy chunks (on the GPU; NumPy on the CPU smoke run)
+    through a dask-cuda LocalCUDACluster (one worker per GPU) where dask-cuda is installed,
+    else dask's threaded scheduler; the lazy result must equal the in-memory call bit for bit.
+    Unmeasured (no timing)."""
+    try:
+        import dask.array as da
+        import distributed
+    except ImportError:
+        check("dask", True, "(dask not installed: skipped)")
+        return
+    x, dw, pw = layer(3).arrays(4)
+    to_host = np.asarray
+    if gpu:
+        try:
+            import cupy
+        except ImportError:
+            check("dask with CuPy chunks", True, "(CuPy not installed: skipped)")
+            return
+        x, dw, pw = (cupy.asarray(a) for a in (x, dw, pw))
+        to_host = cupy.asnumpy
+    want = to_host(nd.separable(x, dw, pw, padding=1, stride=2))
+    lazy = nd.separable(da.from_array(x, chunks=(1, 20, 28, 128), asarray=False), dw, pw,
+                        padding=1, stride=2)  # fmt: skip
+    where = "threaded scheduler"
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None  # noqa: N806
+    if gpu and LocalCUDACluster is not None:
+        where = "LocalCUDACluster"
+        with LocalCUDACluster() as cluster, distributed.Client(cluster) as client:
+            got = client.compute(lazy).result()
+    else:
+        got = lazy.compute(scheduler="threads")
+    got = to_host(got)
+    chunk_type = type(lazy._meta).__module__.split(".")[0]
+    ok = got.shape == want.shape and got.tobytes() == want.tobytes()
+    check(f"dask, {chunk_type} chunks, {where}: equal to the in-memory call bit for bit", ok)
+
+
 def suite_timings(device: str, batch: int, layers: str, repeat: int) -> None:
     """The suite through the engine: separable and depthwise against the anchors, with one set
     of ceilings; then the separable variants per layer."""
@@ -206,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         case = bench.Case(layer(7), "separable", 1, args.device)
         RESULTS["call_breakdown"]["N=1, layer 7"] = bench.call_breakdown(case)
 
-    steps += [("timings", timings), ("N=1 call", breakdown)]
+    steps += [("dask", lambda: check_dask(gpu, nd)), ("timings", timings), ("N=1 call", breakdown)]
     for name, fn in steps:
         try:
             fn()

@@ -45,6 +45,7 @@ def _configure_threading_layer() -> None:
     launch parallel kernels at once. Unless the user chose a layer (NUMBA_THREADING_LAYER), ask
     for ``threadsafe``; if that is unavailable, ``call_guard`` serialises calls instead.
     """
+    global _CHOSE_LAYER, _ONLY_GNU_OMP
     if "NUMBA_THREADING_LAYER" in os.environ:
         return
     try:
@@ -52,18 +53,23 @@ def _configure_threading_layer() -> None:
 
         if getattr(_parallel, "_is_initialized", False):
             return  # a layer is already running; calls are guarded below if it is workqueue
-        available = False
-        for mod in ("omppool", "tbbpool"):
+        available = {}
+        for name, mod in (("omp", "omppool"), ("tbb", "tbbpool")):
             try:
-                __import__(f"numba.np.ufunc.{mod}")
-                available = True
-                break
+                available[name] = __import__(f"numba.np.ufunc.{mod}", fromlist=["_"])
             except ImportError:
                 continue
         if available:
             numba.config.THREADING_LAYER = "threadsafe"
+            _CHOSE_LAYER = True
+            omp = available.get("omp")
+            _ONLY_GNU_OMP = "tbb" not in available and getattr(omp, "openmp_vendor", "") == "GNU"
     except Exception:  # pragma: no cover - never fail an import over a preference
         pass
+
+
+_CHOSE_LAYER = False  # numba_dsconv asked for "threadsafe" (the user set no layer)
+_ONLY_GNU_OMP = False  # ... and that can only be GNU OpenMP (no TBB installed)
 
 
 _configure_threading_layer()
@@ -100,7 +106,9 @@ def call_guard() -> threading.Lock | _NullGuard:
 # OpenMP (numba's "omp" layer with libgomp, the default where TBB is absent) kills the child's
 # first parallel region ("fork() called from a process already using GNU OpenMP"), and a
 # multiprocessing.Pool waiting on that child hangs. Such a child runs the serial build of every
-# kernel: the same bits, one core. TBB, Intel OpenMP and workqueue pools survive fork.
+# kernel: the same bits, one core. TBB, Intel OpenMP and workqueue pools survive fork. A child
+# forked before our pool started takes workqueue where the pool would be GNU OpenMP (see
+# _after_fork_in_child).
 SERIAL_ONLY: bool = False
 
 
@@ -120,9 +128,20 @@ def _pool_survives_fork() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global SERIAL_ONLY
-    if not _pool_survives_fork():
-        SERIAL_ONLY = True
+    """Make this freshly forked child safe (registered with os.register_at_fork)."""
+    global SERIAL_ONLY, _WORKQUEUE_LOCK
+    # another thread may have held the launch lock at fork time: in the child it would stay
+    # held forever
+    _WORKQUEUE_LOCK = threading.Lock()
+    par = sys.modules.get("numba.np.ufunc.parallel")
+    if par is not None and getattr(par, "_is_initialized", False):
+        if not _pool_survives_fork():
+            SERIAL_ONLY = True
+    elif _CHOSE_LAYER and _ONLY_GNU_OMP:
+        # Our pool would be GNU OpenMP, and the parent may have used GNU OpenMP itself (torch
+        # does, in a training step before DataLoader workers fork): the child's first parallel
+        # region would then hang. workqueue survives fork; its launches are serialised.
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -244,3 +244,11 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
         groups.append(channel_group(x[tuple(region)], part, part_bias, size * mult))
         c0 += size
     return da.concatenate(groups, axis=c_ax)
+
+
+def set_dask_threads(n: int | None) -> None:
+    """Numba threads for every block task of this process (None: share the cores, see
+    ``task_threads``). On a cluster: ``client.run(numba_dsconv.set_dask_threads, 1)``."""
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be None or an int >= 1; got {n!r}")
+    _config.DASK_TASK_THREADS = 0 if n is None else n

@@ -172,6 +172,18 @@ def check_torch(a: Any, name: str, *, writable: bool = False) -> Any:
     return a.detach()
 
 
+def _torch_numpy(a: Any, name: str, writable: bool = False) -> np.ndarray:
+    """A CPU tensor as a NumPy view: the common case straight through ``.numpy()`` (which
+    refuses meta, sparse and negative-bit tensors itself); ``check_torch`` for the rest."""
+    try:
+        arr = a.detach().numpy()
+    except (RuntimeError, TypeError):
+        return check_torch(a, name, writable=writable).numpy()
+    if arr.dtype.kind != "f":  # (never a conjugate view: that needs a complex dtype)
+        check_torch(a, name)  # the torch dtype error
+    return arr
+
+
 def _native(arr: np.ndarray) -> np.ndarray:
     """A float array in the machine's byte order (a big-endian input converted once)."""
     if arr.dtype.kind == "f" and not arr.dtype.isnative:
@@ -179,21 +191,26 @@ def _native(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _refuse_masked(a: object, name: str) -> None:
+def _unmasked(a: np.ndarray, name: str, *, writable: bool = False) -> np.ndarray:
+    """A masked array's data where nothing is masked; else TypeError (the mask would be
+    ignored). An out= is refused with any mask (a masked result would be a new decision)."""
     if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(
-            f"{name} is a NumPy masked array; its mask would be ignored. Pass "
-            f"{name}.filled(value) (the value masked elements should take) or {name}.data"
-        )
+        mask = np.ma.getmask(a)
+        if writable or (mask is not np.ma.nomask and mask.any()):
+            raise TypeError(
+                f"{name} is a NumPy masked array; its mask would be ignored. Pass "
+                f"{name}.filled(value) (the value masked elements should take) or {name}.data"
+            )
+        return a.data
+    return a
 
 
 def as_host_array(a: object, name: str) -> np.ndarray:
     """A NumPy view (or conversion) of a host array-like; a CUDA array is an error."""
     if type(a) is np.ndarray:
         return a if a.dtype.isnative else _native(a)
-    _refuse_masked(a, name)
     if isinstance(a, np.ndarray):
-        return _native(a)
+        return _native(_unmasked(a, name))
     lib = library(a)
     if lib in CUDA_LIBRARIES:
         raise ValueError(
@@ -201,7 +218,7 @@ def as_host_array(a: object, name: str) -> np.ndarray:
             f"(device='cpu' or x on the host); move it to the host or pass device='cuda'"
         )
     if lib == "torch":
-        return check_torch(a, name).numpy()
+        return _torch_numpy(a, name)
     if lib == "dask":  # never computed behind the caller's back
         raise TypeError(
             f"{name} is a dask array; only x may be one (the result is then a lazy dask "
@@ -244,16 +261,16 @@ def host_out(out: object, expected: str) -> np.ndarray:
     ValueError that it lives on a CUDA device)."""
     if not isinstance(out, np.ndarray) and library(out) not in ("torch", "torch.cuda"):
         raise TypeError(f"out must be {expected}; got {type(out).__name__}")
-    _refuse_masked(out, "out")
     if isinstance(out, np.ndarray):
-        arr = out
+        arr = _unmasked(out, "out", writable=True)
     elif library(out) == "torch":
-        arr = check_torch(out, "out", writable=True).numpy()
+        arr = _torch_numpy(out, "out", writable=True)
     else:
         arr = as_host_array(out, "out")  # a CUDA tensor: the error that says so
     if not arr.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
-    check_out_elements(arr.shape, arr.strides, arr.itemsize)
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):  # (contiguous: disjoint)
+        check_out_elements(arr.shape, arr.strides, arr.itemsize)
     return arr
 
 

@@ -384,18 +384,24 @@ def _build_spec(
             f"({x_name} spatial size {h}x{w}, padding {(t, b, left, r)})"
         )
     if for_kernels:
-        spans = tuple((kernel[i] - 1) * d[i] + 1 for i in range(2))
-        _check_index_range(
-            x_name,
-            x_shape,
-            n,
-            (max(h, oh), max(w, ow)),
-            max(c, c * multiplier, c_out),
-            kernel,
-            {"stride": stride, "padding": padding, "dilation": dilation},
-            {"stride": s, "padding": (t, b, left, r), "dilation": d},
-            {"stride": s, "padding": (t + b, left + r), "dilation": spans},
-        )
+        # the bound of _check_index_range, computed inline: its messages are built on failure
+        span_h, span_w = (kernel[0] - 1) * d[0] + 1, (kernel[1] - 1) * d[1] + 1
+        eh, ew = max(h, oh), max(w, ow)
+        rows, cols = eh + s[0] + t + b + span_h, ew + s[1] + left + r + span_w
+        chans = max(c, c * multiplier, c_out)
+        bound = ((n + 1) * eh * ew + rows * ew + cols) * chans * _LARGEST_ITEMSIZE
+        if bound >= INDEX_LIMIT or max(*s, *d, t, b, left, r) >= INDEX_LIMIT:
+            _check_index_range(
+                x_name,
+                x_shape,
+                n,
+                (eh, ew),
+                chans,
+                kernel,
+                {"stride": stride, "padding": padding, "dilation": dilation},
+                {"stride": s, "padding": (t, b, left, r), "dilation": d},
+                {"stride": s, "padding": (t + b, left + r), "dilation": (span_h, span_w)},
+            )
     # the fields in ConvSpec's order
     return ConvSpec(op, layout, batched, n, h, w, c, *kernel, multiplier, c * multiplier, c_out,
                     *s, *d, t, b, left, r, oh, ow, activation, mid_activation)  # fmt: skip

@@ -24,12 +24,18 @@ from .cost import cost
 
 # No rich markup anywhere: every message prints as it is written (a "[bench]" in a pip
 # command stays); styles are given as styles.
-console = Console(markup=False)
+console = Console(markup=False, emoji=False, highlight=False)
+
+
+def _wide(width: int) -> Console:
+    """Piped output defaults to 80 columns, too narrow for the tables."""
+    return Console(markup=False, emoji=False, highlight=False, width=max(console.width, width))
 
 
 def _error(message: str) -> int:
     """Print ``message`` as an error on stderr; the exit status 2 (argparse's, for usage)."""
-    Console(stderr=True, markup=False).print(Text.assemble(("error: ", "red"), message))
+    err = Console(stderr=True, markup=False, emoji=False, highlight=False)
+    err.print(Text.assemble(("error: ", "red"), message))
     return 2
 
 
@@ -234,6 +240,8 @@ def bench(args: argparse.Namespace) -> int:
     from . import bench as engine
     from .bench import report
 
+    if args.dask:
+        return _bench_dask(args)
     try:
         lays = engine.parse_layers(args.layers)
     except ValueError as exc:
@@ -276,8 +284,7 @@ def bench(args: argparse.Namespace) -> int:
             )
         except (NotImplementedError, ValueError) as exc:
             return _error(str(exc))
-    # Piped output defaults to 80 columns, too narrow for this table.
-    wide = console if console.is_terminal else Console(markup=False, width=max(console.width, 170))
+    wide = console if console.is_terminal else _wide(170)
     for line in report.headline(result):
         wide.print(line)
     wide.print(report.rich_table(result))
@@ -290,6 +297,41 @@ def bench(args: argparse.Namespace) -> int:
     if not result.ok:
         console.print("MISMATCH: a result differs from the float64 reference", style="red")
         return 1
+    return 0
+
+
+def _bench_dask(args: argparse.Namespace) -> int:
+    """Strong scaling and per-task overhead on dask.distributed (bench/scaleout.py)."""
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError:
+        return _error("--dask needs dask and distributed: pip install 'numba-dsconv[dask]'")
+    import json
+
+    from .bench import scaleout
+    from .bench.report import json_ready
+
+    if args.json:
+        _check_writable(args.json, "--json")
+    with console.status("dask scale-out benchmark") as status:
+        result = scaleout.run_dask_bench(
+            repeat=args.repeat or 5, quick=args.quick, progress=lambda m: status.update(m)
+        )
+    head, rows = scaleout.table(result)
+    t = Table(title=Text("numba_dsconv on dask.distributed: separable, 1 thread per worker"))
+    for col in head:
+        t.add_column(Text(col), justify="left" if col == "workload" else "right")
+    for row in rows:
+        t.add_row(*(Text(c) for c in row))
+    wide = console if console.is_terminal else _wide(150)
+    wide.print(t)
+    for name, line in result.guidance.items():
+        wide.print(f"{name}: {line}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_ready(result.json_ready()), f, indent=1)
+        console.print(f"wrote {args.json}")
     return 0
 
 
@@ -333,12 +375,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="draw a roofline chart")
     p_bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
+    p_bench.add_argument(
+        "--dask",
+        action="store_true",
+        help="instead: strong scaling and per-task overhead on 1 and 2 dask worker processes "
+        "(a batch of layer 3 and one large image, against the in-memory call)",
+    )
+    p_bench.add_argument(
+        "--quick", action="store_true", help="with --dask: small sizes (a smoke run)"
+    )
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except (ValueError, TypeError, OSError) as exc:  # a clean message, never a traceback
         return _error(str(exc))
+    except MemoryError as exc:
+        return _error(f"not enough memory ({exc}); try a smaller --batch")
     except KeyboardInterrupt:
         return _error("interrupted")
 

@@ -308,3 +308,35 @@ def test_bad_dask_inputs():
         nd.depthwise(xd, dw[..., :3])
     with pytest.raises(ValueError, match="x must be 4-D"):
         nd.depthwise(xd[0, 0], dw)
+    bag = pytest.importorskip("dask.bag")
+    with pytest.raises(TypeError, match="x must be an array; got a Bag"):
+        nd.depthwise(bag.from_sequence([1, 2]), dw)
+
+
+# --------------------------------------------------------------------------------------------
+# the scale-out benchmark's flow (small sizes: nothing here is about speed)
+
+
+def test_bench_dask_flow(tmp_path, capsys):
+    import json
+
+    from numba_dsconv import cli
+
+    out = tmp_path / "dask.json"
+    assert cli.main(["bench", "--dask", "--quick", "--repeat", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {(r["workload"].split(":")[0], r["workers"]) for r in rows} == {
+        ("batch", 1),
+        ("batch", 2),
+        ("image", 1),
+        ("image", 2),
+    }
+    for r in rows:
+        assert r["dask_s"] > 0 and r["memory_s"] > 0 and r["tasks"] >= 1
+        assert (r["speedup"] is None) == (r["workers"] == 1)
+    # tasks: one per output block plus one per weight (batch of 8, one image per chunk)
+    one_image = [r for r in rows if r["workload"].startswith("batch") and r["chunk"] == "1"]
+    assert all(r["tasks"] == 8 + 2 for r in one_image)
+    assert set(data["guidance"]) == {r["workload"] for r in rows}
+    assert "speedup" in capsys.readouterr().out

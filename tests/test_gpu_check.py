@@ -42,7 +42,9 @@ def test_flow_and_tables_run_on_the_host(monkeypatch, capsys, tmp_path):
     for line in ("separable, N=1, cpu", "depthwise, N=1, cpu", "separable variants"):
         assert line in text, line
     assert "Python call, N=1, layer 7" in text and "call out=" in text
-    assert "checks: 3 passed, 0 failed" in text  # two runs and the variants of layer 99
+    # two runs, the variants of layer 99, and the dask example (NumPy chunks on the host)
+    assert "checks: 4 passed, 0 failed" in text
+    assert "[PASS] dask, numpy chunks, threaded scheduler: equal to the in-memory call" in text
     d = json.loads(out.read_text())
     assert [r["settings"]["op"] for r in d["runs"]] == ["separable", "depthwise"]
     assert all(r["ok"] for r in d["runs"])

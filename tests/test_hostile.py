@@ -84,6 +84,9 @@ def test_huge_geometry_is_refused_or_exact(geo, layout):
         assert "too large" in msg and any(
             name in msg for name in ("stride=", "padding=", "dilation=", "kernel")
         ), msg
+        # refusing is justified only where some value is beyond what a sane bound allows:
+        # with every value <= 2**40 on this tiny x no index comes near 2**62
+        assert max(*stride, *dilation, *padding[0], *padding[1]) > 2**40, msg
         return
     expected = ref_fn(op)(x, *weights, **kwargs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -142,6 +145,23 @@ def test_index_bound_is_tight_at_the_limit():
     assert nd.depthwise(x, k, stride=(limit_stride - 1, 1)).shape == (1, 1, 1, 1)
     with pytest.raises(ValueError, match="stride="):
         nd.depthwise(x, k, stride=(limit_stride, 1))
+
+
+@pytest.mark.parametrize("op", ["separable", "pointwise", "conv2d"])
+def test_cuda_pixel_coordinate_bound_through_the_api(op, device, monkeypatch):
+    """Through the API (the limit patched small): refused before anything is allocated or
+    copied; depthwise (64-bit throughout) is not limited."""
+    if device != "cuda":
+        pytest.skip("the CUDA kernels' limit")
+    backend = pytest.importorskip("numba_dsconv.cuda.backend")
+    monkeypatch.setattr(backend, "INT32_MAX", 5)
+    rng = np.random.default_rng(10)
+    x, weights, _ = _op_args(op, rng)  # 6 x 5 images of a batch of 2
+    kw = geo_kwargs(op, padding=1)
+    with pytest.raises(ValueError, match="6 output rows exceed the CUDA kernels' 32-bit"):
+        lib_fn(op)(x, *weights, device=device, **kw)
+    dw = rng.standard_normal((3, 3, 4)).astype(np.float32)
+    assert nd.depthwise(x, dw, padding=1, device=device).shape == (2, 6, 5, 4)
 
 
 def test_cuda_pixel_coordinates_are_bounded():
@@ -343,13 +363,14 @@ def test_masked_arrays_are_refused(op):
     with pytest.raises(TypeError, match="x is a NumPy masked array"):
         lib_fn(op)(masked(x, mask=x > 0), *weights)
     name = {"conv2d": "w", "depthwise": "dw", "pointwise": "pw", "separable": "dw"}[op]
+    w0 = weights[0]
     with pytest.raises(TypeError, match=f"{name} is a NumPy masked array"):
-        lib_fn(op)(x, masked(weights[0]), *weights[1:])
+        lib_fn(op)(x, masked(w0, mask=w0 > 0), *weights[1:])
     with pytest.raises(TypeError, match="bias is a NumPy masked array"):
-        lib_fn(op)(x, *weights, bias=masked(bias))
+        lib_fn(op)(x, *weights, bias=masked(bias, mask=bias > 0))
     out = lib_fn(op)(x, *weights)
     with pytest.raises(TypeError, match="out is a NumPy masked array"):
-        lib_fn(op)(x, *weights, out=masked(np.empty_like(out)))
+        lib_fn(op)(x, *weights, out=masked(np.empty_like(out)))  # out: refused with any mask
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
@@ -500,6 +521,26 @@ def test_cli_messages_print_literally(text):
     assert " ".join(text.split()) in " ".join(buf.getvalue().split())
 
 
+def test_cli_console_prints_text_literally(capsys):
+    """No markup, no emoji codes, no highlighting on the console every command prints to."""
+    text = "wrote results:100:.json [bench] [red]x[/] :smile:"
+    cli.console.print(text)
+    assert text in capsys.readouterr().out
+
+
+def test_cli_memory_error_is_a_message(capsys):
+    code, _, err = _run_cli(["demo", "--batch", "1000000000"], capsys)
+    assert code == 2 and "not enough memory" in err and "--batch" in err
+
+
+def test_masked_array_without_masked_values_is_accepted():
+    x = np.random.default_rng(9).standard_normal((1, 5, 5, 3)).astype(np.float32)
+    k = np.ones((3, 3, 3), np.float32)
+    want = nd.depthwise(x, k)
+    for m in (np.ma.masked_array(x), np.ma.masked_array(x, mask=np.zeros(x.shape, bool))):
+        assert bitwise_equal(nd.depthwise(m, k), want)
+
+
 def test_cli_info_prints_brackets(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_devices", lambda: ["cpu", "cuda:0 [bench] [/] [red]"])
     assert cli.main(["info"]) == 0
@@ -533,11 +574,20 @@ def test_hostile_inputs_on_each_device(op, device):
     assert bitwise_equal(lib_fn(op)(*be[:-1], bias=be[-1], device=device, **kw), want)
     # masked arrays refused
     with pytest.raises(TypeError, match="x is a NumPy masked array"):
-        lib_fn(op)(np.ma.masked_array(x), *weights, device=device)
+        lib_fn(op)(np.ma.masked_array(x, mask=x > 0), *weights, device=device)
     # an out= whose elements alias each other refused
     alias = next(_aliasing_outs(want.shape))
     with pytest.raises(ValueError, match="out has elements that share memory"):
         lib_fn(op)(x, *weights, bias=bias, out=alias, device=device, **kw)
+    # big-endian device arrays (NumPy's byte order, which no CUDA kernel can type) refused
+    if device == "cuda":
+        from numba import cuda
+
+        with pytest.raises(TypeError, match="x is a big-endian"):
+            lib_fn(op)(cuda.to_device(be[0]), *weights, device=device)
+        with pytest.raises(TypeError, match="out is a big-endian"):
+            lib_fn(op)(x, *weights, bias=bias, out=cuda.to_device(want.astype(">f4")),
+                       device=device, **kw)  # fmt: skip
     # geometry that would wrap a 64-bit index refused before any launch
     if op != "pointwise":
         with pytest.raises(ValueError, match="dilation="):

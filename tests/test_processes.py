@@ -132,7 +132,13 @@ class Layers(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    job(2)  # the parent has started the pool (as a training loop would have)
+    # the parent has trained a step (torch's GNU OpenMP pool started) and, in "both", has run
+    # our parallel kernels too
+    a = torch.randn(256, 256, requires_grad=True)
+    conv = torch.nn.functional.conv2d(a.reshape(1, 1, 256, 256), torch.randn(4, 1, 3, 3))
+    (torch.relu(a @ a).sum() + conv.sum()).backward()
+    if sys.argv[1] == "both":
+        job(2)
     loader = torch.utils.data.DataLoader(Layers(), batch_size=None, num_workers=2, timeout=240)
     got = [bytes(t.numpy()) for t in loader]
     parent = [b"".join(job(i % 2)[0]) for i in range(4)]
@@ -165,6 +171,66 @@ def test_pools_after_fresh_serial_and_parallel_parents(method, tmp_path):
         assert "'parallel': [True, True]" in out, out  # forked after the pool: serial kernels
 
 
-def test_dataloader_workers_after_parallel_parent(tmp_path):
+@pytest.mark.parametrize("parent", ["torch", "both"])
+def test_dataloader_workers_after_a_training_step(parent, tmp_path):
+    """torch's own GNU OpenMP pool in the parent (a training step) must not hang our kernels
+    in forked DataLoader workers, with or without our pool started too."""
     pytest.importorskip("torch")
-    _run(tmp_path, "loader.py", DATALOADER)
+    _run(tmp_path, "loader.py", DATALOADER, parent)
+
+
+FORK_WHILE_BUSY = (
+    COMMON
+    + """
+import threading
+import time
+
+if __name__ == "__main__":
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            job(3)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    time.sleep(0.5)
+    want = job(0)[0]
+    pids = []
+    for _ in range(5):  # forked while the other thread is inside (or between) parallel calls
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            from numba_dsconv.cpu.backend import threading_layer
+
+            threading_layer()  # what `numba-dsconv info` asks; must not launch a dead pool
+            os.write(write, b"ok" if job(0)[0] == want else b"differs")
+            os._exit(0)
+        os.close(write)
+        pids.append((pid, read))
+        time.sleep(0.05)
+    stop.set()
+    t.join()
+    for pid, read in pids:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            raise SystemExit("a child forked during a parallel call hung")
+        assert status == 0 and os.read(read, 16) == b"ok", status
+    print("OK")
+"""
+)
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_fork_while_another_thread_is_in_a_parallel_call(layer, tmp_path, monkeypatch):
+    """A lock (workqueue's launch guard) or a pool held by another thread at fork time must
+    not hang or kill the child."""
+    if layer == "workqueue":
+        monkeypatch.setenv("NUMBA_THREADING_LAYER", "workqueue")
+    _run(tmp_path, "busy.py", FORK_WHILE_BUSY)

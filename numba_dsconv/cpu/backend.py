@@ -33,7 +33,14 @@ KERNELS: dict[str, Kernel] = {
 
 
 def threading_layer() -> str:
-    """The Numba threading layer in use (runs one tiny parallel kernel to make Numba pick it)."""
+    """The Numba threading layer in use (runs one tiny parallel kernel to make Numba pick it,
+    unless a layer runs already or this is a forked child that must stay serial)."""
+    try:
+        return str(numba.threading_layer())
+    except ValueError:  # no parallel region has run yet
+        pass
+    if _config.SERIAL_ONLY:  # pragma: no cover - a pool already ran in the parent
+        return f"{numba.config.THREADING_LAYER} (not started: serial kernels after fork)"
     a = np.ones((1, 1, 1), np.float32)
     with _config.call_guard():
         TRANSPOSE.parallel(a, np.empty_like(a))

@@ -63,7 +63,6 @@ def plan(spec: ConvSpec, dtype: np.dtype) -> tuple[Any, Any, int]:
     found = _PLANS.get(memo_key)
     if found is not None:
         return found
-    _check_int32_extents(spec)
     launch = depthwise_launch if spec.op == "depthwise" else gemm_launch
     found = launch(spec, dtype)
     if len(_PLANS) >= _PLANS_MAX:
@@ -77,7 +76,10 @@ INT32_MAX = 2**31 - 1
 
 def _check_int32_extents(spec: ConvSpec) -> None:
     """The GEMM kernels keep each tile pixel's image, row and column in 32-bit shared memory
-    (every other index is 64-bit, bounded in _spec): refuse extents past that, naming x."""
+    (every other index is 64-bit, bounded in _spec; depthwise is 64-bit throughout): refuse
+    extents past that, naming x, before anything is allocated or copied."""
+    if spec.op == "depthwise":
+        return
     extents = {"batch": spec.n, "output rows": spec.out_h, "output columns": spec.out_w}
     for what, size in extents.items():
         if size > INT32_MAX:
@@ -120,7 +122,13 @@ class CudaBackend:
         if idx is not None and idx != self.index:
             raise ValueError(f"{name} lives on cuda:{idx} but the call runs on cuda:{self.index}")
         with self.context:
-            return _interop.as_device_array(a, name, writable)
+            arr = _interop.as_device_array(a, name, writable)
+        if not np.dtype(arr.dtype).isnative:
+            raise TypeError(
+                f"{name} is a big-endian ({arr.dtype}) CUDA array, which no CUDA kernel can "
+                f"read; convert it to the native byte order (astype('=f4') or '=f8')"
+            )
+        return arr
 
     def out_array(self, out: Any) -> Any:
         if library(out) not in CUDA_LIBRARIES:
@@ -216,6 +224,7 @@ class CudaBackend:
         return kern[grid, threads, self.stream], args
 
     def run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
+        _check_int32_extents(spec)
         dtype = np.dtype(dtype)
         with self.context:
             return self._run(spec, dtype, x, weights, biases, out)
