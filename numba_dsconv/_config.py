@@ -154,7 +154,23 @@ def use_parallel(work: int) -> bool:
 
 # Numba threads per dask block task (numba_dsconv/_dask.py): 0 shares the cores out among the
 # dask threads on the host (see _dask.task_threads); NUMBA_DSCONV_DASK_THREADS sets it.
-DASK_TASK_THREADS: int = int(os.environ.get("NUMBA_DSCONV_DASK_THREADS", "0") or 0)
+def _dask_task_threads(text: str) -> int:
+    try:
+        n = int(text or 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        import warnings
+
+        warnings.warn(
+            f"NUMBA_DSCONV_DASK_THREADS must be a whole number >= 1 (or unset); got {text!r}: "
+            f"ignored", RuntimeWarning, stacklevel=2,
+        )  # fmt: skip
+        return 0
+    return n
+
+
+DASK_TASK_THREADS: int = _dask_task_threads(os.environ.get("NUMBA_DSCONV_DASK_THREADS", ""))
 
 # CUDA: threads per block for the one-thread-per-element kernels (depthwise, copies).
 # Tests patch these small so tiny inputs still span several blocks in the simulator.

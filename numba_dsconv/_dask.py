@@ -8,13 +8,15 @@ equal bit for bit, for any chunking.
 
 Per spatial axis (``_axis_blocks``): output position o reads input rows
 [o*s - lo, o*s - lo + (K-1)*d + 1) (stride s, dilation d, padding lo before). Each output
-position is assigned to the input chunk where its window starts (clamped into the image), so
-output blocks follow the input chunks (one output block per input chunk that starts a window;
-chunk borders need not be multiples of the stride). A block's input is the slice of x its
+position is assigned to the input chunk holding its window's centre (clamped into the image),
+so output blocks follow the input chunks ('same' at stride 1 keeps them exactly; chunk borders
+need not be multiples of the stride). A block's input is the slice of x its
 windows cover (dask gathers the halo from the neighbouring chunks), padded only where it
 reaches past the image. Batch chunks map directly (no halo); channels are gathered into one
 chunk for the ops that mix them (conv2d, pointwise, separable), while depthwise keeps the
-channel chunks (its weights and bias are sliced per chunk).
+channel chunks (its weights and bias are sliced per chunk), moved to whole SIMD vectors: the
+3x3 kernel sums a channel's taps in another order in its vector and scalar-tail paths, so a
+channel must sit at the same vector position as in the whole array.
 
 Nothing here is imported unless an ``x`` is a dask array; ``dask`` is an extra.
 """
@@ -22,10 +24,11 @@ Nothing here is imported unless an ``x`` is a dask array; ``dask`` is an extra.
 from __future__ import annotations
 
 import contextlib
-import functools
+import multiprocessing
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,10 +56,13 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-@functools.cache
+_HOST_THREADS: dict[str, int] = {}  # per worker address: dask threads on its host
+_warned_share = False
+
+
 def _threads_on_this_host() -> int | None:
     """Dask threads of every worker on this worker's host (asked of the scheduler once per
-    worker process); None outside a distributed worker."""
+    worker); None outside a distributed worker."""
     dist = sys.modules.get("distributed")
     if dist is None:
         return None
@@ -64,34 +70,61 @@ def _threads_on_this_host() -> int | None:
         worker = dist.get_worker()
     except ValueError:
         return None
+    found = _HOST_THREADS.get(worker.address)
+    if found is not None:
+        return found
     mine = int(worker.state.nthreads)
+    host = worker.address.rsplit(":", 1)[0]
     try:
-        host = worker.address.rsplit(":", 1)[0]
-        workers = dist.get_client().scheduler_info(n_workers=-1)["workers"]
+        client = dist.get_client()
+        try:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+        except TypeError:  # a distributed without the keyword lists every worker anyway
+            workers = client.scheduler_info()["workers"]
         total = sum(int(w["nthreads"]) for a, w in workers.items() if a.rsplit(":", 1)[0] == host)
-        return max(total, mine)
-    except Exception:  # an old scheduler, a lost connection: this worker's threads only
-        return mine
+    except Exception as exc:  # a lost connection: assume the host's cores are all taken
+        global _warned_share
+        if not _warned_share:
+            _warned_share = True
+            warnings.warn(
+                f"numba_dsconv: could not ask the scheduler how many dask threads share this "
+                f"host ({exc}); block tasks run Numba on 1 thread (set NUMBA_DSCONV_DASK_THREADS "
+                f"to choose)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        total = _usable_cores()
+    _HOST_THREADS[worker.address] = max(total, mine)
+    return _HOST_THREADS[worker.address]
+
+
+def _pool_size(cores: int) -> int:
+    """Threads of dask's threaded (or processes) scheduler: a configured ``pool``'s size, else
+    the ``num_workers`` setting, else the cores (dask's default). A ``num_workers=`` passed to
+    ``compute`` itself is not visible here: set it with dask.config or set_dask_threads."""
+    import dask
+
+    pool = dask.config.get("pool", None)
+    size = getattr(pool, "_max_workers", None) or dask.config.get("num_workers", None)
+    return int(size or cores)
 
 
 def task_threads() -> int | None:
     """Numba threads for one block task: ``NUMBA_DSCONV_DASK_THREADS`` (or
     ``_config.DASK_TASK_THREADS``) where set; in a distributed worker, the usable cores divided
-    by the dask threads of all workers on the host; in a thread of another scheduler (dask's
-    threaded one), the cores divided by its pool size; None (Numba's own count) in the main
-    thread (the synchronous scheduler)."""
+    by the dask threads of all workers on the host; in a thread of dask's threaded scheduler or
+    a process of its multiprocessing one, the cores divided by the pool size; None (Numba's
+    own count) in the main thread of the main process (the synchronous scheduler)."""
     if _config.DASK_TASK_THREADS:
         return int(_config.DASK_TASK_THREADS)
     cores = _usable_cores()
     host_threads = _threads_on_this_host()
     if host_threads is not None:
         return max(1, cores // host_threads)
-    if threading.current_thread() is threading.main_thread():
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and multiprocessing.parent_process() is None:
         return None
-    import dask
-
-    pool = dask.config.get("num_workers", None) or cores
-    return max(1, cores // int(pool))
+    return max(1, cores // _pool_size(cores))
 
 
 @contextlib.contextmanager
@@ -136,8 +169,10 @@ def _axis_blocks(
     input rows a..b-1 with ``before``/``after`` zero rows (the image's padding where reached)."""
     span = (k - 1) * d + 1
     bounds = np.cumsum(chunks)[:-1]  # where input chunks 1, 2, ... start
-    first = np.arange(out, dtype=np.int64) * s - lo  # each output's first input row
-    owner = np.searchsorted(bounds, np.clip(first, 0, size - 1), side="right")
+    # each output belongs to the chunk holding its window's centre: 'same' at stride 1 keeps
+    # the input chunks exactly (the first row would shift every chunk by the padding)
+    centre = np.arange(out, dtype=np.int64) * s - lo + (span - 1) // 2
+    owner = np.searchsorted(bounds, np.clip(centre, 0, size - 1), side="right")
     cuts = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), out]
 
     def reads_image(o0: int, o1: int) -> bool:
@@ -166,7 +201,13 @@ def _stand_in(x: Any) -> Any:
     xp = np
     if meta is not None and type(meta).__module__.startswith("cupy"):
         import cupy as xp  # type: ignore[no-redef]
-    return xp.broadcast_to(xp.zeros((), dtype=x.dtype), tuple(int(v) for v in x.shape))
+    elif type(meta) is not np.ndarray:
+        raise TypeError(
+            f"x is a dask array of {type(meta).__module__}.{type(meta).__name__} chunks; "
+            f"numba_dsconv takes NumPy or CuPy chunks"
+        )
+    dtype = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype  # (no big copy)
+    return xp.broadcast_to(xp.zeros((), dtype=dtype), tuple(int(v) for v in x.shape))
 
 
 def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
@@ -231,7 +272,18 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
 
     if op != "depthwise" or len(x.chunks[c_ax]) == 1:
         return channel_group(x, args, given_biases, spec.c_out)
-    # depthwise keeps x's channel chunks: weights and bias sliced per chunk
+    # depthwise keeps x's channel chunks: weights and bias sliced per chunk; chunk borders
+    # moved (an explicit rechunk) to whole vectors of the result dtype (see the module doc)
+    from .cpu._simd import VEC_BYTES
+
+    lanes = max(1, VEC_BYTES // np.dtype(p.dtype).itemsize)
+    sizes = x.chunks[c_ax]
+    cuts = sorted({int(e) // lanes * lanes for e in np.cumsum(sizes)[:-1]} - {0})
+    aligned = tuple(np.diff([0, *cuts, spec.c_in]).tolist())
+    if aligned != tuple(sizes):
+        x = x.rechunk({c_ax: aligned})
+    if len(x.chunks[c_ax]) == 1:
+        return channel_group(x, args, given_biases, spec.c_out)
     dw = args[0]
     mult = dw.shape[3] if dw.ndim == 4 else 1
     bias = kwargs.get("bias")

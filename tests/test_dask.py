@@ -10,6 +10,7 @@ larger than the workers' memory, the workqueue threading layer, and bad inputs.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,8 +44,8 @@ def client():
 
 def _chunks(draw, size: int) -> tuple[int, ...]:
     """An irregular chunking of one axis (sizes 1..size, any split)."""
-    if size == 1:
-        return (1,)
+    if size <= 1:
+        return (size,)
     cuts = sorted(draw(st.sets(st.integers(1, size - 1), max_size=min(4, size - 1))))
     edges = [0, *cuts, size]
     return tuple(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
@@ -55,8 +56,9 @@ def configs(draw):
     op = draw(st.sampled_from(["separable", "depthwise", "conv2d", "pointwise"]))
     layout = draw(st.sampled_from(["NHWC", "NCHW"]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    n, h, w = draw(st.integers(1, 3)), draw(st.integers(4, 17)), draw(st.integers(4, 17))
-    c = draw(st.sampled_from([1, 3, 8]))
+    n, h, w = draw(st.integers(0, 3)), draw(st.integers(4, 17)), draw(st.integers(4, 17))
+    # 16, 20, 33: whole SIMD vectors and a scalar tail (depthwise keeps channel chunks)
+    c = draw(st.sampled_from([1, 3, 8, 16, 20, 33]))
     k = draw(st.tuples(st.integers(1, 5), st.integers(1, 5)))
     stride = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
     dil = draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
@@ -125,7 +127,7 @@ def test_lazy_equals_in_memory_bitwise(cfg, client):
     try:
         want = lib_fn(op)(x, *weights, **kwargs)
     except ValueError as exc:  # a geometry the in-memory call refuses is refused lazily too
-        with pytest.raises(ValueError, match=str(exc)[:40].replace("(", r"\(")):
+        with pytest.raises(ValueError, match=re.escape(str(exc)[:60])):
             lib_fn(op)(da.from_array(x, chunks=chunks), *weights, **kwargs)
         return
     xd = da.from_array(x, chunks=chunks)
@@ -163,14 +165,73 @@ def test_batch_only_chunking_maps_blocks_directly():
     assert len(own) == 3
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize(
+    ("dtype", "c", "chunks"),
+    [(np.float32, 20, (3, 17)), (np.float32, 20, (10, 10)), (np.float32, 33, (1, 16, 16)),
+     (np.float64, 12, (6, 6)), (np.float32, 40, (17, 23))],
+)  # fmt: skip
+def test_depthwise_channel_chunks_keep_vector_positions(dtype, c, chunks, layout):
+    """The 3x3 kernel sums a channel's taps differently in its vector and scalar-tail paths:
+    channel chunk borders move to whole vectors, so every channel keeps its path."""
+    r = np.random.default_rng(12)
+    x = r.standard_normal((2, 9, 9, c)).astype(dtype)
+    dw = r.standard_normal((3, 3, c)).astype(dtype)
+    bias = r.standard_normal(c).astype(dtype)
+    if layout == "NCHW":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    ch = (1, 4, 5, chunks) if layout == "NHWC" else (1, chunks, 4, 5)
+    want = nd.depthwise(x, dw, bias=bias, padding=1, layout=layout)
+    lazy = nd.depthwise(da.from_array(x, chunks=ch), dw, bias=bias, padding=1, layout=layout)
+    assert bitwise_equal(lazy.compute(scheduler="sync"), want)
+
+
+@pytest.mark.parametrize("op", ["separable", "depthwise", "conv2d", "pointwise"])
+def test_parallel_builds_too(op, monkeypatch):
+    """Every block on the parallel build (the in-memory call too): still bit for bit."""
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    cfg = (op, "NHWC", np.float32, (2, 13, 11, 20), (3, 3), (2, 1), (1, 2), "same", 1,
+           ((1, 1), (4, 9), (3, 3, 5), (5, 15)), {"activation": "relu"}, True)  # fmt: skip
+    x, weights, kwargs, chunks = _arguments(cfg)
+    want = lib_fn(op)(x, *weights, **kwargs)
+    lazy = lib_fn(op)(da.from_array(x, chunks=chunks), *weights, **kwargs)
+    for scheduler in ("sync", "threads"):
+        assert bitwise_equal(lazy.compute(scheduler=scheduler), want)
+
+
+def test_same_padding_keeps_the_input_chunks():
+    """'same' at stride 1 keeps x's chunks (regular chunks for to_zarr); stride 2 halves them."""
+    x = da.zeros((1, 64, 64, 4), chunks=(1, 16, 16, 4), dtype=np.float32)
+    k = np.ones((3, 3, 4), np.float32)
+    assert nd.depthwise(x, k, padding="same").chunks[1:3] == ((16,) * 4, (16,) * 4)
+    assert nd.depthwise(x, k, padding="same", stride=2).chunks[1:3] == ((8,) * 4, (8,) * 4)
+
+
+def test_big_endian_dask_input_builds_no_copy():
+    """The stand-in that validates a big-endian x is native and zero-strided (no full-size
+    byte swap while the graph is built), and the result is the native call's."""
+    r = np.random.default_rng(13)
+    x = r.standard_normal((2, 12, 12, 4)).astype(">f4")
+    xd = da.from_array(x, chunks=(1, 5, 7, 4))
+    stand_in = _dask._stand_in(xd)
+    assert stand_in.dtype == np.float32 and set(stand_in.strides) == {0}
+    dw = r.standard_normal((3, 3, 4)).astype(np.float32)
+    want = nd.depthwise(x.astype(np.float32), dw, padding=1)
+    assert bitwise_equal(nd.depthwise(xd, dw, padding=1).compute(scheduler="sync"), want)
+
+
 def test_depthwise_keeps_channel_chunks():
+    from numba_dsconv.cpu._simd import VEC_BYTES
+
+    lanes = VEC_BYTES // 4
     r = np.random.default_rng(3)
-    x = r.standard_normal((2, 9, 9, 10)).astype(np.float32)
-    dw = r.standard_normal((3, 3, 10, 2)).astype(np.float32)
-    bias = r.standard_normal(20).astype(np.float32)
-    xd = da.from_array(x, chunks=(1, 4, 5, (3, 7)))
+    c = 3 * lanes
+    x = r.standard_normal((2, 9, 9, c)).astype(np.float32)
+    dw = r.standard_normal((3, 3, c, 2)).astype(np.float32)
+    bias = r.standard_normal(2 * c).astype(np.float32)
+    xd = da.from_array(x, chunks=(1, 4, 5, (lanes, 2 * lanes)))
     lazy = nd.depthwise(xd, dw, bias=bias, padding="same")
-    assert lazy.chunks[3] == (6, 14)  # channel chunk c -> c*M
+    assert lazy.chunks[3] == (2 * lanes, 4 * lanes)  # channel chunk c -> c*M
     assert bitwise_equal(lazy.compute(scheduler="sync"), nd.depthwise(x, dw, bias=bias,
                                                                        padding="same"))  # fmt: skip
 
@@ -194,6 +255,10 @@ def test_each_task_uses_its_share_of_cores(client, monkeypatch):
     assert _task_threads("sync") == {numba.get_num_threads()}
     with dask.config.set(num_workers=cores):
         assert _task_threads("threads") == {1}
+    with dask.config.set(num_workers=1):  # one dask thread: it may use every core
+        assert _task_threads("threads") == {min(cores, numba.config.NUMBA_NUM_THREADS)}
+    with dask.config.set(num_workers=cores):  # the multiprocessing scheduler too
+        assert _task_threads("processes") == {1}
     # distributed: cores / dask threads of all workers on this host (2 workers x 1 thread)
     assert _task_threads(None, client) == {max(1, cores // 2)}
     # the override
@@ -209,7 +274,8 @@ def test_override_reaches_workers_through_the_environment(tmp_path):
         import dask.array as da, distributed, numpy as np
         from numba_dsconv import _dask
         if __name__ == "__main__":
-            with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+            # one single-threaded worker: on its own it would take every core
+            with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                           dashboard_address=":0") as cluster:
                 with distributed.Client(cluster) as client:
                     probe = da.zeros((4,), chunks=1).map_blocks(_dask.threads_in_a_task,
@@ -308,6 +374,12 @@ def test_bad_dask_inputs():
         nd.depthwise(xd, dw[..., :3])
     with pytest.raises(ValueError, match="x must be 4-D"):
         nd.depthwise(xd[0, 0], dw)
+    with pytest.raises(TypeError, match="numba_dsconv takes NumPy or CuPy chunks"):
+        nd.depthwise(da.ma.masked_greater(xd, 0), dw)  # a mask would be ignored
+    with pytest.warns(RuntimeWarning, match="NUMBA_DSCONV_DASK_THREADS"):
+        assert _config._dask_task_threads("auto") == 0
+    with pytest.raises(ValueError, match="n must be None or an int >= 1"):
+        nd.set_dask_threads(0)
     bag = pytest.importorskip("dask.bag")
     with pytest.raises(TypeError, match="x must be an array; got a Bag"):
         nd.depthwise(bag.from_sequence([1, 2]), dw)
