@@ -14,9 +14,10 @@ need not be multiples of the stride). A block's input is the slice of x its
 windows cover (dask gathers the halo from the neighbouring chunks), padded only where it
 reaches past the image. Batch chunks map directly (no halo); channels are gathered into one
 chunk for the ops that mix them (conv2d, pointwise, separable), while depthwise keeps the
-channel chunks (its weights and bias are sliced per chunk), moved to whole SIMD vectors: the
-3x3 kernel sums a channel's taps in another order in its vector and scalar-tail paths, so a
-channel must sit at the same vector position as in the whole array.
+channel chunks (its weights and bias are sliced per chunk), their borders moved to whole
+pairs of SIMD vectors: the 3x3 kernel takes a channel down one of three paths by its position
+(a pair of vectors, one vector, the scalar tail), each compiled with fast-math reassociation,
+so a channel keeps its bits only at the same position as in the whole array.
 
 Nothing here is imported unless an ``x`` is a dask array; ``dask`` is an extra.
 """
@@ -273,10 +274,11 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
     if op != "depthwise" or len(x.chunks[c_ax]) == 1:
         return channel_group(x, args, given_biases, spec.c_out)
     # depthwise keeps x's channel chunks: weights and bias sliced per chunk; chunk borders
-    # moved (an explicit rechunk) to whole vectors of the result dtype (see the module doc)
+    # moved (an explicit rechunk) to whole pairs of vectors of the result dtype, so every
+    # channel takes the same kernel path as in the whole array (see the module doc)
     from .cpu._simd import VEC_BYTES
 
-    lanes = max(1, VEC_BYTES // np.dtype(p.dtype).itemsize)
+    lanes = max(1, 2 * VEC_BYTES // np.dtype(p.dtype).itemsize)
     sizes = x.chunks[c_ax]
     cuts = sorted({int(e) // lanes * lanes for e in np.cumsum(sizes)[:-1]} - {0})
     aligned = tuple(np.diff([0, *cuts, spec.c_in]).tolist())

@@ -169,7 +169,8 @@ def test_batch_only_chunking_maps_blocks_directly():
 @pytest.mark.parametrize(
     ("dtype", "c", "chunks"),
     [(np.float32, 20, (3, 17)), (np.float32, 20, (10, 10)), (np.float32, 33, (1, 16, 16)),
-     (np.float64, 12, (6, 6)), (np.float32, 40, (17, 23))],
+     (np.float64, 12, (6, 6)), (np.float32, 40, (17, 23)), (np.float32, 80, (16, 16, 48)),
+     (np.float64, 40, (8, 8, 24))],
 )  # fmt: skip
 def test_depthwise_channel_chunks_keep_vector_positions(dtype, c, chunks, layout):
     """The 3x3 kernel sums a channel's taps differently in its vector and scalar-tail paths:
@@ -223,7 +224,7 @@ def test_big_endian_dask_input_builds_no_copy():
 def test_depthwise_keeps_channel_chunks():
     from numba_dsconv.cpu._simd import VEC_BYTES
 
-    lanes = VEC_BYTES // 4
+    lanes = 2 * VEC_BYTES // 4  # borders at whole pairs of float32 vectors
     r = np.random.default_rng(3)
     c = 3 * lanes
     x = r.standard_normal((2, 9, 9, c)).astype(np.float32)
