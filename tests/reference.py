@@ -219,6 +219,141 @@ def ref_separable(
 
 
 # ---------------------------------------------------------------------------------------------
+# gradients (the training issue): straight from the forward formulas by the chain rule.
+# ``grad`` is dL/d(result), in the result's layout; every gradient comes back in its argument's
+# shape (x in its layout, the weights as given). Activation derivatives follow torch: relu
+# passes where y > 0, relu6 where 0 < y < 6 (strictly), none everywhere.
+
+
+def activation_mask(y: np.ndarray, activation) -> np.ndarray:
+    """d act(y) / dy (0 or 1), y the pre-activation value."""
+    if activation is None:
+        return np.ones_like(y)
+    if activation == "relu":
+        return (y > 0).astype(np.float64)
+    if activation == "relu6":
+        return ((y > 0) & (y < 6)).astype(np.float64)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _geometry_nhwc(x, khw, stride, padding, dilation):
+    ((top, _), (left, _)), (oh, ow) = geometry(
+        x.shape[1:3], khw, stride=stride, padding=padding, dilation=dilation
+    )
+    return top, left, oh, ow
+
+
+def _taps(x, khw, stride, padding, dilation):
+    """(i, j, m, q, r, c) for every output pixel and tap whose input pixel (r, c) lies inside
+    x (taps on the zero padding contribute nothing to any gradient)."""
+    top, left, oh, ow = _geometry_nhwc(x, khw, stride, padding, dilation)
+    s, t = as_pair(stride)
+    d, e = as_pair(dilation)
+    for i in range(oh):
+        for j in range(ow):
+            for m in range(khw[0]):
+                for q in range(khw[1]):
+                    r, c = i * s + m * d - top, j * t + q * e - left
+                    if 0 <= r < x.shape[1] and 0 <= c < x.shape[2]:
+                        yield i, j, m, q, r, c
+
+
+def _depthwise_backward(x, dw, gy, stride, padding, dilation):
+    """(dL/dx, dL/ddw) of Y[n,i,j,c*M+q] = sum_{m,k} X[n, i*s+m*d, j*t+k*e, c] D[m,k,c,q],
+    gy = dL/dY (NHWC, (N, OH, OW, C*M)); dw (K_h, K_w, C) or (K_h, K_w, C, M)."""
+    d4 = dw if dw.ndim == 4 else dw[..., None]
+    kh, kw, c_in, mult = d4.shape
+    g = gy.reshape(*gy.shape[:3], c_in, mult)
+    gx = np.zeros_like(x)
+    gd = np.zeros_like(d4)
+    for i, j, m, q, r, c in _taps(x, (kh, kw), stride, padding, dilation):
+        gx[:, r, c, :] += (g[:, i, j] * d4[m, q]).sum(axis=-1)  # sum over the multiplier
+        gd[m, q] += (x[:, r, c, :, None] * g[:, i, j]).sum(axis=0)  # sum over the batch
+    return gx, gd.reshape(dw.shape)
+
+
+def _conv2d_backward(x, w, gy, stride, padding, dilation):
+    """(dL/dx, dL/dw) of Y[n,i,j,k] = sum_{m,q,c} X[n, i*s+m*d, j*t+q*e, c] W[m,q,c,k]."""
+    kh, kw = w.shape[:2]
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(w)
+    for i, j, m, q, r, c in _taps(x, (kh, kw), stride, padding, dilation):
+        gx[:, r, c, :] += gy[:, i, j] @ w[m, q].T
+        gw[m, q] += x[:, r, c, :].T @ gy[:, i, j]
+    return gx, gw
+
+
+def _bias_grad(b, gy):
+    return None if b is None else gy.sum(axis=(0, 1, 2))
+
+
+def _grad_nhwc(grad, layout, batched):
+    g = np.array(grad, dtype=np.float64)
+    if not batched:
+        g = g[None]
+    return g.transpose(0, 2, 3, 1) if layout == "NCHW" else g
+
+
+def ref_depthwise_grad(
+    grad, x, dw, *, stride=1, padding="valid", dilation=1, bias=None, activation=None,
+    layout="NHWC",
+):  # fmt: skip
+    """(dL/dx, dL/ddw, dL/dbias) of ref_depthwise, given grad = dL/d(result)."""
+    xn, batched = _to_nhwc(x, layout)
+    d = np.asarray(dw, np.float64)
+    y = _finish(_depthwise_nhwc(xn, d, stride, padding, dilation), bias, None)
+    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
+    gx, gd = _depthwise_backward(xn, d, gy, stride, padding, dilation)
+    return _from_nhwc(gx, layout, batched), gd, _bias_grad(bias, gy)
+
+
+def ref_conv2d_grad(
+    grad, x, w, *, stride=1, padding="valid", dilation=1, bias=None, activation=None,
+    layout="NHWC",
+):  # fmt: skip
+    """(dL/dx, dL/dw, dL/dbias) of ref_conv2d."""
+    xn, batched = _to_nhwc(x, layout)
+    wn = np.asarray(w, np.float64)
+    y = _finish(_conv2d_nhwc(xn, wn, stride, padding, dilation), bias, None)
+    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
+    gx, gw = _conv2d_backward(xn, wn, gy, stride, padding, dilation)
+    return _from_nhwc(gx, layout, batched), gw, _bias_grad(bias, gy)
+
+
+def ref_pointwise_grad(grad, x, pw, *, bias=None, activation=None, layout="NHWC"):
+    """(dL/dx, dL/dpw, dL/dbias) of ref_pointwise: Z = X P, so dX = dZ P^T, dP = X^T dZ."""
+    xn, batched = _to_nhwc(x, layout)
+    p = np.asarray(pw, np.float64)
+    p2 = p[0, 0] if p.ndim == 4 else p
+    y = _finish(_pointwise_nhwc(xn, p2), bias, None)
+    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
+    gx = gy @ p2.T
+    gp = np.einsum("nhwc,nhwk->ck", xn, gy)
+    return _from_nhwc(gx, layout, batched), gp.reshape(p.shape), _bias_grad(bias, gy)
+
+
+def ref_separable_grad(
+    grad, x, dw, pw, *, stride=1, padding="valid", dilation=1, dw_bias=None,
+    mid_activation=None, bias=None, activation=None, layout="NHWC",
+):  # fmt: skip
+    """(dL/dx, dL/ddw, dL/dpw, dL/ddw_bias, dL/dbias) of ref_separable, by the chain rule
+    through activation(pointwise(mid_activation(depthwise(x) + dw_bias)) + bias)."""
+    xn, batched = _to_nhwc(x, layout)
+    d = np.asarray(dw, np.float64)
+    p = np.asarray(pw, np.float64)
+    p2 = p[0, 0] if p.ndim == 4 else p
+    y1 = _finish(_depthwise_nhwc(xn, d, stride, padding, dilation), dw_bias, None)
+    a = activate(y1, mid_activation)
+    y2 = _finish(_pointwise_nhwc(a, p2), bias, None)
+    g2 = _grad_nhwc(grad, layout, batched) * activation_mask(y2, activation)
+    gp = np.einsum("nhwc,nhwk->ck", a, g2)
+    g1 = (g2 @ p2.T) * activation_mask(y1, mid_activation)
+    gx, gd = _depthwise_backward(xn, d, g1, stride, padding, dilation)
+    return (_from_nhwc(gx, layout, batched), gd, gp.reshape(p.shape),
+            _bias_grad(dw_bias, g1), _bias_grad(bias, g2))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # cost model
 
 
