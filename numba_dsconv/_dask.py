@@ -38,9 +38,6 @@ import numpy as np
 
 from . import _config, api
 
-_BIASES = {"conv2d": ("bias",), "depthwise": ("bias",), "pointwise": ("bias",),
-           "separable": ("dw_bias", "bias")}  # fmt: skip
-
 
 def is_dask(a: object) -> bool:
     return type(a).__module__.startswith("dask.") and hasattr(a, "dask") and hasattr(a, "chunks")
@@ -230,7 +227,8 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
     args = tuple(a if hasattr(a, "shape") else np.asarray(a) for a in args)
     # Every check of the in-memory call (the same errors: a dask weight or bias is refused
     # there), on a stand-in of x's shape that holds no memory; the call's spec and dtype.
-    p = api.plan(fn, _stand_in(x), args, kwargs)
+    stand_in = _stand_in(x)
+    p = api.plan(fn, stand_in, args, kwargs)
     spec = p.spec
     if not spec.batched:  # unbatched: a batch of one, dropped at the end
         return lazy(fn, x[None], args, kwargs)[0]
@@ -240,10 +238,10 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
                         spec.pad_top, spec.pad_bottom, spec.out_h)  # fmt: skip
     cols = _axis_blocks(spec.w, x.chunks[w_ax], spec.kw, spec.stride_w, spec.dilation_w,
                         spec.pad_left, spec.pad_right, spec.out_w)  # fmt: skip
-    meta = _stand_in(x)[(slice(0, 0),) * 4].astype(p.dtype)
+    meta = stand_in[(slice(0, 0),) * 4].astype(p.dtype)
 
-    static = {k: v for k, v in kwargs.items() if k not in _BIASES[op]}
-    given_biases = {k: kwargs[k] for k in _BIASES[op] if kwargs.get(k) is not None}
+    static = {k: v for k, v in kwargs.items() if k not in api.BIAS_PARAMS[op]}
+    given_biases = {k: kwargs[k] for k in api.BIAS_PARAMS[op] if kwargs.get(k) is not None}
 
     def channel_group(xc: Any, weights: tuple, biases: dict, c_out: int) -> Any:
         # weights and biases enter the graph once (one key each), not once per task

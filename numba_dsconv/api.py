@@ -146,7 +146,8 @@ class _Call:
                 f"out must have shape {spec.output_shape} (the result's shape); "
                 f"got shape {tuple(arr.shape)}"
             )
-        if np.dtype(arr.dtype).newbyteorder("=") != self.dtype:  # either byte order
+        dt = arr.dtype
+        if dt is not self.dtype and np.dtype(dt).newbyteorder("=") != self.dtype:  # any order
             raise TypeError(
                 f"out must have dtype {self.dtype} (the result's dtype); got {arr.dtype}"
             )
@@ -190,8 +191,11 @@ def plan(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Plan:
         _PLAN_ONLY.reset(token)
 
 
-_WEIGHT_PARAMS = {"conv2d": ("w",), "depthwise": ("dw",), "pointwise": ("pw",),
-                  "separable": ("dw", "pw")}  # fmt: skip
+# Each public function's positional weights and bias keywords, by name (the dask path).
+WEIGHT_PARAMS = {"conv2d": ("w",), "depthwise": ("dw",), "pointwise": ("pw",),
+                 "separable": ("dw", "pw")}  # fmt: skip
+BIAS_PARAMS = {"conv2d": ("bias",), "depthwise": ("bias",), "pointwise": ("bias",),
+               "separable": ("dw_bias", "bias")}  # fmt: skip
 
 
 def _lazy(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
@@ -203,7 +207,7 @@ def _lazy(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
     x = params["x"]
     if not is_dask(x):
         raise TypeError(f"x must be an array; got a {type(x).__name__} from {type(x).__module__}")
-    names = _WEIGHT_PARAMS[fn.__name__]
+    names = WEIGHT_PARAMS[fn.__name__]
     kwargs = {k: v for k, v in params.items() if k != "x" and k not in names}
     return lazy(fn, x, tuple(params[n] for n in names), kwargs)
 

@@ -294,17 +294,24 @@ def _grad_nhwc(grad, layout, batched):
     return g.transpose(0, 2, 3, 1) if layout == "NCHW" else g
 
 
+def _spatial_grad(forward, backward, grad, x, w, stride, padding, dilation, bias, activation,
+                  layout):  # fmt: skip
+    """(dL/dx, dL/dw, dL/dbias) of act(forward(x, w) + bias), given grad = dL/d(result)."""
+    xn, batched = _to_nhwc(x, layout)
+    wn = np.asarray(w, np.float64)
+    y = _finish(forward(xn, wn, stride, padding, dilation), bias, None)
+    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
+    gx, gw = backward(xn, wn, gy, stride, padding, dilation)
+    return _from_nhwc(gx, layout, batched), gw, _bias_grad(bias, gy)
+
+
 def ref_depthwise_grad(
     grad, x, dw, *, stride=1, padding="valid", dilation=1, bias=None, activation=None,
     layout="NHWC",
 ):  # fmt: skip
-    """(dL/dx, dL/ddw, dL/dbias) of ref_depthwise, given grad = dL/d(result)."""
-    xn, batched = _to_nhwc(x, layout)
-    d = np.asarray(dw, np.float64)
-    y = _finish(_depthwise_nhwc(xn, d, stride, padding, dilation), bias, None)
-    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
-    gx, gd = _depthwise_backward(xn, d, gy, stride, padding, dilation)
-    return _from_nhwc(gx, layout, batched), gd, _bias_grad(bias, gy)
+    """(dL/dx, dL/ddw, dL/dbias) of ref_depthwise."""
+    return _spatial_grad(_depthwise_nhwc, _depthwise_backward, grad, x, dw, stride, padding,
+                         dilation, bias, activation, layout)  # fmt: skip
 
 
 def ref_conv2d_grad(
@@ -312,12 +319,8 @@ def ref_conv2d_grad(
     layout="NHWC",
 ):  # fmt: skip
     """(dL/dx, dL/dw, dL/dbias) of ref_conv2d."""
-    xn, batched = _to_nhwc(x, layout)
-    wn = np.asarray(w, np.float64)
-    y = _finish(_conv2d_nhwc(xn, wn, stride, padding, dilation), bias, None)
-    gy = _grad_nhwc(grad, layout, batched) * activation_mask(y, activation)
-    gx, gw = _conv2d_backward(xn, wn, gy, stride, padding, dilation)
-    return _from_nhwc(gx, layout, batched), gw, _bias_grad(bias, gy)
+    return _spatial_grad(_conv2d_nhwc, _conv2d_backward, grad, x, w, stride, padding, dilation,
+                         bias, activation, layout)  # fmt: skip
 
 
 def ref_pointwise_grad(grad, x, pw, *, bias=None, activation=None, layout="NHWC"):
