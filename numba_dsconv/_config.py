@@ -37,6 +37,17 @@ CPU_TILE_MAX_PIXELS: int = 256
 # weights (32 KB at 256) stays in L1 while it is reused by every pixel row of the task.
 CPU_GEMM_KC: int = 256
 
+# Backward kernels (cpu/backward.py): the output pixels are cut into at most this many chunks,
+# each a task with its own partial sums of the weight gradients, added up in chunk order at the
+# end. The cut depends on the problem alone, never on the thread count, so the gradients are
+# the same bits at any thread count. Enough chunks keep every thread busy on two cores or
+# sixteen ...
+BACKWARD_CHUNKS: int = 16
+# ... each with at least this many output pixels ...
+BACKWARD_MIN_PIXELS: int = 64
+# ... and all their partial sums together within this many bytes.
+BACKWARD_PARTIAL_BYTES: int = 32 * 1024 * 1024
+
 
 def _configure_threading_layer() -> None:
     """Prefer a thread-safe Numba threading layer (TBB or OpenMP).

@@ -85,17 +85,27 @@ class _Call:
     """One public call: its backend, activations, arrays and result dtype (the prologue), then
     the spec, biases and ``out=`` checks and the run (``finish``)."""
 
-    def __init__(self, device: object, layout: object, activations: dict, arrays: dict) -> None:
+    def __init__(
+        self, device: object, layout: object, activations: dict, arrays: dict, extra=None
+    ) -> None:
         self.x_raw = arrays["x"]
         self.be: Backend = backend_for(device, self.x_raw)
         self.layout = check_layout(layout)
         self.acts = {name: Activation.parse(v, name) for name, v in activations.items()}
-        # every array converted first, then every dtype checked (the order errors come in)
+        # every array converted first, then every dtype checked (the order errors come in);
+        # ``extra`` arrays (a gradient's grad and output) are converted and checked too, but
+        # do not take part in the result dtype
         self.arrays = {name: self.be.asarray(a, name) for name, a in arrays.items()}
+        self.extra = {
+            k: None if a is None else self.be.asarray(a, k) for k, a in (extra or {}).items()
+        }
         dtypes = set()
         for name, arr in self.arrays.items():
             _check_float(arr, name)
             dtypes.add(arr.dtype)
+        for name, arr in self.extra.items():
+            if arr is not None:
+                _check_float(arr, name)
         self.dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
 
     def spec(self, op: str, **kwargs: Any) -> ConvSpec:
@@ -156,18 +166,33 @@ class _Call:
                 raise ValueError(f"out overlaps the memory of {name}; pass a separate buffer")
         return arr
 
-    def finish(self, spec: ConvSpec, weights: tuple, biases: dict, out: Any) -> Any:
-        """Check the biases ({name: (value, size)}) and out=, run, return the caller's type."""
+    def setup(self, spec: ConvSpec, weights: tuple, biases: dict) -> _Setup:
+        """Check the biases ({name: (value, size)}): the validated call, ready to run."""
         bs = {name: self._bias(name, b, size) for name, (b, size) in biases.items()}
+        return _Setup(self, spec, weights, bs)
+
+
+@dataclass(slots=True)
+class _Setup:
+    """One validated call: what the forward runs (``run``) and the gradient (grad.py)."""
+
+    call: _Call
+    spec: ConvSpec
+    weights: tuple
+    biases: dict
+
+    def run(self, out: Any) -> Any:
+        """Check out=, run, return the caller's type."""
+        call, spec = self.call, self.spec
         out_arr = None
         if out is not None:
-            out_arr = self._out(out, spec, {**self.arrays, **bs})
+            out_arr = call._out(out, spec, {**call.arrays, **self.biases})
         if _PLAN_ONLY.get():
-            return Plan(spec, self.dtype)
-        result = self.be.run(
-            spec, self.dtype, self.arrays["x"], weights, tuple(bs.values()), out_arr
+            return Plan(spec, call.dtype)
+        result = call.be.run(
+            spec, call.dtype, call.arrays["x"], self.weights, tuple(self.biases.values()), out_arr
         )
-        return out if out is not None else self.be.wrap(result, self.x_raw)
+        return out if out is not None else call.be.wrap(result, call.x_raw)
 
 
 @dataclass(frozen=True)
@@ -231,7 +256,11 @@ def conv2d(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(conv2d, locals())
-    call = _Call(device, layout, {"activation": activation}, {"x": x, "w": w})
+    return _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device).run(out)
+
+
+def _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device, extra=None):
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "w": w}, extra)
     wa = call.arrays["w"]
     _check_ndim(wa, "w", (4,), "4-D (K_h, K_w, C_in, C_out)")
     if min(wa.shape) == 0:
@@ -248,7 +277,7 @@ def conv2d(
         dilation=dilation,
         kernel_name="w",
     )
-    return call.finish(spec, (wa,), {"bias": (bias, c_out)}, out)
+    return call.setup(spec, (wa,), {"bias": (bias, c_out)})
 
 
 conv2d.__doc__ = _doc(
@@ -298,7 +327,14 @@ def depthwise(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(depthwise, locals())
-    call = _Call(device, layout, {"activation": activation}, {"x": x, "dw": dw})
+    setup = _depthwise_setup(x, dw, stride, padding, dilation, bias, activation, layout, device)
+    return setup.run(out)
+
+
+def _depthwise_setup(
+    x, dw, stride, padding, dilation, bias, activation, layout, device, extra=None
+):
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "dw": dw}, extra)
     d3, m = call.depthwise_kernel()
     kh, kw, c_in = (int(s) for s in call.arrays["dw"].shape[:3])
     spec = call.spec(
@@ -312,7 +348,7 @@ def depthwise(
         dilation=dilation,
         kernel_name="dw",
     )
-    return call.finish(spec, (d3,), {"bias": (bias, spec.c_mid)}, out)
+    return call.setup(spec, (d3,), {"bias": (bias, spec.c_mid)})
 
 
 depthwise.__doc__ = _doc(
@@ -359,13 +395,17 @@ def pointwise(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(pointwise, locals())
-    call = _Call(device, layout, {"activation": activation}, {"x": x, "pw": pw})
+    return _pointwise_setup(x, pw, bias, activation, layout, device).run(out)
+
+
+def _pointwise_setup(x, pw, bias, activation, layout, device, extra=None):
+    call = _Call(device, layout, {"activation": activation}, {"x": x, "pw": pw}, extra)
     p2 = call.pointwise_matrix()
     c_in, c_out = (int(s) for s in p2.shape)
     spec = call.spec(
         "pointwise", kernel=(1, 1), c_in_kernel=c_in, multiplier=1, c_out=c_out, kernel_name="pw"
     )
-    return call.finish(spec, (p2,), {"bias": (bias, c_out)}, out)
+    return call.setup(spec, (p2,), {"bias": (bias, c_out)})
 
 
 pointwise.__doc__ = _doc(
@@ -413,8 +453,18 @@ def separable(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(separable, locals())
+    return _separable_setup(
+        x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation, layout,
+        device,
+    ).run(out)  # fmt: skip
+
+
+def _separable_setup(
+    x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation, layout,
+    device, extra=None,
+):  # fmt: skip
     acts = {"activation": activation, "mid_activation": mid_activation}
-    call = _Call(device, layout, acts, {"x": x, "dw": dw, "pw": pw})
+    call = _Call(device, layout, acts, {"x": x, "dw": dw, "pw": pw}, extra)
     d3, m = call.depthwise_kernel()
     p2 = call.pointwise_matrix()
     dwa = call.arrays["dw"]
@@ -436,7 +486,7 @@ def separable(
         kernel_name="dw",
     )
     biases = {"dw_bias": (dw_bias, spec.c_mid), "bias": (bias, spec.c_out)}
-    return call.finish(spec, (d3, p2), biases, out)
+    return call.setup(spec, (d3, p2), biases)
 
 
 separable.__doc__ = _doc(

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["numba_dsconv.api", "numba_dsconv.cost", "numba_dsconv.bench.work"]
+MODULES = ["numba_dsconv.api", "numba_dsconv.grad", "numba_dsconv.cost", "numba_dsconv.bench.work"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -21,5 +21,6 @@ def test_docstring_examples(name):
 def test_every_public_function_has_examples():
     import numba_dsconv as nd
 
-    for name in ("conv2d", "depthwise", "pointwise", "separable", "cost"):
+    for name in ("conv2d", "depthwise", "pointwise", "separable", "cost", "conv2d_grad",
+                 "depthwise_grad", "pointwise_grad", "separable_grad"):  # fmt: skip
         assert "Examples\n    --------" in getattr(nd, name).__doc__, name

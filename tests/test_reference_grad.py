@@ -115,47 +115,6 @@ def test_gradients_match_finite_differences(cfg):
         assert abs(numeric - analytic) <= 1e-6 * (1 + abs(analytic)), (name, numeric, analytic)
 
 
-def _torch_forward(torch, op, x, weights, biases, kwargs):
-    """The op with torch.nn.functional (NCHW), from NHWC-convention arguments."""
-    F = torch.nn.functional
-    layout = kwargs["layout"]
-    xt = x if layout == "NCHW" else x.permute(*((0, 3, 1, 2) if x.dim() == 4 else (2, 0, 1)))
-    batched = xt.dim() == 4
-    if not batched:
-        xt = xt[None]
-    acts = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
-
-    def spatial(t, w_torch, groups, b):
-        hw = t.shape[2:]
-        (top, bottom), (left, right) = ref.normalize_padding(
-            kwargs["padding"], hw, w_torch.shape[2:], kwargs["stride"], kwargs["dilation"]
-        )
-        t = F.pad(t, (left, right, top, bottom))
-        return F.conv2d(t, w_torch, b, stride=kwargs["stride"], dilation=kwargs["dilation"],
-                        groups=groups)  # fmt: skip
-
-    def depthwise_weight(dw):
-        d4 = dw if dw.dim() == 4 else dw[..., None]
-        kh, kw, c, m = d4.shape
-        return d4.permute(2, 3, 0, 1).reshape(c * m, 1, kh, kw), c
-
-    if op == "conv2d":
-        y = spatial(xt, weights[0].permute(3, 2, 0, 1), 1, biases.get("bias"))
-    elif op == "depthwise":
-        wt, c = depthwise_weight(weights[0])
-        y = spatial(xt, wt, c, biases.get("bias"))
-    elif op == "pointwise":
-        y = F.conv2d(xt, weights[0].T[:, :, None, None], biases.get("bias"))
-    else:
-        wt, c = depthwise_weight(weights[0])
-        mid = acts[kwargs["mid_activation"]](spatial(xt, wt, c, biases.get("dw_bias")))
-        y = F.conv2d(mid, weights[1].T[:, :, None, None], biases.get("bias"))
-    y = acts[kwargs["activation"]](y)
-    if layout == "NHWC":
-        y = y.permute(0, 2, 3, 1)
-    return y if batched else y[0]
-
-
 @SETTINGS
 @given(configs())
 def test_gradients_match_torch_autograd(cfg):
@@ -168,7 +127,9 @@ def test_gradients_match_torch_autograd(cfg):
     leaves = {name: torch.tensor(a, dtype=torch.float64, requires_grad=True)
               for name, a in {"x": x, **dict(zip(names, weights, strict=True)),
                               **biases}.items()}  # fmt: skip
-    y = _torch_forward(torch, op, leaves["x"], tuple(leaves[k] for k in names),
+    from torch_helpers import torch_forward
+
+    y = torch_forward(op, leaves["x"], tuple(leaves[k] for k in names),
                        {k: leaves[k] for k in biases}, kwargs)  # fmt: skip
     np.testing.assert_allclose(
         y.detach().numpy(),

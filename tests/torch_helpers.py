@@ -82,3 +82,45 @@ def torch_separable(x, dw, pw, *, stride=1, padding="valid", dilation=1, dw_bias
     mid = _bias_act(mid, dw_bias, mid_activation)
     y = _torch_pointwise_nchw(mid, pw)
     return _nhwc(_bias_act(y, bias, activation), np.ndim(x) == 4)
+
+
+def torch_forward(op, x, weights, biases, kwargs):
+    """The op on torch tensors (autograd records it), spelled with torch.nn.functional
+    (NCHW inside), from arguments in numba_dsconv's conventions (x in ``kwargs["layout"]``,
+    weights as numba_dsconv takes them, biases by name)."""
+    layout = kwargs["layout"]
+    xt = x if layout == "NCHW" else x.permute(*((0, 3, 1, 2) if x.dim() == 4 else (2, 0, 1)))
+    batched = xt.dim() == 4
+    if not batched:
+        xt = xt[None]
+    acts = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+    def spatial(t, w_torch, groups, b):
+        hw = t.shape[2:]
+        (top, bottom), (left, right) = normalize_padding(
+            kwargs["padding"], hw, w_torch.shape[2:], kwargs["stride"], kwargs["dilation"]
+        )
+        t = F.pad(t, (left, right, top, bottom))
+        return F.conv2d(t, w_torch, b, stride=kwargs["stride"], dilation=kwargs["dilation"],
+                        groups=groups)  # fmt: skip
+
+    def depthwise_weight(dw):
+        d4 = dw if dw.dim() == 4 else dw[..., None]
+        kh, kw, c, m = d4.shape
+        return d4.permute(2, 3, 0, 1).reshape(c * m, 1, kh, kw), c
+
+    if op == "conv2d":
+        y = spatial(xt, weights[0].permute(3, 2, 0, 1), 1, biases.get("bias"))
+    elif op == "depthwise":
+        wt, c = depthwise_weight(weights[0])
+        y = spatial(xt, wt, c, biases.get("bias"))
+    elif op == "pointwise":
+        y = F.conv2d(xt, weights[0].T[:, :, None, None], biases.get("bias"))
+    else:
+        wt, c = depthwise_weight(weights[0])
+        mid = acts[kwargs["mid_activation"]](spatial(xt, wt, c, biases.get("dw_bias")))
+        y = F.conv2d(mid, weights[1].T[:, :, None, None], biases.get("bias"))
+    y = acts[kwargs["activation"]](y)
+    if layout == "NHWC":
+        y = y.permute(0, 2, 3, 1)
+    return y if batched else y[0]

@@ -15,6 +15,7 @@ import numpy as np
 from .. import _config
 from .._dispatch import as_host_array, host_out, host_overlap, wrap_host
 from .._spec import ConvSpec
+from . import backward
 from ._jit import Kernel
 from .conv2d import CONV2D
 from .depthwise import DEPTHWISE
@@ -106,8 +107,40 @@ class CpuBackend:
         return out
 
     @staticmethod
+    def run_grad(
+        spec: ConvSpec,
+        dtype: np.dtype,
+        grad: np.ndarray,
+        x: np.ndarray,
+        weights: tuple[np.ndarray, ...],
+        biases: tuple[np.ndarray | None, ...],
+        output: np.ndarray | None,
+        need: dict[str, bool],
+        dtypes: dict[str, np.dtype],
+    ) -> dict[str, np.ndarray]:
+        """The gradients ``need`` asks for, by slot (grad.SLOTS): dx in x's layout, the
+        weights' in the kernels' shapes, each in ``dtypes[slot]``."""
+        ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
+        xn = _writable(to_nhwc(x, spec, dtype))
+        g = _writable(to_nhwc(grad, spec, dtype))
+        y = None if output is None else _writable(to_nhwc(output, spec, dtype))
+        if spec.op == "conv2d":
+            found = backward.conv2d_grads(spec, xn, g, y, ws[0], biases[0], need, dtype)
+        else:
+            found = backward.gemm_grads(spec, xn, g, y, ws, biases, need, dtype)
+        if "x" in found:
+            found["x"] = from_nhwc(found["x"], spec)
+        return {k: v.astype(dtypes[k], copy=False) for k, v in found.items()}
+
+    @staticmethod
     def wrap(result: np.ndarray, template: Any) -> Any:
         return wrap_host(result, template)
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy where it is read-only: the backward kernels take one array type for
+    the caller's data and their own buffers."""
+    return a if a.flags.writeable else a.copy()
 
 
 CPU = CpuBackend()  # stateless: one instance serves every call

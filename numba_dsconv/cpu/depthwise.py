@@ -1,6 +1,8 @@
 """Depthwise convolution on the CPU: the kernel (NHWC, parallel over batch x output rows) and
 the depthwise family it is built from, which the fused separable kernel shares.
 
+- ``depthwise_tile``: a run of output pixels flattened over images, rows and columns (the fused
+  kernels' tiles), row segment by row segment through ``depthwise_row``.
 - ``depthwise_row``: the output pixels (i, j0..j1-1) of one image; 3x3 kernels with depth
   multiplier 1 (every MobileNet layer) take ``depthwise3x3_row``, anything else
   ``depthwise_pixel`` per pixel.
@@ -81,6 +83,20 @@ def depthwise_row(x, dwk, n, i, j0, j1, geo, bias, act, dst):  # pragma: no cove
         return
     for j in range(j0, j1):
         depthwise_pixel(x, dwk, n, i, j, geo, bias, act, dst[j - j0])
+
+
+@helper
+def depthwise_tile(x, dwk, p0, p1, oh, ow, geo, bias, act, dst):  # pragma: no cover - compiled
+    """dst[p - p0] = the depthwise forward of output pixels p0..p1-1 (flattened over images,
+    rows, columns), row segment by row segment."""
+    p = p0
+    while p < p1:
+        j = p % ow
+        r = p // ow
+        seg = min(p1 - p, ow - j)
+        row = dst[p - p0 : p - p0 + seg]
+        depthwise_row(x, dwk, r // oh, r % oh, j, j + seg, geo, bias, act, row)
+        p += seg
 
 
 @helper

@@ -70,8 +70,13 @@ def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
 
 
 @helper
-def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):  # pragma: no cover
-    """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi.
+def gemm_tile(
+    a, rows, w, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
+):  # pragma: no cover - compiled
+    """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi;
+    with ``acc``, dst[r, c] = act(dst[r, c] + sum_k a[r, k] * w[k, c]) (bias unread): the
+    backward kernels accumulate weight gradients tile after tile, each element's sum running
+    in reduction order across calls.
 
     a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
     pointwise weights as given; bias: padded to a multiple of the panel width NR; scratch:
@@ -137,9 +142,15 @@ def gemm_tile(a, rows, w, bias, dst, c_lo, c_hi, act, pk, at, part, pf, pf_len):
                         for k in range(nk):
                             at[i, k] = a[ri, k0 + k]
                     src, stride = pat, sat
+                nvalid = min(GEMM_MR, rows - r)
+                if first and acc:  # start from dst: its block into part, zeros past its edges
+                    for i in range(GEMM_MR):
+                        for j in range(NR):
+                            v = dst[r + i, c0 + j] if i < nvalid and j < nout else 0
+                            part[r + i, j] = v
                 gemm_block(
-                    src, stride, ppk, spk, nk, first, cb, ppart + r * spart, spart, final,
-                    cd + r * sdst, sdst, min(GEMM_MR, rows - r), nout, act, dt, sz,
+                    src, stride, ppk, spk, nk, first and not acc, cb, ppart + r * spart, spart,
+                    final, cd + r * sdst, sdst, nvalid, nout, act, dt, sz,
                 )  # fmt: skip
 
 
@@ -330,7 +341,9 @@ def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compil
         n1 = min(rows, n0 + block) if cb == nc - 1 else n0
         pf = address(x2) + n0 * x2.strides[0]
         pf_len = (n1 - n0) * x2.strides[0]
-        gemm_tile(x2[r0:r1], r1 - r0, pw, bias, out2[r0:r1], c0, c1, act, pk, at, part, pf, pf_len)
+        gemm_tile(
+            x2[r0:r1], r1 - r0, pw, bias, out2[r0:r1], c0, c1, act, False, pk, at, part, pf, pf_len
+        )
 
 
 def pointwise_args(

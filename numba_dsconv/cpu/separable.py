@@ -19,7 +19,7 @@ from numba import prange
 from .._spec import ConvSpec
 from ._jit import Kernel, kernel
 from ._simd import address
-from .depthwise import depthwise_row
+from .depthwise import depthwise_tile
 from .layout import bias_vector
 from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_task, gemm_tile
 
@@ -49,14 +49,7 @@ def separable_nhwc(
         cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
         buf = np.empty((tile, CM), dtype=out.dtype)
         pk, at, part = gemm_scratch(kc, tile, out)
-        p = p0
-        while p < p1:  # the block as segments of output rows
-            j = p % ow
-            r = p // ow
-            seg = min(p1 - p, ow - j)
-            rows = buf[p - p0 : p - p0 + seg]
-            depthwise_row(x, dwk, r // oh, r % oh, j, j + seg, geo, dw_bias, mid_act, rows)
-            p += seg
+        depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
         # the input rows of this thread's next task (prange hands out contiguous chunks), to
         # prefetch while the GEMM runs; none if the next task reuses this pixel block
         pf = address(x)
@@ -69,7 +62,7 @@ def separable_nhwc(
             hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
-        gemm_tile(buf, p1 - p0, pw, bias, out2[p0:p1], c0, c1, act, pk, at, part, pf, pf_len)
+        gemm_tile(buf, p1 - p0, pw, bias, out2[p0:p1], c0, c1, act, False, pk, at, part, pf, pf_len)
 
 
 def separable_args(

@@ -1,0 +1,519 @@
+"""The gradient functions (numba_dsconv.<op>_grad) on every device: every case of the table
+against the float64 reference's gradient formulas (tests/reference.py), with and without the
+forward output, hypothesis over the whole geometry, ``needs``, determinism, bad inputs.
+
+Tolerances: those of the forward (helpers.tolerances) with each gradient's own reduction
+length, and the absolute part scaled by the size of that gradient's terms (the forward's
+terms are products of unit normals; a gradient's terms carry the scale of what flows back).
+A gradient is discontinuous where an activation's input sits on a kink (0, or 6 for relu6):
+there float32 rounding, not the library, decides the mask, so such draws are redrawn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+from cases import CASES, Case, params
+from helpers import SIMULATOR, lib_fn, skip_slow_under_simulator, to_numpy, tolerances
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import numba_dsconv as nd
+from numba_dsconv import _config
+
+FIELDS = {
+    "separable": ("x", "dw", "pw", "dw_bias", "bias"),
+    "depthwise": ("x", "dw", "bias"),
+    "pointwise": ("x", "pw", "bias"),
+    "conv2d": ("x", "w", "bias"),
+}
+WEIGHTS = {"separable": ("dw", "pw"), "depthwise": ("dw",), "pointwise": ("pw",),
+           "conv2d": ("w",)}  # fmt: skip
+
+
+def grad_fn(op):
+    return getattr(nd, f"{op}_grad")
+
+
+def reduction_lengths(case: Case, pixels: int) -> dict[str, int]:
+    """How many products each gradient element sums (the chain through both stages)."""
+    taps = case.kh * case.kw
+    co = case.c_out if case.op != "depthwise" else case.c * case.mult
+    return {
+        "separable": {"x": taps * case.mult * co, "dw": pixels * co, "pw": pixels * taps,
+                      "dw_bias": pixels * co, "bias": pixels},
+        "depthwise": {"x": taps * case.mult, "dw": pixels, "bias": pixels},
+        "pointwise": {"x": co, "pw": pixels, "bias": pixels},
+        "conv2d": {"x": taps * co, "w": pixels * case.c, "bias": pixels},
+    }[case.op]  # fmt: skip
+
+
+def _pre_activations(case: Case, x, weights, kwargs) -> list[tuple[np.ndarray, str]]:
+    """(float64 values an activation takes, its name) for each activation of the call."""
+    out = []
+    plain = {k: v for k, v in kwargs.items() if k not in ("activation", "mid_activation")}
+    if case.op == "separable" and kwargs.get("mid_activation"):
+        geo = {k: plain[k] for k in ("stride", "padding", "dilation", "layout") if k in plain}
+        mid = ref.ref_depthwise(x, weights[0], bias=plain.get("dw_bias"), **geo)
+        out.append((mid, kwargs["mid_activation"]))
+    if kwargs.get("activation"):
+        if case.op == "separable":
+            z = ref.ref_separable(x, *weights, mid_activation=kwargs.get("mid_activation"),
+                                  **plain)  # fmt: skip
+        else:
+            z = getattr(ref, f"ref_{case.op}")(x, *weights, **plain)
+        out.append((z, kwargs["activation"]))
+    return out
+
+
+def _on_a_kink(case: Case, x, weights, kwargs) -> bool:
+    """Whether an activation's input lies within rounding reach of a kink (but not on it):
+    16 units of roundoff per sqrt(reduction length), of the values' RMS (a sum of n products
+    rounds to about sqrt(n) u of its terms' scale)."""
+    u = np.finfo(case.result_dtype).eps / 2
+    for v, act in _pre_activations(case, x, weights, kwargs):
+        if not v.size:
+            continue
+        reach = 16 * u * math.sqrt(case.reduction_len) * float(np.sqrt(np.mean(v**2)))
+        kinks = (0.0, 6.0) if act == "relu6" else (0.0,)
+        for k in kinks:
+            d = np.abs(v - k)
+            # exactly on it: a window of padding only (no bias), exact in every precision
+            if ((d <= reach) & (d > 0)).any():
+                return True
+    return False
+
+
+def grad_problem(case: Case, rng: np.random.Generator):
+    """(x, weights, kwargs, grad) of a case, drawn off the activations' kinks."""
+    for _ in range(20):
+        x, weights, kwargs = case.make(rng)
+        if not _on_a_kink(case, x, weights, kwargs):
+            break
+    else:  # pragma: no cover - a case whose every draw sits on a kink is a broken case
+        raise AssertionError(f"every draw of {case.id} puts an activation on a kink")
+    y = lib_fn(case.op)(x, *weights, **kwargs)
+    grad = rng.standard_normal(np.shape(y)).astype(np.asarray(y).dtype)
+    return x, weights, kwargs, grad
+
+
+def reference_grads(case: Case, x, weights, kwargs, grad) -> dict[str, np.ndarray | None]:
+    out = getattr(ref, f"ref_{case.op}_grad")(grad, x, *weights, **kwargs)
+    return dict(zip(FIELDS[case.op], out, strict=True))
+
+
+def assert_grads_close(case: Case, got, expected: dict, pixels: int, given: dict) -> None:
+    """Each field: None where its argument was None, else the argument's shape and dtype and
+    the reference's values."""
+    lengths = reduction_lengths(case, pixels)
+    for name in FIELDS[case.op]:
+        value = getattr(got, name)
+        if given[name] is None:
+            assert value is None, name
+            continue
+        actual = to_numpy(value)
+        arg = np.asarray(given[name])
+        assert actual.shape == arg.shape, (name, actual.shape, arg.shape)
+        assert actual.dtype == arg.dtype, (name, actual.dtype, arg.dtype)
+        want = expected[name]
+        n = lengths[name]
+        # the coarser of the computation's dtype and the gradient's own
+        coarse = np.float32 if np.float32 in (actual.dtype, case.result_dtype) else np.float64
+        rtol, atol = tolerances(coarse, n)
+        term = float(np.sqrt(np.mean(want**2))) / math.sqrt(max(1, n)) if want.size else 0.0
+        np.testing.assert_allclose(
+            actual.astype(np.float64), want, rtol=rtol, atol=atol * term, equal_nan=True,
+            err_msg=f"{case.id}: d/d{name}",
+        )  # fmt: skip
+
+
+def _pixels(case: Case, grad) -> int:
+    """Output pixels over the batch."""
+    channels = case.c_out if case.op != "depthwise" else case.c * case.mult
+    return int(np.prod(np.shape(grad))) // channels
+
+
+def given_args(case: Case, x, weights, kwargs) -> dict:
+    names = WEIGHTS[case.op]
+    return {"x": x, **dict(zip(names, weights, strict=True)),
+            "dw_bias": kwargs.get("dw_bias"), "bias": kwargs.get("bias")}  # fmt: skip
+
+
+def check_grads(case: Case, device: str, rng: np.random.Generator, with_output: bool) -> None:
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    expected = reference_grads(case, x, weights, kwargs, grad)
+    extra = {}
+    if with_output:
+        extra["output"] = lib_fn(case.op)(x, *weights, device=device, **kwargs)
+    got = grad_fn(case.op)(grad, x, *weights, device=device, **kwargs, **extra)
+    assert (
+        type(got).__name__
+        == {
+            "separable": "SeparableGrads",
+            "depthwise": "DepthwiseGrads",
+            "pointwise": "PointwiseGrads",
+            "conv2d": "Conv2dGrads",
+        }[case.op]
+    )
+    assert_grads_close(
+        case, got, expected, _pixels(case, grad), given_args(case, x, weights, kwargs)
+    )
+    for name in FIELDS[case.op]:  # NumPy in, NumPy out, whatever the device
+        assert getattr(got, name) is None or isinstance(getattr(got, name), np.ndarray)
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_grads_against_reference(case, device, rng, monkeypatch):
+    skip_slow_under_simulator(case, device)
+    if "parallel" in case.tags:
+        monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)  # the parallel CPU kernels
+    check_grads(case, device, rng, with_output=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    params([c for c in CASES if c.activation and {"activations", "torch", "small"} & c.tags]),
+)
+def test_grads_with_forward_output(case, device, rng):
+    """The final activation's mask read from the forward's result instead of recomputed."""
+    skip_slow_under_simulator(case, device)
+    check_grads(case, device, rng, with_output=True)
+
+
+# --- hypothesis over the whole geometry ---------------------------------------------------------
+
+
+@st.composite
+def grad_cases(draw):
+    op = draw(st.sampled_from(tuple(FIELDS)))
+    kh, kw = (1, 1) if op == "pointwise" else (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    stride = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    dil = draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
+    padding = draw(st.one_of(
+        st.sampled_from(["valid", "same"]), st.integers(0, 3),
+        st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                  st.tuples(st.integers(0, 3), st.integers(0, 3))),
+    ))  # fmt: skip
+    h = draw(st.integers(max(1, (kh - 1) * dil[0] + 1 - 6), 12))
+    w = draw(st.integers(max(1, (kw - 1) * dil[1] + 1 - 6), 12))
+    mult = draw(st.integers(1, 3)) if op in ("depthwise", "separable") else 1
+    spatial = op != "pointwise"
+    biases = [False, True, "bias"] + (["dw_bias"] if op == "separable" else [])
+    acts = [None, "relu", "relu6"]
+    case = Case(
+        op, n=draw(st.integers(0, 3)), h=h, w=w, c=draw(st.integers(1, 20)), kh=kh, kw=kw,
+        mult=mult, c_out=draw(st.integers(1, 40)),
+        stride=stride if spatial else 1, padding=padding if spatial else "valid",
+        dilation=dil if spatial else 1,
+        xdtype=draw(st.sampled_from([np.float32, np.float64])),
+        layout=draw(st.sampled_from(["NHWC", "NCHW"])), batched=draw(st.booleans()),
+        biases=draw(st.sampled_from(biases)), activation=draw(st.sampled_from(acts)),
+        mid_activation=draw(st.sampled_from(acts)) if op == "separable" else None,
+        scale=draw(st.sampled_from([1.0, 3.0])), dw_4d=draw(st.booleans()),
+    )  # fmt: skip
+    try:
+        nd.cost((h, w, case.c), (kh, kw), 1, stride=case.stride, padding=case.padding,
+                dilation=case.dilation)  # fmt: skip
+    except ValueError:
+        assume(False)  # the kernel does not fit the padded input: no output
+    return case, draw(st.booleans()), draw(st.booleans())
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
+@given(grad_cases())
+def test_grads_hypothesis(drawn):
+    case, with_output, parallel = drawn
+    old = _config.SERIAL_MAX_MACS
+    _config.SERIAL_MAX_MACS = 0 if parallel else 10**12
+    try:
+        devices = ["cpu"] + (["cuda"] if _cuda_fast() else [])
+        for device in devices:
+            check_grads(case, device, np.random.default_rng(7), with_output=with_output)
+    finally:
+        _config.SERIAL_MAX_MACS = old
+
+
+def _cuda_fast() -> bool:
+    """A real GPU (the simulator is too slow for hypothesis' shapes)."""
+    from helpers import cuda_usable
+
+    return cuda_usable() and not SIMULATOR
+
+
+# --- needs: what is skipped is not computed ------------------------------------------------
+
+
+def _needs_case(op: str) -> Case:
+    mult = 2 if op in ("depthwise", "separable") else 1
+    return Case(op, n=2, h=7, w=6, c=4, mult=mult, c_out=5, biases=True, padding="same",
+                stride=(2, 1), activation="relu",
+                mid_activation="relu6" if op == "separable" else None)  # fmt: skip
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_needs_returns_only_what_is_asked(op, device, rng):
+    """Every subset of the fields: those asked for equal the full call's bit for bit (the
+    chunking does not depend on needs), the others are None."""
+    from itertools import combinations
+
+    case = _needs_case(op)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    full = grad_fn(op)(grad, x, *weights, device=device, **kwargs)
+    fields = FIELDS[op]
+    for r in range(len(fields) + 1):
+        for subset in combinations(fields, r):
+            got = grad_fn(op)(grad, x, *weights, device=device, needs=subset, **kwargs)
+            for f in fields:
+                if f in subset:
+                    assert (
+                        to_numpy(getattr(got, f)).tobytes() == to_numpy(getattr(full, f)).tobytes()
+                    ), (subset, f)
+                else:
+                    assert getattr(got, f) is None, (subset, f)
+    one = grad_fn(op)(grad, x, *weights, device=device, needs="bias", **kwargs)
+    assert one.x is None and to_numpy(one.bias).tobytes() == to_numpy(full.bias).tobytes()
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_needs_skips_the_work(op, rng, monkeypatch):
+    """The CPU kernels are told to skip what is not needed: the backward kernel's flags and
+    partial sums, and for conv2d which kernels run at all."""
+    from itertools import combinations
+
+    from numba_dsconv.cpu import backward
+
+    launched = []
+    real = backward._launch
+    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append((k, a)),
+                                                               real(k, w, *a)))  # fmt: skip
+    case = _needs_case(op)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    slot = {"separable": {"x": "x", "dw": "dw", "pw": "pw", "dw_bias": "db", "bias": "b"},
+            "depthwise": {"x": "x", "dw": "dw", "bias": "db"},
+            "pointwise": {"x": "x", "pw": "pw", "bias": "b"},
+            "conv2d": {"x": "x", "w": "w", "bias": "b"}}[op]  # fmt: skip
+    fields = FIELDS[op]
+    for r in range(len(fields) + 1):
+        for subset in combinations(fields, r):
+            launched.clear()
+            grad_fn(op)(grad, x, *weights, needs=subset, output=None, **kwargs)
+            wanted = {slot[f] for f in subset}
+            if op == "conv2d":
+                names = [k.parallel.py_func.__name__ for k, _ in launched]
+                assert ("conv2d_grad_input_nhwc" in names) == ("x" in wanted), (subset, names)
+                assert ("conv2d_grad_weight_nhwc" in names) == ("w" in wanted), (subset, names)
+                continue
+            if not wanted:
+                assert not launched
+                continue
+            (kern, args), *rest = launched
+            assert kern is backward.BACKWARD
+            flags = dict(zip(backward.FLAG_FIELDS, args[17], strict=True))
+            for s, flag in (("x", "need_x"), ("dw", "need_dw"), ("pw", "need_pw"),
+                            ("db", "need_db"), ("b", "need_b")):  # fmt: skip
+                assert flags[flag] == (s in wanted), (subset, flag)
+            parts = dict(zip(("pw", "dw", "db", "b"), args[9:13], strict=True))
+            for s, part in parts.items():
+                assert (part.size > 1) == (s in wanted) or part.size == 1, (subset, s)
+                if s not in wanted:
+                    assert part.size == 1, (subset, s)  # a dummy: nothing accumulated
+
+
+# --- determinism -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_same_bits_at_any_thread_count(op, rng, monkeypatch):
+    """Run after run, at 1 or 2 threads, and the serial build: the same bits (the chunks are
+    cut from the problem alone and every sum runs in a fixed order)."""
+    import numba
+
+    case = replace_case(_needs_case(op), n=4, h=23, w=19, c=20, c_out=24)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 8)  # several chunks, two phases
+    first = grad_fn(op)(grad, x, *weights, **kwargs)
+    runs = [grad_fn(op)(grad, x, *weights, **kwargs)]
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        runs.append(grad_fn(op)(grad, x, *weights, **kwargs))
+    finally:
+        numba.set_num_threads(threads)
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 10**15)
+    runs.append(grad_fn(op)(grad, x, *weights, **kwargs))
+    for other in runs:
+        for f in FIELDS[op]:
+            assert getattr(other, f).tobytes() == getattr(first, f).tobytes(), f
+
+
+def replace_case(case: Case, **fields) -> Case:
+    from dataclasses import replace
+
+    return replace(case, **fields)
+
+
+def test_chunk_plans_cover_two_phases_and_whole_images():
+    """The plans the determinism test relies on: two phases with chunks at least the
+    kernel's reach apart, and whole images (one phase) where there are enough."""
+    from numba_dsconv.cpu.backward import backward_plan
+
+    per, n, phases, tile, _ = backward_plan(46, 23, 19, 2, 1000, 100)
+    assert phases == 2 and per >= 2 and n > 2 and n * per >= 46 and tile % 6 == 0
+    per, n, phases, _, _ = backward_plan(23 * 40, 23, 19, 2, 1000, 100)
+    assert phases == 1 and per % 23 == 0 and n > 1
+    assert backward_plan(1, 1, 1, 1, 10, 10)[:3] == (1, 1, 1)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+
+def _simple(op, rng):
+    case = _needs_case(op)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    return x, weights, kwargs, grad
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_bad_grad_and_output(op, rng):
+    x, weights, kwargs, grad = _simple(op, rng)
+    f = grad_fn(op)
+    with pytest.raises(ValueError, match="grad must have the forward result's shape"):
+        f(grad[:, :-1], x, *weights, **kwargs)
+    with pytest.raises(TypeError, match="grad must be float32 or float64"):
+        f(grad.astype(np.int32), x, *weights, **kwargs)
+    with pytest.raises(TypeError, match="grad must be an array"):
+        f(None, x, *weights, **kwargs)
+    with pytest.raises(ValueError, match="output must have the forward result's shape"):
+        f(grad, x, *weights, output=grad[:1], **kwargs)
+    with pytest.raises(TypeError, match="output must be float32 or float64"):
+        f(grad, x, *weights, output=grad.astype(int), **kwargs)
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_bad_needs(op, rng):
+    x, weights, kwargs, grad = _simple(op, rng)
+    f = grad_fn(op)
+    with pytest.raises(ValueError, match="needs names 'nope'"):
+        f(grad, x, *weights, needs=("x", "nope"), **kwargs)
+    with pytest.raises(TypeError, match="needs must be None, a field name or an iterable"):
+        f(grad, x, *weights, needs=3, **kwargs)
+    kwargs = dict(kwargs, bias=None)
+    with pytest.raises(ValueError, match="needs names 'bias', but bias is None"):
+        f(grad, x, *weights, needs=("bias",), **kwargs)
+    assert f(grad, x, *weights, **kwargs).bias is None
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_the_forward_errors(op, rng):
+    """The forward's validation, word for word: a channel mismatch, a bad stride, a bad
+    activation, an unknown device."""
+    x, weights, kwargs, grad = _simple(op, rng)
+    bad = [dict(kwargs, activation="gelu"), dict(kwargs, device="tpu")]
+    if op != "pointwise":
+        bad.append(dict(kwargs, stride=0))
+    bad.append({**kwargs, "layout": "CHWN"})
+    for kw in bad:
+        with pytest.raises((ValueError, TypeError)) as forward:
+            lib_fn(op)(x, *weights, **kw)
+        with pytest.raises(type(forward.value), match=_escaped(forward.value)):
+            grad_fn(op)(grad, x, *weights, **kw)
+    with pytest.raises(ValueError) as forward:
+        lib_fn(op)(x[..., :-1], *weights, **kwargs)
+    with pytest.raises(ValueError, match=_escaped(forward.value)):
+        grad_fn(op)(grad, x[..., :-1], *weights, **kwargs)
+
+
+def _escaped(exc: BaseException) -> str:
+    import re
+
+    return re.escape(str(exc))
+
+
+@pytest.mark.parametrize("op", tuple(FIELDS))
+def test_inputs_are_not_modified(op, rng):
+    x, weights, kwargs, grad = _simple(op, rng)
+    y = lib_fn(op)(x, *weights, **kwargs)
+    arrays = [x, *weights, grad, y] + [v for v in kwargs.values() if isinstance(v, np.ndarray)]
+    before = [a.copy() for a in arrays]
+    grad_fn(op)(grad, x, *weights, output=y, **kwargs)
+    for a, b in zip(arrays, before, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_read_only_and_strided_inputs(rng):
+    """Read-only, non-contiguous and NCHW-strided inputs give the same gradients."""
+    case = _needs_case("separable")
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    want = nd.separable_grad(grad, x, *weights, **kwargs)
+    ro = [a.copy() for a in (grad, x, *weights)]
+    for a in ro:
+        a.flags.writeable = False
+    got = nd.separable_grad(*ro, **kwargs)
+    wide = np.zeros((*grad.shape[:-1], 2 * grad.shape[-1]), grad.dtype)
+    wide[..., ::2] = grad
+    got2 = nd.separable_grad(wide[..., ::2], np.asfortranarray(x), *weights, **kwargs)
+    for f in FIELDS["separable"]:
+        assert getattr(got, f).tobytes() == getattr(want, f).tobytes()
+        assert getattr(got2, f).tobytes() == getattr(want, f).tobytes()
+
+
+def test_dask_x_is_refused(rng):
+    da = pytest.importorskip("dask.array")
+    x, weights, kwargs, grad = _simple("separable", rng)
+    with pytest.raises(TypeError, match="x is a dask array"):
+        nd.separable_grad(grad, da.from_array(x), *weights, **kwargs)
+
+
+# --- torch: the result type follows the input, and torch autograd judges too -----------------
+
+
+def test_torch_tensors_in_torch_tensors_out(rng):
+    torch = pytest.importorskip("torch")
+    x, weights, kwargs, grad = _simple("separable", rng)
+    want = nd.separable_grad(grad, x, *weights, **kwargs)
+    t = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    got = nd.separable_grad(torch.from_numpy(grad), torch.from_numpy(x),
+                            *(torch.from_numpy(w) for w in weights), **t)  # fmt: skip
+    for f in FIELDS["separable"]:
+        value = getattr(got, f)
+        assert isinstance(value, torch.Tensor), f
+        assert value.numpy().tobytes() == getattr(want, f).tobytes()
+
+
+TORCH_CASES = [c for c in CASES if "torch" in c.tags or "activations" in c.tags]
+
+
+@pytest.mark.parametrize("case", params(TORCH_CASES))
+def test_grads_against_torch_autograd(case, device, rng):
+    """The library's gradients against PyTorch autograd of F.conv2d (groups=C for the
+    depthwise stage) on the same values in float64."""
+    torch = pytest.importorskip("torch")
+    from torch_helpers import torch_forward
+
+    skip_slow_under_simulator(case, device)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    got = grad_fn(case.op)(grad, x, *weights, device=device, **kwargs)
+    names = WEIGHTS[case.op]
+    args = {"x": x, **dict(zip(names, weights, strict=True)),
+            **{k: kwargs[k] for k in ("dw_bias", "bias") if k in kwargs}}  # fmt: skip
+    leaves = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True)
+              for k, v in args.items()}  # fmt: skip
+    fkw = {k: v for k, v in kwargs.items() if k not in ("dw_bias", "bias")}
+    fkw.setdefault("activation", None)
+    if case.op == "separable":
+        fkw.setdefault("mid_activation", None)
+    if case.op != "pointwise":
+        fkw.setdefault("dilation", 1)
+    y = torch_forward(case.op, leaves["x"], tuple(leaves[k] for k in names),
+                      {k: leaves[k] for k in ("dw_bias", "bias") if k in leaves}, fkw)  # fmt: skip
+    (y * torch.from_numpy(np.asarray(grad, np.float64))).sum().backward()
+    expected = {k: leaf.grad.numpy() for k, leaf in leaves.items()}
+    expected.update({k: None for k in FIELDS[case.op] if k not in expected})
+    assert_grads_close(
+        case, got, expected, _pixels(case, grad), given_args(case, x, weights, kwargs)
+    )
