@@ -142,6 +142,21 @@ class Backend(Protocol):
 # host arrays (both backends take them)
 
 
+def refuse_autograd(a: Any, name: str) -> None:
+    """A torch tensor that requires grad, in grad mode: the core functions record no
+    autograd graph, so detaching it would silently drop its gradient. TypeError, pointing at
+    numba_dsconv.torch (under torch.no_grad() the tensor is read as it is)."""
+    import torch
+
+    if torch.is_grad_enabled():
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad, and numba_dsconv.{{conv2d, "
+            f"depthwise, pointwise, separable}} record no autograd graph: use numba_dsconv.torch "
+            f"(its ops and modules train), or pass {name}.detach(), or call under "
+            f"torch.no_grad()"
+        )
+
+
 def check_torch(a: Any, name: str, *, writable: bool = False) -> Any:
     """A torch tensor we can read (or, with ``writable``, write) through NumPy or
     ``__cuda_array_interface__``: strided, holding data, float32/float64, no autograd; a lazy
@@ -159,8 +174,12 @@ def check_torch(a: Any, name: str, *, writable: bool = False) -> Any:
             f"{name} is a torch tensor on device {str(a.device)!r}, which holds no data we can "
             f"read here; pass a CPU or CUDA tensor"
         )
-    if a.dtype not in (torch.float32, torch.float64):
+    if a.dtype not in (torch.float32, torch.float64) and not (
+        name == "mask" and a.dtype == torch.bool
+    ):
         raise TypeError(f"{name} must be float32 or float64; got torch dtype {a.dtype}")
+    if a.requires_grad:
+        refuse_autograd(a, name)
     if a.is_conj() or a.is_neg():
         if writable:
             raise ValueError(
@@ -168,19 +187,21 @@ def check_torch(a: Any, name: str, *, writable: bool = False) -> Any:
                 f"conjugate bit is set), which cannot be written in place; pass a plain tensor"
             )
         a = a.resolve_conj().resolve_neg()
-    # No autograd: the result never tracks gradients, so detaching loses nothing.
+    # (no gradient to lose here: refuse_autograd let it through only outside grad mode)
     return a.detach()
 
 
 def _torch_numpy(a: Any, name: str, writable: bool = False) -> np.ndarray:
     """A CPU tensor as a NumPy view: the common case straight through ``.numpy()`` (which
     refuses meta, sparse and negative-bit tensors itself); ``check_torch`` for the rest."""
+    if a.requires_grad:
+        refuse_autograd(a, name)
     try:
         arr = a.detach().numpy()
     except (RuntimeError, TypeError):
         return check_torch(a, name, writable=writable).numpy()
     if arr.dtype.kind != "f":  # (never a conjugate view: that needs a complex dtype)
-        check_torch(a, name)  # the torch dtype error
+        check_torch(a, name)  # the torch dtype error (a gradient's bool mask passes)
     return arr
 
 

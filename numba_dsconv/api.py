@@ -104,7 +104,12 @@ class _Call:
             _check_float(arr, name)
             dtypes.add(arr.dtype)
         for name, arr in self.extra.items():
-            if arr is not None:
+            if arr is None:
+                continue
+            if name == "mask":
+                if np.dtype(arr.dtype) != np.bool_:
+                    raise TypeError(f"mask must be a bool array; got dtype {arr.dtype}")
+            else:
                 _check_float(arr, name)
         self.dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
 

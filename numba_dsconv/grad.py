@@ -96,7 +96,9 @@ def _grads(op: str, setup: api._Setup, needs: object) -> Any:
     ``setup.call.extra``) and return the op's named tuple."""
     call, spec = setup.call, setup.spec
     extra = call.extra
-    for name in ("grad", "output"):
+    if extra.get("output") is not None and extra.get("mask") is not None:
+        raise ValueError("pass output or mask (the activation's mask), not both")
+    for name in ("grad", "output", "mask"):
         a = extra.get(name)
         if a is not None and tuple(a.shape) != spec.output_shape:
             raise ValueError(
@@ -110,7 +112,9 @@ def _grads(op: str, setup: api._Setup, needs: object) -> Any:
     slots = SLOTS[op]
     need = {slots[f]: w for f, w in wanted.items()}
     dtypes = {slots[f]: np.dtype(arrays[f].dtype) for f, w in wanted.items() if w}
-    output = extra.get("output") if spec.activation != Activation.NONE else None
+    output = None
+    if spec.activation != Activation.NONE:
+        output = extra["mask"] if extra.get("mask") is not None else extra.get("output")
     found = call.be.run_grad(
         spec, call.dtype, extra["grad"], call.arrays["x"], setup.weights,
         tuple(setup.biases.values()), output, need, dtypes,
@@ -143,6 +147,9 @@ _DOC = """
         wanted, e.g. ``needs=("dw", "pw")``: the others are not computed and come back None.
     output : optional, the forward's result. With an activation, its mask (relu: y > 0,
         relu6: 0 < y < 6) is read from it; without, the forward is recomputed.
+    mask : optional, instead of output: a bool array of the result's shape, True where the
+        final activation passes the gradient (relu: y > 0, relu6: 0 < y < 6); one byte per
+        element to keep between the passes instead of the result.
 
     Returns
     -------
@@ -170,11 +177,12 @@ def separable_grad(
     device: str | None = None,
     needs: Any = None,
     output: Any = None,
+    mask: Any = None,
 ) -> SeparableGrads:
     _no_dask(x, "separable")
     setup = api._separable_setup(
         x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation, layout,
-        device, {"grad": grad, "output": output},
+        device, {"grad": grad, "output": output, "mask": mask},
     )  # fmt: skip
     return _grads("separable", setup, needs)
 
@@ -215,11 +223,12 @@ def depthwise_grad(
     device: str | None = None,
     needs: Any = None,
     output: Any = None,
+    mask: Any = None,
 ) -> DepthwiseGrads:
     _no_dask(x, "depthwise")
     setup = api._depthwise_setup(
         x, dw, stride, padding, dilation, bias, activation, layout, device,
-        {"grad": grad, "output": output},
+        {"grad": grad, "output": output, "mask": mask},
     )  # fmt: skip
     return _grads("depthwise", setup, needs)
 
@@ -251,10 +260,11 @@ def pointwise_grad(
     device: str | None = None,
     needs: Any = None,
     output: Any = None,
+    mask: Any = None,
 ) -> PointwiseGrads:
     _no_dask(x, "pointwise")
     setup = api._pointwise_setup(
-        x, pw, bias, activation, layout, device, {"grad": grad, "output": output}
+        x, pw, bias, activation, layout, device, {"grad": grad, "output": output, "mask": mask}
     )
     return _grads("pointwise", setup, needs)
 
@@ -289,11 +299,12 @@ def conv2d_grad(
     device: str | None = None,
     needs: Any = None,
     output: Any = None,
+    mask: Any = None,
 ) -> Conv2dGrads:
     _no_dask(x, "conv2d")
     setup = api._conv2d_setup(
         x, w, stride, padding, dilation, bias, activation, layout, device,
-        {"grad": grad, "output": output},
+        {"grad": grad, "output": output, "mask": mask},
     )  # fmt: skip
     return _grads("conv2d", setup, needs)
 

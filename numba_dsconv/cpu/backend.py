@@ -19,7 +19,7 @@ from . import backward
 from ._jit import Kernel
 from .conv2d import CONV2D
 from .depthwise import DEPTHWISE
-from .layout import TRANSPOSE, from_nhwc, nhwc_view, to_nhwc
+from .layout import TRANSPOSE, channels_last, from_nhwc, nhwc_view, to_nhwc
 from .pointwise import POINTWISE
 from .separable import SEPARABLE
 
@@ -101,7 +101,7 @@ class CpuBackend:
         if spec.n > 0:
             launch(spec, to_nhwc(x, spec, dtype), ws, biases, target)
         if out_view is None:
-            return from_nhwc(target, spec)
+            return from_nhwc(target, spec, channels_last(x, spec))
         if target is not out_view:
             out_view[...] = target
         return out
@@ -118,18 +118,22 @@ class CpuBackend:
         need: dict[str, bool],
         dtypes: dict[str, np.dtype],
     ) -> dict[str, np.ndarray]:
-        """The gradients ``need`` asks for, by slot (grad.SLOTS): dx in x's layout, the
-        weights' in the kernels' shapes, each in ``dtypes[slot]``."""
+        """The gradients ``need`` asks for, by slot (grad.SLOTS): dx in x's layout (and memory
+        order), the weights' in the kernels' shapes, each in ``dtypes[slot]``. ``output``: the
+        forward's result or the final activation's bool mask, or None (recomputed)."""
         ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
         xn = _writable(to_nhwc(x, spec, dtype))
         g = _writable(to_nhwc(grad, spec, dtype))
-        y = None if output is None else _writable(to_nhwc(output, spec, dtype))
+        if output is not None:  # the forward's result (dtype) or the activation's bool mask
+            kind = np.dtype(np.bool_) if output.dtype == np.bool_ else dtype
+            output = _writable(to_nhwc(output, spec, kind))
+        y = output
         if spec.op == "conv2d":
             found = backward.conv2d_grads(spec, xn, g, y, ws[0], biases[0], need, dtype)
         else:
             found = backward.gemm_grads(spec, xn, g, y, ws, biases, need, dtype)
         if "x" in found:
-            found["x"] = from_nhwc(found["x"], spec)
+            found["x"] = from_nhwc(found["x"], spec, channels_last(x, spec))
         return {k: v.astype(dtypes[k], copy=False) for k, v in found.items()}
 
     @staticmethod

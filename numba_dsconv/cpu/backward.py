@@ -538,7 +538,10 @@ def conv2d_grads(spec: ConvSpec, x, g, y, w, bias, need, dt: np.dtype) -> dict[s
             y = np.empty(spec.out_nhwc, dt)
             par = _config.use_parallel(spec.macs)
             _launch(CONV2D, spec.macs, *CONV2D.args(spec, x, (w,), (bias,), y, par))
-        mask = (y > 0) & (y < 6) if spec.activation == RELU6 else y > 0
+        if y.dtype == np.bool_:
+            mask = y
+        else:
+            mask = (y > 0) & (y < 6) if spec.activation == RELU6 else y > 0
         gy = np.where(mask, g, np.zeros((), dt))
     found = {}
     if want["x"]:

@@ -52,20 +52,37 @@ def transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return dst
 
 
+def channels_last(x: np.ndarray, spec: ConvSpec) -> bool:
+    """Whether an NCHW ``x`` holds its values in NHWC order (torch's channels_last): then its
+    NHWC view is C-contiguous, and the results keep that order."""
+    if spec.layout != "NCHW":
+        return False
+    x4 = x if spec.batched else x[np.newaxis]
+    return bool(x4.transpose(0, 2, 3, 1).flags.c_contiguous and not x4.flags.c_contiguous)
+
+
 def to_nhwc(x: np.ndarray, spec: ConvSpec, dtype: np.dtype) -> np.ndarray:
-    """The input as a C-contiguous (N,H,W,C) array of ``dtype``; copies only when needed."""
+    """The input as a C-contiguous (N,H,W,C) array of ``dtype``; copies only when needed (an
+    NCHW array in channels-last memory is a view)."""
     x4 = x if spec.batched else x[np.newaxis]
     if spec.layout == "NCHW":
+        t = x4.transpose(0, 2, 3, 1)
+        if t.flags.c_contiguous:
+            return np.ascontiguousarray(t, dtype=dtype)
         n, c, h, w = x4.shape
         return transposed(x4.reshape(n, c, h * w), dtype).reshape(n, h, w, c)
     return np.ascontiguousarray(x4, dtype=dtype)
 
 
-def from_nhwc(y: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """A batched NHWC result in the caller's layout and batchedness."""
+def from_nhwc(y: np.ndarray, spec: ConvSpec, keep_nhwc: bool = False) -> np.ndarray:
+    """A batched NHWC result in the caller's layout and batchedness (NCHW: C-contiguous, or
+    with ``keep_nhwc`` a view of y's NHWC memory, as a channels-last x gives)."""
     if spec.layout == "NCHW":
-        n, oh, ow, co = y.shape
-        y = transposed(y.reshape(n, oh * ow, co), y.dtype).reshape(n, co, oh, ow)
+        if keep_nhwc:
+            y = y.transpose(0, 3, 1, 2)
+        else:
+            n, oh, ow, co = y.shape
+            y = transposed(y.reshape(n, oh * ow, co), y.dtype).reshape(n, co, oh, ow)
     return y if spec.batched else y[0]
 
 

@@ -43,7 +43,7 @@ def as_device_array(a: Any, name: str, writable: bool = False) -> Any:
     if lib == "numba":
         return a
     if lib == "torch.cuda":
-        # (tensors that require grad refuse the interface: detached; we never track grads)
+        # (a tensor that requires grad is refused in grad mode, else detached)
         a = check_torch(a, name, writable=writable)
     elif lib == "dlpack":
         try:
