@@ -37,13 +37,16 @@ CPU_TILE_MAX_PIXELS: int = 256
 # weights (32 KB at 256) stays in L1 while it is reused by every pixel row of the task.
 CPU_GEMM_KC: int = 256
 
-# Backward kernels (cpu/backward.py): the output pixels are cut into at most this many chunks,
-# each a task with its own partial sums of the weight gradients, added up in chunk order at the
-# end. The cut depends on the problem alone, never on the thread count, so the gradients are
-# the same bits at any thread count. Enough chunks keep every thread busy on two cores or
-# sixteen ...
-BACKWARD_CHUNKS: int = 16
-# ... each with at least this many output pixels ...
+# Backward kernels (cpu/backward.py): the output pixels are cut into chunks, each a task with
+# its own partial sums of the weight gradients, added up in chunk order at the end. 0: one
+# chunk per thread of Numba's pool (NUMBA_NUM_THREADS, by default the machine's cores) in
+# whole images where they share out evenly, else two per thread in runs of rows (chunks that
+# share input rows run in two phases); a number: at most that many. The cut depends on the
+# problem and the pool's size, never on numba.set_num_threads: the gradients are the same bits
+# with any number of threads launched. (More chunks than threads cost: every chunk's partial
+# sums are written and read back; 16 chunks of 1 MB took ~1.5 ms more than 4 on 2 cores.)
+BACKWARD_CHUNKS: int = 0
+# ... each chunk with at least this many output pixels ...
 BACKWARD_MIN_PIXELS: int = 64
 # ... and all their partial sums together within this many bytes.
 BACKWARD_PARTIAL_BYTES: int = 32 * 1024 * 1024
@@ -182,6 +185,15 @@ def _dask_task_threads(text: str) -> int:
 
 
 DASK_TASK_THREADS: int = _dask_task_threads(os.environ.get("NUMBA_DSCONV_DASK_THREADS", ""))
+
+# CUDA backward (cuda/backward.py): the tiles of its two GEMMs, (32 x 32 outputs, 16 per
+# reduction chunk, 2 x 2 per thread: 256 threads) ...
+CUDA_BACKWARD_TILE: tuple[int, int, int, int, int] = (32, 32, 16, 2, 2)
+# ... pixels per range of its sums over pixels (partial sums added in order: the ranges are
+# cut from the problem alone, so the bits do not depend on the GPU) ...
+CUDA_BACKWARD_SPLIT_PIXELS: int = 2048
+# ... and the bytes of the band of the depthwise stage's gradient it holds at a time.
+CUDA_BACKWARD_BAND_BYTES: int = 64 * 1024 * 1024
 
 # CUDA: threads per block for the one-thread-per-element kernels (depthwise, copies).
 # Tests patch these small so tiny inputs still span several blocks in the simulator.

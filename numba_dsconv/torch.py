@@ -232,8 +232,8 @@ def _forward_impl(op: str):
         x = x.detach()
         cw = _core_weights(op, x, tuple(w.detach() for w in weights))
         shape = _output_shape(op, x, weights, stride, mode, padding, dilation)
-        out = torch.empty(shape, dtype=_result_dtype(x, weights), device=x.device)
-        out = out.contiguous(memory_format=_result_format(x))
+        out = torch.empty(shape, dtype=_result_dtype(x, weights), device=x.device,
+                          memory_format=_result_format(x))  # fmt: skip
         bs = tuple(None if b is None else b.detach() for b in biases)
         fn(x, *cw, out=out, **_core_kwargs(op, stride, mode, padding, dilation, mid, act, bs))
         return out

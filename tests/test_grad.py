@@ -312,11 +312,16 @@ def test_needs_skips_the_work(op, rng, monkeypatch):
                 continue
             (kern, args), *rest = launched
             assert kern is backward.BACKWARD
-            flags = dict(zip(backward.FLAG_FIELDS, args[17], strict=True))
+            import inspect
+
+            named = dict(zip(inspect.signature(backward.backward_nhwc).parameters, args,
+                             strict=True))  # fmt: skip
+            flags = dict(zip(backward.FLAG_FIELDS, named["flags"], strict=True))
             for s, flag in (("x", "need_x"), ("dw", "need_dw"), ("pw", "need_pw"),
                             ("db", "need_db"), ("b", "need_b")):  # fmt: skip
                 assert flags[flag] == (s in wanted), (subset, flag)
-            parts = dict(zip(("pw", "dw", "db", "b"), args[9:13], strict=True))
+            parts = {s: named[k] for s, k in (("pw", "gpw"), ("dw", "gdw"), ("db", "gdb"),
+                                              ("b", "gb"))}  # fmt: skip
             for s, part in parts.items():
                 assert (part.size > 1) == (s in wanted) or part.size == 1, (subset, s)
                 if s not in wanted:
@@ -332,23 +337,26 @@ def test_same_bits_at_any_thread_count(op, rng, monkeypatch):
     cut from the problem alone and every sum runs in a fixed order)."""
     import numba
 
-    case = replace_case(_needs_case(op), n=4, h=23, w=19, c=20, c_out=24)
+    case = replace_case(_needs_case(op), n=3, h=23, w=19, c=20, c_out=24)
     x, weights, kwargs, grad = grad_problem(case, rng)
-    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
-    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 8)  # several chunks, two phases
-    first = grad_fn(op)(grad, x, *weights, **kwargs)
-    runs = [grad_fn(op)(grad, x, *weights, **kwargs)]
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 8)
+    # the automatic cut (3 images on the pool: runs of rows, two phases), and 7 chunks
+    for chunks in (0, 7):
+        monkeypatch.setattr(_config, "BACKWARD_CHUNKS", chunks)
+        monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+        first = grad_fn(op)(grad, x, *weights, **kwargs)
+        runs = [grad_fn(op)(grad, x, *weights, **kwargs)]
+        threads = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            runs.append(grad_fn(op)(grad, x, *weights, **kwargs))
+        finally:
+            numba.set_num_threads(threads)
+        monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 10**15)
         runs.append(grad_fn(op)(grad, x, *weights, **kwargs))
-    finally:
-        numba.set_num_threads(threads)
-    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 10**15)
-    runs.append(grad_fn(op)(grad, x, *weights, **kwargs))
-    for other in runs:
-        for f in FIELDS[op]:
-            assert getattr(other, f).tobytes() == getattr(first, f).tobytes(), f
+        for other in runs:
+            for f in FIELDS[op]:
+                assert getattr(other, f).tobytes() == getattr(first, f).tobytes(), (chunks, f)
 
 
 def replace_case(case: Case, **fields) -> Case:
@@ -357,16 +365,24 @@ def replace_case(case: Case, **fields) -> Case:
     return replace(case, **fields)
 
 
-def test_chunk_plans_cover_two_phases_and_whole_images():
+def test_chunk_plans(monkeypatch):
     """The plans the determinism test relies on: two phases with chunks at least the
-    kernel's reach apart, and whole images (one phase) where there are enough."""
+    kernel's reach apart, whole images (one phase) where they share out evenly, one chunk
+    per thread of the pool (two with two phases)."""
+    import numba
+
     from numba_dsconv.cpu.backward import backward_plan
 
-    per, n, phases, tile, _ = backward_plan(46, 23, 19, 2, 1000, 100)
-    assert phases == 2 and per >= 2 and n > 2 and n * per >= 46 and tile % 6 == 0
-    per, n, phases, _, _ = backward_plan(23 * 40, 23, 19, 2, 1000, 100)
-    assert phases == 1 and per % 23 == 0 and n > 1
+    pool = numba.config.NUMBA_NUM_THREADS
+    per, n, phases, tile, _ = backward_plan(3 * 23, 23, 19, 2, 1000, 100)
+    if pool > 1:
+        assert phases == 2 and per >= 2 and n == 2 * pool and tile % 6 == 0
+    per, n, phases, _, _ = backward_plan(23 * 4 * pool, 23, 19, 2, 1000, 100)
+    assert phases == 1 and per % 23 == 0 and n == pool
     assert backward_plan(1, 1, 1, 1, 10, 10)[:3] == (1, 1, 1)
+    monkeypatch.setattr(_config, "BACKWARD_CHUNKS", 7)
+    per, n, phases, _, _ = backward_plan(46, 23, 19, 2, 1000, 100)
+    assert phases == 2 and n == 7 and per >= 2
 
 
 # --- bad inputs ------------------------------------------------------------------------------
@@ -517,3 +533,17 @@ def test_grads_against_torch_autograd(case, device, rng):
     assert_grads_close(
         case, got, expected, _pixels(case, grad), given_args(case, x, weights, kwargs)
     )
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_results_do_not_share_scratch(n, rng):
+    """The backward reuses scratch buffers call after call (its partial sums): a result must
+    never be one of them, whatever the number of chunks (a single chunk's sums are copied)."""
+    case = replace_case(_needs_case("separable"), n=n, c_out=40)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    for pw in (weights[1], np.asfortranarray(weights[1])):  # d pw computed in both orders
+        first = nd.separable_grad(grad, x, weights[0], pw, **kwargs)
+        kept = [a.copy() for a in first]
+        nd.separable_grad(-3 * grad, 2 * x, weights[0], pw, **kwargs)
+        for a, b in zip(first, kept, strict=True):
+            assert a.tobytes() == b.tobytes()

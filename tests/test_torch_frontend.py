@@ -125,6 +125,26 @@ def test_forward_and_gradients_match_torch(op, fmt, dtype, device):
                                                     torch.float32 else {}))  # fmt: skip
 
 
+@pytest.mark.parametrize("op", ["separable", "pointwise"])
+def test_small_tiles_and_wide_outputs(op, monkeypatch):
+    """Tiles of a few pixels, more output channels than C*M and than a tile: the GEMMs of the
+    backward on torch's (C_out, C*M) weights in place (the gradient of pw computed transposed)."""
+    from numba_dsconv import _config
+
+    monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 6)
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    x, weights, bs = make(op, n=2, c=4, h=9, w=7, mult=2, c_out=37, dtype=torch.float64)
+    kw = dict(_geo(op, GEOMETRIES[1]), activation="relu", **bs)
+    y = ours(op, x, weights, **kw)
+    want = torch_reference(op, x, weights, **kw)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    leaves = (x, *weights, *bs.values())
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck(op, act):

@@ -19,7 +19,7 @@ from . import backward
 from ._jit import Kernel
 from .conv2d import CONV2D
 from .depthwise import DEPTHWISE
-from .layout import TRANSPOSE, channels_last, from_nhwc, nhwc_view, to_nhwc
+from .layout import TRANSPOSE, channels_last, contiguous, from_nhwc, nhwc_view, to_nhwc
 from .pointwise import POINTWISE
 from .separable import SEPARABLE
 
@@ -92,7 +92,7 @@ class CpuBackend:
     ) -> np.ndarray:
         """Compute one call. ``weights`` are in the kernels' shapes (see api.py); ``out``
         validated."""
-        ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
+        ws = tuple(contiguous(w, dtype) for w in weights)
         out_view = None if out is None else nhwc_view(out, spec)
         if out_view is not None and out_view.flags.c_contiguous and out_view.dtype.isnative:
             target = out_view
@@ -121,7 +121,9 @@ class CpuBackend:
         """The gradients ``need`` asks for, by slot (grad.SLOTS): dx in x's layout (and memory
         order), the weights' in the kernels' shapes, each in ``dtypes[slot]``. ``output``: the
         forward's result or the final activation's bool mask, or None (recomputed)."""
-        ws = tuple(np.ascontiguousarray(w, dtype=dtype) for w in weights)
+        # the depthwise / conv2d weights C-contiguous; pw as given (gemm_grads takes what it
+        # needs of pw and its transpose: torch's layout gives the transpose for free)
+        ws = tuple(w if w.ndim == 2 else contiguous(w, dtype) for w in weights)
         xn = _writable(to_nhwc(x, spec, dtype))
         g = _writable(to_nhwc(grad, spec, dtype))
         if output is not None:  # the forward's result (dtype) or the activation's bool mask

@@ -9,7 +9,7 @@
   2. ``gz = grad * act'(z)``, the mask read from the forward output y when the caller has it,
      else from ``z = A @ pw + bias`` recomputed with the forward's GEMM micro-kernel;
   3. ``d pw += A^T @ gz`` and ``d bias += colsum(gz)`` into the chunk's own partial sums (the
-     micro-kernel in accumulate mode, over a transposed copy of A);
+     micro-kernel in accumulate mode, reading A transposed in place);
   4. ``gm = (gz @ pw^T) * mid_act'(A)`` (the micro-kernel again), ``d dw_bias += colsum(gm)``;
   5. the depthwise backward of gm: ``dx`` as the transposed correlation (each tap's product
      added into dx at the input pixel it read) and ``d dw += x * gm`` into the chunk's partial.
@@ -20,28 +20,41 @@
 - ``conv2d_grad_input_nhwc`` / ``conv2d_grad_weight_nhwc``: the standard convolution's
   gradients (a gather per input pixel, chunked partial sums for the weights).
 
-Determinism: chunks are cut from the problem's size alone (``backward_plan``), never from the
-thread count, and every sum runs in a fixed order: within a chunk in pixel order, then over the
-chunks in chunk order (``combine_chunks``). No atomics. dx receives the taps of two neighbouring
-chunks, which may read the same input rows: chunks then run in two phases (even chunks, then
-odd ones), each chunk at least as tall as the kernel's reach, so no two chunks of one phase
-touch the same row of dx. The result is the same bits at any thread count.
+Determinism: chunks are cut from the problem's size and the thread pool's size
+(``backward_plan``: NUMBA_NUM_THREADS, never the threads launched) and every sum runs in a fixed
+order: within a chunk in pixel order, then over the chunks in chunk order
+(``combine_chunks``). No atomics. dx receives the taps of two neighbouring chunks, which may
+read the same input rows: chunks then run in two phases (even chunks, then odd ones), each chunk
+at least as tall as the kernel's reach, so no two chunks of one phase touch the same row of dx.
+The result is the same bits run after run and with any number of threads launched
+(numba.set_num_threads); another pool size (NUMBA_NUM_THREADS, a machine with other cores) can
+cut other chunks and round differently.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
+import numba
 import numpy as np
 from numba import prange
 
 from .. import _config
 from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, RELU6, helper, kernel
-from .depthwise import depthwise_tile
+from ._simd import VEC_BYTES, address, loadp, storep, vadd, vfma, vloadp, vstorep, vzero
+from .depthwise import depthwise_tile, taps3x3
 from .layout import bias_vector
-from .pointwise import GEMM_MR, gemm_panel_width, gemm_scratch, gemm_tile
+from .pointwise import (
+    GEMM_MR,
+    gemm_panel_width,
+    gemm_scratch,
+    gemm_tile,
+    no_packed,
+    packed_weights,
+)
 
 # Flags of backward_nhwc, in the order of its ``flags`` tuple.
 FLAG_FIELDS = ("has_dw", "has_pw", "have_y", "need_x", "need_dw", "need_pw", "need_db", "need_b")
@@ -74,6 +87,22 @@ def mask_in_place(a, mask, code, rows):  # pragma: no cover - compiled
                 a[t, c] = 0
 
 
+def unaliased(width: int, itemsize: int) -> int:  # pragma: no cover - compiled
+    """A row length for a tile buffer: ``width``, plus a cache line where rows of ``width``
+    would be a multiple of 512 bytes apart (their columns would crowd into a few L1 sets)."""
+    return width + 64 // itemsize if (width * itemsize) % 512 == 0 else width
+
+
+unaliased = helper(unaliased)
+
+
+@helper
+def copy_rows(src, dst, rows):  # pragma: no cover - compiled
+    for t in range(rows):
+        for c in range(src.shape[1]):
+            dst[t, c] = src[t, c]
+
+
 @helper
 def add_colsum(src, rows, acc):  # pragma: no cover - compiled
     """acc[c] += src[t, c] for t < rows, in row order."""
@@ -83,25 +112,30 @@ def add_colsum(src, rows, acc):  # pragma: no cover - compiled
 
 
 @helper
-def transpose_into(a, rows, dst):  # pragma: no cover - compiled
-    """dst[c, t] = a[t, c] for t < rows (dst: (a.shape[1], rows), C-contiguous)."""
-    for c0 in range(0, a.shape[1], 16):
-        for t in range(rows):
-            for c in range(c0, min(a.shape[1], c0 + 16)):
-                dst[c, t] = a[t, c]
-
-
-@helper
 def depthwise_backward_tile(
     x, dwk, gm, p0, rows, oh, ow, geo, gx, gdw, need_x, need_dw
 ):  # pragma: no cover - compiled
     """The depthwise backward of gm (rows x C*M) at output pixels p0..p0+rows-1: every tap
     inside the image adds gm * w into gx at the input pixel it read (``need_x``) and x * gm
-    into gdw[tap] (``need_dw``); pixels in order, taps in order."""
+    into gdw[tap] (``need_dw``); pixels in order, taps in order. 3x3 kernels with multiplier
+    1 (every MobileNet layer) take ``dw3x3_backward_row`` per row segment."""
     kh, kw, sh, sw, dil_h, dil_w, pt, pl, mult = geo
     H = x.shape[1]
     W = x.shape[2]
     C = x.shape[3]
+    if mult == 1 and kh == 3 and kw == 3:
+        p = p0
+        while p < p0 + rows:
+            j = p % ow
+            r = p // ow
+            seg = min(p0 + rows - p, ow - j)
+            dw3x3_backward_row(
+                address(x), address(gx), address(dwk), address(gdw),
+                address(gm) + (p - p0) * gm.strides[0], gm.strides[0], H, W, C, r // oh, r % oh,
+                j, j + seg, geo, need_x, need_dw, x.dtype, x.itemsize,
+            )  # fmt: skip
+            p += seg
+        return
     for t in range(rows):
         p = p0 + t
         j = p % ow
@@ -139,13 +173,176 @@ def depthwise_backward_tile(
 
 
 @helper
+def dw3x3_backward_row(
+    px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, i, j0, j1, geo, need_x, need_dw, dt, sz
+):  # pragma: no cover - compiled
+    """The 3x3, multiplier-1 backward of output pixels (i, j0..j1-1) of image n, on byte
+    addresses (px / pgx: x and dx (N,H,W,C); pd / pgdw: the weights and d dw (9, C); pgm: the
+    row's first gm pixel, ``sgm`` bytes apart). As ``depthwise3x3_row``: the left border, the
+    interior (every tap inside the image: no bounds checks), the right border."""
+    _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
+    ih0 = i * sh - pt
+    ja = j1
+    jb = j1
+    if ih0 >= 0 and ih0 + 2 * dil_h < H:
+        ja = min(j1, max(j0, (pl + sw - 1) // sw))
+        last = W - 1 - 2 * dil_w + pl
+        jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
+    for seg in range(3):
+        lo = j0 if seg == 0 else (ja if seg == 1 else jb)
+        hi = ja if seg == 0 else (jb if seg == 1 else j1)
+        if hi > lo:
+            dw3x3_backward_segment(
+                px, pgx, pd, pgdw, pgm + (lo - j0) * sgm, sgm, H, W, C, n, ih0, lo, hi, geo,
+                need_x, need_dw, seg != 1, dt, sz,
+            )  # fmt: skip
+
+
+@helper
+def dw3x3_backward_segment(
+    px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, ih0, ja, jb, geo, need_x, need_dw, checked, dt, sz
+):  # pragma: no cover - compiled
+    """Output pixels ja..jb-1 of one row (gm from ``pgm``), channel vector by channel vector:
+    ``dw3x3_backward_interior`` where every tap is inside the image, else each tap checked;
+    the channels past the last whole vector one by one."""
+    _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
+    L = VEC_BYTES // sz
+    row = W * C * sz
+    r0 = (n * H + ih0) * row  # byte offsets of the three input rows (in x and in dx)
+    tap = dil_w * C * sz
+    pix = sw * C * sz
+    o0 = (ja * sw - pl) * C * sz
+    c = 0
+    while c + L <= C:
+        cb = c * sz
+        if checked:
+            for j in range(ja, jb):
+                g = vloadp(pgm + (j - ja) * sgm + cb, dt)
+                for m in range(3):
+                    ih = ih0 + m * dil_h
+                    if ih < 0 or ih >= H:
+                        continue
+                    for q in range(3):
+                        iw = j * sw - pl + q * dil_w
+                        if iw < 0 or iw >= W:
+                            continue
+                        off = ((n * H + ih) * W + iw) * C * sz + cb
+                        t = (m * 3 + q) * C * sz + cb
+                        if need_dw:
+                            vstorep(pgdw + t, vfma(vloadp(px + off, dt), g, vloadp(pgdw + t, dt)))
+                        if need_x:
+                            vstorep(pgx + off, vfma(g, vloadp(pd + t, dt), vloadp(pgx + off, dt)))
+        else:
+            dw3x3_backward_interior(
+                px + r0, pgx + r0, dil_h * row, o0 + cb, tap, pix, pd + cb, pgdw + cb, C * sz,
+                pgm + cb, sgm, jb - ja, need_x, need_dw, dt,
+            )  # fmt: skip
+        c += L
+    for cc in range(c, C):  # the tail, scalar
+        for j in range(ja, jb):
+            g = loadp(pgm + (j - ja) * sgm + cc * sz, dt)
+            for m in range(3):
+                ih = ih0 + m * dil_h
+                if ih < 0 or ih >= H:
+                    continue
+                for q in range(3):
+                    iw = j * sw - pl + q * dil_w
+                    if iw < 0 or iw >= W:
+                        continue
+                    off = (((n * H + ih) * W + iw) * C + cc) * sz
+                    t = ((m * 3 + q) * C + cc) * sz
+                    if need_dw:
+                        storep(pgdw + t, loadp(pgdw + t, dt) + loadp(px + off, dt) * g, dt)
+                    if need_x:
+                        storep(pgx + off, loadp(pgx + off, dt) + g * loadp(pd + t, dt), dt)
+
+
+@helper
+def dw3x3_backward_interior(
+    r0, g0, drow, o0, tap, pix, pw, pgdw, srow, pgm, sgm, count, need_x, need_dw, dt
+):  # pragma: no cover - compiled
+    """One channel vector of ``count`` interior pixels: r0 / g0 the first input row of x / dx
+    (the others ``drow`` bytes further), o0 the first window's offset in them, ``pix`` bytes
+    between windows, ``tap`` between a window's columns; pw / pgdw the vector's weights and
+    d dw (9 taps, ``srow`` bytes apart); gm from ``pgm``, ``sgm`` bytes apart.
+
+    d dw: nine accumulators in registers over the segment, added to pgdw once at the end.
+    dx: with stride and dilation 1 along the row, each input column's three taps of one kernel
+    row are summed in registers (a rolling pair of pending sums per kernel row) and added into
+    dx once, when the column is complete; otherwise each tap's g * w is added at its pixel."""
+    z = vzero(dt)
+    if need_dw:
+        a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = z
+        for j in range(count):
+            o = o0 + j * pix
+            g = vloadp(pgm + j * sgm, dt)
+            q0 = r0 + o
+            q1 = q0 + drow
+            q2 = q1 + drow
+            a00 = vfma(vloadp(q0, dt), g, a00)
+            a01 = vfma(vloadp(q0 + tap, dt), g, a01)
+            a02 = vfma(vloadp(q0 + 2 * tap, dt), g, a02)
+            a10 = vfma(vloadp(q1, dt), g, a10)
+            a11 = vfma(vloadp(q1 + tap, dt), g, a11)
+            a12 = vfma(vloadp(q1 + 2 * tap, dt), g, a12)
+            a20 = vfma(vloadp(q2, dt), g, a20)
+            a21 = vfma(vloadp(q2 + tap, dt), g, a21)
+            a22 = vfma(vloadp(q2 + 2 * tap, dt), g, a22)
+        acc = (a00, a01, a02, a10, a11, a12, a20, a21, a22)
+        for t in range(9):
+            vstorep(pgdw + t * srow, vadd(vloadp(pgdw + t * srow, dt), acc[t]))
+    if not need_x:
+        return
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pw, srow, dt)
+    g1 = g0 + drow
+    g2 = g1 + drow
+    if pix == srow and tap == srow:  # stride and dilation 1 along the row: rolling sums
+        b00 = b01 = b10 = b11 = b20 = b21 = z
+        for j in range(count):
+            o = o0 + j * pix
+            g = vloadp(pgm + j * sgm, dt)
+            vstorep(g0 + o, vadd(vloadp(g0 + o, dt), vfma(g, w00, b00)))
+            b00 = vfma(g, w01, b01)
+            b01 = vfma(g, w02, z)
+            vstorep(g1 + o, vadd(vloadp(g1 + o, dt), vfma(g, w10, b10)))
+            b10 = vfma(g, w11, b11)
+            b11 = vfma(g, w12, z)
+            vstorep(g2 + o, vadd(vloadp(g2 + o, dt), vfma(g, w20, b20)))
+            b20 = vfma(g, w21, b21)
+            b21 = vfma(g, w22, z)
+        e = o0 + count * pix  # the two columns still pending
+        vstorep(g0 + e, vadd(vloadp(g0 + e, dt), b00))
+        vstorep(g0 + e + tap, vadd(vloadp(g0 + e + tap, dt), b01))
+        vstorep(g1 + e, vadd(vloadp(g1 + e, dt), b10))
+        vstorep(g1 + e + tap, vadd(vloadp(g1 + e + tap, dt), b11))
+        vstorep(g2 + e, vadd(vloadp(g2 + e, dt), b20))
+        vstorep(g2 + e + tap, vadd(vloadp(g2 + e + tap, dt), b21))
+        return
+    for j in range(count):
+        o = o0 + j * pix
+        g = vloadp(pgm + j * sgm, dt)
+        vstorep(g0 + o, vfma(g, w00, vloadp(g0 + o, dt)))
+        vstorep(g0 + o + tap, vfma(g, w01, vloadp(g0 + o + tap, dt)))
+        vstorep(g0 + o + 2 * tap, vfma(g, w02, vloadp(g0 + o + 2 * tap, dt)))
+        vstorep(g1 + o, vfma(g, w10, vloadp(g1 + o, dt)))
+        vstorep(g1 + o + tap, vfma(g, w11, vloadp(g1 + o + tap, dt)))
+        vstorep(g1 + o + 2 * tap, vfma(g, w12, vloadp(g1 + o + 2 * tap, dt)))
+        vstorep(g2 + o, vfma(g, w20, vloadp(g2 + o, dt)))
+        vstorep(g2 + o + tap, vfma(g, w21, vloadp(g2 + o + tap, dt)))
+        vstorep(g2 + o + 2 * tap, vfma(g, w22, vloadp(g2 + o + 2 * tap, dt)))
+
+
+@helper
 def backward_chunk(
     k,
     x,
     dwk,
     db,
-    pw,
-    pwt,
+    dims,
+    pw_t,
+    packed_gm,
+    packed_z,
+    nopack,
     b,
     g2,
     y2,
@@ -167,8 +364,7 @@ def backward_chunk(
     has_dw, has_pw, have_y, need_x, need_dw, need_pw, need_db, need_b = flags
     rows_per_chunk, _, _, tile, kc = plan
     P = g2.shape[0]
-    CM = pw.shape[0]
-    CO = pw.shape[1]
+    CM, CO = dims
     dt = g2.dtype
     p_lo = k * rows_per_chunk * ow
     p_hi = min(P, p_lo + rows_per_chunk * ow)
@@ -177,12 +373,13 @@ def backward_chunk(
     need_z = has_pw and act != NO_ACTIVATION and not have_y
     need_a = has_pw and (need_pw or need_z or (need_gm and mid_act != NO_ACTIVATION))
     need_a = need_a or (not has_pw and mid_act != NO_ACTIVATION and not have_y)
-    abuf = np.empty((tile, CM), dtype=dt)
+    # A and gz tiles in rows padded by a cache line: the d pw GEMM reads one of them down its
+    # columns, and rows 4 KB apart all fall in one L1 set (C*M = 1024 floats: 3.6x slower)
+    abuf = np.empty((tile, unaliased(CM, g2.itemsize)), dtype=dt)[:, :CM]
     gmbuf = np.empty((tile, CM), dtype=dt)
-    gzbuf = np.empty((tile, CO), dtype=dt)
+    gzbuf = np.empty((tile, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
     zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
-    at_flat = np.empty(CM * tile if need_pw else 1, dtype=dt)
-    pk, at, part = gemm_scratch(kc, max(tile, CM), g2)
+    pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
     x2 = x.reshape(-1, x.shape[3])
     p = p_lo
     while p < p_hi:
@@ -192,6 +389,9 @@ def backward_chunk(
             if need_a:
                 depthwise_tile(x, dwk, p, p1, oh, ow, geo, db, mid_act, abuf)
             a = abuf[:T]
+        elif need_pw and not pw_t and x2.strides[0] % 512 == 0:  # read down its columns
+            copy_rows(x2[p:p1], abuf, T)
+            a = abuf[:T]
         else:
             a = x2[p:p1]
         gm = gmbuf[:T]
@@ -199,22 +399,27 @@ def backward_chunk(
             gz = g2[p:p1]
             if act != NO_ACTIVATION:
                 if need_z:
-                    gemm_tile(a, T, pw, b, zbuf, 0, CO, NO_ACTIVATION, False, pk, at, part, 0, 0)
+                    gemm_tile(a, False, T, zbuf, packed_z, b, zbuf, 0, CO, NO_ACTIVATION, False,
+                              pk, at, part, 0, 0)  # fmt: skip
                     masked_copy(gz, zbuf, act, gzbuf, T)
                 else:
                     masked_copy(gz, y2[p:p1], act, gzbuf, T)
                 gz = gzbuf[:T]
+            elif need_pw and pw_t and g2.strides[0] % 512 == 0:  # read down its columns
+                copy_rows(gz, gzbuf, T)
+                gz = gzbuf[:T]
             if need_b:
                 add_colsum(gz, T, gb[k])
-            if need_pw:
-                a_t = at_flat[: CM * T].reshape(CM, T)
-                transpose_into(a, T, a_t)
-                gemm_tile(a_t, CM, gz, zeros, gpw[k], 0, CO, NO_ACTIVATION, True, pk, at, part,
-                          0, 0)  # fmt: skip
+            if need_pw:  # A^T gz (gz^T A if pw_t), both read in place; the chunk's first
+                # tile writes its partial sums, the others add
+                lhs, rhs = (gz, a) if pw_t else (a, gz)
+                gemm_tile(lhs, True, lhs.shape[1], rhs, nopack, zeros, gpw[k], 0, rhs.shape[1],
+                          NO_ACTIVATION, p > p_lo, pk, at, part, 0, 0)  # fmt: skip
             if need_gm:
                 if not has_dw:
                     gm = gx.reshape(-1, CM)[p:p1]  # pointwise: gm is dx itself
-                gemm_tile(gz, T, pwt, zeros, gm, 0, CM, NO_ACTIVATION, False, pk, at, part, 0, 0)
+                gemm_tile(gz, False, T, gm, packed_gm, zeros, gm, 0, CM, NO_ACTIVATION, False, pk,
+                          at, part, 0, 0)  # fmt: skip
                 if has_dw and mid_act != NO_ACTIVATION:
                     mask_in_place(gm, a, mid_act, T)
         elif need_gm:  # depthwise alone: gm = grad * act'(y), y given or recomputed
@@ -235,8 +440,11 @@ def backward_nhwc(
     x,
     dwk,
     db,
-    pw,
-    pwt,
+    dims,
+    pw_t,
+    packed_gm,
+    packed_z,
+    nopack,
     b,
     g2,
     y2,
@@ -256,8 +464,11 @@ def backward_nhwc(
 ):  # pragma: no cover - compiled
     """The separable / depthwise / pointwise backward (module docstring), chunks in parallel.
 
-    x: (N,H,W,C) NHWC; dwk: (KH,KW,C*M); db: the depthwise bias (C*M); pw: (C*M, C_out),
-    pwt: its transpose, C-contiguous; b: the final bias padded to the panel width; g2, y2:
+    x: (N,H,W,C) NHWC; dwk: (KH,KW,C*M); db: the depthwise bias (C*M); dims: (C*M, C_out);
+    pw_t: d pw wanted transposed, (C_out, C*M) (the memory order of torch's weight), in gpw;
+    packed_gm / packed_z: P^T and P packed for the micro-kernel
+    (``packed_weights``; empty where unused), nopack: an empty one (the d pw GEMM packs the
+    tile's data itself); b: the final bias padded to the panel width; g2, y2:
     grad and the forward output as (pixels, channels) (y2 unread unless ``have_y``); gx: dx,
     NHWC, zeroed where the depthwise stage scatters into it; gpw, gdw, gdb, gb: per-chunk
     partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``.
@@ -267,7 +478,8 @@ def backward_nhwc(
         count = (nchunks - phase + phases - 1) // phases
         for u in prange(count):
             backward_chunk(
-                u * phases + phase, x, dwk, db, pw, pwt, b, g2, y2, gx, gpw, gdw, gdb, gb,
+                u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
+                y2, gx, gpw, gdw, gdb, gb,
                 zeros, geo, mid_act, act, flags, plan, oh, ow,
             )  # fmt: skip
 
@@ -377,21 +589,29 @@ def backward_plan(
     """
     return _backward_plan(
         rows, oh, ow, reach, partial_bytes, tile_row_bytes, _config.BACKWARD_CHUNKS,
-        _config.BACKWARD_MIN_PIXELS, _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES,
-        _config.CPU_TILE_MAX_PIXELS, _config.CPU_GEMM_KC,
+        numba.config.NUMBA_NUM_THREADS, _config.BACKWARD_MIN_PIXELS,
+        _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
+        _config.CPU_GEMM_KC,
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(
-    rows, oh, ow, reach, partial_bytes, tile_row_bytes, max_chunks, min_pixels, budget,
+    rows, oh, ow, reach, partial_bytes, tile_row_bytes, max_chunks, pool, min_pixels, budget,
     tile_bytes, tile_max, kc,
 ):  # fmt: skip
-    """Chunks: up to ``max_chunks``, each with at least ``min_pixels`` pixels and their
-    partial sums within ``budget`` bytes; whole images where that leaves several (no two
-    chunks share an input row: one phase), else runs of rows in two phases. Tiles: the
-    scratch of one within ``tile_bytes``, at most ``tile_max`` pixels."""
+    """Chunks: each with at least ``min_pixels`` pixels and their partial sums within
+    ``budget`` bytes, and at most ``max_chunks``, or where that is 0: one per thread of the
+    ``pool`` in whole images where the images share out evenly (no two chunks share an input
+    row: one phase), else two per thread in runs of rows (two phases). Every chunk adds a
+    partial sum of the weight gradients that is read back at the end, so no more are cut than
+    keep the threads busy. Tiles: the A tile within ``tile_bytes``, at most ``tile_max``
+    pixels."""
+    n = rows // oh
     pixels = rows * ow
+    if not max_chunks:
+        even = n % pool == 0 or n >= 4 * pool
+        max_chunks = pool if even else 2 * pool
     limit = max(1, budget // max(1, partial_bytes))
     nchunks = min(max_chunks, limit, max(1, pixels // min_pixels))
     nchunks = max(1, min(nchunks, rows // reach))
@@ -410,14 +630,41 @@ def reach_rows(spec: ConvSpec) -> int:
     return max(1, (spec.kh - 1) * spec.dilation_h // spec.stride_h)
 
 
-def zeros_like_parts(nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: bool):
-    return np.zeros((nchunks, *shape) if need else (1,) * (len(shape) + 1), dtype)
+def zeros_like_parts(
+    nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: bool, scratch_name: str = ""
+):
+    """Per-chunk partial sums: zeros, or with ``scratch_name`` a reused, uninitialised buffer
+    (the kernel writes it first); a dummy where they are not needed."""
+    if not need:
+        return np.zeros((1,) * (len(shape) + 1), dtype)
+    if scratch_name:
+        return scratch(scratch_name, (nchunks, *shape), dtype)
+    return np.zeros((nchunks, *shape), dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array of the calling thread's, reused call after call: the backward's
+    partial sums of d pw and its packed weights, megabytes each, would otherwise be fresh
+    pages in every call (first-touch page faults took longer than the GEMM they feed on the
+    development machine: layer 7 at N=8, 26 ms instead of 13). Kept: the largest of each name,
+    per thread."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = pool.get(name)
+    if buf is None or buf.nbytes < nbytes:
+        buf = pool[name] = np.empty(max(nbytes, 1), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def combine(parts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The chunks' partial sums added in chunk order, as an array of ``shape``."""
+    """The chunks' partial sums added in chunk order, as a new array of ``shape``."""
     if parts.shape[0] == 1:
-        return parts[0].reshape(shape)
+        return parts[0].reshape(shape).copy()  # (parts may be scratch, reused next call)
     k = parts.shape[0]
     p3 = parts.reshape(k, parts.shape[1], -1) if parts.ndim >= 3 else parts.reshape(k, 1, -1)
     out = np.empty(p3.shape[1:], parts.dtype)
@@ -455,17 +702,28 @@ def gemm_backward_args(
         dwk = np.zeros((1, 1, 1), dt)
     if not has_pw:  # never read: a single output channel keeps the scratch small
         pw, co = np.zeros((cm, 1), dt), 1
-    pwt = np.ascontiguousarray(pw.T)
+    # d pw is computed in pw's memory order (transposed for an F-ordered pw: torch's weight)
+    pw_t = bool(pw.flags.f_contiguous and not pw.flags.c_contiguous)
+    parallel = _config.use_parallel(3 * spec.macs)
+    need_gm = has_pw and (need["x"] or need["dw"] or need["db"])
+    need_z = has_pw and act != NO_ACTIVATION and y is None
+    nopack = no_packed(dt)
+    # the GEMMs' weights packed once for every chunk: P^T for gm, P for z
+    pw = pw.astype(dt, order="K", copy=False)
+    packed_gm = packed_weights(pw.T, parallel, scratch, "packed_gm") if need_gm else nopack
+    packed_z = packed_weights(pw, parallel, scratch, "packed_z") if need_z else nopack
     b = bias_vector(biases[-1] if has_pw else None, co, dt, nr)
     # the plan counts every partial sum, needed or not: the chunks (and so the bits of every
     # gradient) do not depend on which gradients are asked for
     partial = cm * co + spec.kh * spec.kw * cm + cm + co
-    tile_row = (3 * cm + 3 * co) * sz
+    tile_row = cm * sz  # the A tile in L2, as in the forward
     rows = spec.n * spec.out_h
     plan = backward_plan(rows, spec.out_h, spec.out_w, reach_rows(spec), partial * sz, tile_row)
     nchunks = plan[1]
     parts = {
-        "pw": zeros_like_parts(nchunks, (cm, co), dt, need["pw"]),
+        "pw": zeros_like_parts(
+            nchunks, (co, cm) if pw_t else (cm, co), dt, need["pw"], scratch_name="gpw"
+        ),
         "dw": zeros_like_parts(nchunks, (spec.kh * spec.kw, cm), dt, need["dw"]),
         "db": zeros_like_parts(nchunks, (cm,), dt, need["db"]),
         "b": zeros_like_parts(nchunks, (co,), dt, need["b"]),
@@ -480,9 +738,9 @@ def gemm_backward_args(
     flags = (has_dw, has_pw, y is not None, need["x"], need["dw"], need["pw"], need["db"],
              need["b"])  # fmt: skip
     zeros = np.zeros(-(-max(cm, co) // nr) * nr, dt)
-    args = (x, dwk, db, pw, pwt, b, g2, y2, gx, parts["pw"], parts["dw"], parts["db"],
-            parts["b"], zeros, spec.geometry, mid_act, act, flags, plan, spec.out_h,
-            spec.out_w)  # fmt: skip
+    args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, parts["pw"],
+            parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
+            spec.out_h, spec.out_w)  # fmt: skip
     return args, {"x": gx, **parts}
 
 
@@ -504,7 +762,8 @@ def _empty_batch(spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dty
 
 def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> dict[str, Any]:
     """The separable / depthwise / pointwise gradients ``need`` asks for (slots, as in
-    grad.SLOTS): dx NHWC, weights in the kernels' shapes; x, g, y NHWC, C-contiguous, writable."""
+    grad.SLOTS): dx NHWC, weights in the kernels' shapes (d pw in pw's memory order: F-ordered
+    for an F-ordered pw, as torch's weight gives); x, g, y NHWC, C-contiguous, writable."""
     op = spec.op
     dwk = weights[0] if op != "pointwise" else None
     pw = weights[-1] if op != "depthwise" else None
@@ -518,9 +777,13 @@ def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> 
     args, outs = gemm_backward_args(spec, x, g, y, dwk, pw, biases, want, dt)
     _launch(BACKWARD, 3 * spec.macs, *args)
     found = {"x": outs["x"]} if want["x"] else {}
+    pw_t = args[4]
     for slot, shape in shapes.items():
         if want[slot]:
-            found[slot] = combine(outs[slot], shape)
+            if slot == "pw" and pw_t:  # computed transposed: (C_out, C*M), seen as P's shape
+                found[slot] = combine(outs[slot], shape[::-1]).T
+            else:
+                found[slot] = combine(outs[slot], shape)
     return found
 
 

@@ -32,9 +32,7 @@ from ._simd import (
     storep,
     vact,
     vfma,
-    vload2,
     vloadp,
-    vstore2,
     vstorep,
 )
 from .layout import bias_vector
@@ -69,42 +67,98 @@ def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
     return pk, at, part
 
 
+def pack_panels(w, wt, packed):  # pragma: no cover - compiled
+    """packed[p, k, j] = W[k, p * NR + j] (0 past C_out): the GEMM micro-kernel's weight panels,
+    packed once for a whole call (the backward, whose chunks all reuse them); W is w
+    (K, C_out), or with ``wt`` w's transpose (w stored (C_out, K), C-contiguous: one pass
+    instead of a transpose and a pack). Panels in parallel."""
+    npan, K, NR = packed.shape
+    CO = w.shape[0] if wt else w.shape[1]
+    for pn in prange(npan):
+        c0 = pn * NR
+        if wt:
+            for j in range(NR):
+                if c0 + j < CO:
+                    for k in range(K):
+                        packed[pn, k, j] = w[c0 + j, k]
+                else:
+                    for k in range(K):
+                        packed[pn, k, j] = 0
+        else:
+            for k in range(K):
+                for j in range(NR):
+                    packed[pn, k, j] = w[k, c0 + j] if c0 + j < CO else 0
+
+
+PACK = kernel(pack_panels, None)
+
+
+def packed_weights(w: np.ndarray, parallel: bool, scratch=None, name: str = "") -> np.ndarray:
+    """W = w (K, C_out), C- or F-contiguous, as the micro-kernel's panels (``pack_panels``),
+    in a new array or ``scratch(name, shape, dtype)``'s."""
+    k, co = w.shape
+    wt = not w.flags.c_contiguous
+    src = w.T if wt else w
+    if not src.flags.c_contiguous:  # neither order
+        src, wt = np.ascontiguousarray(w), False
+    nr = gemm_panel_width(w.itemsize)
+    shape = (-(-co // nr), k, nr)
+    packed = np.empty(shape, w.dtype) if scratch is None else scratch(name, shape, w.dtype)
+    (PACK.parallel if parallel else PACK.serial)(src, wt, packed)
+    return packed
+
+
+NO_PACKED = {}  # dtype -> an empty (0, 1, 1) array: "pack w here" for gemm_tile
+
+
+def no_packed(dtype: np.dtype) -> np.ndarray:
+    arr = NO_PACKED.get(dtype.str)
+    if arr is None:
+        arr = NO_PACKED[dtype.str] = np.empty((0, 1, 1), dtype)
+    return arr
+
+
 @helper
 def gemm_tile(
-    a, rows, w, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
 ):  # pragma: no cover - compiled
-    """dst[r, c] = act(bias[c] + sum_k a[r, k] * w[k, c]) for r < rows, c_lo <= c < c_hi;
-    with ``acc``, dst[r, c] = act(dst[r, c] + sum_k a[r, k] * w[k, c]) (bias unread): the
-    backward kernels accumulate weight gradients tile after tile, each element's sum running
-    in reduction order across calls.
+    """dst[r, c] = act(bias[c] + sum_k A[r, k] * W[k, c]) for r < rows, c_lo <= c < c_hi, where
+    A is a (rows, K), or with ``a_t`` a's transpose (a stored (K, rows): the backward's weight
+    gradients read the depthwise tile and grad this way, untransposed), and W is w (K, C_out),
+    C-contiguous, packed here panel by panel, or where ``packed`` is not empty, those panels
+    packed once for the whole call (``pack_panels``; w then only gives C_out); with ``acc``,
+    dst[r, c] = act(dst[r, c] + ...) (bias unread): the backward kernels accumulate weight
+    gradients tile after tile, each element's sum running in reduction order across calls.
 
-    a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); w: (K, C_out) the
-    pointwise weights as given; bias: padded to a multiple of the panel width NR; scratch:
-    pk (KC, NR), at (GEMM_MR, KC), part (>= rows rounded up to GEMM_MR, NR); all C-contiguous,
-    one dtype. c_lo is a multiple of NR.
+    a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); bias: padded to a
+    multiple of the panel width NR; scratch: pk (KC, NR), at (GEMM_MR, KC), part (>= rows
+    rounded up to GEMM_MR, NR); all C-contiguous, one dtype. c_lo is a multiple of NR.
 
-    For each panel of NR output channels and each block of KC reduction channels, the weights
-    w[k0:k1, c0:c0+NR] are copied into ``pk`` (contiguous, zero-padded past C_out: it stays in
-    L1 and never hits the cache-set conflicts of a 4 KB row stride); then every group of
-    GEMM_MR pixel rows runs ``gemm_block``. The last group, if short, is copied into ``at``
-    (its last row repeated) so that every block reads GEMM_MR whole rows.
+    For each panel of NR output channels and each block of KC reduction channels (KC x NR
+    weights: they stay in L1 while every group of GEMM_MR rows runs ``gemm_block`` on them)
+    the block comes from ``packed``, or is copied from w into ``pk`` (zero-padded past C_out).
+    The last group of rows, if short, is copied into ``at`` (its last row repeated) so that
+    every block reads GEMM_MR whole rows.
 
     ``pf_len`` bytes from address ``pf`` (the input the caller's next task reads) are
     prefetched into L2 a few lines per block, so that the memory traffic of the next task's
     first phase overlaps this task's arithmetic.
     """
-    K = w.shape[0]
+    prepacked = packed.shape[0] > 0
+    K = packed.shape[1] if prepacked else w.shape[0]
     CO = w.shape[1]
-    dt = w.dtype
-    sz = w.itemsize
+    dt = dst.dtype
+    sz = dst.itemsize
     L = VEC_BYTES // sz
     NR = 2 * L
     KC = pk.shape[0]
     full = rows // GEMM_MR * GEMM_MR
     # byte addresses and row strides (the arrays stay alive in this frame)
-    pa, sa = address(a), a.strides[0]
+    pa = address(a)
+    sa, ska = (sz, a.strides[0]) if a_t else (a.strides[0], sz)  # bytes to the next row, k
     pat, sat = address(at), at.strides[0]
-    ppk, spk = address(pk), pk.strides[0]
+    ppacked = address(packed)
+    spk = NR * sz
     ppart, spart = address(part), part.strides[0]
     pdst, sdst = address(dst), dst.strides[0]
     pbias = address(bias)
@@ -112,19 +166,24 @@ def gemm_tile(
     pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
     pf_end = pf + pf_len
     for c0 in range(c_lo, c_hi, NR):
-        ncol = min(NR, CO - c0)
         nout = min(NR, c_hi - c0)
         for k0 in range(0, K, KC):
             nk = min(KC, K - k0)
-            for k in range(nk):
-                if ncol == NR:
-                    vstore2(pk, k, 0, vload2(w, k0 + k, c0))
-                    vstore2(pk, k, L, vload2(w, k0 + k, c0 + L))
-                else:
-                    for j in range(ncol):
-                        pk[k, j] = w[k0 + k, c0 + j]
-                    for j in range(ncol, NR):
-                        pk[k, j] = 0
+            if prepacked:
+                ppk = ppacked + ((c0 // NR) * K + k0) * spk
+            else:  # (on addresses: w may be a view with padded rows)
+                ppk = address(pk)
+                ncol = min(NR, CO - c0)
+                for k in range(nk):
+                    if ncol == NR:
+                        src_w = address(w) + (k0 + k) * w.strides[0] + c0 * sz
+                        vstorep(ppk + k * spk, vloadp(src_w, dt))
+                        vstorep(ppk + k * spk + VEC_BYTES, vloadp(src_w + VEC_BYTES, dt))
+                    else:
+                        for j in range(ncol):
+                            pk[k, j] = w[k0 + k, c0 + j]
+                        for j in range(ncol, NR):
+                            pk[k, j] = 0
             first = k0 == 0
             final = k0 + nk == K
             cb = pbias + c0 * sz
@@ -135,32 +194,55 @@ def gemm_tile(
                 while q < pf:
                     prefetch(q)
                     q += 64
-                src, stride = pa + r * sa + k0 * sz, sa
+                src, stride, kstep = pa + r * sa + k0 * ska, sa, ska
                 if r == full:  # the short last group, copied (one call site: one inlined copy)
                     for i in range(GEMM_MR):
                         ri = min(full + i, rows - 1)
                         for k in range(nk):
-                            at[i, k] = a[ri, k0 + k]
-                    src, stride = pat, sat
+                            at[i, k] = a[k0 + k, ri] if a_t else a[ri, k0 + k]
+                    src, stride, kstep = pat, sat, sz
                 nvalid = min(GEMM_MR, rows - r)
-                if first and acc:  # start from dst: its block into part, zeros past its edges
-                    for i in range(GEMM_MR):
-                        for j in range(NR):
-                            v = dst[r + i, c0 + j] if i < nvalid and j < nout else 0
-                            part[r + i, j] = v
+                pp, sp, start = ppart + r * spart, spart, first
+                if acc:  # the sums start from dst
+                    start = False
+                    if nvalid == GEMM_MR and nout == NR:  # a whole block: dst holds the sums
+                        pp, sp = cd + r * sdst, sdst
+                    elif first:  # an edge block: dst's part copied in, zeros past its edges
+                        for i in range(GEMM_MR):
+                            for j in range(NR):
+                                v = dst[r + i, c0 + j] if i < nvalid and j < nout else 0
+                                part[r + i, j] = v
                 gemm_block(
-                    src, stride, ppk, spk, nk, first and not acc, cb, ppart + r * spart, spart,
-                    final, cd + r * sdst, sdst, nvalid, nout, act, dt, sz,
+                    src, stride, kstep, ppk, spk, nk, start, cb, pp, sp, final, cd + r * sdst,
+                    sdst, nvalid, nout, act, dt, sz,
                 )  # fmt: skip
 
 
 @helper
 def gemm_block(
-    pa, sa, ppk, spk, nk, first, pbias, ppart, spart, final, pdst, sdst, nvalid, nout, act, dt, sz
+    pa,
+    sa,
+    ska,
+    ppk,
+    spk,
+    nk,
+    first,
+    pbias,
+    ppart,
+    spart,
+    final,
+    pdst,
+    sdst,
+    nvalid,
+    nout,
+    act,
+    dt,
+    sz,
 ):  # pragma: no cover - compiled
     """One register block of GEMM_MR pixel rows x NR output channels, on byte addresses.
 
-    pa: a[row 0, first reduction channel], rows ``sa`` bytes apart; ppk: the packed panel
+    pa: a[row 0, first reduction channel], rows ``sa`` bytes apart, reduction channels ``ska``
+    bytes apart (the element size, or a row for a transposed a); ppk: the packed panel
     (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0]; ppart / pdst: row 0 of the partial
     sums / of the output at column c0 (strides ``spart`` / ``sdst``); ``dt``/``sz``: the dtype
     and its size. The 12 accumulators live in registers for the whole reduction loop: they
@@ -202,7 +284,7 @@ def gemm_block(
         pw = ppk + k * spk
         w0 = vloadp(pw, dt)
         w1 = vloadp(pw + B, dt)
-        p = pa + k * sz
+        p = pa + k * ska
         x = loadp(p, dt)
         s00 = vfma(x, w0, s00)
         s01 = vfma(x, w1, s01)
@@ -321,15 +403,17 @@ def _gemm_split(
     return best[1], best[2]
 
 
-def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compiled
+def pointwise_nhwc(x2, pw, nopack, bias, out2, split, act):  # pragma: no cover - compiled
     """out2[r, c] = act(bias[c] + x2[r, :] @ pw[:, c]) for every pixel r.
 
-    x2: (pixels, C_in) C-contiguous; pw: (C_in, C_out) as given; bias padded to a multiple of
-    the micro-kernel's panel width; out2: (pixels, C_out); split: see ``gemm_split``.
+    x2: (pixels, C_in) C-contiguous; pw: (C_in, C_out) C-contiguous (each task packs its
+    panels: at N=1 a weight is read once, and packing it in a pass of its own cost a third more
+    time on late layers); nopack: ``no_packed``; bias padded to a multiple of the micro-kernel's
+    panel width; out2: (pixels, C_out); split: see ``gemm_split``.
     """
     block, cblock, kc = split
     rows = x2.shape[0]
-    CO = pw.shape[1]
+    CO = out2.shape[1]
     nb = (rows + block - 1) // block
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
@@ -341,9 +425,8 @@ def pointwise_nhwc(x2, pw, bias, out2, split, act):  # pragma: no cover - compil
         n1 = min(rows, n0 + block) if cb == nc - 1 else n0
         pf = address(x2) + n0 * x2.strides[0]
         pf_len = (n1 - n0) * x2.strides[0]
-        gemm_tile(
-            x2[r0:r1], r1 - r0, pw, bias, out2[r0:r1], c0, c1, act, False, pk, at, part, pf, pf_len
-        )
+        gemm_tile(x2[r0:r1], False, r1 - r0, pw, nopack, bias, out2[r0:r1], c0, c1, act, False,
+                  pk, at, part, pf, pf_len)  # fmt: skip
 
 
 def pointwise_args(
@@ -356,7 +439,8 @@ def pointwise_args(
     b = bias_vector(bias, spec.c_out, out.dtype, gemm_panel_width(out.itemsize))
     split = gemm_split(spec, spec.c_in, 0, out.itemsize, parallel)
     x2 = x.reshape(rows, spec.c_in)
-    return (x2, pw, b, out.reshape(rows, spec.c_out), split, int(spec.activation))
+    nopack = no_packed(out.dtype)
+    return (x2, pw, nopack, b, out.reshape(rows, spec.c_out), split, int(spec.activation))
 
 
 POINTWISE: Kernel = kernel(pointwise_nhwc, pointwise_args)

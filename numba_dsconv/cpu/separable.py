@@ -21,16 +21,24 @@ from ._jit import Kernel, kernel
 from ._simd import address
 from .depthwise import depthwise_tile
 from .layout import bias_vector
-from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_task, gemm_tile
+from .pointwise import (
+    gemm_panel_width,
+    gemm_scratch,
+    gemm_split,
+    gemm_task,
+    gemm_tile,
+    no_packed,
+)
 
 
 def separable_nhwc(
-    x, dwk, dw_bias, pw, bias, out, geo, mid_act, act, split
+    x, dwk, dw_bias, pw, nopack, bias, out, geo, mid_act, act, split
 ):  # pragma: no cover - compiled
     """out = act(bias + mid_act(depthwise(x, dwk) + dw_bias) @ pw), block by block.
 
-    x: (N,H,W,C); dwk: (KH,KW,C*M) the depthwise weights; pw: (C*M, C_out) the pointwise
-    weights as given, bias padded to a multiple of the panel width; out: (N,OH,OW,C_out);
+    x: (N,H,W,C); dwk: (KH,KW,C*M) the depthwise weights; pw: (C*M, C_out) C-contiguous (each
+    task packs its panels, see ``pointwise_nhwc``); nopack: ``no_packed``; bias padded to a
+    multiple of the panel width; out: (N,OH,OW,C_out);
     geo: the spec's geometry tuple (_spec.GEOMETRY_FIELDS); split: (tile, cblock, kc), see
     ``gemm_split``.
     """
@@ -38,7 +46,7 @@ def separable_nhwc(
     oh = out.shape[1]
     ow = out.shape[2]
     P = out.shape[0] * oh * ow
-    CO = pw.shape[1]
+    CO = out.shape[3]
     out2 = out.reshape(P, CO)  # the output as a matrix of pixels
     CM = dwk.shape[2]
     H = x.shape[1]
@@ -62,7 +70,8 @@ def separable_nhwc(
             hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
-        gemm_tile(buf, p1 - p0, pw, bias, out2[p0:p1], c0, c1, act, False, pk, at, part, pf, pf_len)
+        gemm_tile(buf, False, p1 - p0, pw, nopack, bias, out2[p0:p1], c0, c1, act, False, pk, at,
+                  part, pf, pf_len)  # fmt: skip
 
 
 def separable_args(
@@ -76,7 +85,7 @@ def separable_args(
     b = bias_vector(bias, spec.c_out, dt, gemm_panel_width(sz))
     split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
     acts = (int(spec.mid_activation), int(spec.activation))
-    return (x, dwk, db, pw, b, out, spec.geometry, *acts, split)
+    return (x, dwk, db, pw, no_packed(dt), b, out, spec.geometry, *acts, split)
 
 
 SEPARABLE: Kernel = kernel(separable_nhwc, separable_args)
