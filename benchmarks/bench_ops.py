@@ -45,14 +45,15 @@ def _skip_unless_supported(batch: int, device: str) -> None:
 _WARM: dict[tuple, tuple] = {}
 
 
-def _warm_case(op: str, layer: int, batch: int, device: str) -> tuple:
-    """(call, sync, work) for one case, built and warmed up once per process."""
-    key = (op, layer, batch, device)
+def _warm_case(op: str, layer: int, batch: int, device: str, backward: bool = False) -> tuple:
+    """(call, sync, work) for one case (its backward with ``backward``), built and warmed up
+    once per process."""
+    key = (op, layer, batch, device, backward)
     if key not in _WARM:
         _skip_unless_supported(batch, device)
         _WARM.clear()  # one case at a time: asv runs the parameters one after another
         case = bench.Case(suite_layer(layer), op, batch, device)
-        fn, sync = case.numba_fn()
+        fn, sync = case.numba_grad_fn() if backward else case.numba_fn()
         for _ in range(2):  # the first call compiles or loads the disk cache
             fn()
             sync()
@@ -185,3 +186,19 @@ class SeparableRoofline:
         w = self.work
         floor = bench.roofline_floor(w.flops, w.nbytes, c.sgemm_gflops, c.copy_gbs)
         return round(100.0 * floor / median, 2)
+
+
+class SeparableBackward(_Op):
+    """The backward of the fused separable layer (numba_dsconv.separable_grad: the gradients
+    of x, dw and pw), which recomputes the depthwise intermediate tile by tile."""
+
+    op = "separable"
+
+    def setup(self, layer: int, batch: int, device: str) -> None:
+        self.fn, self.sync, _ = _warm_case(self.op, layer, batch, device, backward=True)
+
+    def time_separable_backward(self, layer: int, batch: int, device: str) -> None:
+        self._call()
+
+    def peakmem_separable_backward(self, layer: int, batch: int, device: str) -> None:
+        self._call()

@@ -20,6 +20,9 @@ With the project on PYTHONPATH (torch, numba-cuda and optionally CuPy installed)
    bare kernel launch it ends in),
 6. runs the README's CUDA cluster example: CuPy chunks through dask (a dask-cuda
    LocalCUDACluster where installed), equal to the in-memory call bit for bit,
+7. times one training step per layer (numba_dsconv.torch.separable forward + backward against
+   cuDNN's Conv2d(groups=C) + Conv2d(1x1), channels_last, TF32 off) with the gradients checked
+   against torch's, and the bytes autograd keeps for MobileNetV1's 13 separable layers,
 
 and prints short tables last. Exit status 1 if any check failed. Every global setting it
 touches (torch's TF32 flags, numba_dsconv._config) is restored. The flow is smoke-tested on the
@@ -43,7 +46,7 @@ from numba_dsconv.bench import report
 from numba_dsconv.bench.machine import tf32
 from numba_dsconv.bench.suite import layer
 
-RESULTS: dict = {"checks": {}, "runs": [], "variants": {}, "call_breakdown": {}}
+RESULTS: dict = {"checks": {}, "runs": [], "variants": {}, "call_breakdown": {}, "train": []}
 
 # Alternatives to the shipped CUDA settings, timed beside them: (label, {_config knob: value}).
 VARIANTS = (
@@ -67,7 +70,8 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
 
 def run_cuda_tests() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    files = ["tests/test_ops.py", "tests/test_torch_oracle.py", "tests/test_cuda_kernels.py"]
+    files = ["tests/test_ops.py", "tests/test_torch_oracle.py", "tests/test_cuda_kernels.py",
+             "tests/test_grad.py", "tests/test_torch_frontend.py"]  # fmt: skip
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", *files, "-k", "cuda"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -197,6 +201,28 @@ def suite_timings(device: str, batch: int, layers: str, repeat: int) -> None:
         check(f"separable variants of layer {lay.number} match float64", not bad, str(bad or ""))
 
 
+def train_timings(device: str, batches: list[int], layers: str, repeat: int) -> None:
+    """The training step per layer against torch (cuDNN on a GPU, TF32 off), and what
+    autograd keeps for MobileNetV1's 13 separable layers."""
+    from numba_dsconv.bench import train
+    from numba_dsconv.bench.machine import torch_module
+
+    if torch_module() is None:
+        check("training step", True, "(torch not installed: skipped)")
+        return
+    with tf32(False):
+        for batch in batches:
+            result = train.run_train_bench(device, batch, bench.parse_layers(layers), repeat)
+            RESULTS["train"].append(result.to_dict())
+            worst = max(r.grad_error for r in result.rows)
+            check(f"training step N={batch}: gradients match torch's", worst < 1e-3,
+                  f"(largest relative error {worst:.1e})")  # fmt: skip
+        saved = train.saved_bytes(batches[-1], device)
+    RESULTS["saved_bytes"] = saved
+    ratio = saved["ours"]["raw"] / saved["torch"]["raw"]
+    check("autograd keeps less than torch for MobileNetV1", ratio < 1, f"({ratio:.2f}x)")
+
+
 def print_tables() -> None:
     from rich.console import Console
 
@@ -214,6 +240,20 @@ def print_tables() -> None:
     for label, times in RESULTS["call_breakdown"].items():
         cells = ", ".join(f"{k} {t * 1e6:.1f}" for k, t in times.items())
         log(f"Python call, {label} (median, us): {cells}")
+    for run in RESULTS["train"]:
+        log(f"training step, N={run['batch']}, {run['device']} (median ms; ours / torch):")
+        for r in run["rows"]:
+            log(
+                f"  layer {r['layer']:>2} {r['name']:<26} ours {r['ours_s'] * 1e3:8.3f}  torch "
+                f"{r['torch_s'] * 1e3:8.3f}  {r['ratio']:5.2f}x  grad err {r['grad_error']:.1e}"
+            )
+        log(f"  geometric mean {run['geomean_ratio']:.2f}x")
+    if "saved_bytes" in RESULTS:
+        o, t = RESULTS["saved_bytes"]["ours"], RESULTS["saved_bytes"]["torch"]
+        log(
+            f"saved for backward (MobileNetV1, 13 layers): ours {o['raw'] / 2**20:.1f} MiB, "
+            f"torch {t['raw'] / 2**20:.1f} MiB ({o['raw'] / t['raw']:.2f}x)"
+        )
     failed = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
     log(
         f"checks: {len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed"
@@ -232,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--skip-tests", action="store_true", help="skip the pytest run")
     ap.add_argument("--skip-large", action="store_true", help="skip the > 2**31 check")
+    ap.add_argument("--skip-forward", action="store_true", help="skip the forward timings")
+    ap.add_argument("--train-batches", default="8,64", help="batches of the training step")
+    ap.add_argument("--train-layers", default="1-7", help="layers of the training step")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--layers", default="1-11")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test this script's flow")
@@ -259,7 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         case = bench.Case(layer(7), "separable", 1, args.device)
         RESULTS["call_breakdown"]["N=1, layer 7"] = bench.call_breakdown(case)
 
-    steps += [("dask", lambda: check_dask(gpu, nd)), ("timings", timings), ("N=1 call", breakdown)]
+    def training() -> None:
+        batches = [int(b) for b in args.train_batches.split(",") if b]
+        train_timings(args.device, batches, args.train_layers, repeat)
+
+    steps.append(("dask", lambda: check_dask(gpu, nd)))
+    if not args.skip_forward:
+        steps += [("timings", timings), ("N=1 call", breakdown)]
+    steps.append(("training step", training))
     for name, fn in steps:
         try:
             fn()

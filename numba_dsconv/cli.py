@@ -246,6 +246,8 @@ def bench(args: argparse.Namespace) -> int:
         lays = engine.parse_layers(args.layers)
     except ValueError as exc:
         return _error(str(exc))
+    if args.pass_ == "train":
+        return _bench_train(args, lays)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -297,6 +299,61 @@ def bench(args: argparse.Namespace) -> int:
     if not result.ok:
         console.print("MISMATCH: a result differs from the float64 reference", style="red")
         return 1
+    return 0
+
+
+def _bench_train(args: argparse.Namespace, lays: list) -> int:
+    """One training step per layer, ours (numba_dsconv.torch) against torch's layers, and
+    what autograd keeps for MobileNetV1's 13 separable layers (bench/train.py)."""
+    import json
+
+    from . import bench as engine
+    from .bench.machine import torch_module
+    from .bench.report import json_ready
+
+    if torch_module() is None:
+        return _error("--pass train needs torch: pip install torch")
+    if args.device == "cuda" and not engine.gpu_available():
+        return _error("--device cuda: no usable CUDA GPU on this machine")
+    if args.json:
+        _check_writable(args.json, "--json")
+    from .bench import train
+
+    with console.status("training step benchmark") as status:
+        result = train.run_train_bench(
+            args.device, args.batch, lays, args.repeat,
+            progress=lambda phase, label, done, total: status.update(f"{label} ({done}/{total})"),
+        )  # fmt: skip
+        status.update("saved tensors of MobileNetV1's 13 separable layers")
+        saved = train.saved_bytes(args.batch, args.device)
+    t = Table(
+        title=Text(
+            f"training step (forward + backward, grads of x, weights, biases), N={args.batch}, "
+            f"{args.device}, {result.threads} threads: numba_dsconv.torch.separable vs torch "
+            f"Conv2d(groups=C) + Conv2d(1x1), channels_last; median ms"
+        )
+    )
+    for col in ("#", "layer", "ours ms", "torch ms", "ours / torch", "grad error"):
+        t.add_column(Text(col), justify="left" if col == "layer" else "right")
+    for r in result.rows:
+        t.add_row(*(Text(c) for c in (str(r.layer), r.name, f"{r.ours_s * 1e3:.3f}",
+                                      f"{r.torch_s * 1e3:.3f}", f"{r.ratio:.2f}x",
+                                      f"{r.grad_error:.1e}")))  # fmt: skip
+    wide = console if console.is_terminal else _wide(150)
+    wide.print(t)
+    wide.print(f"geometric mean ours / torch: {result.geomean:.2f}x (below 1: ours is faster)")
+    ours, theirs = saved["ours"], saved["torch"]
+    wide.print(
+        f"saved for backward, MobileNetV1's 13 separable layers (relu6 after each stage), "
+        f"N={args.batch}: ours {ours['raw'] / 2**20:.1f} MiB, torch {theirs['raw'] / 2**20:.1f}"
+        f" MiB ({ours['raw'] / theirs['raw']:.2f}x) counting every saved tensor; distinct "
+        f"storages {ours['unique'] / 2**20:.1f} vs {theirs['unique'] / 2**20:.1f} MiB "
+        f"({ours['unique'] / theirs['unique']:.2f}x)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_ready({**result.to_dict(), "saved_bytes": saved}), f, indent=1)
+        console.print(f"wrote {args.json}")
     return 0
 
 
@@ -365,6 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_bench.add_argument(
         "--op", choices=("separable", "depthwise", "pointwise", "conv2d"), default="separable"
+    )
+    p_bench.add_argument(
+        "--pass",
+        dest="pass_",
+        choices=("forward", "train"),
+        default="forward",
+        help="train: one training step per layer (forward + backward) through "
+        "numba_dsconv.torch against torch's layers, and the memory autograd keeps for "
+        "MobileNetV1 (needs torch)",
     )
     p_bench.add_argument(
         "--repeat",

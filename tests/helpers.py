@@ -63,6 +63,10 @@ def small_cuda_blocks(monkeypatch) -> None:
     monkeypatch.setattr(_config, "CUDA_THREADS", threads)
     monkeypatch.setattr(_config, "CUDA_GEMM_TILE", tile)
     monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", blocks)
+    # the backward: small tiles, a few pixels per sum range, bands of a few rows
+    monkeypatch.setattr(_config, "CUDA_BACKWARD_TILE", tile)
+    monkeypatch.setattr(_config, "CUDA_BACKWARD_SPLIT_PIXELS", 7)
+    monkeypatch.setattr(_config, "CUDA_BACKWARD_BAND_BYTES", 256)
 
 
 TOL = {

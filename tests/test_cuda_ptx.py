@@ -91,6 +91,8 @@ def test_compiles_to_ptx_for_sm90(name, fn, sig, opts):
     assert ".entry" in ptx
     # tiles and accumulators must live in registers / shared memory, not local memory
     assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} uses local memory"
+    if name.startswith(("backward pw_grad", "backward gm ", "backward dw_band")):
+        assert ".shared" in ptx and "bar.sync" in ptx  # tiles staged in shared memory
     if _is_gemm(name):
         assert ".shared" in ptx and "bar.sync" in ptx
         # the inner product step reads a thread's 4 pixels and 4 channels from the shared
@@ -143,7 +145,12 @@ def test_every_specialisation_is_covered():
         assert f"pointwise {dt}" in names
     # every float32 specialisation has a halo build (float64 has none)
     assert halos == len(kernels.SPECIALISED)
-    assert len(CASES) == 2 * (8 + 3 * (len(kernels.SPECIALISED) + 1) + 1) + halos
+    # the backward: per dtype and way of reading the final activation's mask (3), pw_grad and
+    # gm with and without a depthwise stage, the depthwise op's gm, conv2d's dx and dw, the
+    # bias sums; then dx_band, dw_band, combine and fill
+    backward = [n for n in names if n.startswith("backward")]
+    assert len(backward) == 2 * (3 * 8 + 4)
+    assert len(CASES) == 2 * (8 + 3 * (len(kernels.SPECIALISED) + 1) + 1) + halos + len(backward)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator always has a device")

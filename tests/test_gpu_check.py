@@ -35,15 +35,24 @@ def test_flow_and_tables_run_on_the_host(monkeypatch, capsys, tmp_path):
     knobs = (_config.CUDA_HALO, _config.CUDA_GEMM_REGISTERS, tuple(_config.CUDA_GEMM_TILE))
     out = tmp_path / "gpu_check.json"
 
-    args = ["--device", "cpu", "--layers", "99", "--batch", "1", "--quick", "--json", str(out)]
+    args = ["--device", "cpu", "--layers", "99", "--batch", "1", "--quick", "--json", str(out),
+            "--train-batches", "2", "--train-layers", "99"]  # fmt: skip
     assert gc.main(args) == 0
     text = capsys.readouterr().out
 
     for line in ("separable, N=1, cpu", "depthwise, N=1, cpu", "separable variants"):
         assert line in text, line
     assert "Python call, N=1, layer 7" in text and "call out=" in text
-    # two runs, the variants of layer 99, and the dask example (NumPy chunks on the host)
-    assert "checks: 4 passed, 0 failed" in text
+    # two runs, the variants of layer 99, the dask example (NumPy chunks on the host), and
+    # with torch the training step's gradients and saved bytes
+    try:
+        import torch  # noqa: F401
+
+        assert "checks: 6 passed, 0 failed" in text
+        assert "training step, N=2, cpu" in text and "saved for backward" in text
+        assert d_train(out)[0]["rows"][0]["layer"] == 99
+    except ImportError:
+        assert "checks: 5 passed, 0 failed" in text  # the training step skipped: no torch
     assert "[PASS] dask, numpy chunks, threaded scheduler: equal to the in-memory call" in text
     d = json.loads(out.read_text())
     assert [r["settings"]["op"] for r in d["runs"]] == ["separable", "depthwise"]
@@ -58,3 +67,7 @@ def test_flow_and_tables_run_on_the_host(monkeypatch, capsys, tmp_path):
         _config.CUDA_GEMM_REGISTERS,
         tuple(_config.CUDA_GEMM_TILE),
     )
+
+
+def d_train(path):
+    return json.loads(path.read_text())["train"]

@@ -141,6 +141,31 @@ class Case:
             return rotating(varied, xs), sync
         return rotating(one, xs), sync
 
+    def numba_grad_fn(self) -> Timed:
+        """(call, sync): the backward of the case's call (numba_dsconv.<op>_grad, every
+        gradient: x, weights) for a random grad of the result, on the next input."""
+        from .. import grad as grads
+
+        xs, ws, sync = self._arrays()
+        lay = self.layer
+        kw: dict[str, Any] = {"device": self.device}
+        if self.op != "pointwise":
+            kw.update(stride=lay.stride, padding=lay.padding)
+        weights = [ws[k] for k in ("w", "dw", "pw") if k in ws]
+        y = getattr(api, self.op)(xs[0], *weights, **kw)
+        rng = np.random.default_rng(7)
+        g = rng.standard_normal(tuple(y.shape), dtype=np.float32)
+        if self.device == "cuda":
+            from numba import cuda
+
+            g = cuda.to_device(g)
+        fn = getattr(grads, f"{self.op}_grad")
+
+        def one(x: Any) -> Any:
+            return fn(g, x, *weights, **kw)
+
+        return rotating(one, xs), sync
+
     def bare_launch(self) -> Timed:
         """The configured CUDA kernel launch the call ends in, with its arguments built once
         (the call's time minus this is the library's Python work)."""

@@ -74,3 +74,41 @@ def ptx_cases(
                 yield (f"separable halo {key} {dt}", g.py_func, gsig["separable"], gopt)
         g = gemm_kernel("pointwise", *GENERIC, dt, tile, (0, 0), registers)
         yield (f"pointwise {dt}", g.py_func, gsig["pointwise"], gopt)
+        yield from backward_ptx_cases(dt)
+
+
+def backward_ptx_cases(dt: np.dtype) -> Iterator[tuple[str, Any, tuple[Any, ...], dict[str, Any]]]:
+    """The backward kernels (cuda/backward.py) of ``dt``, for every way the final
+    activation's mask is read, with the argument types gemm_grads / conv2d_grads launch them
+    with (device arrays C-contiguous, Python ints, the geometry tuple)."""
+    from .. import _config
+    from . import backward as bw
+
+    tile = tuple(_config.CUDA_BACKWARD_TILE)
+    a5, a4, a3, a2, a1 = (np.zeros((1,) * nd, dt) for nd in (5, 4, 3, 2, 1))
+    geo = _sample_spec("separable").geometry
+    i = 0  # a Python int, as the launches pass band bounds and sizes
+    masks = {bw.Y_NONE: a4, bw.Y_OUTPUT: a4, bw.Y_MASK: np.zeros((1,) * 4, np.bool_)}
+    for ymode, ysrc in masks.items():
+        for has_dw in (True, False):
+            k = bw.pw_grad_kernel(dt, has_dw, ymode, tile)
+            sig = _signature((a4, a3, a1, a4, ysrc, a3, a2, geo, i, i))
+            yield (f"backward pw_grad dw={has_dw} y={ymode} {dt}", k.py_func, sig, {})
+            k = bw.gm_kernel(dt, has_dw, ymode, tile)
+            sig = _signature((a4, a3, a1, a4, ysrc, a2, a2, i, i, geo, i, i))
+            yield (f"backward gm dw={has_dw} y={ymode} {dt}", k.py_func, sig, {})
+        k = bw.dw_gm_kernel(dt, ymode)
+        sig = _signature((a4, a3, a1, a4, ysrc, a2, i, i, geo, i))
+        yield (f"backward dw_gm y={ymode} {dt}", k.py_func, sig, {})
+        yield (f"backward conv2d_dx y={ymode} {dt}", bw.conv2d_dx_kernel(dt, ymode).py_func,
+               _signature((a4, ysrc, a4, a4, geo, i)), {})  # fmt: skip
+        yield (f"backward conv2d_dw y={ymode} {dt}", bw.conv2d_dw_kernel(dt, ymode).py_func,
+               _signature((a4, a4, ysrc, a5, geo, i)), {})  # fmt: skip
+        yield (f"backward colsum y={ymode} {dt}", bw.colsum_kernel(dt, ymode).py_func,
+               _signature((a4, ysrc, a2, i)), {})  # fmt: skip
+    yield (f"backward dx_band {dt}", bw.dx_band_kernel(dt).py_func,
+           _signature((a2, a3, a4, i, i, i, i, i, i, geo)), {})  # fmt: skip
+    yield (f"backward dw_band {dt}", bw.dw_band_kernel(dt, 8, 32).py_func,
+           _signature((a4, a2, a3, i, i, i, i, i, geo)), {})  # fmt: skip
+    yield (f"backward combine {dt}", bw.combine_kernel().py_func, _signature((a2, a1)), {})
+    yield (f"backward fill {dt}", bw.fill_kernel().py_func, _signature((a1, dt.type(0))), {})

@@ -25,7 +25,7 @@ from .._dispatch import (
     wrap_host,
 )
 from .._spec import ConvSpec
-from . import _interop
+from . import _interop, backward
 from .depthwise import depthwise_args, depthwise_launch
 from .gemm import gemm_args, gemm_launch
 from .layout import as4d, copy4d, copy4d_args, nhwc_view
@@ -228,6 +228,102 @@ class CudaBackend:
         dtype = np.dtype(dtype)
         with self.context:
             return self._run(spec, dtype, x, weights, biases, out)
+
+    # -- gradients ----------------------------------------------------------------------------
+
+    def run_grad(
+        self, spec: ConvSpec, dtype: np.dtype, grad, x, weights, biases, output, need, dtypes
+    ) -> dict[str, Any]:
+        """The gradients ``need`` asks for, by slot (grad.SLOTS): dx in x's layout, the
+        weights' in the kernels' shapes, each in ``dtypes[slot]`` and the caller's array type
+        (backward.py has the kernels)."""
+        _check_int32_extents(spec)
+        dtype = np.dtype(dtype)
+        with self.context:
+            found = self._run_grad(spec, dtype, grad, x, weights, biases, output, need)
+            return {k: self._deliver(spec, k, v, dtypes[k]) for k, v in found.items()}
+
+    def _nhwc(self, a: Any, shape4: tuple[int, ...], spec: ConvSpec, dtype: np.dtype) -> Any:
+        """``a`` (the caller's layout and batchedness) as an NHWC, C-contiguous device array of
+        ``shape4`` and ``dtype`` (a view where it already is one)."""
+        if not _is_device(a):
+            a4 = a if spec.batched else a[np.newaxis]
+            if spec.layout == "NCHW":
+                a4 = a4.transpose(0, 2, 3, 1)
+            return self._contiguous(a4, dtype)
+        src = nhwc_view(a, shape4, spec.batched, spec.layout)
+        if np.dtype(a.dtype) == dtype and src.is_c_contiguous():
+            return src
+        dst = cuda.device_array(shape4, dtype=dtype, stream=self.stream)
+        _copy(src, dst, self.stream)
+        return dst
+
+    def _run_grad(self, spec: ConvSpec, dtype: np.dtype, grad, x, weights, biases, output, need):
+        launch = backward.Launcher(self.stream)
+        want = {s: bool(need.get(s, False)) for s in ("x", "dw", "pw", "db", "b", "w")}
+        if spec.n == 0:
+            return self._empty_grads(spec, dtype, weights, want)
+        xd = self._input_nhwc(x, spec, dtype)
+        gd = self._nhwc(grad, spec.out_nhwc, spec, dtype)
+        ymode, ysrc = backward.Y_NONE, gd
+        if output is not None:
+            is_mask = np.dtype(output.dtype) == np.bool_
+            ymode = backward.Y_MASK if is_mask else backward.Y_OUTPUT
+            ysrc = self._nhwc(output, spec.out_nhwc, spec, np.dtype(np.bool_) if is_mask else dtype)
+        elif spec.activation != 0 and spec.op in ("separable", "pointwise", "conv2d"):
+            # the forward again, for the final activation's mask (the depthwise op's is
+            # recomputed inside its band kernel)
+            ysrc = cuda.device_array(spec.out_nhwc, dtype=dtype, stream=self.stream)
+            fwd, args = self.kernel_call(spec, dtype, xd, weights, biases, ysrc)
+            fwd(*args)
+            ymode = backward.Y_OUTPUT
+        if spec.op == "conv2d":
+            w = self._contiguous(weights[0], dtype)
+            return backward.conv2d_grads(spec, dtype, launch, xd, gd, ysrc, ymode, w, want)
+        unused = self._bias(None, 1, dtype)
+        if spec.op == "pointwise":
+            dwk, dwb, pw = unused.reshape(1, 1, 1), unused, self._contiguous(weights[0], dtype)
+        else:
+            dwk = self._contiguous(weights[0], dtype)
+            dwb = self._bias(biases[0], spec.c_mid, dtype)
+            pw = self._contiguous(weights[1], dtype) if spec.op == "separable" else unused
+            pw = pw.reshape(spec.c_mid, spec.c_out) if spec.op == "separable" else pw.reshape(1, 1)
+        return backward.gemm_grads(spec, dtype, launch, xd, gd, ysrc, ymode, dwk, dwb, pw, want)
+
+    def _empty_grads(self, spec: ConvSpec, dtype: np.dtype, weights, want) -> dict[str, Any]:
+        """N = 0: an empty dx, zero weight and bias gradients."""
+        launch = backward.Launcher(self.stream)
+        cm, co = spec.c_mid, spec.c_out
+        shapes = {"w": tuple(weights[0].shape), "dw": (spec.kh, spec.kw, cm), "pw": (cm, co),
+                  "db": (cm,), "b": (co,)}  # fmt: skip
+        found = {k: launch.zeros(shapes[k], dtype) for k, v in want.items() if v and k != "x"}
+        if want["x"]:
+            found["x"] = cuda.device_array((0, spec.h, spec.w, spec.c_in), dtype=dtype)
+        return found
+
+    def _deliver(self, spec: ConvSpec, slot: str, value: Any, dtype: np.dtype) -> Any:
+        """A gradient as the caller's array type and ``dtype``: dx in x's layout and
+        batchedness; host arrays for host inputs."""
+        template = None if self.host_in else self.template
+        if slot == "x":
+            n, h, w, c = spec.n, spec.h, spec.w, spec.c_in
+            shape4 = (n, h, w, c) if spec.layout == "NHWC" else (n, c, h, w)
+            result, res_nb = _interop.allocate(template, shape4, dtype, self.index, self.stream)
+            if value.size:
+                _copy(value, nhwc_view(res_nb, (n, h, w, c), True, spec.layout), self.stream)
+            if not spec.batched:
+                result = result[0]
+        else:
+            shape = tuple(value.shape)
+            result, res_nb = _interop.allocate(template, shape, dtype, self.index, self.stream)
+            shape4 = (1,) * (4 - len(shape)) + shape
+            if value.size:
+                _copy(as4d(value, shape4), as4d(res_nb, shape4), self.stream)
+        if self.host_in:
+            host = result.copy_to_host(stream=self.stream)
+            self.stream.synchronize()
+            return host
+        return result
 
     def _run(self, spec: ConvSpec, dtype: np.dtype, x, weights, biases, out) -> Any:
         stream = self.stream

@@ -1,0 +1,201 @@
+"""Training-step benchmarks: one layer's forward and backward, ours against torch's layers.
+
+``run_train_bench``: per suite layer, one training step (forward, then backward with the
+gradients of the input, the weights and the biases) with ``numba_dsconv.torch.separable``
+against torch's Conv2d(groups=C) + Conv2d(1x1) on channels_last tensors, timed interleaved
+(ours, torch, ours, torch, ...) after warm-up; medians. Both run in one process (ours is a torch
+autograd op), on the same number of threads. The gradients of ours are checked against
+torch's (float32).
+
+``saved_bytes``: what autograd keeps for the backward of a chain of MobileNetV1's 13
+separable layers, counted with torch.autograd.graph.saved_tensors_hooks, ours and torch's.
+
+Import needs torch (the command line says so where it is missing).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numba
+
+from .machine import Progress, no_progress, torch_module
+from .suite import Layer
+from .timing import time_interleaved
+
+# MobileNetV1's 13 depthwise separable layers at 224 x 224: (H_in, C_in, C_out, stride)
+MOBILENET_V1 = (
+    (112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56, 128, 256, 2),
+    (28, 256, 256, 1), (28, 256, 512, 2), *((14, 512, 512, 1),) * 5, (14, 512, 1024, 2),
+    (7, 1024, 1024, 1),
+)  # fmt: skip
+
+
+@dataclass
+class TrainRow:
+    layer: int
+    name: str
+    batch: int
+    device: str
+    ours_s: float
+    torch_s: float
+    ratio: float  # ours / torch: below 1, ours is faster
+    grad_error: float  # max over the gradients of max |ours - torch| / max |torch|
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    device: str
+    batch: int
+    threads: int
+    rows: list[TrainRow]
+
+    @property
+    def geomean(self) -> float:
+        return math.exp(statistics.fmean(math.log(r.ratio) for r in self.rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "batch": self.batch, "threads": self.threads,
+                "geomean_ratio": self.geomean, "rows": [asdict(r) for r in self.rows]}  # fmt: skip
+
+
+def _tensors(torch: Any, lay: Layer, batch: int, device: str, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+
+    def r(*shape: int, scale: float = 1.0) -> Any:
+        return (scale * torch.randn(*shape, generator=g)).to(device)
+
+    oh = (lay.hw + 2 * lay.padding - lay.kernel) // lay.stride + 1
+    return {
+        "x": r(batch, lay.c_in, lay.hw, lay.hw).contiguous(memory_format=cl),
+        "dw": r(lay.c_in, 1, lay.kernel, lay.kernel, scale=1 / 3),
+        "pw": r(lay.c_out, lay.c_in, 1, 1, scale=1 / math.sqrt(lay.c_in)),
+        "b1": r(lay.c_in),
+        "b2": r(lay.c_out),
+        "grad": r(batch, lay.c_out, oh, oh).contiguous(memory_format=cl),
+    }
+
+
+def train_step_fns(lay: Layer, batch: int, device: str = "cpu") -> tuple[dict, Any, Any]:
+    """({"ours": (step, sync), "torch": (step, sync)}, the leaves' gradients of one step of
+    each as a function, torch)."""
+    torch = torch_module()
+    import torch.nn.functional as F
+
+    from .. import torch as ndt
+
+    t = _tensors(torch, lay, batch, device, seed=lay.number)
+    sides: dict[str, dict[str, Any]] = {}
+    for name in ("ours", "torch"):
+        sides[name] = {k: v.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                       for k, v in t.items() if k != "grad"}  # fmt: skip
+    s, p = lay.stride, lay.padding
+
+    def forward(name: str) -> Any:
+        v = sides[name]
+        if name == "ours":
+            return ndt.separable(v["x"], v["dw"], v["pw"], stride=s, padding=p,
+                                 dw_bias=v["b1"], bias=v["b2"])  # fmt: skip
+        mid = F.conv2d(v["x"], v["dw"], v["b1"], stride=s, padding=p, groups=lay.c_in)
+        return F.conv2d(mid, v["pw"], v["b2"])
+
+    def step(name: str) -> None:
+        for leaf in sides[name].values():
+            leaf.grad = None
+        forward(name).backward(t["grad"])
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fns = {name: ((lambda n=name: step(n)), sync) for name in sides}
+
+    def grads(name: str) -> list[Any]:
+        step(name)
+        sync()
+        return [sides[name][k].grad for k in ("x", "dw", "pw", "b1", "b2")]
+
+    return fns, grads, torch
+
+
+def run_train_bench(
+    device: str, batch: int, layers: list[Layer], repeat: int | None = None,
+    progress: Progress = no_progress,
+) -> TrainResult:  # fmt: skip
+    """The training step of each layer, ours against torch's (see the module docstring)."""
+    torch = torch_module()
+    if torch is None:
+        raise NotImplementedError("the training benchmark needs torch: pip install torch")
+    threads = numba.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(threads)  # the same cores for both
+    rows = []
+    for i, lay in enumerate(layers):
+        progress("measure", f"layer {lay.number}", i, len(layers))
+        fns, grads, _ = train_step_fns(lay, batch, device)
+        theirs = grads("torch")
+        error = 0.0
+        for a, b in zip(grads("ours"), theirs, strict=True):
+            scale = float(b.abs().max()) or 1.0
+            error = max(error, float((a - b).abs().max()) / scale)
+        for fn, sync in fns.values():  # warm up
+            fn()
+            sync()
+        samples, _ = time_interleaved(fns, repeat or 9, min_sample_s=0.05)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        rows.append(TrainRow(lay.number, lay.name, batch, device, med["ours"], med["torch"],
+                             med["ours"] / med["torch"], error, samples))  # fmt: skip
+    progress("measure", "done", len(layers), len(layers))
+    return TrainResult(device, batch, threads, rows)
+
+
+def saved_bytes(batch: int = 8, device: str = "cpu", layers: int = 13) -> dict[str, dict]:
+    """What autograd keeps for the backward of the first ``layers`` MobileNetV1 separable
+    layers (relu6 after each stage), ours and torch's (Conv2d(groups=C), ReLU6, Conv2d(1x1),
+    ReLU6) from one input: {"ours"/"torch": {"raw": bytes of every saved tensor as saved,
+    "unique": bytes of the distinct storages among them}}."""
+    torch = torch_module()
+    from .. import torch as ndt
+
+    x0 = torch.randn(batch, 32, 112, 112, device=device).contiguous(
+        memory_format=torch.channels_last
+    ).requires_grad_()  # fmt: skip
+    out = {}
+    for name in ("ours", "torch"):
+        model = _mobilenet_v1(torch, ndt, name == "ours", layers).to(device)
+        out[name] = _count_saved(torch, model, x0)
+    return out
+
+
+def _mobilenet_v1(torch: Any, ndt: Any, ours: bool, layers: int) -> Any:
+    modules = []
+    for _, c_in, c_out, stride in MOBILENET_V1[:layers]:
+        if ours:
+            modules.append(ndt.SeparableConv2d(
+                c_in, c_out, 3, stride=stride, padding=1, mid_activation="relu6",
+                activation="relu6",
+            ))  # fmt: skip
+        else:
+            modules += [torch.nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+                        torch.nn.ReLU6(), torch.nn.Conv2d(c_in, c_out, 1, bias=True),
+                        torch.nn.ReLU6()]  # fmt: skip
+    return torch.nn.Sequential(*modules)
+
+
+def _count_saved(torch: Any, model: Any, x: Any) -> dict[str, int]:
+    """Bytes autograd saves in model(x): every saved tensor, and the distinct storages."""
+    seen: dict[int, int] = {}
+    raw = 0
+
+    def pack(t: Any) -> Any:
+        nonlocal raw
+        raw += t.numel() * t.element_size()
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    del y
+    return {"raw": raw, "unique": sum(seen.values())}
