@@ -347,6 +347,7 @@ def backward_chunk(
     g2,
     y2,
     gx,
+    owned,
     gpw,
     gdw,
     gdb,
@@ -381,6 +382,11 @@ def backward_chunk(
     zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
     pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
     x2 = x.reshape(-1, x.shape[3])
+    if has_dw and need_x:  # dx starts at zero in the input rows this chunk owns
+        rows_of_dx = gx.reshape(-1, gx.shape[2] * gx.shape[3])
+        for r in range(owned[k, 0], owned[k, 1]):
+            for e in range(rows_of_dx.shape[1]):
+                rows_of_dx[r, e] = 0
     p = p_lo
     while p < p_hi:
         p1 = min(p_hi, p + tile)
@@ -449,6 +455,7 @@ def backward_nhwc(
     g2,
     y2,
     gx,
+    owned,
     gpw,
     gdw,
     gdb,
@@ -470,7 +477,9 @@ def backward_nhwc(
     (``packed_weights``; empty where unused), nopack: an empty one (the d pw GEMM packs the
     tile's data itself); b: the final bias padded to the panel width; g2, y2:
     grad and the forward output as (pixels, channels) (y2 unread unless ``have_y``); gx: dx,
-    NHWC, zeroed where the depthwise stage scatters into it; gpw, gdw, gdb, gb: per-chunk
+    NHWC, uninitialised: the depthwise stage adds into it, after each chunk of the first phase
+    has zeroed the input rows ``owned[k]`` gives it (flattened over images: every row once, and
+    before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
     partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``.
     """
     _, nchunks, phases, _, _ = plan
@@ -479,7 +488,7 @@ def backward_nhwc(
         for u in prange(count):
             backward_chunk(
                 u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
-                y2, gx, gpw, gdw, gdb, gb,
+                y2, gx, owned, gpw, gdw, gdb, gb,
                 zeros, geo, mid_act, act, flags, plan, oh, ow,
             )  # fmt: skip
 
@@ -625,6 +634,36 @@ def _backward_plan(
     return per, nchunks, phases, tile, kc
 
 
+def owned_rows(spec: ConvSpec, plan: tuple[int, ...]) -> np.ndarray:
+    """[lo, hi) of the input rows (flattened over images) each chunk zeroes in dx before adding
+    to it: a partition of all rows among the chunks of the first phase, each chunk owning from
+    the first row its taps read up to the next first-phase chunk's first row (the second-phase
+    chunk between them only adds, after the first phase). Whole-image chunks own their images.
+    """
+    per, nchunks, phases = plan[:3]
+    rows = spec.n * spec.out_h
+    owned = np.zeros((nchunks, 2), np.int64)
+    total = spec.n * spec.h
+    if phases == 1:
+        for k in range(nchunks):
+            r0, r1 = k * per, min(rows, (k + 1) * per)
+            first = r0 // spec.out_h * spec.h
+            last = total if k == nchunks - 1 else (r1 // spec.out_h) * spec.h
+            owned[k] = (first, last)
+        owned[0, 0] = 0
+        return owned
+
+    def first_row(k: int) -> int:  # the first input row chunk k's taps read
+        n, i = divmod(k * per, spec.out_h)
+        return n * spec.h + max(0, i * spec.stride_h - spec.pad_top)
+
+    for k in range(0, nchunks, 2):
+        lo = 0 if k == 0 else first_row(k)
+        hi = total if k + 2 >= nchunks else first_row(k + 2)
+        owned[k] = (lo, hi)
+    return owned
+
+
 def reach_rows(spec: ConvSpec) -> int:
     """The fewest output rows per chunk for two-phase chunks (see backward_plan)."""
     return max(1, (spec.kh - 1) * spec.dilation_h // spec.stride_h)
@@ -731,14 +770,16 @@ def gemm_backward_args(
     shape = (spec.n, spec.h, spec.w, spec.c_in)
     if not need["x"]:
         gx = np.zeros((1, 1, 1, cm), dt)
-    else:  # the depthwise stage adds into dx; the pointwise op's GEMM writes it whole
-        gx = np.zeros(shape, dt) if has_dw else np.empty(shape, dt)
+    else:  # the depthwise stage adds into dx (zeroed by the chunks); the pointwise op's GEMM
+        gx = np.empty(shape, dt)  # writes it whole
+    owned = owned_rows(spec, plan) if has_dw and need["x"] else np.zeros((plan[1], 2), np.int64)
     g2 = g.reshape(spec.pixels, g.shape[3])
     y2 = y.reshape(spec.pixels, y.shape[3]) if y is not None else g2[:0]
     flags = (has_dw, has_pw, y is not None, need["x"], need["dw"], need["pw"], need["db"],
              need["b"])  # fmt: skip
     zeros = np.zeros(-(-max(cm, co) // nr) * nr, dt)
-    args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, parts["pw"],
+    args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
+            parts["pw"],
             parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
             spec.out_h, spec.out_w)  # fmt: skip
     return args, {"x": gx, **parts}
