@@ -244,6 +244,7 @@ def _forward_impl(op: str):
 def _forward_fake(op: str):
     def fake(*args):
         x, weights, _, (stride, mode, padding, dilation, _, _) = _split(op, args)
+        _core_weights(op, x, weights)  # the weights' shape errors at trace time too
         shape = _output_shape(op, x, weights, stride, mode, padding, dilation)
         out = x.new_empty(shape, dtype=_result_dtype(x, weights))
         return out.contiguous(memory_format=_result_format(x))

@@ -582,6 +582,22 @@ def conv2d_grad_weight_nhwc(x, gy, gw, gb, geo, rows_per_chunk):  # pragma: no c
 CONV2D_GRAD_WEIGHT = kernel(conv2d_grad_weight_nhwc, None)
 
 
+def conv2d_grad_bias_nhwc(gy, gb, rows_per_chunk):  # pragma: no cover - compiled
+    """gb[k, o] = chunk k's sum of gy[..., o], pixels in order (as conv2d_grad_weight_nhwc sums
+    it alongside the weights: the same bits with or without them)."""
+    N, OH, OW, CO = gy.shape
+    for k in prange(gb.shape[0]):
+        for r in range(k * rows_per_chunk, min(N * OH, (k + 1) * rows_per_chunk)):
+            n = r // OH
+            i = r - n * OH
+            for j in range(OW):
+                for o in range(CO):
+                    gb[k, o] += gy[n, i, j, o]
+
+
+CONV2D_GRAD_BIAS = kernel(conv2d_grad_bias_nhwc, None)
+
+
 # --------------------------------------------------------------------------------------------
 # plans and argument builders
 
@@ -653,14 +669,16 @@ def owned_rows(spec: ConvSpec, plan: tuple[int, ...]) -> np.ndarray:
         owned[0, 0] = 0
         return owned
 
-    def first_row(k: int) -> int:  # the first input row chunk k's taps read
+    def first_row(k: int) -> int:
+        """The first input row chunk k's taps can read: within its first image (an output row
+        below the image, in the bottom padding, reads none: the image's end)."""
         n, i = divmod(k * per, spec.out_h)
-        return n * spec.h + max(0, i * spec.stride_h - spec.pad_top)
+        return n * spec.h + min(spec.h, max(0, i * spec.stride_h - spec.pad_top))
 
     for k in range(0, nchunks, 2):
         lo = 0 if k == 0 else first_row(k)
         hi = total if k + 2 >= nchunks else first_row(k + 2)
-        owned[k] = (lo, hi)
+        owned[k] = (min(lo, total), min(max(lo, hi), total))
     return owned
 
 
@@ -861,6 +879,10 @@ def conv2d_grads(spec: ConvSpec, x, g, y, w, bias, need, dt: np.dtype) -> dict[s
         found["w"] = combine(gw, shapes["w"])
         if want["b"]:
             found["b"] = combine(gb, shapes["b"])
-    elif want["b"]:
-        found["b"] = gy.reshape(-1, spec.c_out).sum(axis=0, dtype=dt)
+    elif want["b"]:  # the same chunks and order as alongside d w: the same bits
+        rows = spec.n * spec.out_h
+        per, nchunks = backward_plan(rows, spec.out_h, spec.out_w, 1, w.size * dt.itemsize, 1)[:2]
+        gb = np.zeros((nchunks, spec.c_out), dt)
+        _launch(CONV2D_GRAD_BIAS, spec.pixels * spec.c_out, gy, gb, per)
+        found["b"] = combine(gb, shapes["b"])
     return found

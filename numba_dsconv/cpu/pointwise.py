@@ -104,7 +104,11 @@ def packed_weights(w: np.ndarray, parallel: bool, scratch=None, name: str = "") 
     nr = gemm_panel_width(w.itemsize)
     shape = (-(-co // nr), k, nr)
     packed = np.empty(shape, w.dtype) if scratch is None else scratch(name, shape, w.dtype)
-    (PACK.parallel if parallel else PACK.serial)(src, wt, packed)
+    if parallel:
+        with _config.call_guard():
+            PACK.parallel(src, wt, packed)
+    else:
+        PACK.serial(src, wt, packed)
     return packed
 
 

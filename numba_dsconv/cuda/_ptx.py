@@ -109,6 +109,6 @@ def backward_ptx_cases(dt: np.dtype) -> Iterator[tuple[str, Any, tuple[Any, ...]
     yield (f"backward dx_band {dt}", bw.dx_band_kernel(dt).py_func,
            _signature((a2, a3, a4, i, i, i, i, i, i, geo)), {})  # fmt: skip
     yield (f"backward dw_band {dt}", bw.dw_band_kernel(dt, 8, 32).py_func,
-           _signature((a4, a2, a3, i, i, i, i, i, geo)), {})  # fmt: skip
+           _signature((a4, a2, a3, i, i, i, i, i, i, geo)), {})  # fmt: skip
     yield (f"backward combine {dt}", bw.combine_kernel().py_func, _signature((a2, a1)), {})
     yield (f"backward fill {dt}", bw.fill_kernel().py_func, _signature((a1, dt.type(0))), {})

@@ -301,12 +301,32 @@ class CudaBackend:
             found["x"] = cuda.device_array((0, spec.h, spec.w, spec.c_in), dtype=dtype)
         return found
 
+    def _channels_last(self, spec: ConvSpec) -> bool:
+        """Whether the caller's NCHW x is a torch or CuPy array in NHWC memory."""
+        x = self.template
+        if library(x) not in ("torch.cuda", "cupy") or len(x.shape) != 4:
+            return False
+        n, c, h, w = (int(v) for v in x.shape)
+        st = [int(v) for v in (x.stride() if library(x) == "torch.cuda" else x.strides)]
+        unit = 1 if library(x) == "torch.cuda" else x.dtype.itemsize
+        want = [h * w * c * unit, unit, w * c * unit, c * unit]  # NHWC strides of (N, C, H, W)
+        return all(s == t or size == 1 for s, t, size in zip(st, want, (n, c, h, w), strict=True))
+
     def _deliver(self, spec: ConvSpec, slot: str, value: Any, dtype: np.dtype) -> Any:
         """A gradient as the caller's array type and ``dtype``: dx in x's layout and
         batchedness; host arrays for host inputs."""
         template = None if self.host_in else self.template
         if slot == "x":
             n, h, w, c = spec.n, spec.h, spec.w, spec.c_in
+            lib = library(template)
+            if spec.layout == "NCHW" and spec.batched and self._channels_last(spec):
+                # x in NHWC memory (torch's channels_last): dx too, one copy, no transposes
+                result, res_nb = _interop.allocate(template, (n, h, w, c), dtype, self.index,
+                                                   self.stream)  # fmt: skip
+                if value.size:
+                    _copy(value, res_nb, self.stream)
+                return result.permute(0, 3, 1, 2) if lib == "torch.cuda" else (
+                    result.transpose(0, 3, 1, 2))  # fmt: skip
             shape4 = (n, h, w, c) if spec.layout == "NHWC" else (n, c, h, w)
             result, res_nb = _interop.allocate(template, shape4, dtype, self.index, self.stream)
             if value.size:

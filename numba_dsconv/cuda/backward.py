@@ -359,15 +359,16 @@ def dx_band_kernel(dtype: np.dtype):
 
 @cache
 def dw_band_kernel(dtype: np.dtype, lanes: int, CW: int):
-    """part[band, tap, cm] = sum over the band's pixels of x[tap's input pixel] * gm (tap <
-    KH*KW; 0 where the tap reads padding), part[band, KH*KW, cm] = sum of gm: one block per
-    (tap, CW channels), ``lanes`` pixel lanes per channel, summed in lane order."""
+    """part[band, tap - first_tap, cm] = sum over the band's pixels of x[tap's input pixel] *
+    gm (tap < KH*KW; 0 where the tap reads padding), and for tap KH*KW the sum of gm: one block
+    per (tap, CW channels) for the taps from ``first_tap`` (KH*KW: the sums of gm alone),
+    ``lanes`` pixel lanes per channel, summed in lane order."""
     dt = np.dtype(dtype)
     nbt = numba.from_dtype(dt)
     zero = dt.type(0)
 
     @cuda.jit
-    def dw_band(x, gm, part, band, p_lo, p_hi, OH, OW, geo):
+    def dw_band(x, gm, part, band, first_tap, p_lo, p_hi, OH, OW, geo):
         kh, kw, sh, sw, dil_h, dil_w, pt, pl, M = geo
         H = x.shape[1]
         W = x.shape[2]
@@ -378,8 +379,9 @@ def dw_band_kernel(dtype: np.dtype, lanes: int, CW: int):
         cc = tid % CW
         n_ct = (CM + CW - 1) // CW
         taps = kh * kw
-        for t in range(int64(cuda.blockIdx.x), (taps + 1) * n_ct, int64(cuda.gridDim.x)):
-            tap = t // n_ct
+        n_t = (taps + 1 - first_tap) * n_ct
+        for t in range(int64(cuda.blockIdx.x), n_t, int64(cuda.gridDim.x)):
+            tap = first_tap + t // n_ct
             cm = (t % n_ct) * CW + cc
             m = tap // kw if tap < taps else 0
             q = tap % kw if tap < taps else 0
@@ -403,7 +405,7 @@ def dw_band_kernel(dtype: np.dtype, lanes: int, CW: int):
                 s = red[0, cc]
                 for u in range(1, lanes):
                     s += red[u, cc]
-                part[band, tap, cm] = s
+                part[band, tap - first_tap, cm] = s
             cuda.syncthreads()
 
     return dw_band
@@ -618,7 +620,9 @@ def gemm_grads(spec: ConvSpec, dt: np.dtype, launch: Launcher, x, g, ysrc, ymode
     tile = tuple(_config.CUDA_BACKWARD_TILE)
     tm, tn, _, rm, rn = tile
     threads = (tm // rm) * (tn // rn)
-    if has_pw and (need["pw"] or need["b"]):
+    if has_pw and need["b"] and not need["pw"]:  # the bias alone: no GEMM
+        found["b"] = colsum_grads(dt, launch, g, ysrc, ymode, act, splits(pixels))
+    if has_pw and need["pw"]:
         s = splits(pixels)
         part = cuda.device_array((s, cm, co), dtype=dt, stream=launch.stream)
         bpart = cuda.device_array((s, co), dtype=dt, stream=launch.stream)
@@ -649,8 +653,9 @@ def gemm_grads(spec: ConvSpec, dt: np.dtype, launch: Launcher, x, g, ysrc, ymode
     dx = launch.zeros((spec.n, spec.h, spec.w, spec.c_in), dt) if need["x"] else None
     taps = spec.kh * spec.kw
     part = None
+    first_tap = 0 if need["dw"] else taps  # d dw_bias alone: only the sums of gm
     if need["dw"] or need["db"]:
-        part = cuda.device_array((nb, taps + 1, cm), dtype=dt, stream=launch.stream)
+        part = cuda.device_array((nb, taps + 1 - first_tap, cm), dtype=dt, stream=launch.stream)
     g2 = g.reshape(pixels, cm) if not has_pw else None
     cw = min(32, _config.CUDA_THREADS)  # channels per block of dw_band (32: a warp)
     lanes = max(1, _config.CUDA_THREADS // cw)
@@ -675,16 +680,17 @@ def gemm_grads(spec: ConvSpec, dt: np.dtype, launch: Launcher, x, g, ysrc, ymode
                 launch.one_d(dx_band_kernel(dt), (ri_hi - ri_lo) * spec.w * spec.c_in, gm, dwk,
                              dx, p_lo, p_hi, ri_lo, ri_hi, spec.out_h, spec.out_w, geo)  # fmt: skip
         if part is not None:
-            launch.tiled(dw_band_kernel(dt, lanes, cw), (taps + 1) * -(-cm // cw), lanes * cw,
-                         x, gm, part, band, p_lo, p_hi, spec.out_h, spec.out_w, geo)  # fmt: skip
+            launch.tiled(dw_band_kernel(dt, lanes, cw), (taps + 1 - first_tap) * -(-cm // cw),
+                         lanes * cw, x, gm, part, band, first_tap, p_lo, p_hi, spec.out_h,
+                         spec.out_w, geo)  # fmt: skip
     if dx is not None:
         found["x"] = dx
     if part is not None:
-        total = launch.combine(part, (taps + 1, cm), dt)
+        total = launch.combine(part, (taps + 1 - first_tap, cm), dt)
         if need["dw"]:
             found["dw"] = total[:taps].reshape(spec.kh, spec.kw, cm)
         if need["db"]:
-            found["db"] = total[taps]
+            found["db"] = total[taps - first_tap]
     return found
 
 
@@ -692,7 +698,8 @@ def _input_rows(spec: ConvSpec, r0: int, r1: int) -> tuple[int, int]:
     """The flattened input rows (n * H + row) the taps of output rows r0..r1-1 read."""
     n0, i0 = divmod(r0, spec.out_h)
     n1, i1 = divmod(r1 - 1, spec.out_h)
-    lo = n0 * spec.h + max(0, i0 * spec.stride_h - spec.pad_top)
+    # (an output row in the bottom padding reads no row of its image: clamped to its end)
+    lo = n0 * spec.h + min(spec.h, max(0, i0 * spec.stride_h - spec.pad_top))
     top = i1 * spec.stride_h - spec.pad_top + (spec.kh - 1) * spec.dilation_h
     hi = n1 * spec.h + min(spec.h - 1, top) + 1
     return lo, max(lo, hi)
