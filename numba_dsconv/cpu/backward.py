@@ -45,7 +45,7 @@ from .. import _config
 from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, RELU6, helper, kernel
 from ._simd import VEC_BYTES, address, loadp, storep, vadd, vfma, vloadp, vstorep, vzero
-from .depthwise import depthwise_tile, taps3x3
+from .depthwise import depthwise_tile, interior3x3, taps3x3
 from .layout import bias_vector
 from .pointwise import (
     GEMM_MR,
@@ -87,13 +87,11 @@ def mask_in_place(a, mask, code, rows):  # pragma: no cover - compiled
                 a[t, c] = 0
 
 
-def unaliased(width: int, itemsize: int) -> int:  # pragma: no cover - compiled
+@helper
+def unaliased(width, itemsize):  # pragma: no cover - compiled
     """A row length for a tile buffer: ``width``, plus a cache line where rows of ``width``
     would be a multiple of 512 bytes apart (their columns would crowd into a few L1 sets)."""
     return width + 64 // itemsize if (width * itemsize) % 512 == 0 else width
-
-
-unaliased = helper(unaliased)
 
 
 @helper
@@ -180,14 +178,7 @@ def dw3x3_backward_row(
     addresses (px / pgx: x and dx (N,H,W,C); pd / pgdw: the weights and d dw (9, C); pgm: the
     row's first gm pixel, ``sgm`` bytes apart). As ``depthwise3x3_row``: the left border, the
     interior (every tap inside the image: no bounds checks), the right border."""
-    _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
-    ih0 = i * sh - pt
-    ja = j1
-    jb = j1
-    if ih0 >= 0 and ih0 + 2 * dil_h < H:
-        ja = min(j1, max(j0, (pl + sw - 1) // sw))
-        last = W - 1 - 2 * dil_w + pl
-        jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
+    ih0, ja, jb = interior3x3(H, W, i, j0, j1, geo)
     for seg in range(3):
         lo = j0 if seg == 0 else (ja if seg == 1 else jb)
         hi = ja if seg == 0 else (jb if seg == 1 else j1)

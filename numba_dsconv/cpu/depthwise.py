@@ -100,15 +100,10 @@ def depthwise_tile(x, dwk, p0, p1, oh, ow, geo, bias, act, dst):  # pragma: no c
 
 
 @helper
-def depthwise3x3_row(
-    px, pd, pb, pdst, sdst, H, W, C, n, i, j0, j1, geo, act, dt, sz
-):  # pragma: no cover - compiled
-    """The 3x3, multiplier-1 row: output pixels (i, j0..j1-1) of image n, on byte addresses
-    (px: x (N,H,W,C), pd: weights (3,3,C), pb: bias, pdst: the row's first output pixel,
-    ``sdst`` bytes apart). Three segments: the left border, the interior (every tap inside the
-    image: no bounds checks), the right border; a row whose taps leave the image vertically is
-    all border.
-    """
+def interior3x3(H, W, i, j0, j1, geo):  # pragma: no cover - compiled
+    """(ih0, ja, jb) of a 3x3 row segment j0..j1-1 of output row i: its first input row, and
+    the interior columns ja..jb-1 whose every tap lies inside the image (none where the row's
+    taps leave the image vertically); the forward and the backward split rows alike."""
     _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
     ih0 = i * sh - pt
     ja = j1
@@ -118,6 +113,20 @@ def depthwise3x3_row(
         ja = min(j1, max(j0, (pl + sw - 1) // sw))
         last = W - 1 - 2 * dil_w + pl
         jb = max(ja, min(j1, last // sw + 1)) if last >= 0 else ja
+    return ih0, ja, jb
+
+
+@helper
+def depthwise3x3_row(
+    px, pd, pb, pdst, sdst, H, W, C, n, i, j0, j1, geo, act, dt, sz
+):  # pragma: no cover - compiled
+    """The 3x3, multiplier-1 row: output pixels (i, j0..j1-1) of image n, on byte addresses
+    (px: x (N,H,W,C), pd: weights (3,3,C), pb: bias, pdst: the row's first output pixel,
+    ``sdst`` bytes apart). Three segments: the left border, the interior (every tap inside the
+    image: no bounds checks), the right border; a row whose taps leave the image vertically is
+    all border.
+    """
+    ih0, ja, jb = interior3x3(H, W, i, j0, j1, geo)
     # one call site: one compilation of the segment code
     for seg in range(3):
         lo = j0 if seg == 0 else (ja if seg == 1 else jb)

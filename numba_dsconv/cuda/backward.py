@@ -36,7 +36,7 @@ from numba import cuda, int64
 
 from .. import _config
 from .._spec import ConvSpec
-from ._jit import NO_ACTIVATION, RELU6, device_function
+from ._jit import NO_ACTIVATION, RELU6, activation, device_function
 from .pointwise import pointwise_value
 from .separable import separable_value
 
@@ -99,7 +99,7 @@ def pw_grad_kernel(dtype: np.dtype, has_dw: bool, ymode: int, tile: tuple[int, i
     NT = TMT * TNT
     value = separable_value(dt) if has_dw else pointwise_value(dt)
     gz_at = _gz(dt, ymode)
-    activate_mid = _mid_activation(dt)
+    activate_mid = activation(dt)
 
     @cuda.jit
     def pw_grad(x, dwk, dw_bias, g, ysrc, part, bpart, geo, mid_act, act):
@@ -180,13 +180,6 @@ def pw_grad_kernel(dtype: np.dtype, has_dw: bool, ymode: int, tile: tuple[int, i
             cuda.syncthreads()
 
     return pw_grad
-
-
-@cache
-def _mid_activation(dtype: np.dtype):
-    from ._jit import activation
-
-    return activation(np.dtype(dtype))
 
 
 # --------------------------------------------------------------------------------------------
