@@ -7,10 +7,12 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 
 from numba_dsconv import bench, cli
 from numba_dsconv.bench import cases, machine, report, run, suite
+from numba_dsconv.cpu import peak
 
 TINY = suite.Layer(99, "tiny", 8, 4, 8, 1)
 TINY_S2 = suite.Layer(98, "tiny", 9, 4, 8, 2)
@@ -40,6 +42,7 @@ SIDE_FIELDS = {
     "gflops",
     "gbs",
     "pct_roofline",
+    "pct_fma_peak",
     "error_rel",
     "ok",
 }
@@ -88,6 +91,8 @@ CEILING_FIELDS = {
     "copy_samples_s",
     "sgemm_source",
     "copy_source",
+    "fma_gflops",
+    "fma_source",
     "ridge_flop_per_byte",
 }
 SETTINGS_FIELDS = {
@@ -111,6 +116,7 @@ def _check_side(side: dict, repeat: int) -> None:
     assert all(s > 0 for s in side["samples_s"])
     assert side["median_s"] > 0 and side["number"] >= 1
     assert side["gflops"] > 0 and side["gbs"] > 0 and side["pct_roofline"] > 0
+    assert side["pct_fma_peak"] > 0
     assert side["error_rel"] < bench.RTOL_FLOAT32 and side["ok"] is True
 
 
@@ -121,6 +127,7 @@ def _check_json(d: dict, *, op: str, layers: list[int], repeat: int, anchors: li
     assert d["machine"]["numba_threads"] >= 1
     assert set(d["ceilings"]) == CEILING_FIELDS
     assert d["ceilings"]["sgemm_gflops"] > 0 and d["ceilings"]["copy_gbs"] > 0
+    assert d["ceilings"]["fma_gflops"] > 0
     assert set(d["settings"]) == SETTINGS_FIELDS
     assert d["settings"]["op"] == op and d["settings"]["layers"] == layers
     assert d["anchors"] == anchors
@@ -186,10 +193,22 @@ def test_work_pointwise_is_the_stage_after_a_strided_depthwise():
 def test_percent_of_roofline_is_floor_over_time():
     w = bench.work(TINY, "separable", 1)
     floor = bench.roofline_floor(w.flops, w.nbytes, 100.0, 10.0)
-    side = report.side("x", [2 * floor, 4 * floor, 3 * floor], 1, w, floor, 0.0)
+    side = report.side("x", [2 * floor, 4 * floor, 3 * floor], 1, w, floor, 0.0, 50.0)
     assert side.median_s == pytest.approx(3 * floor)
     assert side.pct_roofline == pytest.approx(100 / 3)
     assert side.gflops == pytest.approx(w.flops / (3 * floor) / 1e9)
+    assert side.pct_fma_peak == pytest.approx(2 * side.gflops)
+
+
+def test_fma_peak_counts_its_flops():
+    # the rate is finite, and the loop computes what it counts: each chain's x -> m x + a
+    rate, samples = peak.fma_peak_gflops(1, seconds=0.01, repeat=3)
+    assert math.isfinite(rate) and rate > 0 and len(samples) == 3
+    lanes = peak.VEC_BYTES // 4
+    seed = np.array([[0.5] * lanes, [1.0] * lanes, [0.0] * lanes], np.float32)
+    out = np.empty((1, lanes), np.float32)
+    peak.FMA(seed, out, 3)  # x -> 0.5 x + 1 three times from 0: 1.75 per chain
+    np.testing.assert_allclose(out, 1.75 * peak.FMA_CHAINS)
 
 
 def test_parse_layers():

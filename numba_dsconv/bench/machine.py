@@ -3,8 +3,10 @@ global settings a measurement touches (BLAS and torch threads, torch's TF32 flag
 restored.
 
 Ceilings are the best of several samples: CPU, ``numpy.matmul`` of float32 n x n matrices
-(n = 2048) with the BLAS at Numba's thread count, and ``numpy.copyto`` of 256 MiB of float32
-(bytes read + written); CUDA, ``torch.matmul`` in strict fp32 (TF32 off; NaN without a CUDA
+(n = 2048) with the BLAS at Numba's thread count, ``numpy.copyto`` of 256 MiB of float32
+(bytes read + written), and the FMA peak: a register-resident loop of vector FMAs on each of
+Numba's threads (``numba_dsconv.cpu.peak``; what the GEMM micro-kernel could reach at best);
+CUDA, ``torch.matmul`` in strict fp32 (TF32 off; NaN without a CUDA
 torch) of 8192 x 8192 and a device-to-device copy of 1 GiB.
 """
 
@@ -66,6 +68,9 @@ class Ceilings:
     copy_samples_s: tuple[float, ...]
     sgemm_source: str
     copy_source: str
+    # the compute peak a register-resident vector FMA loop reaches (CPU; NaN where unmeasured)
+    fma_gflops: float = float("nan")
+    fma_source: str = "not measured"
 
     @property
     def ridge(self) -> float:
@@ -107,13 +112,20 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    progress("ceilings", "SGEMM (numpy)", 0, 2)
+    progress("ceilings", "SGEMM (numpy)", 0, 3)
     sg = best_of(lambda: np.matmul(a, b, out=c), repeat, lambda: None)
-    progress("ceilings", "copy bandwidth", 1, 2)
+    progress("ceilings", "copy bandwidth", 1, 3)
     src = np.ones(count, np.float32)
     dst = np.empty_like(src)
     cp = best_of(lambda: np.copyto(dst, src), repeat, lambda: None)
-    progress("ceilings", "done", 2, 2)
+    progress("ceilings", "FMA peak", 2, 3)
+    import numba
+
+    from ..cpu.peak import FMA_CHAINS, VEC_BYTES, fma_peak_gflops
+
+    threads = numba.get_num_threads()
+    fma, _ = fma_peak_gflops(threads, repeat=repeat)
+    progress("ceilings", "done", 3, 3)
     return Ceilings(
         device="cpu",
         sgemm_gflops=2 * n**3 / min(sg) / 1e9,
@@ -124,6 +136,8 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
         copy_samples_s=tuple(cp),
         sgemm_source=f"numpy.matmul float32 {n}^3 ({blas_name()})",
         copy_source="numpy.copyto float32 (one thread), read + write",
+        fma_gflops=fma,
+        fma_source=f"{FMA_CHAINS} chains of {VEC_BYTES * 8}-bit float32 FMAs x {threads} threads",
     )
 
 

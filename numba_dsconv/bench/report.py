@@ -29,6 +29,8 @@ class SideResult:
     gflops: float
     gbs: float
     pct_roofline: float
+    # GFLOP/s as a % of the machine's FMA peak (NaN where unmeasured: CUDA)
+    pct_fma_peak: float
     error_rel: float
     ok: bool
 
@@ -76,8 +78,11 @@ class BenchResult:
         return d
 
 
-def side(name: str, samples: list[float], number: int, w: Work, floor: float, err: float):
-    """A SideResult from its samples: median, rates, % of roofline, the error verdict."""
+def side(
+    name: str, samples: list[float], number: int, w: Work, floor: float, err: float, fma: float
+):
+    """A SideResult from its samples: median, rates, % of roofline and of the FMA peak
+    ``fma`` (GFLOP/s), the error verdict."""
     med = statistics.median(samples)
     return SideResult(
         name=name,
@@ -87,6 +92,7 @@ def side(name: str, samples: list[float], number: int, w: Work, floor: float, er
         gflops=w.flops / med / 1e9,
         gbs=w.nbytes / med / 1e9,
         pct_roofline=100.0 * floor / med,
+        pct_fma_peak=100.0 * w.flops / med / 1e9 / fma,
         error_rel=err,
         ok=err <= RTOL_FLOAT32,
     )
@@ -124,7 +130,8 @@ def table(result: BenchResult) -> tuple[list[str], list[list[str]]]:
         head += [f"{labels[name]} ms", f"vs {labels[name]}"]
     if not result.anchors:
         head.append(f"anchors ({result.anchor_note})")
-    head += ["GFLOP/s", "GB/s", "FLOP/B", "floor ms", "% roof"]
+    fma = math.isfinite(result.ceilings.fma_gflops)
+    head += ["GFLOP/s", *(["% FMA"] if fma else []), "GB/s", "FLOP/B", "floor ms", "% roof"]
     head += [f"{labels[name]} % roof" for name in result.anchors]
     head.append("err")
     rows = []
@@ -138,7 +145,10 @@ def table(result: BenchResult) -> tuple[list[str], list[list[str]]]:
             cells += [ms(r.anchors[name].median_s), f"{r.speedup[name]:.2f}x"]
         if not result.anchors:
             cells.append("-")
-        cells += [f"{r.ours.gflops:.1f}", f"{r.ours.gbs:.1f}", f"{r.intensity:.1f}"]
+        cells.append(f"{r.ours.gflops:.1f}")
+        if fma:
+            cells.append(f"{r.ours.pct_fma_peak:.0f}%")
+        cells += [f"{r.ours.gbs:.1f}", f"{r.intensity:.1f}"]
         cells += [ms(r.floor_s), f"{r.ours.pct_roofline:.0f}%"]
         cells += [f"{r.anchors[name].pct_roofline:.0f}%" for name in result.anchors]
         cells.append(f"{r.ours.error_rel:.1e}" + ("" if r.ours.ok else " MISMATCH"))
@@ -151,18 +161,20 @@ def headline(result: BenchResult) -> list[str]:
     m, c, s = result.machine, result.ceilings, result.settings
     v = m["versions"]
     where = m["cpu"] if s["device"] == "cpu" else ", ".join(m.get("gpus") or ["cuda"])
+    fma = f"; FMA peak {c.fma_gflops:.1f} GFLOP/s ({c.fma_source})"
     return [
         f"{s['op']}, N={s['batch']}, {s['device']}, float32 | {where} | {s['threads']} numba "
         f"threads ({m['threading_layer']}) | numpy {v['numpy']}, numba {v['numba']}, torch "
         f"{v['torch'] or 'not installed'}",
         f"ceilings: SGEMM {c.sgemm_gflops:.1f} GFLOP/s ({c.sgemm_source}); copy "
-        f"{c.copy_gbs:.1f} GB/s ({c.copy_source}); ridge {c.ridge:.1f} FLOP/byte",
+        f"{c.copy_gbs:.1f} GB/s ({c.copy_source}); ridge {c.ridge:.1f} FLOP/byte"
+        + (fma if math.isfinite(c.fma_gflops) else ""),
     ]
 
 
 CAPTION = (
     "vs X = time(X) / time(numba_dsconv): above 1, numba_dsconv is faster. % roof = roofline "
-    "floor / time. err = max |error| / max |value| vs float64."
+    "floor / time. % FMA = GFLOP/s / FMA peak. err = max |error| / max |value| vs float64."
 )
 
 

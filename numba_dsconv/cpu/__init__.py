@@ -7,6 +7,7 @@
 - ``layout.py``: NCHW <-> NHWC transposes, NHWC views, bias vectors
 - ``backend.py``: ``CpuBackend`` (the api's hooks) and the kernel table, mirroring
   ``numba_dsconv/cuda/backend.py``
+- ``peak.py``: the FMA peak (a register-resident vector FMA loop; a bench ceiling)
 - ``_simd.py``: explicit SIMD vectors (an LLVM vector type and its intrinsics)
 - ``_jit.py``: the jit decorators, the on-disk cache, the scalar activation
 """
