@@ -5,9 +5,9 @@ separable kernel.
   packs each (reduction block x panel) of weights into L1 and runs ``gemm_block`` on every
   group of GEMM_MR rows.
 - ``gemm_block``: the register block, GEMM_MR pixel rows x 2 vectors of output channels
-  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 12 vector accumulators. It is written out
-  by hand, 12 accumulators by name: they must be SSA values for LLVM to keep them in registers
-  (a loop over a small array of them put them in memory).
+  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 (AVX-512) or 12 (AVX2) vector
+  accumulators. It is written out by hand, the accumulators by name: they must be SSA values
+  for LLVM to keep them in registers (a loop over a small array of them put them in memory).
 - ``gemm_split``: how many output pixels and channels one parallel task takes.
 - ``pointwise_nhwc``: the kernel, parallel over (pixel block x output-channel block) tasks.
 """
@@ -38,8 +38,12 @@ from ._simd import (
 from .layout import bias_vector
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels
-# (2 x 16 float32 = 32 channels, or 2 x 8 float64), 12 vector accumulators.
-GEMM_MR = 6
+# (2 x 16 float32 = 32 channels, or 2 x 8 float64): 16 vector accumulators with AVX-512's 32
+# vector registers, 12 with AVX2's 16 (two more registers hold the panel's vectors, one or two
+# the broadcasts). With A in L1 the 8-row block ran at ~80-85 % of the FMA peak, the 6-row
+# one at ~72-78 % (BENCHMARKS.md, "Design measurements").
+GEMM_MR = 8 if VEC_BYTES == 64 else 6
+_MR8 = GEMM_MR == 8
 
 
 def gemm_panel_width(itemsize: int) -> int:
@@ -249,13 +253,13 @@ def gemm_block(
     bytes apart (the element size, or a row for a transposed a); ppk: the packed panel
     (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0]; ppart / pdst: row 0 of the partial
     sums / of the output at column c0 (strides ``spart`` / ``sdst``); ``dt``/``sz``: the dtype
-    and its size. The 12 accumulators live in registers for the whole reduction loop: they
-    start from the bias on the ``first`` reduction block, else from ``part``; each step is two
-    vector loads of the panel, GEMM_MR scalar broadcasts and 12 vector FMAs. On the ``final``
-    block the activation is applied in registers and the first ``nvalid`` rows x ``nout``
-    channels are stored to dst; otherwise the sums go back to ``part``. Addresses, not arrays:
-    a helper taking arrays pays an atomic reference-count update per array per call (and the
-    IR-inlined version still did), which cost half the block's time at K=32.
+    and its size. The 2 * GEMM_MR accumulators live in registers for the whole reduction loop:
+    they start from the bias on the ``first`` reduction block, else from ``part``; each step is
+    two vector loads of the panel, GEMM_MR scalar broadcasts and 2 * GEMM_MR vector FMAs. On the
+    ``final`` block the activation is applied in registers and the first ``nvalid`` rows x
+    ``nout`` channels are stored to dst; otherwise the sums go back to ``part``. Addresses, not
+    arrays: a helper taking arrays pays an atomic reference-count update per array per call (and
+    the IR-inlined version still did), which cost half the block's time at K=32.
     """
     B = VEC_BYTES
     if first:
@@ -271,6 +275,10 @@ def gemm_block(
         s41 = s01
         s50 = s00
         s51 = s01
+        s60 = s00
+        s61 = s01
+        s70 = s00
+        s71 = s01
     else:
         s00 = vloadp(ppart, dt)
         s01 = vloadp(ppart + B, dt)
@@ -284,6 +292,15 @@ def gemm_block(
         s41 = vloadp(ppart + 4 * spart + B, dt)
         s50 = vloadp(ppart + 5 * spart, dt)
         s51 = vloadp(ppart + 5 * spart + B, dt)
+        s60 = s00
+        s61 = s01
+        s70 = s00
+        s71 = s01
+        if _MR8:
+            s60 = vloadp(ppart + 6 * spart, dt)
+            s61 = vloadp(ppart + 6 * spart + B, dt)
+            s70 = vloadp(ppart + 7 * spart, dt)
+            s71 = vloadp(ppart + 7 * spart + B, dt)
     for k in range(nk):
         pw = ppk + k * spk
         w0 = vloadp(pw, dt)
@@ -307,6 +324,13 @@ def gemm_block(
         x = loadp(p + 5 * sa, dt)
         s50 = vfma(x, w0, s50)
         s51 = vfma(x, w1, s51)
+        if _MR8:
+            x = loadp(p + 6 * sa, dt)
+            s60 = vfma(x, w0, s60)
+            s61 = vfma(x, w1, s61)
+            x = loadp(p + 7 * sa, dt)
+            s70 = vfma(x, w0, s70)
+            s71 = vfma(x, w1, s71)
     if final and act != NO_ACTIVATION:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
@@ -320,6 +344,10 @@ def gemm_block(
         s41 = vact(s41, act)
         s50 = vact(s50, act)
         s51 = vact(s51, act)
+        s60 = vact(s60, act)
+        s61 = vact(s61, act)
+        s70 = vact(s70, act)
+        s71 = vact(s71, act)
     # final and whole: straight to dst; partial sums, a short group or a panel cut by C_out:
     # to part (the last two then copied lane by lane)
     full = final and nout * sz == 2 * B and nvalid == GEMM_MR
@@ -337,6 +365,11 @@ def gemm_block(
     vstorep(po + 4 * so + B, s41)
     vstorep(po + 5 * so, s50)
     vstorep(po + 5 * so + B, s51)
+    if _MR8:
+        vstorep(po + 6 * so, s60)
+        vstorep(po + 6 * so + B, s61)
+        vstorep(po + 7 * so, s70)
+        vstorep(po + 7 * so + B, s71)
     if final and not full:
         for i in range(nvalid):
             for j in range(nout):
