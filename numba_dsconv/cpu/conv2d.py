@@ -1,59 +1,105 @@
-"""Standard (dense) convolution on the CPU, NHWC, parallel over (batch x output rows)."""
+"""Standard (dense) convolution on the CPU, NHWC: an implicit GEMM through the pointwise
+kernel's micro-kernel.
+
+The convolution is the GEMM out[p, k] = sum_r A[p, r] W[r, k] over the pixels p, where a row of
+A is the receptive field of output pixel p, tap by tap ((m, q) then the input channel c, the
+order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole: a
+task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) gathers
+its pixels' rows one slab of taps at a time into a buffer sized for L2 (``im2col_slab``) and runs
+``gemm_tile`` on it, the sums accumulating in the output from slab to slab (bias on the first,
+activation on the last).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from numba import prange
 
+from .. import _config
 from .._spec import ConvSpec
-from ._jit import NO_ACTIVATION, Kernel, activated, kernel
+from ._jit import NO_ACTIVATION, Kernel, helper, kernel
+from ._simd import address
 from .layout import bias_vector
+from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_task, gemm_tile, no_packed
 
 
-def conv2d_nhwc(x, w, bias, out, geo, act):  # pragma: no cover - compiled
-    """out[n,i,j,k] = act(bias[k] + sum_{m,q,c} x[n, i*sh+m*dh-pt, j*sw+q*dw-pl, c] w[m,q,c,k]).
-
-    Each valid tap is a (1 x C_in) @ (C_in x C_out) product accumulated into the output row,
-    which stays in L1; the output-channel loop is innermost and contiguous.
-    """
+@helper
+def im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf):  # pragma: no cover - compiled
+    """buf[p - p0, (t - t0) * C + c] = x[n, i*sh + m*dh - pt, j*sw + q*dw - pl, c] for the output
+    pixels p0 <= p < p1 (p = (n*oh + i)*ow + j) and the taps t0 <= t < t1 (t = m*kw + q); 0
+    where the tap falls on the padding (0 * weight then reaches the sum: NaN and Inf weights
+    propagate, as the formula says)."""
     _, _, sh, sw, dil_h, dil_w, pt, pl, _ = geo
-    _, H, W, C = x.shape
-    KH, KW, _, CO = w.shape
-    N, OH, OW, _ = out.shape
-    for t in prange(N * OH):
-        n = t // OH
-        i = t - n * OH
-        for j in range(OW):
-            o = out[n, i, j]
-            for k in range(CO):
-                o[k] = bias[k]
-            for m in range(KH):
-                ih = i * sh - pt + m * dil_h
-                row_inside = ih >= 0 and ih < H
-                for q in range(KW):
-                    iw = j * sw - pl + q * dil_w
-                    if row_inside and iw >= 0 and iw < W:
-                        xr = x[n, ih, iw]
-                        for c in range(C):
-                            a = xr[c]
-                            wr = w[m, q, c]
-                            for k in range(CO):
-                                o[k] += a * wr[k]
-                    else:  # a tap on the zero padding: 0 * weight (NaN/Inf weights propagate)
-                        for c in range(C):
-                            wr = w[m, q, c]
-                            for k in range(CO):
-                                o[k] += 0 * wr[k]
-            if act != NO_ACTIVATION:
-                for k in range(CO):
-                    o[k] = activated(o[k], act)
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    for p in range(p0, p1):
+        r = p - p0
+        n = p // (oh * ow)
+        rem = p - n * oh * ow
+        i = rem // ow
+        j = rem - i * ow
+        for t in range(t0, t1):
+            m = t // kw
+            q = t - m * kw
+            ih = i * sh - pt + m * dil_h
+            iw = j * sw - pl + q * dil_w
+            dst = buf[r, (t - t0) * C : (t - t0 + 1) * C]
+            if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                src = x[n, ih, iw]
+                for c in range(C):
+                    dst[c] = src[c]
+            else:
+                for c in range(C):
+                    dst[c] = 0
+
+
+def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no cover - compiled
+    """out = act(bias + im2col(x) @ w2), task by task, ``slab`` taps at a time.
+
+    x: (N,H,W,C); w2: (K_h*K_w*C, C_out) C-contiguous (w's rows); nopack: ``no_packed``; bias
+    padded to a multiple of the panel width; out: (N,OH,OW,C_out); geo: the spec's geometry
+    tuple; split: (tile, cblock, kc), see ``gemm_split``.
+    """
+    tile, cblock, kc = split
+    kh, kw = geo[0], geo[1]
+    taps = kh * kw
+    oh = out.shape[1]
+    ow = out.shape[2]
+    P = out.shape[0] * oh * ow
+    CO = out.shape[3]
+    C = x.shape[3]
+    out2 = out.reshape(P, CO)
+    nb = (P + tile - 1) // tile
+    nc = (CO + cblock - 1) // cblock
+    for t in prange(nb * nc):
+        cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
+        buf = np.empty((tile, slab * C), dtype=out.dtype)
+        pk, at, part = gemm_scratch(kc, tile, out)
+        dst = out2[p0:p1]
+        for t0 in range(0, taps, slab):
+            t1 = min(taps, t0 + slab)
+            im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
+            a = act if t1 == taps else NO_ACTIVATION
+            gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], nopack, bias, dst, c0, c1, a,
+                      t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
 
 
 def conv2d_args(spec: ConvSpec, x, weights, biases, out, parallel: bool) -> tuple[Any, ...]:
-    """The arguments of conv2d_nhwc for one call (x and out NHWC, C-contiguous)."""
-    b = bias_vector(biases[0], spec.c_out, out.dtype)
-    return (x, weights[0], b, out, spec.geometry, int(spec.activation))
+    """The arguments of conv2d_nhwc for one call (x and out NHWC, C-contiguous): the taps per
+    slab such that a full tile's slab of A fits the GEMM tile budget (all of them where it
+    does), and the task split for that slab."""
+    sz = out.itemsize
+    c_in, taps = spec.c_in, spec.kh * spec.kw
+    row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
+    slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
+    split = gemm_split(spec, slab * c_in, 1, sz, parallel)
+    w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, spec.c_out)
+    b = bias_vector(biases[0], spec.c_out, out.dtype, gemm_panel_width(sz))
+    nopack = no_packed(out.dtype)
+    return (x, w2, nopack, b, out, spec.geometry, int(spec.activation), split, slab)
 
 
 CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)
