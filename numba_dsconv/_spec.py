@@ -290,7 +290,7 @@ _SPEC_CACHE_MAX = 1024
 _LEAVES = (int, str, Activation)
 
 
-def _plain(v: object) -> bool:
+def plain_value(v: object) -> bool:
     """A value whose equality implies the same validation outcome: exact ints and strings
     (and Activation members), and tuples (of tuples) of them. Bools, floats, NumPy integers
     and lists take the uncached path: True == 1.0 == 1, but only 1 is a valid stride. A flat
@@ -316,7 +316,7 @@ def make_spec(op: str, **kwargs: Any) -> ConvSpec:
     memo (validation and padding arithmetic are a visible part of a small call's time).
     """
     for v in kwargs.values():
-        if not _plain(v):
+        if not plain_value(v):
             return _build_spec(op, **kwargs)
     key = (op, *kwargs.items())
     spec = _SPEC_CACHE.get(key)
