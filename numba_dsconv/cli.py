@@ -248,6 +248,8 @@ def bench(args: argparse.Namespace) -> int:
         return _error(str(exc))
     if args.pass_ == "train":
         return _bench_train(args, lays)
+    if args.peers:
+        return _bench_peers(args, lays)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -299,6 +301,61 @@ def bench(args: argparse.Namespace) -> int:
     if not result.ok:
         console.print("MISMATCH: a result differs from the float64 reference", style="red")
         return 1
+    return 0
+
+
+def _bench_peers(args: argparse.Namespace, lays: list) -> int:
+    """The separable layer against ONNX Runtime, OpenVINO and torch, each runtime in its own
+    processes, alternating (bench/peers.py)."""
+    import numba
+
+    from .bench import peers
+    from .bench.machine import _cpu_model
+
+    if args.device != "cpu" or args.op != "separable":
+        return _error("--peers times the separable layer on the CPU")
+    runtimes = peers.available()
+    if args.no_torch and "torch" in runtimes:
+        runtimes.remove("torch")
+    numbers = [lay.number for lay in lays]
+    threads = numba.get_num_threads()
+    rounds = args.rounds
+    repeat = args.repeat or 9
+    with console.status("peers") as status:
+        best = peers.run_peers(
+            args.batch, numbers, runtimes, threads, rounds, repeat,
+            progress=lambda done, total: status.update(f"worker processes {done}/{total}"),
+        )  # fmt: skip
+    t = Table(
+        title=Text(
+            f"separable, N={args.batch}, float32, {threads} threads, {_cpu_model()}: each "
+            f"runtime in its own process, {rounds} alternating rounds, best of the rounds' "
+            f"medians of {repeat} calls; microseconds"
+        ),
+        caption=Text("vs fastest = ours / the fastest other runtime (below 1: numba_dsconv leads)"),
+    )
+    for col in ["#", *runtimes, *(["vs fastest"] if len(runtimes) > 1 else [])]:
+        t.add_column(Text(col), justify="right")
+    rows = peers.table(best, numbers)
+    for cells in rows:
+        t.add_row(*(Text(c) for c in cells))
+    console.print(t)
+    if len(runtimes) > 1:
+        ratios = [float(r[-1]) for r in rows]
+        console.print(Text(f"geometric mean of vs fastest: {peers.geomean(ratios):.2f}"))
+    missing = sorted(set(peers.RUNTIMES) - set(runtimes) - {"torch"} * args.no_torch)
+    if missing:
+        console.print(
+            Text(f"not installed: {', '.join(missing)} (pip install 'numba-dsconv[peers]')")
+        )
+    if args.json:
+        import json
+
+        data = {r: {str(k): v for k, v in d.items()} for r, d in best.items()}
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "threads": threads, "rounds": rounds,
+                       "repeat": repeat, "cpu": _cpu_model(), "seconds_and_error": data}, f,
+                      indent=2)  # fmt: skip
     return 0
 
 
@@ -441,6 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="draw a roofline chart")
     p_bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
+    p_bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: the separable layer against ONNX Runtime, OpenVINO and torch (those "
+        "installed: pip install 'numba-dsconv[peers]'), each in its own processes, alternating",
+    )
+    p_bench.add_argument(
+        "--rounds", type=_count(1), default=7, help="with --peers: alternating rounds (default 7)"
+    )
     p_bench.add_argument(
         "--dask",
         action="store_true",

@@ -373,3 +373,36 @@ def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):
         pytest.skip("a GPU (or the CUDA simulator) is available here")
     assert cli.main(["bench", "--device", "cuda", "--layers", "9"]) == 2
     assert "no usable CUDA GPU" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# peers (bench/peers.py): each runtime in its own worker process
+
+
+def test_peers_worker_checks_and_times_ours():
+    from numba_dsconv.bench import peers
+
+    got = peers.worker(peers.OURS, 1, [9], 1, 3)
+    med, err = got["9"]
+    assert med > 0 and err < bench.RTOL_FLOAT32
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+def test_peers_workers_agree_with_float64(runtime):
+    from numba_dsconv.bench import peers
+
+    if runtime not in peers.available():
+        pytest.skip(f"{runtime} not installed (the peers extra)")
+    med, err = peers.worker(runtime, 1, [9], 1, 2)["9"]
+    assert med > 0 and err < bench.RTOL_FLOAT32
+
+
+def test_peers_rounds_alternate_processes_and_keep_the_best():
+    from numba_dsconv.bench import peers
+
+    best = peers.run_peers(1, [9], [peers.OURS], 1, rounds=2, repeat=2)
+    med, err = best[peers.OURS][9]
+    assert med > 0 and err < bench.RTOL_FLOAT32
+    rows = peers.table({"numba_dsconv": {9: (2e-6, 0.0)}, "x": {9: (4e-6, 0.0)}}, [9])
+    assert rows == [["9", "2", "4", "0.50"]]
+    assert peers.geomean([0.5, 2.0]) == pytest.approx(1.0)

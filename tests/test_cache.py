@@ -16,8 +16,8 @@ from numba_dsconv.cpu import _jit
 
 PACKAGE = Path(numba_dsconv.__file__).resolve().parent
 
-# conv2d_nhwc (cpu/conv2d.py) calls the scalar ``activated`` helper of cpu/_jit.py: relu6 of a
-# large output is 6 until the helper is edited to clip at 5.
+# conv2d_nhwc (cpu/conv2d.py) applies its activation with ``vact`` of cpu/_simd.py (in the GEMM
+# micro-kernel's epilogue): relu6 of a large output is 6 until vact is edited to clip at 5.
 PROBE = """
 import json
 import numpy as np
@@ -55,11 +55,10 @@ def test_editing_a_helper_in_another_file_recompiles_its_callers(tmp_path):
     assert first == {"max": 6.0, "hits": 0}
     second = _run(root, cache)
     assert second == {"max": 6.0, "hits": 1}  # nothing changed: the compiled kernel is reused
-    helper = root / "numba_dsconv" / "cpu" / "_jit.py"
+    helper = root / "numba_dsconv" / "cpu" / "_simd.py"  # vact, in conv2d's GEMM epilogue
     text = helper.read_text()
     edited = text.replace(
-        "code == RELU6 and v > 6:\n        return 6.0",
-        "code == RELU6 and v > 5:\n        return 5.0",
+        "six = ir.Constant(vty, [6.0] * v.lanes)", "six = ir.Constant(vty, [5.0] * v.lanes)"
     )
     assert edited != text, "the probe's helper changed shape: update the edit"
     helper.write_text(edited)

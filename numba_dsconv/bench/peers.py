@@ -1,0 +1,229 @@
+"""The separable layer against the CPU runtimes users would otherwise pick: ONNX Runtime and
+OpenVINO (the ``peers`` extra), PyTorch (channels_last) and numba_dsconv itself, each timed in a
+process of its own (two runtimes' thread pools in one process disturb each other), the processes
+alternating round after round; per layer, the best of the rounds' medians (a shared machine has
+slow rounds; the best is the least disturbed). Every runtime's output is checked against the
+float64 reference before it is timed.
+
+    numba-dsconv bench --peers [--batch N] [--layers 1-7] [--rounds 7] [--repeat 9]
+
+A worker (``python -m numba_dsconv.bench.peers RUNTIME BATCH LAYERS THREADS REPEAT``) prints
+one JSON object: {layer: [median seconds, relative error]} (None where it cannot run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .suite import Layer, layer
+
+OURS = "numba_dsconv"
+# runtime -> the module that must be importable for it
+RUNTIMES: dict[str, str] = {
+    OURS: "numba",
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+}
+
+
+def available() -> list[str]:
+    """The runtimes installed here (numba_dsconv always; ONNX Runtime and OpenVINO also need
+    onnx to build their model)."""
+    out = []
+    for name, mod in RUNTIMES.items():
+        if importlib.util.find_spec(mod) is None:
+            continue
+        if name in ("onnxruntime", "openvino") and importlib.util.find_spec("onnx") is None:
+            continue
+        out.append(name)
+    return out
+
+
+def _reference(lay: Layer, x, dw, pw) -> np.ndarray:
+    """The float64 NHWC separable result (the bench's reference formulas)."""
+    import numba_dsconv as nd
+
+    from .. import api
+    from . import reference
+
+    spec = api.plan(nd.separable, x, (dw, pw), {"stride": lay.stride, "padding": lay.padding}).spec
+    f = np.float64
+    return reference.separable(x.astype(f), dw.astype(f), pw.astype(f), None, None, spec)
+
+
+def _onnx_model(lay: Layer, dw: np.ndarray, pw: np.ndarray, batch: int) -> bytes:
+    """depthwise Conv (group = C) then 1x1 Conv, NCHW float32, as an ONNX model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, k = lay.c_in, lay.kernel
+    wd = numpy_helper.from_array(np.ascontiguousarray(dw.transpose(2, 0, 1)[:, None]), "wd")
+    wp = numpy_helper.from_array(np.ascontiguousarray(pw.T[:, :, None, None]), "wp")
+    p = lay.padding
+    nodes = [
+        helper.make_node("Conv", ["x", "wd"], ["mid"], group=c, kernel_shape=[k, k],
+                         pads=[p, p, p, p], strides=[lay.stride, lay.stride]),
+        helper.make_node("Conv", ["mid", "wp"], ["y"], kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "separable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, lay.hw, lay.hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[wd, wp],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.ndarray]:
+    """A no-argument call of runtime ``name`` on this layer, returning NHWC float32."""
+    nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if name == OURS:
+        import numba_dsconv as nd
+
+        return lambda: nd.separable(x, dw, pw, stride=lay.stride, padding=lay.padding)
+    if name == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(threads)
+        xt = torch.from_numpy(nchw).contiguous(memory_format=torch.channels_last)
+        wd = torch.from_numpy(np.ascontiguousarray(dw.transpose(2, 0, 1)[:, None]))
+        wp = torch.from_numpy(np.ascontiguousarray(pw.T[:, :, None, None]))
+
+        def call() -> np.ndarray:
+            with torch.no_grad():
+                mid = F.conv2d(xt, wd, stride=lay.stride, padding=lay.padding, groups=lay.c_in)
+                return F.conv2d(mid, wp).permute(0, 2, 3, 1).numpy()
+
+        return call
+    model = _onnx_model(lay, dw, pw, x.shape[0])
+    if name == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"x": nchw})[0].transpose(0, 2, 3, 1)
+    if name == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "separable.onnx")
+            with open(path, "wb") as f:
+                f.write(model)
+            compiled = core.compile_model(
+                core.read_model(path),
+                "CPU",
+                # f32: on a CPU with bf16 units OpenVINO otherwise computes in bf16 (a
+                # relative error of ~4e-3 here, on AMX hardware)
+                {
+                    "INFERENCE_NUM_THREADS": threads,
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_PRECISION_HINT": "f32",
+                },
+            )
+        req = compiled.create_infer_request()
+
+        def call_ov() -> np.ndarray:
+            req.infer({0: nchw})
+            return req.get_output_tensor(0).data.transpose(0, 2, 3, 1)
+
+        return call_ov
+    raise ValueError(f"unknown runtime {name!r}; expected one of {sorted(RUNTIMES)}")
+
+
+def worker(name: str, batch: int, layers: list[int], threads: int, repeat: int) -> dict:
+    """{layer: [median seconds of ``repeat`` calls after warm-up, relative error vs float64]}
+    for runtime ``name`` in this process."""
+    result: dict[str, Any] = {}
+    for number in layers:
+        lay = layer(number)
+        x, dw, pw = lay.arrays(batch)
+        fn = _runner(name, lay, x, dw, pw, threads)
+        got = np.asarray(fn(), np.float64)
+        ref = _reference(lay, x, dw, pw)
+        err = float(np.max(np.abs(got - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
+        for _ in range(2):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        result[str(number)] = [statistics.median(samples), err]
+    return result
+
+
+def run_peers(
+    batch: int,
+    layers: list[int],
+    runtimes: list[str],
+    threads: int,
+    rounds: int = 7,
+    repeat: int = 9,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """{runtime: {layer: (best of the rounds' medians in seconds, relative error)}}: each
+    round runs every runtime's worker once, in that order (so they alternate)."""
+    best: dict[str, dict[int, tuple[float, float]]] = {r: {} for r in runtimes}
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    total = rounds * len(runtimes)
+    for k in range(rounds):
+        for i, name in enumerate(runtimes):
+            if progress is not None:
+                progress(k * len(runtimes) + i, total)
+            cmd = [sys.executable, "-m", "numba_dsconv.bench.peers", name, str(batch)]
+            cmd += [",".join(map(str, layers)), str(threads), str(repeat)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                raise RuntimeError(f"the {name} worker failed: {' '.join(tail)}")
+            for key, (med, err) in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                old = best[name].get(int(key))
+                if old is None or med < old[0]:
+                    best[name][int(key)] = (med, err)
+    if progress is not None:
+        progress(total, total)
+    return best
+
+
+def table(best: dict[str, dict[int, tuple[float, float]]], layers: list[int]) -> list[list[str]]:
+    """Rows: layer, microseconds per runtime, ours / the fastest peer (below 1: we lead)."""
+    rows = []
+    peers = [r for r in best if r != OURS]
+    for number in layers:
+        cells = [str(number)]
+        for r in best:
+            med, err = best[r][number]
+            cells.append(f"{med * 1e6:.0f}" + ("" if err < 1e-4 else f" (err {err:.0e})"))
+        if OURS in best and peers:
+            fastest = min(best[r][number][0] for r in peers)
+            cells.append(f"{best[OURS][number][0] / fastest:.2f}")
+        rows.append(cells)
+    return rows
+
+
+def geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values)))) if values else float("nan")
+
+
+if __name__ == "__main__":  # a worker
+    rt, n, lays, th, rep = sys.argv[1:6]
+    print(json.dumps(worker(rt, int(n), [int(v) for v in lays.split(",")], int(th), int(rep))))
