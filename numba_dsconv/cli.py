@@ -343,7 +343,7 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
     if len(runtimes) > 1:
         ratios = [float(r[-1]) for r in rows]
         console.print(Text(f"geometric mean of vs fastest: {peers.geomean(ratios):.2f}"))
-    missing = sorted(set(peers.RUNTIMES) - set(runtimes) - {"torch"} * args.no_torch)
+    missing = sorted(set(peers.RUNTIMES) - set(runtimes) - ({"torch"} if args.no_torch else set()))
     if missing:
         console.print(
             Text(f"not installed: {', '.join(missing)} (pip install 'numba-dsconv[peers]')")

@@ -212,6 +212,20 @@ def thread_limits(n: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def serial_blas() -> Iterator[None]:
+    """NumPy's BLAS on one thread inside the block (where threadpoolctl is installed): its
+    worker threads spin for a while after each parallel call and take the cores from whatever
+    runs next, so the float64 references run without them before anything is timed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def blas_name() -> str:
     try:
         from threadpoolctl import threadpool_info

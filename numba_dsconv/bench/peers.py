@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .machine import serial_blas
 from .suite import Layer, layer
 
 OURS = "numba_dsconv"
@@ -63,23 +64,30 @@ def _reference(lay: Layer, x, dw, pw) -> np.ndarray:
     return reference.separable(x.astype(f), dw.astype(f), pw.astype(f), None, None, spec)
 
 
-def _onnx_model(lay: Layer, dw: np.ndarray, pw: np.ndarray, batch: int) -> bytes:
-    """depthwise Conv (group = C) then 1x1 Conv, NCHW float32, as an ONNX model."""
+def _onnx_model(lay: Layer, dw: np.ndarray, pw: np.ndarray, batch: int, nhwc: bool) -> bytes:
+    """depthwise Conv (group = C) then 1x1 Conv, float32, as an ONNX model; NCHW input and
+    output, or with ``nhwc`` NHWC ones (Transpose nodes around the convolutions, which a
+    runtime may fold into its own layout choice)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    c, k = lay.c_in, lay.kernel
+    c, k, p, hw = lay.c_in, lay.kernel, lay.padding, lay.hw
     wd = numpy_helper.from_array(np.ascontiguousarray(dw.transpose(2, 0, 1)[:, None]), "wd")
     wp = numpy_helper.from_array(np.ascontiguousarray(pw.T[:, :, None, None]), "wp")
-    p = lay.padding
+    src, dst = ("xt", "yt") if nhwc else ("x", "y")
     nodes = [
-        helper.make_node("Conv", ["x", "wd"], ["mid"], group=c, kernel_shape=[k, k],
+        helper.make_node("Conv", [src, "wd"], ["mid"], group=c, kernel_shape=[k, k],
                          pads=[p, p, p, p], strides=[lay.stride, lay.stride]),
-        helper.make_node("Conv", ["mid", "wp"], ["y"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["mid", "wp"], [dst], kernel_shape=[1, 1]),
     ]  # fmt: skip
+    shape = [batch, c, hw, hw]
+    if nhwc:
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]))
+        nodes.append(helper.make_node("Transpose", ["yt"], ["y"], perm=[0, 2, 3, 1]))
+        shape = [batch, hw, hw, c]
     graph = helper.make_graph(
         nodes,
         "separable",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, lay.hw, lay.hw])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=[wd, wp],
     )
@@ -110,24 +118,26 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
                 return F.conv2d(mid, wp).permute(0, 2, 3, 1).numpy()
 
         return call
-    model = _onnx_model(lay, dw, pw, x.shape[0])
-    if name == "onnxruntime":
+    if name == "onnxruntime":  # NCHW, its native layout
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        model = _onnx_model(lay, dw, pw, x.shape[0], nhwc=False)
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         return lambda: sess.run(None, {"x": nchw})[0].transpose(0, 2, 3, 1)
     if name == "openvino":
+        # NHWC in and out (its CPU plugin folds the transposes into its own blocked layout:
+        # 3-4x faster than NCHW in and out on row 1 here), the input a shared-memory tensor
         import openvino as ov
 
         core = ov.Core()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "separable.onnx")
             with open(path, "wb") as f:
-                f.write(model)
+                f.write(_onnx_model(lay, dw, pw, x.shape[0], nhwc=True))
             compiled = core.compile_model(
                 core.read_model(path),
                 "CPU",
@@ -140,10 +150,11 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
                 },
             )
         req = compiled.create_infer_request()
+        req.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
         def call_ov() -> np.ndarray:
-            req.infer({0: nchw})
-            return req.get_output_tensor(0).data.transpose(0, 2, 3, 1)
+            req.infer()
+            return req.get_output_tensor(0).data
 
         return call_ov
     raise ValueError(f"unknown runtime {name!r}; expected one of {sorted(RUNTIMES)}")
@@ -152,22 +163,31 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
 def worker(name: str, batch: int, layers: list[int], threads: int, repeat: int) -> dict:
     """{layer: [median seconds of ``repeat`` calls after warm-up, relative error vs float64]}
     for runtime ``name`` in this process."""
-    result: dict[str, Any] = {}
+    timed: dict[int, tuple[float, np.ndarray]] = {}
     for number in layers:
         lay = layer(number)
         x, dw, pw = lay.arrays(batch)
         fn = _runner(name, lay, x, dw, pw, threads)
-        got = np.asarray(fn(), np.float64)
-        ref = _reference(lay, x, dw, pw)
-        err = float(np.max(np.abs(got - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
-        for _ in range(2):
+        got = np.array(fn(), np.float32)  # a copy: a runtime may reuse its output buffer
+        for _ in range(5):  # warm-up: thread pools, first-run allocations
             fn()
         samples = []
         for _ in range(repeat):
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-        result[str(number)] = [statistics.median(samples), err]
+        timed[number] = (statistics.median(samples), got)
+        del fn
+    # the references after every timing, on one BLAS thread: numpy's BLAS threads spin for a
+    # while after a call, and took the cores from whatever was timed next (2x on rows 4-7 at
+    # N=8)
+    result: dict[str, Any] = {}
+    for number, (med, got) in timed.items():
+        lay = layer(number)
+        with serial_blas():
+            ref = _reference(lay, *lay.arrays(batch))
+        err = float(np.max(np.abs(got - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
+        result[str(number)] = [med, err]
     return result
 
 

@@ -18,6 +18,7 @@ from .machine import (
     machine_info,
     measure_ceilings,
     no_progress,
+    serial_blas,
     thread_limits,
     torch_module,
 )
@@ -82,7 +83,8 @@ def _prepare(lay: Layer, op: str, batch: int, device: str, with_anchors: bool) -
     fns = {OURS: case.numba_fn()}
     if with_anchors:
         fns.update(case.torch_fns())
-    ref = case.reference()
+    with serial_blas():
+        ref = case.reference()
     errors, call_s = {}, 0.0
     for name, (fn, sync) in fns.items():
         result = fn()  # the first call compiles (or loads from the disk cache)
