@@ -25,17 +25,113 @@ CACHE: bool = os.environ.get("NUMBA_DSCONV_NO_CACHE", "") == ""
 # costs more than the work itself.
 SERIAL_MAX_MACS: int = 200_000
 
-# CPU GEMM tasks (pointwise, fused separable): the A tile (pixels x reduction channels: the
-# depthwise result in the fused kernel) is kept under this many bytes, so it stays in L2 while
-# every panel of output channels re-reads it; at K=1024 a tile then holds ~250 pixels, so each
-# weight panel read from memory serves that many rows ...
-CPU_TILE_BYTES: int = 1024 * 1024
-# ... and holds at most this many output pixels (both chosen by measurement: BENCHMARKS.md,
-# "Design measurements").
+
+def _cache_bytes(level: int, kind: str) -> int:
+    """The size of cpu0's level-``level`` cache of ``kind`` ("Data", "Unified") per Linux's
+    sysfs; 0 where unknown (another OS, a VM that hides it)."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            with open(f"{root}/{name}/level") as f:
+                lev = int(f.read())
+            with open(f"{root}/{name}/type") as f:
+                typ = f.read().strip()
+            with open(f"{root}/{name}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if lev == level and typ == kind:
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            try:
+                return int(text.rstrip("KMG")) * scale
+            except ValueError:
+                return 0
+    return 0
+
+
+# The machine's per-core caches (the GEMM blocking below follows them; defaults where the OS
+# does not say).
+L1D_BYTES: int = _cache_bytes(1, "Data") or 32 * 1024
+L2_BYTES: int = _cache_bytes(2, "Unified") or 1024 * 1024
+
+# CPU GEMM tasks (pointwise, fused separable, conv2d): the A tile (pixels x reduction channels:
+# the depthwise result in the fused kernel) is kept under this many bytes, half of L2, so it
+# stays there while every panel of output channels re-reads it; at K=1024 and 2 MiB of L2 a
+# tile then holds ~250 pixels, so each weight panel read from memory serves that many rows ...
+CPU_TILE_BYTES: int = L2_BYTES // 2
+# ... and holds at most this many output pixels (chosen by measurement: BENCHMARKS.md, "Design
+# measurements").
 CPU_TILE_MAX_PIXELS: int = 256
-# Reduction channels per block of the GEMM micro-kernel: a KC x 32 float32 panel of packed
-# weights (32 KB at 256) stays in L1 while it is reused by every pixel row of the task.
-CPU_GEMM_KC: int = 256
+# Reduction channels per block of the GEMM micro-kernel: a KC x (two vectors) panel of packed
+# weights (128 bytes per reduction channel) stays in L1, two thirds of it, while it is reused
+# by every pixel row of the task (256 with a 48 KiB L1, 160 with 32 KiB).
+CPU_GEMM_KC: int = max(64, min(512, L1D_BYTES * 2 // 3 // 128 // 16 * 16))
+
+# `numba-dsconv tune` times other values of these three on this machine and writes the best
+# to TUNING_FILE; they are read here at import, when the file was written on a machine with
+# the same CPU and caches (NUMBA_DSCONV_NO_TUNING=1 ignores it).
+TUNED = ("CPU_TILE_BYTES", "CPU_TILE_MAX_PIXELS", "CPU_GEMM_KC")
+
+
+def tuning_file() -> str:
+    """Where `numba-dsconv tune` keeps its result: $NUMBA_DSCONV_TUNING_FILE, else beside the
+    kernel cache when NUMBA_CACHE_DIR is set, else the user's cache directory."""
+    path = os.environ.get("NUMBA_DSCONV_TUNING_FILE")
+    if path:
+        return path
+    root = os.environ.get("NUMBA_CACHE_DIR")
+    if not root:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "numba_dsconv", "tuning.json")
+
+
+def machine_key() -> dict[str, object]:
+    """What a tuning result is valid for: the CPU model, its caches and core count."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "l1d": L1D_BYTES, "l2": L2_BYTES, "cores": os.cpu_count()}
+
+
+def _load_tuning() -> dict[str, int]:
+    """The tuned values for this machine, or {} (no file, another machine, unreadable: a
+    warning then)."""
+    if os.environ.get("NUMBA_DSCONV_NO_TUNING"):
+        return {}
+    path = tuning_file()
+    if not os.path.exists(path):
+        return {}
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        values = {k: int(data["values"][k]) for k in TUNED}
+        if any(v <= 0 for v in values.values()):
+            raise ValueError("a value is not positive")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        import warnings
+
+        warnings.warn(
+            f"numba_dsconv: ignoring the tuning file {path} ({exc}); run `numba-dsconv tune` "
+            f"again", RuntimeWarning, stacklevel=2,
+        )  # fmt: skip
+        return {}
+    return values if data.get("machine") == machine_key() else {}
+
+
+TUNING: dict[str, int] = _load_tuning()  # what was applied ({}: the defaults above)
+globals().update(TUNING)
 
 # Backward kernels (cpu/backward.py): the output pixels are cut into chunks, each a task with
 # its own partial sums of the weight gradients, added up in chunk order at the end. 0: one

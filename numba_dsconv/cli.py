@@ -304,6 +304,54 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    """Time the CPU GEMM blocking around the cache-derived defaults; keep the best."""
+    import os
+
+    from . import _config
+    from .bench import parse_layers
+    from .bench import tune as engine
+
+    if args.reset:
+        path = _config.tuning_file()
+        if os.path.exists(path):
+            os.remove(path)
+            console.print(Text(f"removed {path}: the cache-derived defaults apply again"))
+        else:
+            console.print(Text(f"no tuning file at {path}"))
+        return 0
+    layers = [lay.number for lay in parse_layers(args.layers)]
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(b < 1 for b in batches):
+        return _error(f"--batches must be positive whole numbers; got {args.batches!r}")
+    with console.status("tuning") as status:
+        result = engine.tune(
+            layers, batches, args.rounds, save=not args.dry_run,
+            progress=lambda stage, done, total: status.update(f"{stage}: {done}/{total}"),
+        )  # fmt: skip
+    t = Table(
+        title=Text(
+            f"separable on {', '.join(result.workloads)}: time / the defaults' time "
+            f"(geometric mean; best of {args.rounds} interleaved rounds)"
+        )
+    )
+    for col in ("stage", "tile bytes", "tile pixels", "reduction block", "time / defaults"):
+        t.add_column(Text(col), justify="right")
+    for trial in result.trials:
+        v = trial["values"]
+        t.add_row(
+            Text(trial["stage"]), Text(str(v["CPU_TILE_BYTES"])),
+            Text(str(v["CPU_TILE_MAX_PIXELS"])), Text(str(v["CPU_GEMM_KC"])),
+            Text(f"{trial['score']:.3f}"),
+        )  # fmt: skip
+    console.print(t)
+    chosen = ", ".join(f"{k}={v}" for k, v in result.chosen.items())
+    console.print(Text(f"chosen: {chosen} ({result.score:.3f} of the defaults' time)"))
+    if result.path:
+        console.print(Text(f"written to {result.path}: later processes on this machine use it"))
+    return 0
+
+
 def _bench_peers(args: argparse.Namespace, lays: list) -> int:
     """The separable layer against ONNX Runtime, OpenVINO and torch, each runtime in its own
     processes, alternating (bench/peers.py)."""
@@ -463,6 +511,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_demo.add_argument("--batch", type=_count(1), default=1, help="batch size (default 1)")
     p_demo.set_defaults(func=demo)
+    p_tune = sub.add_parser(
+        "tune",
+        help="tune the CPU GEMM blocking on this machine (used automatically afterwards)",
+        description="Time the fused separable kernel with other tile sizes and reduction "
+        "blocks than the cache-derived defaults, and write the best beside the kernel cache "
+        "(NUMBA_CACHE_DIR, else the user's cache directory; NUMBA_DSCONV_TUNING_FILE names "
+        "another file); every later process on a machine with the same CPU uses it.",
+    )
+    p_tune.add_argument("--layers", default="3,5,7", help="suite layers (default 3,5,7)")
+    p_tune.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    p_tune.add_argument("--rounds", type=_count(1), default=3, help="interleaved rounds")
+    p_tune.add_argument("--dry-run", action="store_true", help="measure, write nothing")
+    p_tune.add_argument("--reset", action="store_true", help="remove the tuning file")
+    p_tune.set_defaults(func=tune)
     p_info = sub.add_parser("info", help="versions, threading layer, threads and devices")
     p_info.set_defaults(func=info)
     p_bench = sub.add_parser(

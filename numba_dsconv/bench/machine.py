@@ -301,6 +301,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
             "cpu_tile_bytes": _config.CPU_TILE_BYTES,
             "cpu_tile_max_pixels": _config.CPU_TILE_MAX_PIXELS,
             "cpu_gemm_kc": _config.CPU_GEMM_KC,
+            "l1d_bytes": _config.L1D_BYTES,
+            "l2_bytes": _config.L2_BYTES,
+            "tuned": dict(_config.TUNING),  # {} where `numba-dsconv tune` has not run
         },
         "gpus": [],
     }
