@@ -119,14 +119,25 @@ def copy_rows(src, dst, rows):  # pragma: no cover - compiled
 
 @helper
 def add_colsum(src, rows, acc):  # pragma: no cover - compiled
-    """acc[c] += src[t, c] for t < rows, in row order (acc C-contiguous)."""
+    """acc[c] += src[t, c] for t < rows, in row order (acc C-contiguous): a vector of columns
+    at a time, its sums in a register down the rows. The adds are FMAs by 1 (exact, the
+    same rounding as an add), not adds: Numba gives every float add of a fast-math kernel
+    LLVM's reassoc flag, and LLVM then split such a sum into partial sums differently in two
+    compilations of the kernel (the bits of d bias changed with the mask's dtype). The
+    columns past the last whole vector add in memory, as before."""
     n = src.shape[1]
     dt, sz = src.dtype, src.itemsize
-    ps, pa = address(src), address(acc)
+    L = VEC_BYTES // sz
+    ps, pa, ss = address(src), address(acc), src.strides[0]
+    full = n // L * L
+    for c0 in range(0, full, L):
+        v = vloadp(pa + c0 * sz, dt)
+        for t in range(rows):
+            v = vfma(1, vloadp(ps + t * ss + c0 * sz, dt), v)
+        vstorep(pa + c0 * sz, v)
     for t in range(rows):
-        rs = ps + t * src.strides[0]
-        for c in range(n):
-            storep(pa + c * sz, loadp(pa + c * sz, dt) + loadp(rs + c * sz, dt), dt)
+        for c in range(full, n):
+            acc[c] += loadp(ps + t * ss + c * sz, dt)
 
 
 @helper
