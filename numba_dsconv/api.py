@@ -246,6 +246,18 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int) -> Any:
     return cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], None)
 
 
+def _forward(
+    op: str, arrays: tuple, nweights: int, options: tuple, out: Any, setup: Callable[[], _Setup]
+) -> Any:
+    """A public forward call: from the fast path where it was seen before, else validated by
+    ``setup()`` (and remembered), then run."""
+    key = _fast_key(op, arrays, options, out)
+    done = _run_fast(key, arrays, nweights)
+    if done is not None:
+        return done
+    return _remember(key, setup()).run(out)
+
+
 def _remember(key: tuple | None, setup: _Setup) -> _Setup:
     """Remember a validated call that can take the fast path (NumPy arrays on the CPU)."""
     if key is not None and len(_FAST) < _FAST_MAX:
@@ -318,14 +330,10 @@ def conv2d(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(conv2d, locals())
-    key = _fast_key(
-        "conv2d", (x, w, bias), (stride, padding, dilation, activation, layout, device), out
-    )
-    done = _run_fast(key, (x, w, bias), 1)
-    if done is not None:
-        return done
-    setup = _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device)
-    return _remember(key, setup).run(out)
+    return _forward(
+        "conv2d", (x, w, bias), 1, (stride, padding, dilation, activation, layout, device), out,
+        lambda: _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device),
+    )  # fmt: skip
 
 
 def _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device, extra=None):
@@ -396,14 +404,12 @@ def depthwise(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(depthwise, locals())
-    key = _fast_key(
-        "depthwise", (x, dw, bias), (stride, padding, dilation, activation, layout, device), out
-    )
-    done = _run_fast(key, (x, dw, bias), 1)
-    if done is not None:
-        return done
-    setup = _depthwise_setup(x, dw, stride, padding, dilation, bias, activation, layout, device)
-    return _remember(key, setup).run(out)
+    return _forward(
+        "depthwise", (x, dw, bias), 1, (stride, padding, dilation, activation, layout, device),
+        out,
+        lambda: _depthwise_setup(x, dw, stride, padding, dilation, bias, activation, layout,
+                                 device),
+    )  # fmt: skip
 
 
 def _depthwise_setup(
@@ -470,11 +476,10 @@ def pointwise(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(pointwise, locals())
-    key = _fast_key("pointwise", (x, pw, bias), (activation, layout, device), out)
-    done = _run_fast(key, (x, pw, bias), 1)
-    if done is not None:
-        return done
-    return _remember(key, _pointwise_setup(x, pw, bias, activation, layout, device)).run(out)
+    return _forward(
+        "pointwise", (x, pw, bias), 1, (activation, layout, device), out,
+        lambda: _pointwise_setup(x, pw, bias, activation, layout, device),
+    )  # fmt: skip
 
 
 def _pointwise_setup(x, pw, bias, activation, layout, device, extra=None):
@@ -532,17 +537,12 @@ def separable(
 ) -> Any:
     if type(x).__module__[:5] == "dask.":  # a lazy result (numba_dsconv/_dask.py)
         return _lazy(separable, locals())
-    arrays = (x, dw, pw, dw_bias, bias)
-    options = (stride, padding, dilation, mid_activation, activation, layout, device)
-    key = _fast_key("separable", arrays, options, out)
-    done = _run_fast(key, arrays, 2)
-    if done is not None:
-        return done
-    setup = _separable_setup(
-        x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation, layout,
-        device,
+    return _forward(
+        "separable", (x, dw, pw, dw_bias, bias), 2,
+        (stride, padding, dilation, mid_activation, activation, layout, device), out,
+        lambda: _separable_setup(x, dw, pw, stride, padding, dilation, dw_bias, mid_activation,
+                                 bias, activation, layout, device),
     )  # fmt: skip
-    return _remember(key, setup).run(out)
 
 
 def _separable_setup(
