@@ -232,13 +232,31 @@ def _forward_impl(op: str):
         x = x.detach()
         cw = _core_weights(op, x, tuple(w.detach() for w in weights))
         shape = _output_shape(op, x, weights, stride, mode, padding, dilation)
-        out = torch.empty(shape, dtype=_result_dtype(x, weights), device=x.device,
-                          memory_format=_result_format(x))  # fmt: skip
         bs = tuple(None if b is None else b.detach() for b in biases)
-        fn(x, *cw, out=out, **_core_kwargs(op, stride, mode, padding, dilation, mid, act, bs))
+        kw = _core_kwargs(op, stride, mode, padding, dilation, mid, act, bs)
+        dtype, fmt = _result_dtype(x, weights), _result_format(x)
+        if _numpy_ready((x, *cw, *bs)):
+            # NumPy views in, the result wrapped: the core's fast path serves a call seen
+            # before (out= would be validated every time), ~40 us less per small call
+            kw = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in kw.items()}
+            out = torch.from_numpy(fn(x.numpy(), *(w.numpy() for w in cw), **kw))
+            like = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+            if out.stride() != like.stride():  # the fake kernel's strides, exactly
+                out = torch.empty(shape, dtype=dtype, memory_format=fmt).copy_(out)
+            return out
+        out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+        fn(x, *cw, out=out, **kw)
         return out
 
     return impl
+
+
+def _numpy_ready(tensors: tuple) -> bool:
+    """Every tensor a CPU float32/float64 tensor NumPy can view (None skipped)."""
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64))
+        for t in tensors
+    )
 
 
 def _forward_fake(op: str):
@@ -355,6 +373,72 @@ def _define(op: str):
 OPS = {op: _define(op) for op in ("separable", "depthwise", "pointwise", "conv2d")}
 
 
+def _eager_function(op: str) -> type:
+    """The same forward, autograd formula and backward as the custom op, as a plain
+    ``torch.autograd.Function`` for eager calls: torch's custom-op dispatch cost ~40-90 us per
+    call (forward and backward), most of a small layer's training step."""
+    forward_impl, setup = _forward_impl(op), _setup_context(op)
+    direct = _backward(op, _backward_impl(op))
+    recorded = _backward(op, OPS[op][1])
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):  # noqa: ANN001, ANN205
+            out = forward_impl(*args)
+            setup(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            # under create_graph, the backward custom op: autograd records it, and a second
+            # backward through it fails loudly (it has no formula) instead of treating the
+            # gradients as constants
+            return (recorded if torch.is_grad_enabled() else direct)(ctx, g)
+
+    Eager.__name__ = Eager.__qualname__ = f"{op}_eager"
+    return Eager
+
+
+_EAGER = {op: _eager_function(op) for op in OPS}
+
+
+def _plain_eager(tensors: tuple) -> bool:
+    """Whether a call may skip the custom op: eager (not traced by torch.compile), no dispatch
+    or torch-function mode active, and every tensor a plain CPU or CUDA tensor (not fake, meta,
+    a subclass or a functorch wrapper). Anything else takes the custom op, which handles it."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+            return False
+        if t.device.type not in ("cpu", "cuda") or _functorch_wrapped(t):
+            return False
+    return True
+
+
+def _current_dispatch_mode() -> Any:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _call(op: str, *args: Any) -> Tensor:
+    """Run ``op`` through the eager Function where possible, else its custom op (the same
+    kernels and formulas: the same bits either way)."""
+    nt = 1 + _WEIGHTS[op] + len(_BIAS_NAMES[op])
+    if _plain_eager(args[:nt]):
+        return _EAGER[op].apply(*args)
+    return OPS[op][0](*args)
+
+
 # --------------------------------------------------------------------------------------------
 # the functional API
 
@@ -384,8 +468,8 @@ def separable(
     """``activation(pointwise(mid_activation(depthwise(x) + dw_bias)) + bias)``, fused, with
     autograd. dw_weight (C*M, 1, K_h, K_w), pw_weight (C_out, C*M, 1, 1)."""
     s, mode, pads, d = _geometry(stride, padding, dilation)
-    return OPS["separable"][0](
-        x, dw_weight, pw_weight, dw_bias, bias, s, mode, pads, d,
+    return _call(
+        "separable", x, dw_weight, pw_weight, dw_bias, bias, s, mode, pads, d,
         _activation(mid_activation, "mid_activation"), _activation(activation, "activation"),
     )  # fmt: skip
 
@@ -403,8 +487,8 @@ def depthwise(
     """Depthwise convolution (torch's Conv2d with groups=C), with autograd. weight
     (C*M, 1, K_h, K_w)."""
     s, mode, pads, d = _geometry(stride, padding, dilation)
-    return OPS["depthwise"][0](
-        x, weight, bias, s, mode, pads, d, _NONE, _activation(activation, "activation")
+    return _call(
+        "depthwise", x, weight, bias, s, mode, pads, d, _NONE, _activation(activation, "activation")
     )
 
 
@@ -412,8 +496,8 @@ def pointwise(
     x: Tensor, weight: Tensor, *, bias: Tensor | None = None, activation: str | None = None
 ) -> Tensor:
     """Pointwise (1x1) convolution, with autograd. weight (C_out, C_in, 1, 1)."""
-    return OPS["pointwise"][0](
-        x, weight, bias, [1, 1], "explicit", [0, 0, 0, 0], [1, 1], _NONE,
+    return _call(
+        "pointwise", x, weight, bias, [1, 1], "explicit", [0, 0, 0, 0], [1, 1], _NONE,
         _activation(activation, "activation"),
     )  # fmt: skip
 
@@ -430,8 +514,8 @@ def conv2d(
 ) -> Tensor:
     """Standard convolution, with autograd. weight (C_out, C_in, K_h, K_w)."""
     s, mode, pads, d = _geometry(stride, padding, dilation)
-    return OPS["conv2d"][0](
-        x, weight, bias, s, mode, pads, d, _NONE, _activation(activation, "activation")
+    return _call(
+        "conv2d", x, weight, bias, s, mode, pads, d, _NONE, _activation(activation, "activation")
     )
 
 

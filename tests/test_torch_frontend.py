@@ -352,3 +352,66 @@ def test_core_api_refuses_tensors_that_require_grad():
     with torch.no_grad():
         y = nd.separable(*core)
     assert not y.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# the eager path (a plain autograd.Function) against the custom op: the same bits
+
+
+def _via_custom_op(op, x, weights, **kw):
+    from unittest import mock
+
+    with mock.patch.object(ndt, "_plain_eager", lambda tensors: False):
+        return ours(op, x, weights, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", OPS)
+def test_eager_path_gives_the_custom_ops_bits(op, fmt):
+    from unittest import mock
+
+    calls = []
+    real = ndt._EAGER[op].apply
+    with mock.patch.object(ndt._EAGER[op], "apply", lambda *a: calls.append(1) or real(*a)):
+        for act in (None, "relu6"):
+            x, weights, bs = make(op, dtype=torch.float32, seed=3)
+            if fmt == "channels_last":
+                x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+            kw = dict(_geo(op, GEOMETRIES[1]), activation=act, **bs)
+            leaves = (x, *weights, *bs.values())
+            y1 = ours(op, x, weights, **kw)
+            y2 = _via_custom_op(op, x, weights, **kw)
+            assert y1.stride() == y2.stride() and torch.equal(y1, y2)
+            g = torch.randn_like(y1)
+            for a, b in zip(torch.autograd.grad(y1, leaves, g),
+                            torch.autograd.grad(y2, leaves, g), strict=True):  # fmt: skip
+                assert a.stride() == b.stride() and torch.equal(a, b)
+    assert len(calls) == 2  # the eager path ran (twice), the custom op the other two
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_double_backward_fails_loudly(path):
+    """A gradient taken with create_graph stays attached to the graph, and differentiating it
+    again is an error (never a silent zero)."""
+    x, weights, bs = make("separable", seed=4)
+    fn = ours if path == "eager" else _via_custom_op
+    y = fn("separable", x, weights, **bs)
+    (gx,) = torch.autograd.grad(y.sum(), (x,), create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gx.sum().backward()
+
+
+def test_meta_and_fake_tensors_take_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.empty(2, 4, 9, 8, device="meta")
+    dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(5, 8, 1, 1, device="meta")
+    assert not ndt._plain_eager((x, dw, pw))
+    y = ndt.separable(x, dw, pw, padding=1)
+    assert y.device.type == "meta" and tuple(y.shape) == (2, 5, 9, 8)
+    with FakeTensorMode():
+        xf = torch.empty(2, 4, 9, 8)
+        assert not ndt._plain_eager((xf,))
+        yf = ndt.separable(xf, torch.empty(8, 1, 3, 3), torch.empty(5, 8, 1, 1), padding=1)
+        assert tuple(yf.shape) == (2, 5, 9, 8)
