@@ -75,6 +75,8 @@ CPU_GEMM_KC: int = max(64, min(512, L1D_BYTES * 2 // 3 // 128 // 16 * 16))
 # to TUNING_FILE; they are read here at import, when the file was written on a machine with
 # the same CPU and caches (NUMBA_DSCONV_NO_TUNING=1 ignores it).
 TUNED = ("CPU_TILE_BYTES", "CPU_TILE_MAX_PIXELS", "CPU_GEMM_KC")
+# ... and their cache-derived values above, before any tuning file is read
+BLOCKING_DEFAULTS: dict[str, int] = {name: globals()[name] for name in TUNED}
 
 
 def tuning_file() -> str:

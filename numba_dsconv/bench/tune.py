@@ -43,9 +43,7 @@ class TuneResult:
 
 def defaults() -> Values:
     """The cache-derived values (what _config sets before any tuning file is read)."""
-    tile = _config.L2_BYTES // 2
-    kc = max(64, min(512, _config.L1D_BYTES * 2 // 3 // 128 // 16 * 16))
-    return {"CPU_TILE_BYTES": tile, "CPU_TILE_MAX_PIXELS": 256, "CPU_GEMM_KC": kc}
+    return dict(_config.BLOCKING_DEFAULTS)
 
 
 def tile_candidates(base: Values) -> list[Values]:
