@@ -2,7 +2,8 @@
 
 Public names: :func:`conv2d`, :func:`depthwise`, :func:`pointwise`, :func:`separable`, their
 gradients (:func:`conv2d_grad`, :func:`depthwise_grad`, :func:`pointwise_grad`,
-:func:`separable_grad`), :func:`cost`, and :func:`set_dask_threads` (Numba threads per task
+:func:`separable_grad`), :func:`pack` (pointwise weights packed once for the CPU kernels),
+:func:`cost`, and :func:`set_dask_threads` (Numba threads per task
 when x is a dask array). PyTorch autograd ops and modules: ``numba_dsconv.torch``.
 Each picks its backend (Numba CPU kernels or CUDA kernels) from ``device`` or from
 where the input lives.
@@ -23,11 +24,13 @@ from .grad import (
     pointwise_grad,
     separable_grad,
 )
+from .packing import PackedWeights, pack
 
 __all__ = [
     "Conv2dGrads",
     "Cost",
     "DepthwiseGrads",
+    "PackedWeights",
     "PointwiseGrads",
     "SeparableGrads",
     "__version__",
@@ -36,6 +39,7 @@ __all__ = [
     "cost",
     "depthwise",
     "depthwise_grad",
+    "pack",
     "pointwise",
     "pointwise_grad",
     "separable",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .packing import PackedWeights
+
 if TYPE_CHECKING:
     from ._spec import ConvSpec
 
@@ -232,6 +234,13 @@ def as_host_array(a: object, name: str) -> np.ndarray:
         return a if a.dtype.isnative else _native(a)
     if isinstance(a, np.ndarray):
         return _native(_unmasked(a, name))
+    if type(a) is PackedWeights:
+        if name != "pw":
+            raise TypeError(
+                f"{name} is a PackedWeights (numba_dsconv.pack): only pw, the pointwise "
+                f"weights, may be packed"
+            )
+        return a  # type: ignore[return-value]  # the CPU backend reads its panels
     lib = library(a)
     if lib in CUDA_LIBRARIES:
         raise ValueError(
@@ -297,6 +306,8 @@ def host_out(out: object, expected: str) -> np.ndarray:
 
 def host_overlap(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two host arrays may share memory (conservative when numpy cannot tell)."""
+    if type(a) is PackedWeights or type(b) is PackedWeights:
+        return False  # a private copy
     try:
         return bool(np.shares_memory(a, b, max_work=10**6))
     except np.exceptions.TooHardError:

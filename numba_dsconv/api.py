@@ -11,6 +11,7 @@ import numpy as np
 
 from ._dispatch import Backend, resolve_device
 from ._spec import Activation, ConvSpec, check_layout, make_spec, plain_value
+from .packing import PackedWeights
 
 __all__ = ["conv2d", "depthwise", "pointwise", "separable"]
 
@@ -223,6 +224,8 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
             key.append(None)
         elif type(a) is _NDARRAY and a.dtype.isnative:
             key.append((a.shape, a.strides, a.dtype))
+        elif type(a) is PackedWeights:  # only pw may be one (as_host_array)
+            key.append((a.shape, PackedWeights, a.dtype))
         else:
             return None
     for v in options:

@@ -18,6 +18,9 @@ running numba_dsconv's backward kernels. For the backward, autograd keeps x, the
 where the final activation needs it, a one-byte mask of where it passes; never the depthwise
 intermediate, which the backward recomputes tile by tile.
 
+For inference on the CPU, ``prepack(model)`` packs the pointwise weights of its layers once
+(numba_dsconv.pack), as inference runtimes do when they load a model.
+
 This module imports torch; ``import numba_dsconv`` alone never does.
 """
 
@@ -26,9 +29,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import api, grad
 from ._spec import padding_amounts, pair
+from .packing import PackedWeights, pack
 
 __all__ = [
     "Conv2d",
@@ -38,6 +43,7 @@ __all__ = [
     "conv2d",
     "depthwise",
     "pointwise",
+    "prepack",
     "separable",
 ]
 
@@ -239,7 +245,10 @@ def _forward_impl(op: str):
             # NumPy views in, the result wrapped: the core's fast path serves a call seen
             # before (out= would be validated every time), ~40 us less per small call
             kw = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in kw.items()}
-            out = torch.from_numpy(fn(x.numpy(), *(w.numpy() for w in cw), **kw))
+            arrays = [w.numpy() for w in cw]
+            if op in ("separable", "pointwise"):  # a prepack()ed layer's packed weights
+                arrays[-1] = _prepacked(weights[-1]) or arrays[-1]
+            out = torch.from_numpy(fn(x.numpy(), *arrays, **kw))
             like = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
             if out.stride() != like.stride():  # the fake kernel's strides, exactly
                 out = torch.empty(shape, dtype=dtype, memory_format=fmt).copy_(out)
@@ -249,6 +258,50 @@ def _forward_impl(op: str):
         return out
 
     return impl
+
+
+# prepack(): pointwise weight -> (its state when packed, its PackedWeights), by identity
+_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _pack_state(w: Tensor) -> tuple:
+    """What a change torch tracks alters: the version counter (every in-place op, optimizer
+    steps, load_state_dict), the storage (``.data =``), the dtype and the strides."""
+    return (w._version, w.data_ptr(), w.dtype, tuple(w.shape), tuple(w.stride()))
+
+
+def _prepacked(w: Tensor) -> PackedWeights | None:
+    """The packed weights of a prepack()ed pointwise weight ``w``, packed again where torch saw
+    it change (as a call without prepack packs torch's transposed weight: a training step
+    costs what it would); None where it was never prepacked."""
+    hit = _PACKS.get(w)
+    if hit is None:
+        return None
+    state = _pack_state(w)
+    if hit[0] == state:
+        return hit[1]
+    if not _numpy_ready((w,)):
+        return None
+    packed = pack(_pointwise_core(w.detach()).numpy())
+    _PACKS[w] = (state, packed)
+    return packed
+
+
+def prepack(module: nn.Module) -> nn.Module:
+    """Pack the pointwise weights of every SeparableConv2d and PointwiseConv2d in ``module``
+    once (numba_dsconv.pack), for inference on the CPU: their forward then reads the packed
+    copy instead of repacking the weights on every call, with the same results to the bit.
+
+    A change torch tracks (an optimizer step, load_state_dict, any in-place op) packs again
+    at the next call (costing what a call without prepack costs); writes through ``.data`` or
+    a NumPy view are invisible to torch: call prepack again after those. Returns ``module``."""
+    for m in module.modules():
+        w = getattr(m, "pw_weight" if isinstance(m, SeparableConv2d) else "weight", None)
+        if isinstance(m, (SeparableConv2d, PointwiseConv2d)) and w is not None:
+            _PACKS.pop(w, None)
+            if _numpy_ready((w,)):
+                _PACKS[w] = (_pack_state(w), pack(_pointwise_core(w.detach()).numpy()))
+    return module
 
 
 def _numpy_ready(tensors: tuple) -> bool:

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["numba_dsconv.api", "numba_dsconv.grad", "numba_dsconv.cost", "numba_dsconv.bench.work"]
+MODULES = ["numba_dsconv.api", "numba_dsconv.grad", "numba_dsconv.cost", "numba_dsconv.packing",
+           "numba_dsconv.bench.work"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -22,5 +23,5 @@ def test_every_public_function_has_examples():
     import numba_dsconv as nd
 
     for name in ("conv2d", "depthwise", "pointwise", "separable", "cost", "conv2d_grad",
-                 "depthwise_grad", "pointwise_grad", "separable_grad"):  # fmt: skip
+                 "depthwise_grad", "pointwise_grad", "separable_grad", "pack"):  # fmt: skip
         assert "Examples\n    --------" in getattr(nd, name).__doc__, name

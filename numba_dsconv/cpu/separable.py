@@ -17,6 +17,7 @@ import numpy as np
 from numba import prange
 
 from .._spec import ConvSpec
+from ..packing import kernel_operands
 from ._jit import Kernel, kernel
 from ._simd import address
 from .depthwise import depthwise_tile
@@ -81,11 +82,12 @@ def separable_args(
     dwk, pw = weights
     dw_bias, bias = biases
     dt, sz = out.dtype, out.itemsize
+    w, panels = kernel_operands(pw, no_packed(dt))
     db = bias_vector(dw_bias, spec.c_mid, dt)
     b = bias_vector(bias, spec.c_out, dt, gemm_panel_width(sz))
     split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
     acts = (int(spec.mid_activation), int(spec.activation))
-    return (x, dwk, db, pw, no_packed(dt), b, out, spec.geometry, *acts, split)
+    return (x, dwk, db, w, panels, b, out, spec.geometry, *acts, split)
 
 
 SEPARABLE: Kernel = kernel(separable_nhwc, separable_args)

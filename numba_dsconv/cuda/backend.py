@@ -25,6 +25,7 @@ from .._dispatch import (
     wrap_host,
 )
 from .._spec import ConvSpec
+from ..packing import unpacked
 from . import _interop, backward
 from .depthwise import depthwise_args, depthwise_launch
 from .gemm import gemm_args, gemm_launch
@@ -117,7 +118,7 @@ class CudaBackend:
 
     def asarray(self, a: Any, name: str, writable: bool = False) -> Any:
         if library(a) not in CUDA_LIBRARIES:
-            return as_host_array(a, name)
+            return unpacked(as_host_array(a, name))  # a PackedWeights' panels are the CPU's
         idx = _interop.device_index(a)
         if idx is not None and idx != self.index:
             raise ValueError(f"{name} lives on cuda:{idx} but the call runs on cuda:{self.index}")
