@@ -45,20 +45,26 @@ def _peers_section(batches: list[int], layers: str, rounds: int, console) -> lis
         "printed next to its time); "
         f"{numba.get_num_threads()} threads each; ONNX Runtime on an NCHW ONNX model, "
         "OpenVINO on the same model with NHWC input and output and f32 precision, torch "
-        "channels_last. Microseconds; `vs fastest` = ours / the fastest other runtime "
-        "(below 1: numba_dsconv leads).",
+        "channels_last; `numba_dsconv+pack`: ours with the pointwise weights packed once "
+        "(`numba_dsconv.pack`), as ONNX Runtime and OpenVINO pack theirs when they load the "
+        "model. Microseconds; `vs fastest` (`packed vs fastest`) = ours (packed) / the fastest "
+        "other runtime (below 1: numba_dsconv leads).",
         "",
     ]
     for n in batches:
         console.print(f"peers N={n}")
         best = peers.run_peers(n, numbers, runtimes, numba.get_num_threads(), rounds)
         rows = peers.table(best, numbers)
-        head = ["#", *runtimes, "vs fastest"]
+        ratio_cols = peers.ratio_columns(runtimes)
+        head = ["#", *runtimes, *ratio_cols]
         out += [f"### N={n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
-        gm = peers.geomean([float(r[-1]) for r in rows])
+        gms = [
+            f"`{col}` {peers.geomean([float(r[1 + len(runtimes) + i]) for r in rows]):.2f}"
+            for i, col in enumerate(ratio_cols)
+        ]
         worst = max(err for runs in best.values() for _, err in runs.values())
-        out += ["", f"Geometric mean of `vs fastest`: {gm:.2f}. Largest relative error against "
+        out += ["", f"Geometric means: {', '.join(gms)}. Largest relative error against "
                 f"float64, any runtime and layer: {worst:.1e}.", ""]  # fmt: skip
     return out
 

@@ -380,17 +380,21 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
             f"runtime in its own process, {rounds} alternating rounds, best of the rounds' "
             f"medians of {repeat} calls; microseconds"
         ),
-        caption=Text("vs fastest = ours / the fastest other runtime (below 1: numba_dsconv leads)"),
+        caption=Text(
+            "vs fastest = ours / the fastest other runtime (below 1: numba_dsconv leads); "
+            "packed: ours with pw packed once (numba_dsconv.pack), as the peers pack at load"
+        ),
     )
-    for col in ["#", *runtimes, *(["vs fastest"] if len(runtimes) > 1 else [])]:
+    ratio_cols = peers.ratio_columns(runtimes)
+    for col in ["#", *runtimes, *ratio_cols]:
         t.add_column(Text(col), justify="right")
     rows = peers.table(best, numbers)
     for cells in rows:
         t.add_row(*(Text(c) for c in cells))
     console.print(t)
-    if len(runtimes) > 1:
-        ratios = [float(r[-1]) for r in rows]
-        console.print(Text(f"geometric mean of vs fastest: {peers.geomean(ratios):.2f}"))
+    for i, col in enumerate(ratio_cols):
+        ratios = [float(r[1 + len(runtimes) + i]) for r in rows]
+        console.print(Text(f"geometric mean of {col}: {peers.geomean(ratios):.2f}"))
     missing = sorted(set(peers.RUNTIMES) - set(runtimes) - ({"torch"} if args.no_torch else set()))
     if missing:
         console.print(

@@ -382,9 +382,9 @@ def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):
 def test_peers_worker_checks_and_times_ours():
     from numba_dsconv.bench import peers
 
-    got = peers.worker(peers.OURS, 1, [9], 1, 3)
-    med, err = got["9"]
-    assert med > 0 and err < bench.RTOL_FLOAT32
+    for ours in (peers.OURS, peers.OURS_PACKED):
+        med, err = peers.worker(ours, 1, [9], 1, 3)["9"]
+        assert med > 0 and err < bench.RTOL_FLOAT32
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
@@ -405,4 +405,9 @@ def test_peers_rounds_alternate_processes_and_keep_the_best():
     assert med > 0 and err < bench.RTOL_FLOAT32
     rows = peers.table({"numba_dsconv": {9: (2e-6, 0.0)}, "x": {9: (4e-6, 0.0)}}, [9])
     assert rows == [["9", "2", "4", "0.50"]]
+    both = {"numba_dsconv": {9: (2e-6, 0.0)}, "numba_dsconv+pack": {9: (1e-6, 0.0)},
+            "x": {9: (4e-6, 0.0)}, "y": {9: (8e-6, 0.0)}}  # fmt: skip
+    assert peers.table(both, [9]) == [["9", "2", "1", "4", "8", "0.50", "0.25"]]
+    assert peers.ratio_columns(list(both)) == ["vs fastest", "packed vs fastest"]
+    assert peers.ratio_columns(["numba_dsconv", "numba_dsconv+pack"]) == []
     assert peers.geomean([0.5, 2.0]) == pytest.approx(1.0)

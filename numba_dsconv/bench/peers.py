@@ -30,9 +30,13 @@ from .machine import serial_blas
 from .suite import Layer, layer
 
 OURS = "numba_dsconv"
+# ours with the pointwise weights packed once (numba_dsconv.pack), as ONNX Runtime and OpenVINO
+# pack theirs when they load the model
+OURS_PACKED = "numba_dsconv+pack"
 # runtime -> the module that must be importable for it
 RUNTIMES: dict[str, str] = {
     OURS: "numba",
+    OURS_PACKED: "numba",
     "torch": "torch",
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
@@ -103,6 +107,11 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
         import numba_dsconv as nd
 
         return lambda: nd.separable(x, dw, pw, stride=lay.stride, padding=lay.padding)
+    if name == OURS_PACKED:
+        import numba_dsconv as nd
+
+        packed = nd.pack(pw)
+        return lambda: nd.separable(x, dw, packed, stride=lay.stride, padding=lay.padding)
     if name == "torch":
         import torch
         import torch.nn.functional as F
@@ -224,18 +233,30 @@ def run_peers(
     return best
 
 
+RATIOS = {OURS: "vs fastest", OURS_PACKED: "packed vs fastest"}
+
+
+def ratio_columns(runtimes: list[str]) -> list[str]:
+    """The ratio columns of ``table`` for these runtimes: one per variant of ours, where there
+    is another runtime to compare with."""
+    if not any(r not in RATIOS for r in runtimes):
+        return []
+    return [RATIOS[r] for r in RATIOS if r in runtimes]
+
+
 def table(best: dict[str, dict[int, tuple[float, float]]], layers: list[int]) -> list[list[str]]:
-    """Rows: layer, microseconds per runtime, ours / the fastest peer (below 1: we lead)."""
+    """Rows: layer, microseconds per runtime, then per variant of ours (``ratio_columns``) its
+    time / the fastest other runtime's (below 1: we lead)."""
     rows = []
-    peers = [r for r in best if r != OURS]
+    peers = [r for r in best if r not in RATIOS]
     for number in layers:
         cells = [str(number)]
         for r in best:
             med, err = best[r][number]
             cells.append(f"{med * 1e6:.0f}" + ("" if err < 1e-4 else f" (err {err:.0e})"))
-        if OURS in best and peers:
+        if peers:
             fastest = min(best[r][number][0] for r in peers)
-            cells.append(f"{best[OURS][number][0] / fastest:.2f}")
+            cells += [f"{best[r][number][0] / fastest:.2f}" for r in RATIOS if r in best]
         rows.append(cells)
     return rows
 
