@@ -22,7 +22,15 @@ from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, Kernel, helper, kernel
 from ._simd import address
 from .layout import bias_vector
-from .pointwise import gemm_panel_width, gemm_scratch, gemm_split, gemm_task, gemm_tile, no_packed
+from .pointwise import (
+    gemm_panel_width,
+    gemm_scratch,
+    gemm_split,
+    gemm_task,
+    gemm_tile,
+    no_packed,
+    zero_tail,
+)
 
 
 @helper
@@ -82,6 +90,7 @@ def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no 
         for t0 in range(0, taps, slab):
             t1 = min(taps, t0 + slab)
             im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
+            zero_tail(buf, p1 - p0)
             a = act if t1 == taps else NO_ACTIVATION
             gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], nopack, bias, dst, c0, c1, a,
                       t0 > 0, pk, at, part, address(x), 0)  # fmt: skip

@@ -29,6 +29,7 @@ from .pointwise import (
     gemm_task,
     gemm_tile,
     no_packed,
+    zero_tail,
 )
 
 
@@ -59,6 +60,7 @@ def separable_nhwc(
         buf = np.empty((tile, CM), dtype=out.dtype)
         pk, at, part = gemm_scratch(kc, tile, out)
         depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
+        zero_tail(buf, p1 - p0)
         # the input rows of this thread's next task (prange hands out contiguous chunks), to
         # prefetch while the GEMM runs; none if the next task reuses this pixel block
         pf = address(x)
