@@ -369,6 +369,42 @@ def test_same_bits_at_any_thread_count(op, rng, monkeypatch):
                 assert getattr(other, f).tobytes() == getattr(first, f).tobytes(), (chunks, f)
 
 
+@pytest.mark.parametrize("op", ("separable", "pointwise"))
+@pytest.mark.parametrize("needs", [None, ("x", "pw"), ("dw", "bias"), ("pw",)])
+def test_one_chunk_split_in_two_tasks_gives_the_same_bits(op, needs, rng, monkeypatch):
+    """Too few pixels for a second chunk (N=1, a 7x7 output): the chunk runs as a d pw task
+    and a dx task in parallel; every gradient equals, to the bit, the one-task run's, and the
+    reference."""
+    from numba_dsconv.cpu import backward
+
+    if op == "pointwise" and needs is not None and "dw" in needs:
+        needs = ("x", "bias")
+    hw = 13 if op == "separable" else 7  # a 7x7 output (separable at stride 2)
+    case = replace_case(_needs_case(op), n=1, h=hw, w=hw, c=40, c_out=72, stride=(2, 2))
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    launched = []
+    real = backward._launch
+    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append(a[-1]),
+                                                               real(k, w, *a)))  # fmt: skip
+    split = grad_fn(op)(grad, x, *weights, needs=needs, **kwargs)
+    import numba
+
+    assert launched[-1] == (numba.config.NUMBA_NUM_THREADS > 1 and needs != ("pw",))
+    monkeypatch.setattr(backward, "ROLE_SPLIT", False)
+    whole = grad_fn(op)(grad, x, *weights, needs=needs, **kwargs)
+    assert launched[-1] is False
+    for f in FIELDS[op]:
+        a, b = getattr(split, f), getattr(whole, f)
+        assert (a is None) == (b is None), f
+        if a is not None:
+            assert a.tobytes() == b.tobytes(), f
+    expected = reference_grads(case, x, weights, kwargs, grad)
+    given = {f: (getattr(whole, f) if getattr(whole, f) is not None else None)
+             for f in FIELDS[op]}  # fmt: skip
+    assert_grads_close(case, split, expected, 1 * 7 * 7, given)
+
+
 def replace_case(case: Case, **fields) -> Case:
     from dataclasses import replace
 
