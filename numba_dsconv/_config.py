@@ -144,8 +144,10 @@ globals().update(TUNING)
 # with any number of threads launched. (More chunks than threads cost: every chunk's partial
 # sums are written and read back; 16 chunks of 1 MB took ~1.5 ms more than 4 on 2 cores.)
 BACKWARD_CHUNKS: int = 0
-# ... each chunk with at least this many output pixels ...
-BACKWARD_MIN_PIXELS: int = 64
+# ... each chunk with at least this many output pixels (below two chunks' worth the one chunk
+# runs as two tasks, see cpu/backward.py: at N=1 on 14x14 outputs that beat three chunks in two
+# phases, 0.71-0.80 of the time; 64 cut them so) ...
+BACKWARD_MIN_PIXELS: int = 128
 # ... and all their partial sums together within this many bytes.
 BACKWARD_PARTIAL_BYTES: int = 32 * 1024 * 1024
 

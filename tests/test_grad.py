@@ -421,6 +421,7 @@ def test_chunk_plans(monkeypatch):
     from numba_dsconv.cpu.pointwise import GEMM_MR
 
     pool = numba.config.NUMBA_NUM_THREADS
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 64)
     per, n, phases, tile, _ = backward_plan(3 * 23, 23, 19, 2, 1000, 100)
     if pool > 1:
         assert phases == 2 and per >= 2 and n == 2 * pool and tile % GEMM_MR == 0
