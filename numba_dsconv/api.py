@@ -244,9 +244,14 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int) -> Any:
     if hit is None or _PLAN_ONLY.get():
         return None
     spec, dtype, shapes, cpu = hit
-    ws = arrays[1 : 1 + nweights]
-    weights = tuple(w if w.shape == s else w.reshape(s) for w, s in zip(ws, shapes, strict=True))
+    weights = kernel_shapes(arrays[1 : 1 + nweights], shapes)
     return cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], None)
+
+
+def kernel_shapes(weights: tuple, shapes: tuple) -> tuple:
+    """The weights of a remembered call reshaped as its validation reshaped them (dw to
+    (K_h, K_w, C*M), pw to 2-D): views of NumPy arrays of the remembered strides."""
+    return tuple(w if w.shape == s else w.reshape(s) for w, s in zip(weights, shapes, strict=True))
 
 
 def _forward(

@@ -9,12 +9,13 @@ array type; a field is None where its argument was None or ``needs`` leaves it o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import api
-from ._spec import Activation
+from ._spec import Activation, plain_value
 
 __all__ = [
     "Conv2dGrads",
@@ -91,9 +92,63 @@ def parse_needs(op: str, needs: object, given: dict[str, bool]) -> dict[str, boo
     return {f: f in names for f in fields}
 
 
-def _grads(op: str, setup: api._Setup, needs: object) -> Any:
+# --------------------------------------------------------------------------------------------
+# the NumPy fast path, as the forward's (api._FAST): a gradient call whose arrays have the
+# types, shapes, strides and dtypes, and whose keywords (needs included) the values, of a call
+# validated before goes straight to the CPU backend with what that call worked out (a training
+# step's backward is one such call per layer; validation was ~100-250 us of a small layer's)
+
+_FAST_GRAD: dict[tuple, tuple] = {}
+
+
+def _grad_key(op: str, extra: tuple, arrays: tuple, options: tuple, needs: object) -> tuple | None:
+    """The memo key of a NumPy gradient call on the CPU, or None (see api._fast_key)."""
+    if needs is not None and not plain_value(needs):
+        return None
+    return api._fast_key(f"{op}_grad", (*extra, *arrays), (*options, needs), None)
+
+
+def _grad_call(op: str, extra: tuple, arrays: tuple, nweights: int, options: tuple, needs: object,
+               setup: Callable[[], api._Setup]) -> Any:  # fmt: skip
+    """A public gradient call: from the fast path where it was seen before, else validated by
+    ``setup()`` (and remembered). ``extra``: grad, output, mask; ``arrays``: x, the weights
+    as given, the biases."""
+    key = _grad_key(op, extra, arrays, options, needs)
+    hit = None if key is None else _FAST_GRAD.get(key)
+    if hit is not None and not api._PLAN_ONLY.get():
+        spec, dtype, shapes, output_index, need, dtypes, given, cpu = hit
+        weights = api.kernel_shapes(arrays[1 : 1 + nweights], shapes)
+        output = None if output_index is None else extra[output_index]
+        found = cpu.run_grad(spec, dtype, extra[0], arrays[0], weights, arrays[1 + nweights :],
+                             output, need, dtypes)  # fmt: skip
+        return _result(op, found, need, given)
+    s = setup()
+    done, memo = _grads(op, s, needs)
+    from .cpu.backend import CPU
+
+    if key is not None and memo is not None and s.call.be is CPU and len(_FAST_GRAD) < 1024:
+        _FAST_GRAD[key] = (s.spec, s.call.dtype, tuple(w.shape for w in s.weights), *memo, CPU)
+    return done
+
+
+def _result(op: str, found: dict, need: dict, given: dict) -> Any:
+    """The op's named tuple from the backend's gradients by slot, each weight's reshaped to
+    its argument's shape as given (``given``: field -> shape, for dw and pw)."""
+    slots = SLOTS[op]
+    fields = {}
+    for f in slots:
+        r = found.get(slots[f]) if need[slots[f]] else None
+        if r is not None and f in given and tuple(r.shape) != given[f]:
+            r = r.reshape(given[f])
+        fields[f] = r
+    return RESULTS[op](**fields)
+
+
+def _grads(op: str, setup: api._Setup, needs: object) -> tuple[Any, tuple | None]:
     """Run the backward of a validated call (``setup``: its grad and output are in
-    ``setup.call.extra``) and return the op's named tuple."""
+    ``setup.call.extra``): the op's named tuple, and what the fast path needs to repeat the
+    call (the index of the output argument used in (grad, output, mask), the slots needed,
+    their dtypes, the weights' shapes as given)."""
     call, spec = setup.call, setup.spec
     extra = call.extra
     if extra.get("output") is not None and extra.get("mask") is not None:
@@ -112,20 +167,21 @@ def _grads(op: str, setup: api._Setup, needs: object) -> Any:
     slots = SLOTS[op]
     need = {slots[f]: w for f, w in wanted.items()}
     dtypes = {slots[f]: np.dtype(arrays[f].dtype) for f, w in wanted.items() if w}
-    output = None
+    output, output_index = None, None
     if spec.activation != Activation.NONE:
-        output = extra["mask"] if extra.get("mask") is not None else extra.get("output")
+        output_index = 2 if extra.get("mask") is not None else 1
+        output = extra["mask"] if output_index == 2 else extra.get("output")
+        if output is None:
+            output_index = None
     found = call.be.run_grad(
         spec, call.dtype, extra["grad"], call.arrays["x"], setup.weights,
         tuple(setup.biases.values()), output, need, dtypes,
     )  # fmt: skip
-    fields = {}
-    for f in SLOTS[op]:
-        r = found.get(slots[f]) if wanted[f] else None
-        if r is not None and f in ("dw", "pw") and tuple(r.shape) != tuple(arrays[f].shape):
-            r = r.reshape(tuple(arrays[f].shape))  # as given: dw 3-D or 4-D, pw 2-D or 4-D
-        fields[f] = r if r is None else call.be.wrap(r, call.x_raw)
-    return RESULTS[op](**fields)
+    # as given: dw 3-D or 4-D, pw 2-D or 4-D
+    given = {f: tuple(arrays[f].shape) for f in ("dw", "pw") if f in slots}
+    result = _result(op, found, need, given)
+    wrapped = RESULTS[op](*(r if r is None else call.be.wrap(r, call.x_raw) for r in result))
+    return wrapped, (output_index, need, dtypes, given)
 
 
 def _no_dask(x: Any, op: str) -> None:
@@ -180,11 +236,14 @@ def separable_grad(
     mask: Any = None,
 ) -> SeparableGrads:
     _no_dask(x, "separable")
-    setup = api._separable_setup(
-        x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation, layout,
-        device, {"grad": grad, "output": output, "mask": mask},
+    return _grad_call(
+        "separable", (grad, output, mask), (x, dw, pw, dw_bias, bias), 2,
+        (stride, padding, dilation, mid_activation, activation, layout, device), needs,
+        lambda: api._separable_setup(
+            x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias, activation,
+            layout, device, {"grad": grad, "output": output, "mask": mask},
+        ),
     )  # fmt: skip
-    return _grads("separable", setup, needs)
 
 
 separable_grad.__doc__ = (
@@ -226,11 +285,14 @@ def depthwise_grad(
     mask: Any = None,
 ) -> DepthwiseGrads:
     _no_dask(x, "depthwise")
-    setup = api._depthwise_setup(
-        x, dw, stride, padding, dilation, bias, activation, layout, device,
-        {"grad": grad, "output": output, "mask": mask},
+    return _grad_call(
+        "depthwise", (grad, output, mask), (x, dw, bias), 1,
+        (stride, padding, dilation, activation, layout, device), needs,
+        lambda: api._depthwise_setup(
+            x, dw, stride, padding, dilation, bias, activation, layout, device,
+            {"grad": grad, "output": output, "mask": mask},
+        ),
     )  # fmt: skip
-    return _grads("depthwise", setup, needs)
 
 
 depthwise_grad.__doc__ = (
@@ -263,10 +325,12 @@ def pointwise_grad(
     mask: Any = None,
 ) -> PointwiseGrads:
     _no_dask(x, "pointwise")
-    setup = api._pointwise_setup(
-        x, pw, bias, activation, layout, device, {"grad": grad, "output": output, "mask": mask}
-    )
-    return _grads("pointwise", setup, needs)
+    return _grad_call(
+        "pointwise", (grad, output, mask), (x, pw, bias), 1, (activation, layout, device), needs,
+        lambda: api._pointwise_setup(
+            x, pw, bias, activation, layout, device, {"grad": grad, "output": output, "mask": mask}
+        ),
+    )  # fmt: skip
 
 
 pointwise_grad.__doc__ = (
@@ -302,11 +366,14 @@ def conv2d_grad(
     mask: Any = None,
 ) -> Conv2dGrads:
     _no_dask(x, "conv2d")
-    setup = api._conv2d_setup(
-        x, w, stride, padding, dilation, bias, activation, layout, device,
-        {"grad": grad, "output": output, "mask": mask},
+    return _grad_call(
+        "conv2d", (grad, output, mask), (x, w, bias), 1,
+        (stride, padding, dilation, activation, layout, device), needs,
+        lambda: api._conv2d_setup(
+            x, w, stride, padding, dilation, bias, activation, layout, device,
+            {"grad": grad, "output": output, "mask": mask},
+        ),
     )  # fmt: skip
-    return _grads("conv2d", setup, needs)
 
 
 conv2d_grad.__doc__ = (

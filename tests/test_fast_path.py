@@ -9,6 +9,7 @@ import pytest
 from cases import make_case
 from helpers import ALL_OPS, bitwise_equal, check_against_reference, geo_kwargs, lib_fn
 
+import numba_dsconv as nd
 from numba_dsconv import api
 
 
@@ -91,3 +92,58 @@ def test_inputs_are_not_modified_on_the_fast_path():
         lib_fn("separable")(x, *weights, **kwargs)
     for a, c in zip((x, *weights), copies, strict=True):
         assert bitwise_equal(a, c)
+
+
+# the gradients' fast path (grad._FAST_GRAD)
+
+
+def _grads(op, x, weights, kwargs, g, **extra):
+    return getattr(nd, f"{op}_grad")(g, x, *weights, **kwargs, **extra)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("extra", ["output", "mask", "none"])
+def test_a_remembered_gradient_call_computes_new_values(op, extra):
+    from numba_dsconv import grad
+
+    def problem(seed):
+        rng = np.random.default_rng(seed)
+        x, weights, kwargs, _ = _case(rng, op)
+        y = lib_fn(op)(x, *weights, **kwargs)
+        g = rng.standard_normal(y.shape).astype(y.dtype)
+        more = {"output": {"output": y}, "mask": {"mask": (y > 0) & (y < 6)}, "none": {}}[extra]
+        return x, weights, kwargs, g, more
+
+    x, weights, kwargs, g, more = problem(12)
+    _grads(op, x, weights, kwargs, g, **more)
+    assert any(k[0] == f"{op}_grad" for k in grad._FAST_GRAD)  # remembered
+    x2, weights2, kwargs2, g2, more2 = problem(13)
+    fast = _grads(op, x2, weights2, kwargs2, g2, needs=None, **more2)
+    saved = dict(grad._FAST_GRAD)
+    grad._FAST_GRAD.clear()
+    try:
+        full = _grads(op, x2, weights2, kwargs2, g2, needs=None, **more2)
+    finally:
+        grad._FAST_GRAD.update(saved)
+    for a, b in zip(fast, full, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert bitwise_equal(a, b) and a.shape == b.shape
+
+
+def test_bad_gradient_calls_after_a_good_one_still_fail():
+    rng = np.random.default_rng(14)
+    x, weights, kwargs, _ = _case(rng, "separable")
+    y = nd.separable(x, *weights, **kwargs)
+    g = np.ones_like(y)
+    for _ in range(2):  # the second from the memo
+        _grads("separable", x, weights, kwargs, g, needs=("dw", "pw"))
+    with pytest.raises(ValueError, match="needs names 'w'"):
+        _grads("separable", x, weights, kwargs, g, needs=("w",))
+    with pytest.raises(ValueError, match="grad must have the forward result's shape"):
+        _grads("separable", x, weights, kwargs, g[:, :-1], needs=("dw", "pw"))
+    with pytest.raises(ValueError, match="pass output or mask"):
+        _grads("separable", x, weights, kwargs, g, needs=("dw", "pw"), output=y, mask=y > 0)
+    from numba_dsconv import grad
+
+    assert grad._grad_key("separable", (g,), (x,), (), ["dw"]) is None  # a list: validated
