@@ -69,6 +69,41 @@ def _peers_section(batches: list[int], layers: str, rounds: int, console) -> lis
     return out
 
 
+def _train_section(batches: list[int], layers: str, console) -> list[str]:
+    """One training step per layer, ours against torch's (``numba-dsconv bench --pass train``),
+    and what autograd keeps for MobileNetV1 (bench/train.py); nothing without torch."""
+    from numba_dsconv import bench
+    from numba_dsconv.bench import train
+    from numba_dsconv.bench.machine import torch_module
+
+    if torch_module() is None:
+        return []
+    out = [
+        "## training step (`numba-dsconv bench --pass train`)",
+        "",
+        "Forward + backward with the gradients of x, both weights and both biases, through "
+        "`numba_dsconv.torch.separable` against torch's `Conv2d(groups=C)` + `Conv2d(1x1)` on "
+        "channels_last tensors, interleaved in one process, the same thread count; median ms. "
+        "`ours / torch` below 1: ours is faster; `grad error` = the largest difference of any "
+        "gradient from torch's, relative to its largest value.",
+        "",
+    ]
+    for n in batches:
+        console.print(f"training step N={n}")
+        result = train.run_train_bench("cpu", n, bench.parse_layers(layers))
+        out += [f"### N={n}", "", "| # | layer | ours ms | torch ms | ours / torch | grad error |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"| {r.layer} | {r.name} | {r.ours_s * 1e3:.3f} | {r.torch_s * 1e3:.3f} | "
+                f"{r.ratio:.2f} | {r.grad_error:.1e} |" for r in result.rows]  # fmt: skip
+        out += ["", f"Geometric mean of `ours / torch`: {result.geomean:.2f}.", ""]
+    saved = train.saved_bytes(8)
+    ours, theirs = saved["ours"]["raw"], saved["torch"]["raw"]
+    out += [f"Saved for the backward by MobileNetV1's 13 separable layers (relu6 after each "
+            f"stage) at N=8: ours {ours / 2**20:.1f} MiB, torch {theirs / 2**20:.1f} MiB "
+            f"({ours / theirs:.2f}x).", ""]  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -80,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peer-rounds", type=int, default=7,
         help="alternating rounds of the peers' separable table (0: no peers table)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-train", dest="train", action="store_false",
+        help="no training-step tables (they need torch)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
@@ -163,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     out += _peers_section(batches, args.layers, args.peer_rounds, console)
+    if args.train:
+        out += _train_section(batches, args.layers, console)
     for result in results:
         s = result.settings
         note = f" (anchors: {result.anchor_note})" if result.anchor_note else ""
