@@ -36,6 +36,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _PACKAGE / "_config.py",
     _PACKAGE / "_dispatch.py",
     _PACKAGE / "_spec.py",
+    _PACKAGE / "packing.py",
 )
 
 
