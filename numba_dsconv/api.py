@@ -82,6 +82,21 @@ def _check_ndim(arr: Any, name: str, ndims: tuple[int, ...], expected: str) -> N
         raise ValueError(f"{name} must be {expected}; got shape {tuple(arr.shape)}")
 
 
+def pointwise_matrix(pw: Any, name: str, reshape: Callable[[Any, tuple, str], Any]) -> Any:
+    """Pointwise weights (C_in, C_out) or (1, 1, C_in, C_out) checked and seen as
+    (C_in, C_out) (``reshape(a, shape, name)``: the backend's); raises, naming ``name``."""
+    _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
+    if len(pw.shape) == 4:
+        if pw.shape[0] != 1 or pw.shape[1] != 1:
+            raise ValueError(
+                f"{name} as a 4-D kernel must be (1, 1, C_in, C_out); got shape {tuple(pw.shape)}"
+            )
+        pw = reshape(pw, (pw.shape[2], pw.shape[3]), name)
+    if pw.shape[0] == 0 or pw.shape[1] == 0:
+        raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
+    return pw
+
+
 class _Call:
     """One public call: its backend, activations, arrays and result dtype (the prologue), then
     the spec, biases and ``out=`` checks and the run (``finish``)."""
@@ -133,18 +148,7 @@ class _Call:
 
     def pointwise_matrix(self, name: str = "pw") -> Any:
         """(C_in, C_out) or (1, 1, C_in, C_out) -> (C_in, C_out)."""
-        pw = self.arrays[name]
-        _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
-        if len(pw.shape) == 4:
-            if pw.shape[0] != 1 or pw.shape[1] != 1:
-                raise ValueError(
-                    f"{name} as a 4-D kernel must be (1, 1, C_in, C_out); got shape "
-                    f"{tuple(pw.shape)}"
-                )
-            pw = self.be.reshape(pw, (pw.shape[2], pw.shape[3]), name)
-        if pw.shape[0] == 0 or pw.shape[1] == 0:
-            raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
-        return pw
+        return pointwise_matrix(self.arrays[name], name, self.be.reshape)
 
     def _bias(self, name: str, b: Any, size: int) -> Any:
         if b is None:

@@ -117,13 +117,8 @@ def pack(pw: Any) -> PackedWeights:
         return pw
     arr = as_host_array(pw, "pw")
     api._check_float(arr, "pw")
-    api._check_ndim(arr, "pw", (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
+    m = api.pointwise_matrix(arr, "pw", lambda a, shape, name: a.reshape(shape))
     shape = tuple(int(s) for s in arr.shape)
-    if len(shape) == 4 and shape[:2] != (1, 1):
-        raise ValueError(f"pw as a 4-D kernel must be (1, 1, C_in, C_out); got shape {shape}")
-    m = arr.reshape(shape[-2:])
-    if 0 in m.shape:
-        raise ValueError(f"pw must have non-zero channels; got shape {shape}")
     weights = contiguous(m, m.dtype)  # a private copy: the caller's array may change
     if np.may_share_memory(weights, arr):
         weights = weights.copy()

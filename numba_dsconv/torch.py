@@ -279,13 +279,19 @@ def _prepacked(w: Tensor) -> PackedWeights | None:
     hit = _PACKS.get(w)
     if hit is None:
         return None
-    state = _pack_state(w)
-    if hit[0] == state:
+    if hit[0] == _pack_state(w):
         return hit[1]
+    return _pack_into(w)
+
+
+def _pack_into(w: Tensor) -> PackedWeights | None:
+    """Pack pointwise weight ``w`` and remember it with its state (None, and nothing kept,
+    where NumPy cannot view it)."""
+    _PACKS.pop(w, None)
     if not _numpy_ready((w,)):
         return None
     packed = pack(_pointwise_core(w.detach()).numpy())
-    _PACKS[w] = (state, packed)
+    _PACKS[w] = (_pack_state(w), packed)
     return packed
 
 
@@ -300,9 +306,7 @@ def prepack(module: nn.Module) -> nn.Module:
     for m in module.modules():
         w = getattr(m, "pw_weight" if isinstance(m, SeparableConv2d) else "weight", None)
         if isinstance(m, (SeparableConv2d, PointwiseConv2d)) and w is not None:
-            _PACKS.pop(w, None)
-            if _numpy_ready((w,)):
-                _PACKS[w] = (_pack_state(w), pack(_pointwise_core(w.detach()).numpy()))
+            _pack_into(w)
     return module
 
 
@@ -319,9 +323,11 @@ def _dense_strides(shape: list, fmt: torch.memory_format) -> tuple[int, ...]:
 
 
 def _numpy_ready(tensors: tuple) -> bool:
-    """Every tensor a CPU float32/float64 tensor NumPy can view (None skipped)."""
+    """Every tensor a CPU float32/float64 tensor NumPy can view (None skipped; a lazily
+    negated view cannot be: the core's conversion resolves it)."""
     return all(
-        t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64))
+        t is None
+        or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.is_neg())
         for t in tensors
     )
 

@@ -415,3 +415,21 @@ def test_meta_and_fake_tensors_take_the_custom_op():
         assert not ndt._plain_eager((xf,))
         yf = ndt.separable(xf, torch.empty(8, 1, 3, 3), torch.empty(5, 8, 1, 1), padding=1)
         assert tuple(yf.shape) == (2, 5, 9, 8)
+
+
+def test_lazily_negated_views_forward_and_backward():
+    """A tensor with torch's negative bit (a view NumPy cannot take) goes through the tensor
+    path, with the values and gradients of the materialised negation."""
+    torch.manual_seed(3)
+    base = torch.randn(2, 4, 6, 6)
+    dw = torch.randn(4, 1, 3, 3)
+    pw = torch.randn(5, 4, 1, 1)
+    grads = []
+    for lazy in (True, False):
+        x = base.clone().requires_grad_()
+        xin = torch._neg_view(x) if lazy else -x
+        assert xin.is_neg() == lazy
+        y = ndt.separable(xin, dw, pw, padding=1, activation="relu")
+        y.sum().backward()
+        grads.append((y.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
