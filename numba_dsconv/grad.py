@@ -115,7 +115,7 @@ def _grad_call(op: str, extra: tuple, arrays: tuple, nweights: int, options: tup
     as given, the biases."""
     key = _grad_key(op, extra, arrays, options, needs)
     hit = None if key is None else _FAST_GRAD.get(key)
-    if hit is not None and not api._PLAN_ONLY.get():
+    if hit is not None:
         spec, dtype, shapes, output_index, need, dtypes, given, cpu = hit
         weights = api.kernel_shapes(arrays[1 : 1 + nweights], shapes)
         output = None if output_index is None else extra[output_index]
@@ -126,7 +126,7 @@ def _grad_call(op: str, extra: tuple, arrays: tuple, nweights: int, options: tup
     done, memo = _grads(op, s, needs)
     from .cpu.backend import CPU
 
-    if key is not None and memo is not None and s.call.be is CPU and len(_FAST_GRAD) < 1024:
+    if key is not None and s.call.be is CPU and len(_FAST_GRAD) < 1024:
         _FAST_GRAD[key] = (s.spec, s.call.dtype, tuple(w.shape for w in s.weights), *memo, CPU)
     return done
 
@@ -144,7 +144,7 @@ def _result(op: str, found: dict, need: dict, given: dict) -> Any:
     return RESULTS[op](**fields)
 
 
-def _grads(op: str, setup: api._Setup, needs: object) -> tuple[Any, tuple | None]:
+def _grads(op: str, setup: api._Setup, needs: object) -> tuple[Any, tuple]:
     """Run the backward of a validated call (``setup``: its grad and output are in
     ``setup.call.extra``): the op's named tuple, and what the fast path needs to repeat the
     call (the index of the output argument used in (grad, output, mask), the slots needed,
@@ -167,12 +167,15 @@ def _grads(op: str, setup: api._Setup, needs: object) -> tuple[Any, tuple | None
     slots = SLOTS[op]
     need = {slots[f]: w for f, w in wanted.items()}
     dtypes = {slots[f]: np.dtype(arrays[f].dtype) for f, w in wanted.items() if w}
-    output, output_index = None, None
+    # the final activation's mask: from mask, else from output (their index in the fast path's
+    # (grad, output, mask)), else recomputed
+    output_index = None
     if spec.activation != Activation.NONE:
-        output_index = 2 if extra.get("mask") is not None else 1
-        output = extra["mask"] if output_index == 2 else extra.get("output")
-        if output is None:
-            output_index = None
+        if extra.get("mask") is not None:
+            output_index = 2
+        elif extra.get("output") is not None:
+            output_index = 1
+    output = None if output_index is None else extra[("grad", "output", "mask")[output_index]]
     found = call.be.run_grad(
         spec, call.dtype, extra["grad"], call.arrays["x"], setup.weights,
         tuple(setup.biases.values()), output, need, dtypes,

@@ -87,10 +87,10 @@ def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no 
         buf = np.empty((tile, slab * C), dtype=out.dtype)
         pk, at, part = gemm_scratch(kc, tile, out)
         dst = out2[p0:p1]
+        zero_tail(buf, p1 - p0)  # the short row group's rows past p1 (no slab writes them)
         for t0 in range(0, taps, slab):
             t1 = min(taps, t0 + slab)
             im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
-            zero_tail(buf, p1 - p0)
             a = act if t1 == taps else NO_ACTIVATION
             gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], nopack, bias, dst, c0, c1, a,
                       t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
