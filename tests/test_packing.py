@@ -189,3 +189,23 @@ def test_torch_prepack_follows_tracked_changes():
     assert bitwise_equal(y, y2)
     for g, p in zip(grads, model.parameters(), strict=True):
         assert bitwise_equal(g, p.grad)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 33, 32)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_weight_panels_start_on_a_cache_line(shape, dtype):
+    """The micro-kernel reads panels by 64-byte vectors: NumPy's own buffers start 16 bytes
+    past a line, so that half or more of those loads would span two lines."""
+    from numba_dsconv.cpu.backward import scratch
+    from numba_dsconv.cpu.layout import aligned_empty
+
+    for _ in range(3):
+        a = aligned_empty(shape, np.dtype(dtype))
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0
+    s = scratch("test_alignment", shape, np.dtype(dtype))
+    assert s.shape == shape and s.ctypes.data % 64 == 0
+    for c_out in (5, 64, 75):
+        pw = np.ones((48, c_out), dtype=np.float32)
+        assert nd.pack(pw).panels.ctypes.data % 64 == 0
+        assert nd.pack(np.asfortranarray(pw)).panels.ctypes.data % 64 == 0

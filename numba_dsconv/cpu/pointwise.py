@@ -36,7 +36,7 @@ from ._simd import (
     vloadp,
     vstorep,
 )
-from .layout import bias_vector
+from .layout import aligned_empty, bias_vector
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels
 # (2 x 16 float32 = 32 channels, or 2 x 8 float64): 16 vector accumulators with AVX-512's 32
@@ -63,10 +63,21 @@ def gemm_task(t, nc, block, cblock, rows, cols):  # pragma: no cover - compiled
 
 
 @helper
+def aligned_rows(rows, cols, like):  # pragma: no cover - compiled
+    """An uninitialised (rows, cols) array of ``like``'s dtype starting on a 64-byte boundary
+    (Numba allocates on 32: half of the 64-byte vector loads of a panel would span two lines)."""
+    n = rows * cols
+    buf = np.empty(n + 64 // like.itemsize, dtype=like.dtype)
+    off = (-address(buf)) % 64 // like.itemsize
+    return buf[off : off + n].reshape((rows, cols))
+
+
+@helper
 def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
-    """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype."""
+    """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype; pk, the panel
+    the micro-kernel reads by whole vectors, on a 64-byte boundary."""
     NR = 2 * VEC_BYTES // like.itemsize
-    pk = np.empty((kc, NR), dtype=like.dtype)
+    pk = aligned_rows(kc, NR, like)
     at = np.empty((GEMM_MR, kc), dtype=like.dtype)
     part = np.empty((rows + GEMM_MR, NR), dtype=like.dtype)
     return pk, at, part
@@ -116,7 +127,7 @@ def packed_weights(w: np.ndarray, parallel: bool, scratch=None, name: str = "") 
         src, wt = np.ascontiguousarray(w), False
     nr = gemm_panel_width(w.itemsize)
     shape = (-(-co // nr), k, nr)
-    packed = np.empty(shape, w.dtype) if scratch is None else scratch(name, shape, w.dtype)
+    packed = aligned_empty(shape, w.dtype) if scratch is None else scratch(name, shape, w.dtype)
     if parallel:
         with _config.call_guard():
             PACK.parallel(src, wt, packed)
