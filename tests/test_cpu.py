@@ -244,6 +244,31 @@ def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
         check_against_reference(op, x, weights, case.reduction_len, **kw)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize(("h", "w", "c"), [(7, 7, 21), (3, 7, 16), (7, 8, 21), (1, 1, 7)])
+def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
+    """The micro-kernel's block heights (8 and 7 rows with AVX-512, 6 with AVX2): each GEMM
+    takes the one computing the fewest rows (49 pixels: 7-row groups, 56: 8-row ones). Every
+    op running the GEMM, forward and backward (whose d pw GEMM has C*M rows), with whole, short
+    and single-row last groups, against the float64 reference."""
+    from test_grad import check_grads
+
+    from numba_dsconv.cpu.pointwise import GEMM_MRS, row_group
+
+    for rows in range(1, 100):
+        fits = [-(-rows // m) * m for m in GEMM_MRS]
+        assert row_group(rows) == GEMM_MRS[fits.index(min(fits))]
+    if parallel:
+        monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 0)
+    for op in ("pointwise", "separable", "conv2d"):
+        for dtype in (np.float32, np.float64):
+            case = Case(op, n=1, h=h, w=w, c=c, c_out=33, xdtype=dtype, biases=True,
+                        padding="same", activation="relu6")  # fmt: skip
+            x, weights, kw = case.make(rng)
+            check_against_reference(op, x, weights, case.reduction_len, **kw)
+            check_grads(case, "cpu", rng, with_output=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
 

@@ -3,11 +3,12 @@ separable kernel.
 
 - ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels:
   packs each (reduction block x panel) of weights into L1 and runs ``gemm_block`` on every
-  group of GEMM_MR rows.
-- ``gemm_block``: the register block, GEMM_MR pixel rows x 2 vectors of output channels
-  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 (AVX-512) or 12 (AVX2) vector
-  accumulators. It is written out by hand, the accumulators by name: they must be SSA values
-  for LLVM to keep them in registers (a loop over a small array of them put them in memory).
+  group of rows (``row_group``: 8 or 7 with AVX-512, 6 with AVX2).
+- ``gemm_block``: the register block, ``mr`` pixel rows x 2 vectors of output channels
+  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows) or 12
+  (AVX2: 6 rows) vector accumulators. It is written out by hand, the accumulators by name:
+  they must be SSA values for LLVM to keep them in registers (a loop over a small array of
+  them put them in memory).
 - ``gemm_split``: how many output pixels and channels one parallel task takes.
 - ``pointwise_nhwc``: the kernel, parallel over (pixel block x output-channel block) tasks.
 """
@@ -42,14 +43,30 @@ from .layout import aligned_empty, bias_vector
 # (2 x 16 float32 = 32 channels, or 2 x 8 float64): 16 vector accumulators with AVX-512's 32
 # vector registers, 12 with AVX2's 16 (two more registers hold the panel's vectors, one or two
 # the broadcasts). With A in L1 the 8-row block ran at ~80-85 % of the FMA peak, the 6-row
-# one at ~72-78 % (BENCHMARKS.md, "Design measurements").
+# one at ~72-78 % (BENCHMARKS.md, "Design measurements"). GEMM_MR is the most rows a block
+# has; with AVX-512 a GEMM whose rows come out fewer in groups of 7 takes 7-row blocks
+# (``row_group``): convolution outputs of 7 x 7, 14 x 14 pixels are multiples of 7 and 49
+# rows in 8-row groups computed 56.
 GEMM_MR = 8 if VEC_BYTES == 64 else 6
-_MR8 = GEMM_MR == 8
+GEMM_MRS = (8, 7) if VEC_BYTES == 64 else (6,)  # the block heights, preferred first
+_ROW6 = GEMM_MR >= 7
+_ROW7 = GEMM_MR >= 8
 
 
 def gemm_panel_width(itemsize: int) -> int:
     """Output channels per micro-kernel panel: two 64-byte vectors."""
     return 2 * VEC_BYTES // itemsize
+
+
+@helper
+def row_group(rows):  # pragma: no cover - compiled
+    """The block height (``GEMM_MRS``) of a GEMM of ``rows`` rows: the one computing the
+    fewest rows (the last group is computed whole), the taller on a tie."""
+    best = GEMM_MRS[0]
+    for m in GEMM_MRS:
+        if -(-rows // m) * m < -(-rows // best) * best:
+            best = m
+    return best
 
 
 @helper
@@ -148,9 +165,10 @@ def no_packed(dtype: np.dtype) -> np.ndarray:
 
 @helper
 def zero_tail(a, rows):  # pragma: no cover - compiled
-    """Zero the rows of ``a`` from ``rows`` to the next multiple of GEMM_MR (within a): the
-    short group ``gemm_tile`` reads in place."""
-    for r in range(rows, min(a.shape[0], -(-rows // GEMM_MR) * GEMM_MR)):
+    """Zero the rows of ``a`` from ``rows`` to the end of its last row group (``row_group``;
+    within a): the short group ``gemm_tile`` reads in place."""
+    mr = row_group(rows)
+    for r in range(rows, min(a.shape[0], -(-rows // mr) * mr)):
         for c in range(a.shape[1]):
             a[r, c] = 0
 
@@ -169,14 +187,16 @@ def gemm_tile(
 
     a: (>= rows, K), rows contiguous (the depthwise tile, or input pixels); bias: padded to a
     multiple of the panel width NR; scratch: pk (KC, NR), at (GEMM_MR, KC), part (>= rows
-    rounded up to GEMM_MR, NR); all C-contiguous, one dtype. c_lo is a multiple of NR.
+    rounded up to GEMM_MR, NR); all C-contiguous, one dtype. c_lo is a multiple of NR. The rows
+    go in groups of ``mr = row_group(rows)``.
 
     For each panel of NR output channels and each block of KC reduction channels (KC x NR
-    weights: they stay in L1 while every group of GEMM_MR rows runs ``gemm_block`` on them)
+    weights: they stay in L1 while every group of mr rows runs ``gemm_block`` on them)
     the block comes from ``packed``, or is copied from w into ``pk`` (zero-padded past C_out).
     The last group of rows, if short, is read in place where ``a`` has the rows up to the next
-    multiple of GEMM_MR (their sums are never stored; the caller makes them finite: zeros), else
-    copied into ``at`` (its last row repeated), so that every block reads GEMM_MR whole rows.
+    multiple of mr (their sums are never stored; the caller makes them finite: zeros,
+    ``zero_tail``), else copied into ``at`` (its last row repeated), so that every block reads
+    mr whole rows.
 
     ``pf_len`` bytes from address ``pf`` (the input the caller's next task reads) are
     prefetched into L2 a few lines per block, so that the memory traffic of the next task's
@@ -190,9 +210,10 @@ def gemm_tile(
     L = VEC_BYTES // sz
     NR = 2 * L
     KC = pk.shape[0]
-    full = rows // GEMM_MR * GEMM_MR
+    mr = row_group(rows)
+    full = rows // mr * mr
     # the short group in place (no copy per block: at 49 rows, a seventh of the time)
-    in_place = not a_t and a.shape[0] >= -(-rows // GEMM_MR) * GEMM_MR
+    in_place = not a_t and a.shape[0] >= -(-rows // mr) * mr
     # byte addresses and row strides (the arrays stay alive in this frame)
     pa = address(a)
     sa, ska = (sz, a.strides[0]) if a_t else (a.strides[0], sz)  # bytes to the next row, k
@@ -202,7 +223,7 @@ def gemm_tile(
     ppart, spart = address(part), part.strides[0]
     pdst, sdst = address(dst), dst.strides[0]
     pbias = address(bias)
-    nblocks = -(-(c_hi - c_lo) // NR) * -(-K // KC) * -(-rows // GEMM_MR)
+    nblocks = -(-(c_hi - c_lo) // NR) * -(-K // KC) * -(-rows // mr)
     pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
     pf_end = pf + pf_len
     for c0 in range(c_lo, c_hi, NR):
@@ -228,7 +249,7 @@ def gemm_tile(
             final = k0 + nk == K
             cb = pbias + c0 * sz
             cd = pdst + c0 * sz
-            for r in range(0, rows, GEMM_MR):
+            for r in range(0, rows, mr):
                 q = pf
                 pf = min(pf_end, pf + pf_step)
                 while q < pf:
@@ -236,25 +257,25 @@ def gemm_tile(
                     q += 64
                 src, stride, kstep = pa + r * sa + k0 * ska, sa, ska
                 if r == full and not in_place:  # the short last group, copied
-                    for i in range(GEMM_MR):
+                    for i in range(mr):
                         ri = min(full + i, rows - 1)
                         for k in range(nk):
                             at[i, k] = a[k0 + k, ri] if a_t else a[ri, k0 + k]
                     src, stride, kstep = pat, sat, sz
-                nvalid = min(GEMM_MR, rows - r)
+                nvalid = min(mr, rows - r)
                 pp, sp, start = ppart + r * spart, spart, first
                 if acc:  # the sums start from dst
                     start = False
-                    if nvalid == GEMM_MR and nout == NR:  # a whole block: dst holds the sums
+                    if nvalid == mr and nout == NR:  # a whole block: dst holds the sums
                         pp, sp = cd + r * sdst, sdst
                     elif first:  # an edge block: dst's part copied in, zeros past its edges
-                        for i in range(GEMM_MR):
+                        for i in range(mr):
                             for j in range(NR):
                                 v = dst[r + i, c0 + j] if i < nvalid and j < nout else 0
                                 part[r + i, j] = v
                 gemm_block(
                     src, stride, kstep, ppk, spk, nk, start, cb, pp, sp, final, cd + r * sdst,
-                    sdst, nvalid, nout, act, dt, sz,
+                    sdst, mr, nvalid, nout, act, dt, sz,
                 )  # fmt: skip
 
 
@@ -273,27 +294,30 @@ def gemm_block(
     final,
     pdst,
     sdst,
+    mr,
     nvalid,
     nout,
     act,
     dt,
     sz,
 ):  # pragma: no cover - compiled
-    """One register block of GEMM_MR pixel rows x NR output channels, on byte addresses.
+    """One register block of ``mr`` pixel rows (one of GEMM_MRS) x NR output channels, on byte
+    addresses.
 
     pa: a[row 0, first reduction channel], rows ``sa`` bytes apart, reduction channels ``ska``
     bytes apart (the element size, or a row for a transposed a); ppk: the packed panel
     (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0]; ppart / pdst: row 0 of the partial
     sums / of the output at column c0 (strides ``spart`` / ``sdst``); ``dt``/``sz``: the dtype
-    and its size. The 2 * GEMM_MR accumulators live in registers for the whole reduction loop:
+    and its size. The 2 * mr accumulators live in registers for the whole reduction loop:
     they start from the bias on the ``first`` reduction block, else from ``part``; each step is
-    two vector loads of the panel, GEMM_MR scalar broadcasts and 2 * GEMM_MR vector FMAs. On the
+    two vector loads of the panel, mr scalar broadcasts and 2 * mr vector FMAs. On the
     ``final`` block the activation is applied in registers and the first ``nvalid`` rows x
     ``nout`` channels are stored to dst; otherwise the sums go back to ``part``. Addresses, not
     arrays: a helper taking arrays pays an atomic reference-count update per array per call (and
     the IR-inlined version still did), which cost half the block's time at K=32.
     """
     B = VEC_BYTES
+    eight = _ROW7 and mr == 8
     if first:
         s00 = vloadp(pbias, dt)
         s01 = vloadp(pbias + B, dt)
@@ -328,41 +352,71 @@ def gemm_block(
         s61 = s01
         s70 = s00
         s71 = s01
-        if _MR8:
+        if _ROW6:
             s60 = vloadp(ppart + 6 * spart, dt)
             s61 = vloadp(ppart + 6 * spart + B, dt)
+        if eight:
             s70 = vloadp(ppart + 7 * spart, dt)
             s71 = vloadp(ppart + 7 * spart + B, dt)
-    for k in range(nk):
-        pw = ppk + k * spk
-        w0 = vloadp(pw, dt)
-        w1 = vloadp(pw + B, dt)
-        p = pa + k * ska
-        x = loadp(p, dt)
-        s00 = vfma(x, w0, s00)
-        s01 = vfma(x, w1, s01)
-        x = loadp(p + sa, dt)
-        s10 = vfma(x, w0, s10)
-        s11 = vfma(x, w1, s11)
-        x = loadp(p + 2 * sa, dt)
-        s20 = vfma(x, w0, s20)
-        s21 = vfma(x, w1, s21)
-        x = loadp(p + 3 * sa, dt)
-        s30 = vfma(x, w0, s30)
-        s31 = vfma(x, w1, s31)
-        x = loadp(p + 4 * sa, dt)
-        s40 = vfma(x, w0, s40)
-        s41 = vfma(x, w1, s41)
-        x = loadp(p + 5 * sa, dt)
-        s50 = vfma(x, w0, s50)
-        s51 = vfma(x, w1, s51)
-        if _MR8:
+    # one loop per block height: a row tested inside the loop would be a branch per step
+    if eight:
+        for k in range(nk):
+            pw = ppk + k * spk
+            w0 = vloadp(pw, dt)
+            w1 = vloadp(pw + B, dt)
+            p = pa + k * ska
+            x = loadp(p, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            x = loadp(p + sa, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            x = loadp(p + 2 * sa, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            x = loadp(p + 3 * sa, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            x = loadp(p + 4 * sa, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            x = loadp(p + 5 * sa, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
             x = loadp(p + 6 * sa, dt)
             s60 = vfma(x, w0, s60)
             s61 = vfma(x, w1, s61)
             x = loadp(p + 7 * sa, dt)
             s70 = vfma(x, w0, s70)
             s71 = vfma(x, w1, s71)
+    else:
+        for k in range(nk):
+            pw = ppk + k * spk
+            w0 = vloadp(pw, dt)
+            w1 = vloadp(pw + B, dt)
+            p = pa + k * ska
+            x = loadp(p, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            x = loadp(p + sa, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            x = loadp(p + 2 * sa, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            x = loadp(p + 3 * sa, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            x = loadp(p + 4 * sa, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            x = loadp(p + 5 * sa, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
+            if _ROW6:
+                x = loadp(p + 6 * sa, dt)
+                s60 = vfma(x, w0, s60)
+                s61 = vfma(x, w1, s61)
     if final and act != NO_ACTIVATION:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
@@ -382,7 +436,7 @@ def gemm_block(
         s71 = vact(s71, act)
     # final and whole: straight to dst; partial sums, a short group or a panel cut by C_out:
     # to part (the last two then copied lane by lane)
-    full = final and nout * sz == 2 * B and nvalid == GEMM_MR
+    full = final and nout * sz == 2 * B and nvalid == mr
     po = pdst if full else ppart
     so = sdst if full else spart
     vstorep(po, s00)
@@ -397,9 +451,10 @@ def gemm_block(
     vstorep(po + 4 * so + B, s41)
     vstorep(po + 5 * so, s50)
     vstorep(po + 5 * so + B, s51)
-    if _MR8:
+    if _ROW6:
         vstorep(po + 6 * so, s60)
         vstorep(po + 6 * so + B, s61)
+    if eight:
         vstorep(po + 7 * so, s70)
         vstorep(po + 7 * so + B, s71)
     if final and not full:
@@ -412,8 +467,8 @@ def gemm_split(
     spec: ConvSpec, c_red: int, dw_taps: int, itemsize: int, parallel: bool
 ) -> tuple[int, int, int]:
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
-    ``tile`` output pixels (a multiple of GEMM_MR) x ``cblock`` output channels (a multiple of
-    the panel width), ``kc`` reduction channels per packed block. A plain tuple (see
+    ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
+    multiple of the panel width), ``kc`` reduction channels per packed block. A plain tuple (see
     _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
     split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
@@ -439,7 +494,7 @@ def _gemm_split(
     """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
 
     A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
-    ``tile_bytes`` (L2) and ``tile_max_pixels``; tiles are whole GEMM_MR row groups, channel
+    ``tile_bytes`` (L2) and ``tile_max_pixels``; tiles are whole row groups of one height, channel
     blocks whole panels. A serial call takes the largest tile and every channel. A parallel
     call picks the split with the shortest estimated critical path: Numba hands each thread
     one contiguous chunk of the task list, so the cost is the largest chunk, counted in
@@ -456,18 +511,21 @@ def _gemm_split(
     nb_min = -(-pixels // max_tile)
     for nb in range(nb_min, nb_min + threads):
         per_block = -(-pixels // nb)
-        tile = -(-per_block // GEMM_MR) * GEMM_MR
-        nb_eff = -(-pixels // tile)
-        for nc in range(1, panels + 1):
-            per = -(-panels // nc)
-            nc_eff = -(-panels // per)
-            if nc > 1 and nc_eff != nc:
-                continue  # the same split as a smaller nc
-            tasks = nb_eff * nc_eff
-            task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
-            key = (-(-tasks // threads) * task, tasks)
-            if best is None or key < best[0]:
-                best = (key, tile, per * nr)
+        for mr in GEMM_MRS:  # tiles of whole row groups of each height (the first on a tie)
+            tile = -(-per_block // mr) * mr
+            if tile > max_tile and mr != GEMM_MR:
+                continue
+            nb_eff = -(-pixels // tile)
+            for nc in range(1, panels + 1):
+                per = -(-panels // nc)
+                nc_eff = -(-panels // per)
+                if nc > 1 and nc_eff != nc:
+                    continue  # the same split as a smaller nc
+                tasks = nb_eff * nc_eff
+                task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
+                key = (-(-tasks // threads) * task, tasks)
+                if best is None or key < best[0]:
+                    best = (key, tile, per * nr)
     assert best is not None
     return best[1], best[2]
 
