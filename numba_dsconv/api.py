@@ -233,7 +233,8 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
         else:
             return None
     for v in options:
-        if v is not None and not plain_value(v):
+        t = type(v)  # the common values first: this runs on every call
+        if t is not int and t is not str and v is not None and not plain_value(v):
             return None
     key.extend(options)
     return tuple(key)
@@ -252,10 +253,20 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int) -> Any:
     return cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], None)
 
 
-def kernel_shapes(weights: tuple, shapes: tuple) -> tuple:
+def kernel_shapes(weights: tuple, shapes: tuple | None) -> tuple:
     """The weights of a remembered call reshaped as its validation reshaped them (dw to
-    (K_h, K_w, C*M), pw to 2-D): views of NumPy arrays of the remembered strides."""
+    (K_h, K_w, C*M), pw to 2-D): views of NumPy arrays of the remembered strides; ``shapes``
+    None (``remembered_shapes``): the weights as they are."""
+    if shapes is None:
+        return weights
     return tuple(w if w.shape == s else w.reshape(s) for w, s in zip(weights, shapes, strict=True))
+
+
+def remembered_shapes(validated: tuple, given: tuple) -> tuple | None:
+    """What a memo keeps for ``kernel_shapes``: the validated weights' shapes, or None where
+    the weights as given have them all (the common case: no reshape to try per call)."""
+    shapes = tuple(w.shape for w in validated)
+    return None if shapes == tuple(getattr(g, "shape", None) for g in given) else shapes
 
 
 def _forward(
@@ -267,16 +278,17 @@ def _forward(
     done = _run_fast(key, arrays, nweights)
     if done is not None:
         return done
-    return _remember(key, setup()).run(out)
+    return _remember(key, setup(), arrays[1 : 1 + nweights]).run(out)
 
 
-def _remember(key: tuple | None, setup: _Setup) -> _Setup:
-    """Remember a validated call that can take the fast path (NumPy arrays on the CPU)."""
+def _remember(key: tuple | None, setup: _Setup, given: tuple) -> _Setup:
+    """Remember a validated call that can take the fast path (NumPy arrays on the CPU);
+    ``given``: its weights as passed."""
     if key is not None and len(_FAST) < _FAST_MAX:
         from .cpu.backend import CPU
 
         if setup.call.be is CPU:
-            shapes = tuple(w.shape for w in setup.weights)
+            shapes = remembered_shapes(setup.weights, given)
             _FAST[key] = (setup.spec, setup.call.dtype, shapes, CPU)
     return setup
 

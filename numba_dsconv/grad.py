@@ -127,7 +127,8 @@ def _grad_call(op: str, extra: tuple, arrays: tuple, nweights: int, options: tup
     from .cpu.backend import CPU
 
     if key is not None and s.call.be is CPU and len(_FAST_GRAD) < 1024:
-        _FAST_GRAD[key] = (s.spec, s.call.dtype, tuple(w.shape for w in s.weights), *memo, CPU)
+        shapes = api.remembered_shapes(s.weights, arrays[1 : 1 + nweights])
+        _FAST_GRAD[key] = (s.spec, s.call.dtype, shapes, *memo, CPU)
     return done
 
 

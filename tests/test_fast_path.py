@@ -147,3 +147,34 @@ def test_bad_gradient_calls_after_a_good_one_still_fail():
     from numba_dsconv import grad
 
     assert grad._grad_key("separable", (g,), (x,), (), ["dw"]) is None  # a list: validated
+
+
+@pytest.mark.parametrize("op", ["separable", "pointwise"])
+def test_remembered_weights_of_every_accepted_shape(op):
+    """A memo keeps the weights' kernel shapes only where the call's own differ (a 4-D pw, a
+    (K_h, K_w, C, M) dw): both kinds of remembered call compute what the full path computes."""
+    rng = np.random.default_rng(11)
+    x, weights, bias_kw, red = make_case(
+        rng, op, n=2, h=7, w=6, c=3, kh=3, kw=2, mult=1, c_out=5, xdtype=np.float32,
+        layout="NHWC", batched=True, biases=True,
+    )  # fmt: skip
+    kwargs = dict(bias_kw, **geo_kwargs(op, padding="same"))
+    *dw, pw = weights
+    pw2 = pw.reshape(pw.shape[-2:])
+    plain = [*dw, pw2]  # the kernels' own shapes: (K_h, K_w, C), (C, C_out)
+    four_d = [*dw, pw2.reshape(1, 1, *pw2.shape)]
+    assert all(w.ndim == 3 for w in dw)
+    api._FAST.clear()
+    fn = lib_fn(op)
+    for ws in (plain, four_d):
+        first = check_against_reference(op, x, ws, red, **kwargs)
+        again = fn(x * 2, *ws, **kwargs)  # from the memo, new values
+        saved = dict(api._FAST)
+        api._FAST.clear()
+        try:
+            assert bitwise_equal(again, fn(x * 2, *ws, **kwargs))
+        finally:
+            api._FAST.update(saved)
+        assert bitwise_equal(first, fn(x, *weights, **kwargs))
+    kept = [v[2] for k, v in api._FAST.items() if k[0] == op]
+    assert set(kept) == {None, tuple(w.shape for w in plain)}  # (calls with and without device=)

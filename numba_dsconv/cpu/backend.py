@@ -93,7 +93,7 @@ class CpuBackend:
     ) -> np.ndarray:
         """Compute one call. ``weights`` are in the kernels' shapes (see api.py); ``out``
         validated."""
-        ws = tuple(_kernel_weights(w, dtype) for w in weights)
+        ws = tuple([_kernel_weights(w, dtype) for w in weights])  # (a list: no generator)
         out_view = None if out is None else nhwc_view(out, spec)
         if out_view is not None and out_view.flags.c_contiguous and out_view.dtype.isnative:
             target = out_view
