@@ -113,6 +113,15 @@ def unaliased(width, itemsize):  # pragma: no cover - compiled
 
 
 @helper
+def zero_rows(a, lo, hi):  # pragma: no cover - compiled
+    """a[lo:hi] = 0 (rows of a 2-D array); returns max(lo, hi), the next row to zero."""
+    for r in range(lo, hi):
+        for e in range(a.shape[1]):
+            a[r, e] = 0
+    return max(lo, hi)
+
+
+@helper
 def copy_rows(src, dst, rows):  # pragma: no cover - compiled
     n = src.shape[1]
     dt, sz = src.dtype, src.itemsize
@@ -410,11 +419,14 @@ def backward_chunk(
     zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
     pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
     x2 = x.reshape(-1, x.shape[3])
-    if has_dw and need_x:  # dx starts at zero in the input rows this chunk owns
-        rows_of_dx = gx.reshape(-1, gx.shape[2] * gx.shape[3])
-        for r in range(owned[k, 0], owned[k, 1]):
-            for e in range(rows_of_dx.shape[1]):
-                rows_of_dx[r, e] = 0
+    # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
+    # tile whose taps reach it (while it is in cache for their adds), the rest at the end
+    rows_of_dx = gx.reshape(-1, gx.shape[2] * gx.shape[3])
+    zeroed, owned_end = owned[k, 0], owned[k, 1]
+    if not (has_dw and need_x):
+        zeroed = owned_end
+    kh, _, sh, _, dil_h, _, pt, _, _ = geo
+    H = x.shape[1]
     p = p_lo
     while p < p_hi:
         p1 = min(p_hi, p + tile)
@@ -465,9 +477,14 @@ def backward_chunk(
                 masked_copy(g2[p:p1], a, mid_act, gm, T)
         if need_db:
             add_colsum(gm, T, gdb[k])
+        if zeroed < owned_end:  # up to the last input row the tile's taps reach
+            r = (p1 - 1) // ow
+            reach = (r // oh) * H + min(H - 1, (r % oh) * sh - pt + (kh - 1) * dil_h) + 1
+            zeroed = zero_rows(rows_of_dx, zeroed, min(owned_end, reach))
         if has_dw and (need_x or need_dw):
             depthwise_backward_tile(x, dwk, gm, p, T, oh, ow, geo, gx, gdw[k], need_x, need_dw)
         p = p1
+    zero_rows(rows_of_dx, zeroed, owned_end)
 
 
 def backward_nhwc(
