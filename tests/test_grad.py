@@ -433,6 +433,21 @@ def test_chunk_plans(monkeypatch):
     assert phases == 2 and n == 7 and per >= 2
 
 
+@pytest.mark.parametrize("tile_pixels", [8, 16, 24])
+@pytest.mark.parametrize("op", ("separable", "depthwise", "pointwise"))
+def test_chunks_cut_into_even_tiles(op, tile_pixels, rng, monkeypatch):
+    """A chunk's pixels run in tiles of even size within the tile budget (13 x 11 pixels per
+    image, a tile of at most 8-24: tiles of 7 and 8 rows, a short last one), each tile's
+    d pw added to the chunk's partial sums and dx rows zeroed as the tiles reach them."""
+    monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", tile_pixels)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 32)
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    case = Case(op, n=3, h=13, w=11, c=5, mult=2 if op != "pointwise" else 1, c_out=9,
+                stride=(2, 1) if op != "pointwise" else 1, padding="same", biases=True,
+                activation="relu")  # fmt: skip
+    check_grads(case, "cpu", rng, with_output=False)
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 

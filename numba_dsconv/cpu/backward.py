@@ -56,6 +56,7 @@ from .pointwise import (
     gemm_tile,
     no_packed,
     packed_weights,
+    row_group,
 )
 
 # Whether a backward of one chunk runs as two tasks (backward_nhwc's ``split``); tests switch it
@@ -427,9 +428,14 @@ def backward_chunk(
         zeroed = owned_end
     kh, _, sh, _, dil_h, _, pt, _, _ = geo
     H = x.shape[1]
+    # the chunk's pixels in tiles of even size, within ``tile`` (784 pixels as 4 x 196, not
+    # 3 x 256 + 16: the d pw GEMM reads and writes all its partial sums once per tile)
+    step = -(-(p_hi - p_lo) // -(-(p_hi - p_lo) // tile))
+    mr = row_group(step)
+    step = min(tile, -(-step // mr) * mr)
     p = p_lo
     while p < p_hi:
-        p1 = min(p_hi, p + tile)
+        p1 = min(p_hi, p + step)
         T = p1 - p
         if has_dw:
             if need_a:
