@@ -306,3 +306,22 @@ def prefetch(typingctx, addr):
         return context.get_dummy_value()
 
     return types.none(addr), codegen
+
+
+@intrinsic
+def prefetch_l1(typingctx, addr):
+    """Ask for the cache line at byte address ``addr`` to be brought into L1 (prefetcht0; a
+    hint: it never faults and changes no result)."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        p = _typed_pointer(context, builder, args[0], sig.args[0], ir.IntType(8))
+        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(addr), codegen

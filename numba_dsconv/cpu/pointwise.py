@@ -31,6 +31,7 @@ from ._simd import (
     address,
     loadp,
     prefetch,
+    prefetch_l1,
     storep,
     vact,
     vfma,
@@ -358,13 +359,20 @@ def gemm_block(
         if eight:
             s70 = vloadp(ppart + 7 * spart, dt)
             s71 = vloadp(ppart + 7 * spart + B, dt)
-    # one loop per block height: a row tested inside the loop would be a branch per step
+    # one loop per block height: a row tested inside the loop would be a branch per step.
+    # The 8-row loop asks for A's data 8 steps ahead in L1: for a transposed A (the backward's
+    # d pw GEMM, whose C*M rows come in 8-row groups) each step reads another row, more than
+    # 2 KB apart, which the hardware does not prefetch (that GEMM: 0.85-0.93x the time); for
+    # the forward's A it is a line already on its way (0.98-1.03x: noise). In the 7-row loop
+    # (the forward's 7 x 7-pixel layers; a transposed A only where C*M comes out fewer in 7s)
+    # it cost 1.01-1.08x the forward's time.
     if eight:
         for k in range(nk):
             pw = ppk + k * spk
             w0 = vloadp(pw, dt)
             w1 = vloadp(pw + B, dt)
             p = pa + k * ska
+            prefetch_l1(p + 8 * ska)
             x = loadp(p, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
