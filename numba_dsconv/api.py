@@ -218,11 +218,14 @@ _NDARRAY = np.ndarray
 
 def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
     """The memo key of a NumPy call of ``op`` on the CPU, or None where the call cannot take
-    the fast path (another array type, a non-native byte order, out=, keywords that are not
-    plain ints, strings and tuples of them)."""
-    if out is not None:
-        return None
+    the fast path (another array type, a non-native byte order, a read-only out=, keywords
+    that are not plain ints, strings and tuples of them). An out= passes validation again if
+    its shape, strides and dtype did and it overlaps no input (``_run_fast`` checks)."""
     key: list[Any] = [op]
+    if out is not None:
+        if type(out) is not _NDARRAY or not out.dtype.isnative or not out.flags.writeable:
+            return None
+        key.append(("out", out.shape, out.strides, out.dtype))
     for a in arrays:
         if a is None:
             key.append(None)
@@ -240,17 +243,23 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
     return tuple(key)
 
 
-def _run_fast(key: tuple | None, arrays: tuple, nweights: int) -> Any:
+def _run_fast(key: tuple | None, arrays: tuple, nweights: int, out: Any = None) -> Any:
     """The result of a call seen before (``key``), or None where it was not (or only plans
-    are wanted). ``arrays``: x, the weights as given, then the biases."""
+    are wanted, or out= may overlap an input: the full path tells). ``arrays``: x, the
+    weights as given, then the biases."""
     if key is None:
         return None
     hit = _FAST.get(key)
     if hit is None or _PLAN_ONLY.get():
         return None
+    if out is not None:  # bounds only (cheap); where they meet, the exact test decides
+        for a in arrays:
+            if type(a) is _NDARRAY and np.may_share_memory(out, a):
+                return None
     spec, dtype, shapes, cpu = hit
     weights = kernel_shapes(arrays[1 : 1 + nweights], shapes)
-    return cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], None)
+    result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)
+    return result if out is None else out
 
 
 def kernel_shapes(weights: tuple, shapes: tuple | None) -> tuple:
@@ -275,10 +284,13 @@ def _forward(
     """A public forward call: from the fast path where it was seen before, else validated by
     ``setup()`` (and remembered), then run."""
     key = _fast_key(op, arrays, options, out)
-    done = _run_fast(key, arrays, nweights)
+    done = _run_fast(key, arrays, nweights, out)
     if done is not None:
         return done
-    return _remember(key, setup(), arrays[1 : 1 + nweights]).run(out)
+    validated = setup()
+    result = validated.run(out)  # (out= checked here: remembered only once it passed)
+    _remember(key, validated, arrays[1 : 1 + nweights])
+    return result
 
 
 def _remember(key: tuple | None, setup: _Setup, given: tuple) -> _Setup:

@@ -81,7 +81,10 @@ def test_bad_calls_after_a_good_one_still_fail(op):
     assert api._fast_key(op, (x,), (True,), None) is None
     assert api._fast_key(op, (x.view(np.ma.MaskedArray),), (), None) is None
     assert api._fast_key(op, (x.astype(x.dtype.newbyteorder()),), (), None) is None
-    assert api._fast_key(op, (x,), (), np.empty(1)) is None
+    read_only = np.empty(1)
+    read_only.flags.writeable = False
+    for out in (read_only, np.empty(1).view(np.ma.MaskedArray), [0.0]):  # out= too
+        assert api._fast_key(op, (x,), (), out) is None
 
 
 def test_inputs_are_not_modified_on_the_fast_path():
@@ -178,3 +181,45 @@ def test_remembered_weights_of_every_accepted_shape(op):
         assert bitwise_equal(first, fn(x, *weights, **kwargs))
     kept = [v[2] for k, v in api._FAST.items() if k[0] == op]
     assert set(kept) == {None, tuple(w.shape for w in plain)}  # (calls with and without device=)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_out_calls_take_the_fast_path_and_keep_every_check(op):
+    """out= joins the memo key (its shape, strides, dtype); whether it overlaps an input is
+    asked per call (a bounds test, the exact one where the bounds meet); a read-only out and
+    an out that failed validation are never served from the memo."""
+    rng = np.random.default_rng(12)
+    x, weights, kwargs, red = _case(rng, op)
+    fn = lib_fn(op)
+    expected = fn(x, *weights, **kwargs)
+    out = np.full_like(expected, np.nan)
+    assert fn(x, *weights, **kwargs, out=out) is out
+    assert any(k[0] == op and k[1][0] == "out" for k in api._FAST)  # remembered
+    x2 = x * 2
+    out2 = np.empty_like(expected)
+    assert fn(x2, *weights, **kwargs, out=out2) is out2  # from the memo, new values
+    saved = dict(api._FAST)
+    api._FAST.clear()
+    try:
+        assert bitwise_equal(out2, fn(x2, *weights, **kwargs))
+    finally:
+        api._FAST.update(saved)
+    assert bitwise_equal(out, expected)
+    # an out of the same shape, strides and dtype over x's memory: refused, every time
+    buf = np.zeros(x.size + expected.size, x.dtype)
+    x_view = buf[: x.size].reshape(x.shape)
+    x_view[...] = x
+    over = buf[x.size // 2 : x.size // 2 + expected.size].reshape(expected.shape)
+    assert x_view.strides == x.strides and over.strides == out.strides
+    for _ in range(2):
+        with pytest.raises(ValueError, match="overlaps the memory of x"):
+            fn(x_view, *weights, **kwargs, out=over)
+    read_only = np.empty_like(expected)
+    fn(x, *weights, **kwargs, out=read_only)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fn(x, *weights, **kwargs, out=read_only)
+    wrong = np.empty((*expected.shape[:-1], expected.shape[-1] + 1), expected.dtype)
+    for _ in range(2):  # not remembered after the first failure
+        with pytest.raises(ValueError, match="out must have shape"):
+            fn(x, *weights, **kwargs, out=wrong)
