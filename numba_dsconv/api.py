@@ -296,13 +296,24 @@ def _forward(
 def _remember(key: tuple | None, setup: _Setup, given: tuple) -> _Setup:
     """Remember a validated call that can take the fast path (NumPy arrays on the CPU);
     ``given``: its weights as passed."""
-    if key is not None and len(_FAST) < _FAST_MAX:
+    if key is not None:
         from .cpu.backend import CPU
 
         if setup.call.be is CPU:
             shapes = remembered_shapes(setup.weights, given)
-            _FAST[key] = (setup.spec, setup.call.dtype, shapes, CPU)
+            memo_put(_FAST, key, (setup.spec, setup.call.dtype, shapes, CPU))
     return setup
+
+
+def memo_put(memo: dict, key: tuple, value: tuple) -> None:
+    """memo[key] = value, the oldest entry dropped first where the memo holds _FAST_MAX (a
+    process that meets more call signatures keeps the recent ones fast, not the first ones)."""
+    if len(memo) >= _FAST_MAX:
+        try:
+            del memo[next(iter(memo))]
+        except (StopIteration, KeyError, RuntimeError):  # another thread changed it meanwhile
+            pass
+    memo[key] = value
 
 
 @dataclass(frozen=True)

@@ -223,3 +223,21 @@ def test_out_calls_take_the_fast_path_and_keep_every_check(op):
     for _ in range(2):  # not remembered after the first failure
         with pytest.raises(ValueError, match="out must have shape"):
             fn(x, *weights, **kwargs, out=wrong)
+
+
+def test_a_full_memo_drops_its_oldest_call(monkeypatch):
+    """Past _FAST_MAX call signatures the memo keeps the newest ones (it used to stop
+    remembering: every later signature of a long process validated on every call)."""
+    monkeypatch.setattr(api, "_FAST_MAX", 3)
+    saved = dict(api._FAST)
+    api._FAST.clear()
+    try:
+        rng = np.random.default_rng(13)
+        for n in range(1, 6):  # five signatures: batch sizes 1-5
+            x = rng.standard_normal((n, 5, 4, 3)).astype(np.float32)
+            nd.pointwise(x, np.ones((3, 2), np.float32))
+        batches = [k[1][0][0] for k in api._FAST if k[0] == "pointwise"]
+        assert batches == [3, 4, 5]
+    finally:
+        api._FAST.clear()
+        api._FAST.update(saved)
