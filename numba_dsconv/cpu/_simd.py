@@ -288,12 +288,9 @@ def storep(typingctx, addr, value, dt):
     return types.none(addr, value, dt), codegen
 
 
-@intrinsic
-def prefetch(typingctx, addr):
-    """Ask for the cache line at byte address ``addr`` to be brought into L2 (a hint: it never
-    faults and changes no result)."""
-    if not isinstance(addr, types.Integer):
-        return None
+def _prefetch_codegen(locality: int):
+    """The body of a read prefetch into the data cache (llvm.prefetch) at ``locality``: 2 asks
+    for L2 (prefetcht1), 3 for L1 (prefetcht0)."""
 
     def codegen(context, builder, sig, args):
         i8p = ir.IntType(8).as_pointer()
@@ -301,11 +298,20 @@ def prefetch(typingctx, addr):
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         p = _typed_pointer(context, builder, args[0], sig.args[0], ir.IntType(8))
-        # read, locality 2 (L2: prefetcht1), data cache
-        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        args = [p, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)]
+        builder.call(fn, args)
         return context.get_dummy_value()
 
-    return types.none(addr), codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, addr):
+    """Ask for the cache line at byte address ``addr`` to be brought into L2 (a hint: it never
+    faults and changes no result)."""
+    if not isinstance(addr, types.Integer):
+        return None
+    return types.none(addr), _prefetch_codegen(2)
 
 
 @intrinsic
@@ -314,14 +320,4 @@ def prefetch_l1(typingctx, addr):
     hint: it never faults and changes no result)."""
     if not isinstance(addr, types.Integer):
         return None
-
-    def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        p = _typed_pointer(context, builder, args[0], sig.args[0], ir.IntType(8))
-        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(addr), codegen
+    return types.none(addr), _prefetch_codegen(3)
