@@ -266,6 +266,17 @@ def use_parallel(work: int) -> bool:
     return work > SERIAL_MAX_MACS and not SERIAL_ONLY
 
 
+def launch_settings(parallel: bool) -> tuple:
+    """Everything here that a kernel's build choice and arguments depend on (the GEMM
+    blocking, the serial threshold, and for a ``parallel`` launch the thread count): a launch
+    prepared under other values (the NumPy fast path keeps one per call signature) is not
+    used. Never starts the thread pool (a serial call must not: see SERIAL_ONLY)."""
+    fixed = (CPU_TILE_BYTES, CPU_TILE_MAX_PIXELS, CPU_GEMM_KC, SERIAL_MAX_MACS, SERIAL_ONLY)
+    if not parallel or SERIAL_ONLY:
+        return fixed
+    return (*fixed, numba.get_num_threads())
+
+
 # Numba threads per dask block task (numba_dsconv/_dask.py): 0 shares the cores out among the
 # dask threads on the host (see _dask.task_threads); NUMBA_DSCONV_DASK_THREADS sets it.
 def _dask_task_threads(text: str) -> int:

@@ -211,7 +211,7 @@ class _Setup:
 # values), so it goes straight to the CPU backend with that call's spec: validation, the
 # keywords' parsing and the spec cost ~15 us of a small call's ~25.
 
-_FAST: dict[tuple, tuple[ConvSpec, np.dtype, tuple, Backend]] = {}
+_FAST: dict[tuple, tuple[ConvSpec, np.dtype, tuple | None, Backend, Callable | None]] = {}
 _FAST_MAX = 1024
 _NDARRAY = np.ndarray
 
@@ -256,8 +256,12 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int, out: Any = None) 
         for a in arrays:
             if type(a) is _NDARRAY and np.may_share_memory(out, a):
                 return None
-    spec, dtype, shapes, cpu = hit
+    spec, dtype, shapes, cpu, launch = hit
     weights = kernel_shapes(arrays[1 : 1 + nweights], shapes)
+    if launch is not None:  # the common case: no conversion (cpu.backend.prepared_launch)
+        result = launch(arrays[0], weights, arrays[1 + nweights :], out)
+        if result is not None:
+            return result
     result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)
     return result if out is None else out
 
@@ -289,20 +293,22 @@ def _forward(
         return done
     validated = setup()
     result = validated.run(out)  # (out= checked here: remembered only once it passed)
-    _remember(key, validated, arrays[1 : 1 + nweights])
+    _remember(key, validated, arrays, nweights, out)
     return result
 
 
-def _remember(key: tuple | None, setup: _Setup, given: tuple) -> _Setup:
-    """Remember a validated call that can take the fast path (NumPy arrays on the CPU);
-    ``given``: its weights as passed."""
+def _remember(key: tuple | None, setup: _Setup, arrays: tuple, nweights: int, out: Any) -> None:
+    """Remember a validated call that can take the fast path (NumPy arrays on the CPU), with
+    its launch prepared where it needs no conversion; ``arrays``: x, the weights and the
+    biases as passed."""
     if key is not None:
-        from .cpu.backend import CPU
+        from .cpu.backend import CPU, prepared_launch
 
         if setup.call.be is CPU:
-            shapes = remembered_shapes(setup.weights, given)
-            memo_put(_FAST, key, (setup.spec, setup.call.dtype, shapes, CPU))
-    return setup
+            shapes = remembered_shapes(setup.weights, arrays[1 : 1 + nweights])
+            spec, dtype = setup.spec, setup.call.dtype
+            launch = prepared_launch(spec, dtype, arrays[0], setup.weights, out)
+            memo_put(_FAST, key, (spec, dtype, shapes, CPU, launch))
 
 
 def memo_put(memo: dict, key: tuple, value: tuple) -> None:

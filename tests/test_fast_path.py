@@ -241,3 +241,65 @@ def test_a_full_memo_drops_its_oldest_call(monkeypatch):
     finally:
         api._FAST.clear()
         api._FAST.update(saved)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_prepared_launches(op, monkeypatch):
+    """A remembered NumPy call that needs no conversion keeps its kernel launch prepared
+    (cpu.backend.prepared_launch): later calls, batched or not, with or without out=, compute
+    what the full path computes without CpuBackend.run; a change of the launch settings (the
+    GEMM blocking, the thread count, the serial threshold) sends them back through it; a call
+    that needs a conversion (a C-contiguous NCHW x) is remembered without a launch, an NCHW x
+    in channels-last memory with one."""
+    from numba_dsconv import _config
+    from numba_dsconv.cpu import backend
+
+    rng = np.random.default_rng(14)
+    x, weights, kwargs, _ = _case(rng, op)
+    kwargs["layout"] = "NHWC"
+    fn = lib_fn(op)
+    runs = []
+    run = backend.CpuBackend.run
+    monkeypatch.setattr(
+        backend.CpuBackend, "run", staticmethod(lambda *a: runs.append(1) or run(*a))
+    )
+    saved = dict(api._FAST)
+    api._FAST.clear()
+    try:
+        for xs in (x, x[0]):  # batched, then one image
+            expected = fn(xs, *weights, **kwargs)
+            out = np.empty_like(expected)
+            fn(xs, *weights, **kwargs, out=out)
+            assert all(v[4] is not None for k, v in api._FAST.items())
+            runs.clear()
+            xs2 = xs * 2
+            got = fn(xs2, *weights, **kwargs)
+            got_out = fn(xs2, *weights, **kwargs, out=out)
+            assert runs == [] and got_out is out
+            memo = dict(api._FAST)
+            api._FAST.clear()
+            full = fn(xs2, *weights, **kwargs)
+            api._FAST.update(memo)
+            assert bitwise_equal(got, full) and bitwise_equal(out, full)
+        runs.clear()
+        monkeypatch.setattr(_config, "CPU_GEMM_KC", _config.CPU_GEMM_KC + 16)
+        again = fn(x, *weights, **kwargs)
+        assert runs == [1]
+        assert bitwise_equal(again, fn(x, *weights, **kwargs))  # (not re-remembered)
+        api._FAST.clear()
+        x_nchw, weights_nchw, kwargs_nchw, _ = _case(rng, op, "NCHW")
+        assert x_nchw.flags.c_contiguous
+        fn(x_nchw, *weights_nchw, **kwargs_nchw)
+        assert [v[4] for v in api._FAST.values()] == [None]  # an NHWC copy of x per call
+        # NCHW in channels-last memory (torch's channels_last): NHWC views, prepared
+        x_cl = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        first = fn(x_cl, *weights_nchw, **kwargs_nchw)
+        assert api._FAST[list(api._FAST)[-1]][4] is not None
+        runs.clear()
+        got = fn(x_cl * 2, *weights_nchw, **kwargs_nchw)
+        assert runs == [] and got.strides == first.strides
+        api._FAST.clear()
+        assert bitwise_equal(got, fn(x_cl * 2, *weights_nchw, **kwargs_nchw))
+    finally:
+        api._FAST.clear()
+        api._FAST.update(saved)

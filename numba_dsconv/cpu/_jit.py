@@ -150,13 +150,19 @@ class Kernel(NamedTuple):
 
     parallel: Any
     serial: Any
-    args: Callable[..., tuple[Any, ...]] | None
+    args: Callable[..., Callable[..., tuple[Any, ...]]] | None
 
 
-def kernel(fn: Callable[..., Any], args: Callable[..., tuple[Any, ...]] | None) -> Kernel:
+def kernel(
+    fn: Callable[..., Any], args: Callable[..., Callable[..., tuple[Any, ...]]] | None
+) -> Kernel:
     """Compile one kernel body twice: ``parallel=True`` and a serial build for tiny inputs;
-    ``args(spec, x, weights, biases, out, parallel)`` builds its argument tuple (the only
-    place that knows the kernel's parameter order).
+    ``args(spec, dtype, parallel)`` is the only place that knows the kernel's parameter order:
+    it works out what a call signature fixes (the task split, the geometry, the activation
+    codes) once and returns ``build(x, weights, biases, out)``, the argument tuple of one call
+    (the NumPy fast path keeps ``build`` per signature: a call then runs little Python, which
+    after a kernel has streamed megabytes through the caches runs several times slower than
+    its warm timing).
 
     The serial build is a clone with its own ``__qualname__`` so the two never share an entry
     in Numba's on-disk cache (whose index key does not include the ``parallel`` flag).

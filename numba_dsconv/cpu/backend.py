@@ -7,6 +7,7 @@ and returns the result in the caller's layout. Internally everything is NHWC, C-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numba
@@ -55,12 +56,68 @@ def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np
     one."""
     k = KERNELS[spec.op]
     parallel = _config.use_parallel(spec.macs)
-    args = k.args(spec, x, weights, biases, out, parallel)
+    args = k.args(spec, out.dtype, parallel)(x, weights, biases, out)
     if parallel:
         with _config.call_guard():
             k.parallel(*args)
     else:
         k.serial(*args)
+
+
+def prepared_launch(
+    spec: ConvSpec, dtype: np.dtype, x: Any, weights: tuple, out: Any
+) -> Callable[[Any, tuple, tuple, Any], Any] | None:
+    """``launch(x, weights, biases, out)`` for later NumPy calls of the signature of this one
+    (validated and run: the api's fast path keeps it), or None where the call needs a
+    conversion (a copy of x or of out: another dtype or memory order; weights to convert) or
+    has no pixels: those take ``CpuBackend.run``. x, the weights (kernel-shaped) and out (or
+    None) are this call's; the signature fixes their shapes, strides and dtypes, so a later
+    call's need no checks. What the signature fixes is worked out here once (the build, the
+    kernel's static arguments, the output shape), not per call; ``launch`` returns None where
+    _config.launch_settings() changed since. NCHW arrays in channels-last memory are NHWC
+    views, as in ``run``."""
+    batched, nchw = spec.batched, spec.layout == "NCHW"
+
+    def nhwc(a: np.ndarray) -> np.ndarray:  # the caller's array as a batched NHWC view
+        a4 = a if batched else a[np.newaxis]
+        return a4.transpose(0, 2, 3, 1) if nchw else a4
+
+    if spec.n == 0 or not (type(x) is np.ndarray and x.dtype == dtype):
+        return None
+    if not nhwc(x).flags.c_contiguous:
+        return None
+    for w in weights:
+        if type(w) is PackedWeights:
+            if w.dtype != dtype:
+                return None
+        elif not (type(w) is np.ndarray and w.dtype == dtype and w.flags.c_contiguous):
+            return None
+    if out is not None and not (out.dtype == dtype and nhwc(out).flags.c_contiguous):
+        return None
+    k = KERNELS[spec.op]
+    parallel = _config.use_parallel(spec.macs)
+    fn = k.parallel if parallel else k.serial
+    build = k.args(spec, dtype, parallel)
+    settings = _config.launch_settings(parallel)
+    shape = spec.out_nhwc
+
+    def launch(x: Any, weights: tuple, biases: tuple, out: Any) -> Any:
+        if _config.launch_settings(parallel) != settings:
+            return None
+        y = np.empty(shape, dtype) if out is None else nhwc(out)
+        args = build(nhwc(x), weights, biases, y)
+        if parallel:
+            with _config.call_guard():  # (asked per call: a forked child gets a new lock)
+                fn(*args)
+        else:
+            fn(*args)
+        if out is not None:
+            return out
+        if nchw:
+            y = y.transpose(0, 3, 1, 2)
+        return y if batched else y[0]
+
+    return launch
 
 
 class CpuBackend:

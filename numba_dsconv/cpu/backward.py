@@ -932,7 +932,7 @@ def conv2d_grads(spec: ConvSpec, x, g, y, w, bias, need, dt: np.dtype) -> dict[s
         if y is None:  # the forward again, for the activation's mask
             y = np.empty(spec.out_nhwc, dt)
             par = _config.use_parallel(spec.macs)
-            _launch(CONV2D, spec.macs, *CONV2D.args(spec, x, (w,), (bias,), y, par))
+            _launch(CONV2D, spec.macs, *CONV2D.args(spec, y.dtype, par)(x, (w,), (bias,), y))
         if y.dtype == np.bool_:
             mask = y
         else:

@@ -12,7 +12,7 @@ activation on the last).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange
@@ -96,19 +96,26 @@ def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no 
                       t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
 
 
-def conv2d_args(spec: ConvSpec, x, weights, biases, out, parallel: bool) -> tuple[Any, ...]:
-    """The arguments of conv2d_nhwc for one call (x and out NHWC, C-contiguous): the taps per
-    slab such that a full tile's slab of A fits the GEMM tile budget (all of them where it
-    does), and the task split for that slab."""
-    sz = out.itemsize
-    c_in, taps = spec.c_in, spec.kh * spec.kw
+def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
+    """``build(x, weights, biases, out)``: the arguments of conv2d_nhwc for a call of this
+    signature (x and out NHWC, C-contiguous; see ``kernel``): the taps per slab such that a
+    full tile's slab of A fits the GEMM tile budget (all of them where it does), and the task
+    split for that slab."""
+    sz = dtype.itemsize
+    c_in, c_out, taps = spec.c_in, spec.c_out, spec.kh * spec.kw
     row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
     slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
     split = gemm_split(spec, slab * c_in, 1, sz, parallel)
-    w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, spec.c_out)
-    b = bias_vector(biases[0], spec.c_out, out.dtype, gemm_panel_width(sz))
-    nopack = no_packed(out.dtype)
-    return (x, w2, nopack, b, out, spec.geometry, int(spec.activation), split, slab)
+    nr = gemm_panel_width(sz)
+    nopack = no_packed(dtype)
+    geo, act = spec.geometry, int(spec.activation)
+
+    def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
+        w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, c_out)
+        b = bias_vector(biases[0], c_out, dtype, nr)
+        return (x, w2, nopack, b, out, geo, act, split, slab)
+
+    return build
 
 
 CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)

@@ -20,8 +20,9 @@ reference-count update per array, on counters every thread shares.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
+import numpy as np
 from numba import prange
 
 from .._spec import ConvSpec
@@ -309,10 +310,15 @@ def depthwise_nhwc(x, dwk, bias, out, geo, act):  # pragma: no cover - compiled
         depthwise_row(x, dwk, n, i, 0, OW, geo, bias, act, out[n, i])
 
 
-def depthwise_args(spec: ConvSpec, x, weights, biases, out, parallel: bool) -> tuple[Any, ...]:
-    """The arguments of depthwise_nhwc for one call (x and out NHWC, C-contiguous)."""
-    b = bias_vector(biases[0], spec.c_mid, out.dtype)
-    return (x, weights[0], b, out, spec.geometry, int(spec.activation))
+def depthwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
+    """``build(x, weights, biases, out)``: the arguments of depthwise_nhwc for a call of this
+    signature (x and out NHWC, C-contiguous; see ``kernel``)."""
+    c_mid, geo, act = spec.c_mid, spec.geometry, int(spec.activation)
+
+    def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
+        return (x, weights[0], bias_vector(biases[0], c_mid, dtype), out, geo, act)
+
+    return build
 
 
 DEPTHWISE: Kernel = kernel(depthwise_nhwc, depthwise_args)

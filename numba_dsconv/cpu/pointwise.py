@@ -16,7 +16,7 @@ separable kernel.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -564,18 +564,21 @@ def pointwise_nhwc(x2, pw, nopack, bias, out2, split, act):  # pragma: no cover 
                   pk, at, part, pf, pf_len)  # fmt: skip
 
 
-def pointwise_args(
-    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
-) -> tuple[Any, ...]:
-    """The arguments of pointwise_nhwc for one call (x and out NHWC, C-contiguous)."""
-    (pw,) = weights
-    (bias,) = biases
-    rows = spec.pixels
-    b = bias_vector(bias, spec.c_out, out.dtype, gemm_panel_width(out.itemsize))
-    split = gemm_split(spec, spec.c_in, 0, out.itemsize, parallel)
-    x2 = x.reshape(rows, spec.c_in)
-    w, panels = kernel_operands(pw, no_packed(out.dtype))
-    return (x2, w, panels, b, out.reshape(rows, spec.c_out), split, int(spec.activation))
+def pointwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
+    """``build(x, weights, biases, out)``: the arguments of pointwise_nhwc for a call of this
+    signature (x and out NHWC, C-contiguous; see ``kernel``)."""
+    rows, c_in, c_out = spec.pixels, spec.c_in, spec.c_out
+    split = gemm_split(spec, c_in, 0, dtype.itemsize, parallel)
+    nr = gemm_panel_width(dtype.itemsize)
+    nopack = no_packed(dtype)
+    act = int(spec.activation)
+
+    def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
+        w, panels = kernel_operands(weights[0], nopack)
+        b = bias_vector(biases[0], c_out, dtype, nr)
+        return (x.reshape(rows, c_in), w, panels, b, out.reshape(rows, c_out), split, act)
+
+    return build
 
 
 POINTWISE: Kernel = kernel(pointwise_nhwc, pointwise_args)

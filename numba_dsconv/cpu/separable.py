@@ -11,7 +11,7 @@ output channels.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange
@@ -77,19 +77,24 @@ def separable_nhwc(
                   part, pf, pf_len)  # fmt: skip
 
 
-def separable_args(
-    spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray, parallel: bool
-) -> tuple[Any, ...]:
-    """The arguments of separable_nhwc for one call (x and out NHWC, C-contiguous)."""
-    dwk, pw = weights
-    dw_bias, bias = biases
-    dt, sz = out.dtype, out.itemsize
-    w, panels = kernel_operands(pw, no_packed(dt))
-    db = bias_vector(dw_bias, spec.c_mid, dt)
-    b = bias_vector(bias, spec.c_out, dt, gemm_panel_width(sz))
+def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
+    """``build(x, weights, biases, out)``: the arguments of separable_nhwc for a call of this
+    signature (x and out NHWC, C-contiguous; see ``kernel``)."""
+    sz = dtype.itemsize
     split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
-    acts = (int(spec.mid_activation), int(spec.activation))
-    return (x, dwk, db, w, panels, b, out, spec.geometry, *acts, split)
+    nr = gemm_panel_width(sz)
+    nopack = no_packed(dtype)
+    c_mid, c_out, geo = spec.c_mid, spec.c_out, spec.geometry
+    mid_act, act = int(spec.mid_activation), int(spec.activation)
+
+    def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
+        dwk, pw = weights
+        w, panels = kernel_operands(pw, nopack)
+        db = bias_vector(biases[0], c_mid, dtype)
+        b = bias_vector(biases[1], c_out, dtype, nr)
+        return (x, dwk, db, w, panels, b, out, geo, mid_act, act, split)
+
+    return build
 
 
 SEPARABLE: Kernel = kernel(separable_nhwc, separable_args)
