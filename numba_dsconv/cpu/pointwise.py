@@ -211,6 +211,7 @@ def gemm_tile(
     L = VEC_BYTES // sz
     NR = 2 * L
     KC = pk.shape[0]
+    KC = -(-K // -(-K // KC))  # blocks of even depth: K = 288 as 2 x 144, not 256 + 32
     mr = row_group(rows)
     full = rows // mr * mr
     # the short group in place (no copy per block: at 49 rows, a seventh of the time)
