@@ -259,9 +259,7 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int, out: Any = None) 
     spec, dtype, shapes, cpu, launch = hit
     weights = kernel_shapes(arrays[1 : 1 + nweights], shapes)
     if launch is not None:  # the common case: no conversion (cpu.backend.prepared_launch)
-        result = launch(arrays[0], weights, arrays[1 + nweights :], out)
-        if result is not None:
-            return result
+        return launch(arrays[0], weights, arrays[1 + nweights :], out)
     result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)
     return result if out is None else out
 

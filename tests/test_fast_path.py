@@ -248,7 +248,7 @@ def test_prepared_launches(op, monkeypatch):
     """A remembered NumPy call that needs no conversion keeps its kernel launch prepared
     (cpu.backend.prepared_launch): later calls, batched or not, with or without out=, compute
     what the full path computes without CpuBackend.run; a change of the launch settings (the
-    GEMM blocking, the thread count, the serial threshold) sends them back through it; a call
+    GEMM blocking, the thread count, the serial threshold) prepares the launch again; a call
     that needs a conversion (a C-contiguous NCHW x) is remembered without a launch, an NCHW x
     in channels-last memory with one."""
     from numba_dsconv import _config
@@ -281,11 +281,20 @@ def test_prepared_launches(op, monkeypatch):
             full = fn(xs2, *weights, **kwargs)
             api._FAST.update(memo)
             assert bitwise_equal(got, full) and bitwise_equal(out, full)
+        # the settings change: the launch prepares again (here: the serial build)
         runs.clear()
-        monkeypatch.setattr(_config, "CPU_GEMM_KC", _config.CPU_GEMM_KC + 16)
-        again = fn(x, *weights, **kwargs)
-        assert runs == [1]
-        assert bitwise_equal(again, fn(x, *weights, **kwargs))  # (not re-remembered)
+        serial = []
+        k = backend.KERNELS[op]
+        spy = k._replace(serial=lambda *a: serial.append(1) or k.serial(*a))
+        monkeypatch.setitem(backend.KERNELS, op, spy)
+        monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 10**15)
+        before = fn(x, *weights, **kwargs)
+        assert runs == [] and len(serial) == 1
+        assert bitwise_equal(fn(x, *weights, **kwargs), before) and len(serial) == 2
+        memo = dict(api._FAST)
+        api._FAST.clear()
+        assert bitwise_equal(fn(x, *weights, **kwargs), before)  # the full path's bits
+        api._FAST.update(memo)
         api._FAST.clear()
         x_nchw, weights_nchw, kwargs_nchw, _ = _case(rng, op, "NCHW")
         assert x_nchw.flags.c_contiguous

@@ -73,8 +73,9 @@ def prepared_launch(
     has no pixels: those take ``CpuBackend.run``. x, the weights (kernel-shaped) and out (or
     None) are this call's; the signature fixes their shapes, strides and dtypes, so a later
     call's need no checks. What the signature fixes is worked out here once (the build, the
-    kernel's static arguments, the output shape), not per call; ``launch`` returns None where
-    _config.launch_settings() changed since. NCHW arrays in channels-last memory are NHWC
+    kernel's static arguments, the output shape), not per call, and again where
+    _config.launch_settings() changed since (the thread count of a dask worker's task, the GEMM
+    blocking that ``numba-dsconv tune`` tries). NCHW arrays in channels-last memory are NHWC
     views, as in ``run``."""
     batched, nchw = spec.batched, spec.layout == "NCHW"
 
@@ -94,16 +95,20 @@ def prepared_launch(
             return None
     if out is not None and not (out.dtype == dtype and nhwc(out).flags.c_contiguous):
         return None
-    k = KERNELS[spec.op]
-    parallel = _config.use_parallel(spec.macs)
-    fn = k.parallel if parallel else k.serial
-    build = k.args(spec, dtype, parallel)
-    settings = _config.launch_settings(parallel)
+
+    def prepare() -> tuple:  # (parallel, the build, its argument builder, the settings)
+        k = KERNELS[spec.op]
+        parallel = _config.use_parallel(spec.macs)
+        fn = k.parallel if parallel else k.serial
+        return parallel, fn, k.args(spec, dtype, parallel), _config.launch_settings(parallel)
+
+    state = [prepare()]  # one tuple, replaced whole: a concurrent call sees one preparation
     shape = spec.out_nhwc
 
     def launch(x: Any, weights: tuple, biases: tuple, out: Any) -> Any:
+        parallel, fn, build, settings = state[0]
         if _config.launch_settings(parallel) != settings:
-            return None
+            parallel, fn, build, settings = state[0] = prepare()
         y = np.empty(shape, dtype) if out is None else nhwc(out)
         args = build(nhwc(x), weights, biases, y)
         if parallel:
