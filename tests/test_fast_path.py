@@ -249,8 +249,8 @@ def test_prepared_launches(op, monkeypatch):
     (cpu.backend.prepared_launch): later calls, batched or not, with or without out=, compute
     what the full path computes without CpuBackend.run; a change of the launch settings (the
     GEMM blocking, the thread count, the serial threshold) prepares the launch again; a call
-    that needs a conversion (a C-contiguous NCHW x) is remembered without a launch, an NCHW x
-    in channels-last memory with one."""
+    that needs a copy of x (a C-contiguous NCHW x) is remembered without a launch, an NCHW x
+    in channels-last memory and weights in another memory order with one."""
     from numba_dsconv import _config
     from numba_dsconv.cpu import backend
 
@@ -309,6 +309,19 @@ def test_prepared_launches(op, monkeypatch):
         assert runs == [] and got.strides == first.strides
         api._FAST.clear()
         assert bitwise_equal(got, fn(x_cl * 2, *weights_nchw, **kwargs_nchw))
+        # weights in Fortran order (torch's pointwise weight is a transposed view): converted
+        # per call by the prepared launch, as the general path converts them
+        weights_f = [np.asfortranarray(w) for w in weights]
+        assert not any(w.flags.c_contiguous for w in weights_f if w.ndim > 1)
+        api._FAST.clear()
+        fn(x, *weights_f, **kwargs)
+        assert api._FAST[list(api._FAST)[-1]][4] is not None
+        runs.clear()
+        got = fn(x * 2, *weights_f, **kwargs)
+        assert runs == []
+        api._FAST.clear()
+        assert bitwise_equal(got, fn(x * 2, *weights_f, **kwargs))
+        assert bitwise_equal(got, fn(x * 2, *weights, **kwargs))
     finally:
         api._FAST.clear()
         api._FAST.update(saved)

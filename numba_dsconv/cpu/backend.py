@@ -68,9 +68,9 @@ def prepared_launch(
     spec: ConvSpec, dtype: np.dtype, x: Any, weights: tuple, out: Any
 ) -> Callable[[Any, tuple, tuple, Any], Any] | None:
     """``launch(x, weights, biases, out)`` for later NumPy calls of the signature of this one
-    (validated and run: the api's fast path keeps it), or None where the call needs a
-    conversion (a copy of x or of out: another dtype or memory order; weights to convert) or
-    has no pixels: those take ``CpuBackend.run``. x, the weights (kernel-shaped) and out (or
+    (validated and run: the api's fast path keeps it), or None where x or out would need a
+    copy (another dtype or memory order) or the call has no pixels: those take
+    ``CpuBackend.run``. x, the weights (kernel-shaped) and out (or
     None) are this call's; the signature fixes their shapes, strides and dtypes, so a later
     call's need no checks. What the signature fixes is worked out here once (the build, the
     kernel's static arguments, the output shape), not per call, and again where
@@ -87,12 +87,11 @@ def prepared_launch(
         return None
     if not nhwc(x).flags.c_contiguous:
         return None
-    for w in weights:
-        if type(w) is PackedWeights:
-            if w.dtype != dtype:
-                return None
-        elif not (type(w) is np.ndarray and w.dtype == dtype and w.flags.c_contiguous):
-            return None
+    # weights in another dtype or memory order (torch's: a transposed pw, a strided dw view)
+    # are converted per call, as ``run`` converts them
+    convert = any(
+        w.dtype != dtype or not (type(w) is PackedWeights or w.flags.c_contiguous) for w in weights
+    )
     if out is not None and not (out.dtype == dtype and nhwc(out).flags.c_contiguous):
         return None
 
@@ -110,6 +109,8 @@ def prepared_launch(
         if _config.launch_settings(parallel) != settings:
             parallel, fn, build, settings = state[0] = prepare()
         y = np.empty(shape, dtype) if out is None else nhwc(out)
+        if convert:
+            weights = tuple([_kernel_weights(w, dtype) for w in weights])
         args = build(nhwc(x), weights, biases, y)
         if parallel:
             with _config.call_guard():  # (asked per call: a forked child gets a new lock)
