@@ -13,10 +13,10 @@ import numba_dsconv as nd
 from numba_dsconv import api
 
 
-def _case(rng, op, layout="NHWC", dtype=np.float32):
+def _case(rng, op, layout="NHWC", dtype=np.float32, channels=3):
     mult = 2 if op in ("depthwise", "separable") else 1
     x, weights, bias_kw, red = make_case(
-        rng, op, n=2, h=7, w=6, c=3, kh=3, kw=2, mult=mult, c_out=5, xdtype=dtype,
+        rng, op, n=2, h=7, w=6, c=channels, kh=3, kw=2, mult=mult, c_out=5, xdtype=dtype,
         layout=layout, batched=True, biases=True,
     )  # fmt: skip
     kwargs = dict(bias_kw, layout=layout, **geo_kwargs(op, stride=(2, 1), padding="same"))
@@ -309,6 +309,14 @@ def test_prepared_launches(op, monkeypatch):
         assert runs == [] and got.strides == first.strides
         api._FAST.clear()
         assert bitwise_equal(got, fn(x_cl * 2, *weights_nchw, **kwargs_nchw))
+        # an NCHW x contiguous in both orders (one input channel): the general path returns the
+        # result C-contiguous, so no launch is prepared and a repeat keeps the memory order
+        api._FAST.clear()
+        x1, weights1, kwargs1, _ = _case(rng, op, "NCHW", channels=1)
+        assert x1.flags.c_contiguous and x1.transpose(0, 2, 3, 1).flags.c_contiguous
+        first = fn(x1, *weights1, **kwargs1)
+        assert [v[4] for v in api._FAST.values()] == [None]
+        assert fn(x1 * 2, *weights1, **kwargs1).strides == first.strides
         # weights in Fortran order (torch's pointwise weight is a transposed view): converted
         # per call by the prepared launch, as the general path converts them
         weights_f = [np.asfortranarray(w) for w in weights]

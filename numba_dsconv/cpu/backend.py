@@ -85,8 +85,8 @@ def prepared_launch(
 
     if spec.n == 0 or not (type(x) is np.ndarray and x.dtype == dtype):
         return None
-    if not nhwc(x).flags.c_contiguous:
-        return None
+    if not nhwc(x).flags.c_contiguous or (nchw and not channels_last(x, spec)):
+        return None  # (an NCHW x contiguous both ways, C_in = 1: run returns C order)
     # weights in another dtype or memory order (torch's: a transposed pw, a strided dw view)
     # are converted per call, as ``run`` converts them
     convert = any(
