@@ -57,11 +57,17 @@ def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np
     k = KERNELS[spec.op]
     parallel = _config.use_parallel(spec.macs)
     args = k.args(spec, out.dtype, parallel)(x, weights, biases, out)
+    _call(k.parallel if parallel else k.serial, parallel, args)
+
+
+def _call(fn: Any, parallel: bool, args: tuple) -> None:
+    """Run one build of a kernel; a parallel one inside the launch guard (asked per call: a
+    forked child gets a new lock)."""
     if parallel:
         with _config.call_guard():
-            k.parallel(*args)
+            fn(*args)
     else:
-        k.serial(*args)
+        fn(*args)
 
 
 def prepared_launch(
@@ -77,22 +83,18 @@ def prepared_launch(
     _config.launch_settings() changed since (the thread count of a dask worker's task, the GEMM
     blocking that ``numba-dsconv tune`` tries). NCHW arrays in channels-last memory are NHWC
     views, as in ``run``."""
-    batched, nchw = spec.batched, spec.layout == "NCHW"
-
-    def nhwc(a: np.ndarray) -> np.ndarray:  # the caller's array as a batched NHWC view
-        a4 = a if batched else a[np.newaxis]
-        return a4.transpose(0, 2, 3, 1) if nchw else a4
-
     if spec.n == 0 or not (type(x) is np.ndarray and x.dtype == dtype):
         return None
-    if not nhwc(x).flags.c_contiguous or (nchw and not channels_last(x, spec)):
+    if not nhwc_view(x, spec).flags.c_contiguous:
+        return None
+    if spec.layout == "NCHW" and not channels_last(x, spec):
         return None  # (an NCHW x contiguous both ways, C_in = 1: run returns C order)
     # weights in another dtype or memory order (torch's: a transposed pw, a strided dw view)
     # are converted per call, as ``run`` converts them
     convert = any(
         w.dtype != dtype or not (type(w) is PackedWeights or w.flags.c_contiguous) for w in weights
     )
-    if out is not None and not (out.dtype == dtype and nhwc(out).flags.c_contiguous):
+    if out is not None and not (out.dtype == dtype and nhwc_view(out, spec).flags.c_contiguous):
         return None
 
     def prepare() -> tuple:  # (parallel, the build, its argument builder, the settings)
@@ -108,20 +110,11 @@ def prepared_launch(
         parallel, fn, build, settings = state[0]
         if _config.launch_settings(parallel) != settings:
             parallel, fn, build, settings = state[0] = prepare()
-        y = np.empty(shape, dtype) if out is None else nhwc(out)
+        y = np.empty(shape, dtype) if out is None else nhwc_view(out, spec)
         if convert:
             weights = tuple([_kernel_weights(w, dtype) for w in weights])
-        args = build(nhwc(x), weights, biases, y)
-        if parallel:
-            with _config.call_guard():  # (asked per call: a forked child gets a new lock)
-                fn(*args)
-        else:
-            fn(*args)
-        if out is not None:
-            return out
-        if nchw:
-            y = y.transpose(0, 3, 1, 2)
-        return y if batched else y[0]
+        _call(fn, parallel, build(nhwc_view(x, spec), weights, biases, y))
+        return out if out is not None else from_nhwc(y, spec, keep_nhwc=True)
 
     return launch
 

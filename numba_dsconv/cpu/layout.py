@@ -108,7 +108,8 @@ def from_nhwc(y: np.ndarray, spec: ConvSpec, keep_nhwc: bool = False) -> np.ndar
 
 
 def nhwc_view(out: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """The caller's out= as an (N,OH,OW,C_out) view (no copy)."""
+    """The caller's out= (or an x whose NHWC view is C-contiguous) as a batched NHWC view
+    (no copy)."""
     o4 = out if spec.batched else out[np.newaxis]
     return o4.transpose(0, 2, 3, 1) if spec.layout == "NCHW" else o4
 
