@@ -27,6 +27,7 @@ This module imports torch; ``import numba_dsconv`` alone never does.
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
@@ -232,34 +233,122 @@ def _split(op: str, args: tuple) -> tuple[Tensor, tuple, tuple, tuple]:
 
 def _forward_impl(op: str):
     fn = getattr(api, op)
+    nt = 1 + _WEIGHTS[op] + len(_BIAS_NAMES[op])
 
     def impl(*args):
-        x, weights, biases, (stride, mode, padding, dilation, mid, act) = _split(op, args)
-        x = x.detach()
-        cw = _core_weights(op, x, tuple(w.detach() for w in weights))
-        shape = _output_shape(op, x, weights, stride, mode, padding, dilation)
-        bs = tuple(None if b is None else b.detach() for b in biases)
-        kw = _core_kwargs(op, stride, mode, padding, dilation, mid, act, bs)
-        dtype, fmt = _result_dtype(x, weights), _result_format(x)
-        if _numpy_ready((x, *cw, *bs)):
-            # NumPy views in, the result wrapped: the core's fast path serves a call seen
-            # before (out= would be validated every time), ~40 us less per small call
-            kw = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in kw.items()}
-            arrays = [w.numpy() for w in cw]
-            if op in ("separable", "pointwise"):  # a prepack()ed layer's packed weights
-                arrays[-1] = _prepacked(weights[-1]) or arrays[-1]
-            out = torch.from_numpy(fn(x.numpy(), *arrays, **kw))
-            if min(shape) > 1 and out.stride() == _dense_strides(shape, fmt):
-                return out  # (as the fake kernel's, below, without a meta tensor: ~5 us)
-            like = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-            if out.stride() != like.stride():  # the fake kernel's strides, exactly
-                out = torch.empty(shape, dtype=dtype, memory_format=fmt).copy_(out)
-            return out
-        out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
-        fn(x, *cw, out=out, **kw)
-        return out
+        key = _signature(op, args, nt)
+        run = _PREPARED.get(key)
+        if run is None:  # (torch's checks raise here, before anything is remembered)
+            run = _prepare_forward(op, fn, args)
+            api.memo_put(_PREPARED, key, run)
+        return run(args)
 
     return impl
+
+
+# --------------------------------------------------------------------------------------------
+# prepared calls: what a call of one signature (the tensors' shapes, strides, dtypes and
+# devices, the other arguments' values) works out in torch's conventions (the checks, the
+# result's shape, dtype and strides, the keywords, how each weight becomes the core's) is
+# worked out by its first call and kept. A later call only converts its tensors (NumPy views
+# on the CPU) and runs the core, whose own fast path serves it: torch's view and metadata ops
+# cost ~5-10 us each, ~150 us of a small layer's forward and backward when each call worked
+# them out again (and several times that between big kernels, with the caches cold).
+
+_PREPARED: dict[tuple, Any] = {}
+
+
+def _signature(op: str, args: tuple, ntensors: int) -> tuple:
+    """The memo key of a call of ``op`` (forward or backward): its first ``ntensors``
+    arguments are tensors or None, the others ints, strings, bools and lists of them."""
+    key: list[Any] = [op]
+    for t in args[:ntensors]:
+        key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.is_neg()))
+    for v in args[ntensors:]:
+        key.append(tuple(v) if type(v) is list else v)
+    return tuple(key)
+
+
+def _numpy_core_weights(op: str, c_in: int) -> tuple:
+    """Per weight, NumPy view of torch's weight -> the core's (as ``_core_weights``)."""
+
+    def dw(a):  # (C*M, 1, K_h, K_w) -> (K_h, K_w, C, M)
+        return a.reshape(c_in, a.shape[0] // c_in, a.shape[2], a.shape[3]).transpose(2, 3, 0, 1)
+
+    def pw(a):  # (C_out, C_in, 1, 1) -> (C_in, C_out)
+        return a[:, :, 0, 0].T
+
+    def conv(a):  # (C_out, C_in, K_h, K_w) -> (K_h, K_w, C_in, C_out)
+        return a.transpose(2, 3, 1, 0)
+
+    return {"separable": (dw, pw), "depthwise": (dw,), "pointwise": (pw,), "conv2d": (conv,)}[op]
+
+
+def _numpy_torch_grads(op: str) -> tuple:
+    """Per weight, the core's gradient (NumPy) -> torch's weight shape, C-contiguous (as
+    ``_torch_weight_grad``)."""
+
+    def dw(g):  # (K_h, K_w, C, M) -> (C*M, 1, K_h, K_w)
+        kh, kw, c, m = g.shape
+        return np.ascontiguousarray(g.transpose(2, 3, 0, 1)).reshape(c * m, 1, kh, kw)
+
+    def pw(g):  # (C_in, C_out) -> (C_out, C_in, 1, 1)
+        return np.ascontiguousarray(g.T)[:, :, None, None]
+
+    def conv(g):  # (K_h, K_w, C_in, C_out) -> (C_out, C_in, K_h, K_w)
+        return np.ascontiguousarray(g.transpose(3, 2, 0, 1))
+
+    return {"separable": (dw, pw), "depthwise": (dw,), "pointwise": (pw,), "conv2d": (conv,)}[op]
+
+
+def _numpy(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
+
+
+def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
+    """``run(args)`` for the forward calls of the signature of ``args`` (checked here)."""
+    x, weights, biases, (stride, mode, padding, dilation, mid, act) = _split(op, args)
+    cw = _core_weights(op, x, weights)  # torch's shape checks, before anything is kept
+    shape = _output_shape(op, x, weights, stride, mode, padding, dilation)
+    dtype, fmt = _result_dtype(x, weights), _result_format(x)
+    names = _BIAS_NAMES[op]
+    nw, nb = len(weights), len(names)
+    kw = _core_kwargs(op, stride, mode, padding, dilation, mid, act, (None,) * nb)
+    for n in names:  # (the biases are given per call)
+        del kw[n]
+    if not _numpy_ready((x, *cw, *biases)):
+
+        def run_tensors(args: tuple) -> Tensor:
+            x, weights, biases, _ = _split(op, args)
+            x = x.detach()
+            cw = _core_weights(op, x, tuple(w.detach() for w in weights))
+            bs = {n: None if b is None else b.detach() for n, b in zip(names, biases, strict=True)}
+            out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+            fn(x, *cw, out=out, **kw, **bs)
+            return out
+
+        return run_tensors
+    convert = _numpy_core_weights(op, x.shape[-3])
+    packable = op in ("separable", "pointwise")  # a prepack()ed layer's packed weights
+    # the fake kernel's strides, exactly (NumPy's and torch's differ where a dimension is 1);
+    # a negative size: the core raises its error on every call of this signature
+    strides = (
+        torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt).stride()
+        if min(shape) >= 0
+        else None
+    )
+
+    def run_numpy(args: tuple) -> Tensor:
+        ws = [c(w.detach().numpy()) for c, w in zip(convert, args[1 : 1 + nw], strict=True)]
+        if packable:
+            ws[-1] = _prepacked(args[nw]) or ws[-1]
+        bs = {n: _numpy(b) for n, b in zip(names, args[1 + nw : 1 + nw + nb], strict=True)}
+        out = torch.from_numpy(fn(args[0].detach().numpy(), *ws, **kw, **bs))
+        if out.stride() != strides:
+            out = torch.empty(shape, dtype=dtype, memory_format=fmt).copy_(out)
+        return out
+
+    return run_numpy
 
 
 # prepack(): pointwise weight -> (its state when packed, its PackedWeights), by identity
@@ -310,18 +399,6 @@ def prepack(module: nn.Module) -> nn.Module:
     return module
 
 
-def _dense_strides(shape: list, fmt: torch.memory_format) -> tuple[int, ...]:
-    """The strides of a new tensor of ``shape`` (no dimension below 2) in ``fmt``."""
-    if fmt is torch.channels_last:
-        _, c, h, w = shape
-        return (h * w * c, 1, w * c, c)
-    strides, s = [], 1
-    for d in reversed(shape):
-        strides.append(s)
-        s *= d
-    return tuple(reversed(strides))
-
-
 def _numpy_ready(tensors: tuple) -> bool:
     """Every tensor a CPU float32/float64 tensor NumPy can view (None skipped; a lazily
     negated view cannot be: the core's conversion resolves it)."""
@@ -345,48 +422,68 @@ def _forward_fake(op: str):
 
 def _backward_impl(op: str):
     fn = getattr(grad, f"{op}_grad")
-    fields = grad.SLOTS[op]
-    nw = _WEIGHTS[op]
+    nt = 3 + _WEIGHTS[op] + len(_BIAS_NAMES[op])  # grad, x, the weights, the biases, mask
 
     def impl(g, *args):
-        needs = args[-1]
-        x, weights, biases, (mask, stride, mode, padding, dilation, mid, act) = _split(
-            op, args[:-1]
-        )
-        x = x.detach()
-        cw = _core_weights(op, x, tuple(w.detach() for w in weights))
-        bs = tuple(None if b is None else b.detach() for b in biases)
-        kw = _core_kwargs(op, stride, mode, padding, dilation, mid, act, bs)
-        wanted = tuple(f for f, n in zip(fields, needs, strict=True) if n)
-        g = g.detach().contiguous(memory_format=_result_format(x))
-        mask = None if mask is None else mask.detach()
-        numpy = _numpy_ready((x, g, *cw, *bs))
+        call = (g, *args)
+        key = _signature(op + "_backward", call, nt)
+        run = _PREPARED.get(key)
+        if run is None:
+            run = _prepare_backward(op, fn, call)
+            api.memo_put(_PREPARED, key, run)
+        return run(call)
+
+    return impl
+
+
+def _prepare_backward(op: str, fn: Any, call: tuple) -> Any:
+    """``run(call)`` for the backward calls of the signature of ``call`` (g, then the backward
+    op's arguments)."""
+    g, args = call[0], call[1:]
+    needs = args[-1]
+    x, weights, biases, (mask, stride, mode, padding, dilation, mid, act) = _split(op, args[:-1])
+    nw, nb = len(weights), len(biases)
+    cw = _core_weights(op, x, weights)
+    names = _BIAS_NAMES[op]
+    kw = _core_kwargs(op, stride, mode, padding, dilation, mid, act, (None,) * nb)
+    for n in names:  # (the biases are given per call)
+        del kw[n]
+    wanted = tuple(f for f, n in zip(grad.SLOTS[op], needs, strict=True) if n)
+    fmt = _result_format(x)
+    refs = (x, *weights, *biases)
+    # the fake kernel's strides (empty_like's: ref's own where ref is dense) per gradient
+    strides = [None if r is None else torch.empty_like(r, device="meta").stride() for r in refs]
+    numpy = _numpy_ready((x, g, *cw, *biases))
+    convert = _numpy_core_weights(op, x.shape[-3]) if numpy else ()
+    to_torch = _numpy_torch_grads(op) if numpy else ()
+
+    def run(call: tuple) -> tuple:
+        g, x = call[0].detach().contiguous(memory_format=fmt), call[1].detach()
+        weights, biases, mask = call[2 : 2 + nw], call[2 + nw : 2 + nw + nb], call[2 + nw + nb]
         if numpy:  # NumPy views in: the core's gradient fast path serves a call seen before
-            kw = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in kw.items()}
-            found = fn(g.numpy(), x.numpy(), *(w.numpy() for w in cw), needs=wanted,
-                       mask=None if mask is None else mask.numpy(), **kw)  # fmt: skip
+            ws = [c(w.detach().numpy()) for c, w in zip(convert, weights, strict=True)]
+            bs = {n: _numpy(b) for n, b in zip(names, biases, strict=True)}
+            found = fn(g.numpy(), x.numpy(), *ws, needs=wanted, mask=_numpy(mask), **kw, **bs)
         else:
-            found = fn(g, x, *cw, needs=wanted, mask=mask, **kw)
+            cw = _core_weights(op, x, tuple(w.detach() for w in weights))
+            bs = {n: None if b is None else b.detach() for n, b in zip(names, biases, strict=True)}
+            m = None if mask is None else mask.detach()
+            found = fn(g, x, *cw, needs=wanted, mask=m, **kw, **bs)
         result = []
         for i, (value, ref) in enumerate(zip(found, (x, *weights, *biases), strict=True)):
             if value is None:
                 result.append(x.new_empty(0))
                 continue
+            if 1 <= i <= nw:  # a weight: back to torch's shape
+                value = to_torch[i - 1](value) if numpy else _torch_weight_grad(op, i - 1, value)
             if numpy:
                 value = torch.from_numpy(value)
-            if 1 <= i <= nw:  # a weight: back to torch's shape
-                value = _torch_weight_grad(op, i - 1, value)
-            # the fake kernel's strides: empty_like's, which are ref's own where ref is dense
-            if value.stride() != ref.stride() or not (
-                ref.is_contiguous() or ref.is_contiguous(memory_format=torch.channels_last)
-            ):
-                like = torch.empty_like(ref, device="meta")
-                if value.stride() != like.stride():
-                    value = torch.empty_like(ref).copy_(value)
+            if value.stride() != strides[i]:
+                value = torch.empty_like(ref).copy_(value)
             result.append(value)
         return tuple(result)
 
-    return impl
+    return run
 
 
 def _torch_weight_grad(op: str, i: int, g: Tensor) -> Tensor:

@@ -433,3 +433,46 @@ def test_lazily_negated_views_forward_and_backward():
         y.sum().backward()
         grads.append((y.detach(), x.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_prepared_calls_repeat_an_unprepared_call(op):
+    """A later call of a signature runs what its first call prepared (``_PREPARED``: no new
+    preparation) on its own tensors, with the bits, strides and gradients of a call prepared
+    from scratch: NumPy views (float32 and float64, both memory formats, 'same' padding) and
+    the tensor path (a lazily negated x)."""
+    import gc
+    import weakref
+    from unittest import mock
+
+    def step(seed, dtype, fmt, lazy, act):
+        x, weights, bs = make(op, dtype=dtype, seed=seed)
+        if fmt == "channels_last":
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        xin = torch._neg_view(x) if lazy else x
+        kw = dict(_geo(op, GEOMETRIES[1]), activation=act, **bs)
+        y = ours(op, xin, weights, **kw)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        return (y, *torch.autograd.grad(y, (x, *weights, *bs.values()), g))
+
+    cases = [(torch.float32, "contiguous", False, None), (torch.float64, "channels_last",
+             False, "relu6"), (torch.float32, "channels_last", True, "relu")]  # fmt: skip
+    for dtype, fmt, lazy, act in cases:
+        ndt._PREPARED.clear()
+        step(0, dtype, fmt, lazy, act)  # prepares the forward and the backward
+        with (
+            mock.patch.object(ndt, "_prepare_forward", side_effect=AssertionError),
+            mock.patch.object(ndt, "_prepare_backward", side_effect=AssertionError),
+        ):
+            got = step(1, dtype, fmt, lazy, act)
+        ndt._PREPARED.clear()
+        want = step(1, dtype, fmt, lazy, act)
+        for a, b in zip(got, want, strict=True):
+            assert a.stride() == b.stride() and torch.equal(a, b)
+    # what a call prepared keeps none of its tensors
+    x, weights, bs = make(op, seed=2)
+    ours(op, x, weights, **_geo(op, GEOMETRIES[0]), **bs).sum().backward()
+    refs = [weakref.ref(t) for t in (x, *weights, *bs.values())]
+    del x, weights, bs
+    gc.collect()
+    assert all(r() is None for r in refs)
