@@ -292,8 +292,9 @@ def _numpy_torch_grads(op: str) -> tuple:
         kh, kw, c, m = g.shape
         return np.ascontiguousarray(g.transpose(2, 3, 0, 1)).reshape(c * m, 1, kh, kw)
 
-    def pw(g):  # (C_in, C_out) -> (C_out, C_in, 1, 1)
-        return np.ascontiguousarray(g.T)[:, :, None, None]
+    def pw(g):  # (C_in, C_out) -> (C_out, C_in, 1, 1) (reshaped: new axes would have stride 0,
+        # which torch.from_numpy keeps and the stride check then copies)
+        return np.ascontiguousarray(g.T).reshape(*g.shape[::-1], 1, 1)
 
     def conv(g):  # (K_h, K_w, C_in, C_out) -> (C_out, C_in, K_h, K_w)
         return np.ascontiguousarray(g.transpose(3, 2, 0, 1))

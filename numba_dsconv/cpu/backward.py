@@ -36,6 +36,7 @@ cut other chunks and round differently.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from typing import Any
 
@@ -759,6 +760,8 @@ def zeros_like_parts(
     (the kernel writes it first); a dummy where they are not needed."""
     if not need:
         return np.zeros((1,) * (len(shape) + 1), dtype)
+    if scratch_name and nchunks == 1:  # the gradient itself (``combine`` copies no scratch)
+        return np.empty((1, *shape), dtype)
     if scratch_name:
         return scratch(scratch_name, (nchunks, *shape), dtype)
     return np.zeros((nchunks, *shape), dtype)
@@ -776,7 +779,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = pool.get(name)
     if buf is None or buf.nbytes < nbytes:
         buf = pool[name] = aligned_empty((max(nbytes, 1),), np.dtype(np.uint8))
@@ -785,8 +788,9 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def combine(parts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The chunks' partial sums added in chunk order, as a new array of ``shape``."""
-    if parts.shape[0] == 1:
-        return parts[0].reshape(shape).copy()  # (parts may be scratch, reused next call)
+    if parts.shape[0] == 1:  # a copy only of scratch (a view of a pool's buffer: reused)
+        one = parts[0].reshape(shape)
+        return one if parts.base is None else one.copy()
     k = parts.shape[0]
     p3 = parts.reshape(k, parts.shape[1], -1) if parts.ndim >= 3 else parts.reshape(k, 1, -1)
     out = np.empty(p3.shape[1:], parts.dtype)
