@@ -268,6 +268,25 @@ def test_anchors_are_timed_when_torch_is_installed(small_ceilings):
     assert set(result.layers[0].speedup) == set(result.anchors)
 
 
+def test_the_nchw_anchor_is_timed_alone(monkeypatch, small_ceilings):
+    """torch's NCHW anchor is sampled in a group of its own, after ours and torch
+    channels_last sampled interleaved (its fresh memory per call disturbed its neighbours)."""
+    pytest.importorskip("torch")
+    import numba_dsconv.bench.run as run
+
+    groups = []
+    real = run.time_interleaved
+
+    def spy(fns, repeat, **kw):
+        groups.append(list(fns))
+        return real(fns, repeat, **kw)
+
+    monkeypatch.setattr(run, "time_interleaved", spy)
+    result = bench.run_bench("cpu", 1, [TINY], "separable", 2, ceilings=small_ceilings("cpu"))
+    assert groups == [["numba_dsconv", "torch_channels_last"], ["torch_nchw"]]
+    assert len(result.layers[0].anchors["torch_nchw"].samples_s) == 2
+
+
 def test_a_wrong_result_is_flagged(monkeypatch, small_ceilings):
     real = bench.Case.numba_fn
 

@@ -35,6 +35,11 @@ ANCHORS: dict[str, tuple[tuple[str, str], ...]] = {
     "cuda": (("torch_fp32", "torch fp32"), ("torch_default", "torch default")),
 }
 OURS = "numba_dsconv"
+# anchors timed on their own after the interleaved rounds: torch's NCHW convolution takes tens
+# of MB of fresh memory per call at the big layers (9,400 page faults a call at layer 1, N=8),
+# and the calls interleaved with it then met fresh memory too (ours 161 faults a call: 6.7 ms
+# against 3.0 without it beside them, torch channels_last likewise)
+TIMED_ALONE = frozenset({"torch_nchw"})
 
 
 @contextlib.contextmanager

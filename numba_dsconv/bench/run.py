@@ -11,7 +11,7 @@ from typing import Any
 
 import numba
 
-from .cases import ANCHORS, DEVICES, OURS, RTOL_FLOAT32, Case, check_case
+from .cases import ANCHORS, DEVICES, OURS, RTOL_FLOAT32, TIMED_ALONE, Case, check_case
 from .machine import (
     Ceilings,
     Progress,
@@ -182,9 +182,14 @@ def run_bench(
             def on_round(k: int, d: int = done, lab: str = label) -> None:
                 progress("measure", lab, d + k, total)
 
+            together = {k: v for k, v in p.fns.items() if k not in TIMED_ALONE}
             samples, numbers = time_interleaved(
-                p.fns, r, min_sample_s=min_sample_s, on_round=on_round
+                together, r, min_sample_s=min_sample_s, on_round=on_round
             )
+            for name in p.fns.keys() - together.keys():  # (see cases.TIMED_ALONE)
+                alone, n = time_interleaved({name: p.fns[name]}, r, min_sample_s=min_sample_s)
+                samples.update(alone)
+                numbers.update(n)
             done += r
             rows.append(_row(p, samples, numbers, ceilings))
         progress("measure", "done", total, total)
