@@ -309,7 +309,7 @@ def _remember(key: tuple | None, setup: _Setup, arrays: tuple, nweights: int, ou
             memo_put(_FAST, key, (spec, dtype, shapes, CPU, launch))
 
 
-def memo_put(memo: dict, key: tuple, value: tuple) -> None:
+def memo_put(memo: dict, key: tuple, value: Any) -> None:
     """memo[key] = value, the oldest entry dropped first where the memo holds _FAST_MAX (a
     process that meets more call signatures keeps the recent ones fast, not the first ones)."""
     if len(memo) >= _FAST_MAX:

@@ -340,9 +340,11 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
     )
 
     def run_numpy(args: tuple) -> Tensor:
-        ws = [c(w.detach().numpy()) for c, w in zip(convert, args[1 : 1 + nw], strict=True)]
-        if packable:
-            ws[-1] = _prepacked(args[nw]) or ws[-1]
+        packed = _prepacked(args[nw]) if packable else None
+        ws = [
+            packed if packed is not None and i == nw - 1 else c(w.detach().numpy())
+            for i, (c, w) in enumerate(zip(convert, args[1 : 1 + nw], strict=True))
+        ]
         bs = {n: _numpy(b) for n, b in zip(names, args[1 + nw : 1 + nw + nb], strict=True)}
         out = torch.from_numpy(fn(args[0].detach().numpy(), *ws, **kw, **bs))
         if out.stride() != strides:

@@ -455,20 +455,30 @@ def test_prepared_calls_repeat_an_unprepared_call(op):
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
         return (y, *torch.autograd.grad(y, (x, *weights, *bs.values()), g))
 
-    cases = [(torch.float32, "contiguous", False, None), (torch.float64, "channels_last",
-             False, "relu6"), (torch.float32, "channels_last", True, "relu")]  # fmt: skip
-    for dtype, fmt, lazy, act in cases:
+    cases = [(torch.float32, "contiguous", False, None), (torch.float32, "channels_last",
+             False, None), (torch.float32, "channels_last", True, None),
+             (torch.float64, "channels_last", False, "relu6"), (torch.float32, "channels_last",
+             True, "relu")]  # fmt: skip
+    wants = []
+    for case in cases:
         ndt._PREPARED.clear()
-        step(0, dtype, fmt, lazy, act)  # prepares the forward and the backward
+        step(0, *case)  # prepares the forward and the backward
         with (
             mock.patch.object(ndt, "_prepare_forward", side_effect=AssertionError),
             mock.patch.object(ndt, "_prepare_backward", side_effect=AssertionError),
         ):
-            got = step(1, dtype, fmt, lazy, act)
+            got = step(1, *case)
         ndt._PREPARED.clear()
-        want = step(1, dtype, fmt, lazy, act)
-        for a, b in zip(got, want, strict=True):
+        wants.append(step(1, *case))
+        for a, b in zip(got, wants[-1], strict=True):
             assert a.stride() == b.stride() and torch.equal(a, b)
+    # the signatures kept apart: cases differing only in memory format, negation, dtype or
+    # activation, one after another with every preparation kept, twice over
+    ndt._PREPARED.clear()
+    for _ in range(2):
+        for case, want in zip(cases, wants, strict=True):
+            for a, b in zip(step(1, *case), want, strict=True):
+                assert a.stride() == b.stride() and torch.equal(a, b)
     # what a call prepared keeps none of its tensors
     x, weights, bs = make(op, seed=2)
     ours(op, x, weights, **_geo(op, GEOMETRIES[0]), **bs).sum().backward()

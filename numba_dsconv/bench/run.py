@@ -173,24 +173,27 @@ def run_bench(
             prepared.append(_prepare(lay, op, batch, device, bool(anchor_names)))
         progress("compile", "done", len(lays), len(lays))
         rounds = [repeat or default_repeat(p.call_s) for p in prepared]
-        total, done = sum(rounds), 0
+        # the interleaved group, then each anchor timed alone (cases.TIMED_ALONE), in order
+        groups = [
+            [{k: v for k, v in p.fns.items() if k not in TIMED_ALONE}]
+            + [{k: v} for k, v in p.fns.items() if k in TIMED_ALONE]
+            for p in prepared
+        ]
+        total, done = sum(r * len(g) for r, g in zip(rounds, groups, strict=True)), 0
         rows = []
-        for p, r in zip(prepared, rounds, strict=True):
+        for p, r, layer_groups in zip(prepared, rounds, groups, strict=True):
             label = f"layer {p.case.layer.number}: {p.case.layer.name}"
             progress("measure", label, done, total)
+            samples, numbers = {}, {}
+            for fns in layer_groups:
 
-            def on_round(k: int, d: int = done, lab: str = label) -> None:
-                progress("measure", lab, d + k, total)
+                def on_round(k: int, d: int = done, lab: str = label) -> None:
+                    progress("measure", lab, d + k, total)
 
-            together = {k: v for k, v in p.fns.items() if k not in TIMED_ALONE}
-            samples, numbers = time_interleaved(
-                together, r, min_sample_s=min_sample_s, on_round=on_round
-            )
-            for name in p.fns.keys() - together.keys():  # (see cases.TIMED_ALONE)
-                alone, n = time_interleaved({name: p.fns[name]}, r, min_sample_s=min_sample_s)
-                samples.update(alone)
+                s, n = time_interleaved(fns, r, min_sample_s=min_sample_s, on_round=on_round)
+                samples.update(s)
                 numbers.update(n)
-            done += r
+                done += r
             rows.append(_row(p, samples, numbers, ceilings))
         progress("measure", "done", total, total)
     settings = {

@@ -756,12 +756,15 @@ def reach_rows(spec: ConvSpec) -> int:
 def zeros_like_parts(
     nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: bool, scratch_name: str = ""
 ):
-    """Per-chunk partial sums: zeros, or with ``scratch_name`` a reused, uninitialised buffer
-    (the kernel writes it first); a dummy where they are not needed."""
+    """Per-chunk partial sums: zeros, or with ``scratch_name`` uninitialised (the kernel
+    writes them first): for several chunks the calling thread's reused buffer of that name
+    (``combine(..., reused=True)`` adds them into a new array), for one chunk a new array that
+    is the gradient itself (no copy of C*M x C_out per call); a dummy where they are not
+    needed."""
     if not need:
         return np.zeros((1,) * (len(shape) + 1), dtype)
-    if scratch_name and nchunks == 1:  # the gradient itself (``combine`` copies no scratch)
-        return np.empty((1, *shape), dtype)
+    if scratch_name and nchunks == 1:
+        return aligned_empty((1, *shape), dtype)
     if scratch_name:
         return scratch(scratch_name, (nchunks, *shape), dtype)
     return np.zeros((nchunks, *shape), dtype)
@@ -786,11 +789,13 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
-def combine(parts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The chunks' partial sums added in chunk order, as a new array of ``shape``."""
-    if parts.shape[0] == 1:  # a copy only of scratch (a view of a pool's buffer: reused)
+def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> np.ndarray:
+    """The chunks' partial sums added in chunk order, as an array of ``shape``: the one chunk's
+    own (a view), or a new array where there are several or ``parts`` is ``reused`` (scratch
+    the next call overwrites)."""
+    if parts.shape[0] == 1:
         one = parts[0].reshape(shape)
-        return one if parts.base is None else one.copy()
+        return one.copy() if reused else one
     k = parts.shape[0]
     p3 = parts.reshape(k, parts.shape[1], -1) if parts.ndim >= 3 else parts.reshape(k, 1, -1)
     out = np.empty(p3.shape[1:], parts.dtype)
@@ -916,10 +921,12 @@ def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> 
     pw_t = args[4]
     for slot, shape in shapes.items():
         if want[slot]:
+            parts = outs[slot]
+            reused = slot == "pw" and parts.shape[0] > 1  # scratch (zeros_like_parts)
             if slot == "pw" and pw_t:  # computed transposed: (C_out, C*M), seen as P's shape
-                found[slot] = combine(outs[slot], shape[::-1]).T
+                found[slot] = combine(parts, shape[::-1], reused).T
             else:
-                found[slot] = combine(outs[slot], shape)
+                found[slot] = combine(parts, shape, reused)
     return found
 
 
