@@ -92,9 +92,21 @@ def _result_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _depthwise_core(w: Tensor, c_in: int) -> Tensor:
+# The weights' layouts, torch's <-> the core's: one mapping each, on torch tensors (the custom
+# ops, CUDA) and on NumPy views of them (the CPU: torch's view ops cost ~5-10 us each)
+
+
+def _permuted(a: Any, axes: tuple[int, ...]) -> Any:
+    return a.permute(*axes) if isinstance(a, Tensor) else a.transpose(axes)
+
+
+def _dense(a: Any) -> Any:
+    return a.contiguous() if isinstance(a, Tensor) else np.ascontiguousarray(a)
+
+
+def _depthwise_core(w: Any, c_in: int) -> Any:
     """(C*M, 1, K_h, K_w) -> (K_h, K_w, C, M) (a view)."""
-    if w.dim() != 4 or w.shape[1] != 1:
+    if w.ndim != 4 or w.shape[1] != 1:
         raise ValueError(
             f"the depthwise weight must be (C*M, 1, K_h, K_w); got shape {tuple(w.shape)}"
         )
@@ -104,42 +116,44 @@ def _depthwise_core(w: Tensor, c_in: int) -> Tensor:
             f"the depthwise weight has {cm} output channels, not a multiple of x's {c_in} "
             f"channels (it must be (C*M, 1, K_h, K_w))"
         )
-    return w.reshape(c_in, cm // c_in, w.shape[2], w.shape[3]).permute(2, 3, 0, 1)
+    return _permuted(w.reshape(c_in, cm // c_in, w.shape[2], w.shape[3]), (2, 3, 0, 1))
 
 
-def _depthwise_torch(g: Tensor) -> Tensor:
-    """(K_h, K_w, C, M) -> (C*M, 1, K_h, K_w)."""
+def _depthwise_torch(g: Any) -> Any:
+    """(K_h, K_w, C, M) -> (C*M, 1, K_h, K_w), C-contiguous."""
     kh, kw, c, m = g.shape
-    return g.permute(2, 3, 0, 1).reshape(c * m, 1, kh, kw).contiguous()
+    return _dense(_permuted(g, (2, 3, 0, 1))).reshape(c * m, 1, kh, kw)
 
 
-def _pointwise_core(w: Tensor) -> Tensor:
+def _pointwise_core(w: Any) -> Any:
     """(C_out, C_in, 1, 1) -> (C_in, C_out) (a view)."""
-    if w.dim() != 4 or w.shape[2] != 1 or w.shape[3] != 1:
+    if w.ndim != 4 or w.shape[2] != 1 or w.shape[3] != 1:
         raise ValueError(
             f"the pointwise weight must be (C_out, C_in, 1, 1); got shape {tuple(w.shape)}"
         )
-    return w[:, :, 0, 0].t()
+    return w[:, :, 0, 0].T
 
 
-def _pointwise_torch(g: Tensor) -> Tensor:
-    return g.t()[:, :, None, None].contiguous()
+def _pointwise_torch(g: Any) -> Any:
+    """(C_in, C_out) -> (C_out, C_in, 1, 1), C-contiguous (reshaped: NumPy's new axes have
+    stride 0, which torch.from_numpy keeps and the strides check would then copy)."""
+    return _dense(g.T).reshape(g.shape[1], g.shape[0], 1, 1)
 
 
-def _conv2d_core(w: Tensor) -> Tensor:
+def _conv2d_core(w: Any) -> Any:
     """(C_out, C_in, K_h, K_w) -> (K_h, K_w, C_in, C_out) (a view)."""
-    if w.dim() != 4:
+    if w.ndim != 4:
         raise ValueError(
             f"the conv2d weight must be (C_out, C_in, K_h, K_w); got shape {tuple(w.shape)}"
         )
-    return w.permute(2, 3, 1, 0)
+    return _permuted(w, (2, 3, 1, 0))
 
 
-def _conv2d_torch(g: Tensor) -> Tensor:
-    return g.permute(3, 2, 0, 1).contiguous()
+def _conv2d_torch(g: Any) -> Any:
+    return _dense(_permuted(g, (3, 2, 0, 1)))
 
 
-def _core_weights(op: str, x: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _core_weights(op: str, x: Any, weights: tuple) -> tuple:
     c_in = x.shape[-3]
     if op == "separable":
         return _depthwise_core(weights[0], c_in), _pointwise_core(weights[1])
@@ -269,41 +283,12 @@ def _signature(op: str, args: tuple, ntensors: int) -> tuple:
     return tuple(key)
 
 
-def _numpy_core_weights(op: str, c_in: int) -> tuple:
-    """Per weight, NumPy view of torch's weight -> the core's (as ``_core_weights``)."""
-
-    def dw(a):  # (C*M, 1, K_h, K_w) -> (K_h, K_w, C, M)
-        return a.reshape(c_in, a.shape[0] // c_in, a.shape[2], a.shape[3]).transpose(2, 3, 0, 1)
-
-    def pw(a):  # (C_out, C_in, 1, 1) -> (C_in, C_out)
-        return a[:, :, 0, 0].T
-
-    def conv(a):  # (C_out, C_in, K_h, K_w) -> (K_h, K_w, C_in, C_out)
-        return a.transpose(2, 3, 1, 0)
-
-    return {"separable": (dw, pw), "depthwise": (dw,), "pointwise": (pw,), "conv2d": (conv,)}[op]
-
-
-def _numpy_torch_grads(op: str) -> tuple:
-    """Per weight, the core's gradient (NumPy) -> torch's weight shape, C-contiguous (as
-    ``_torch_weight_grad``)."""
-
-    def dw(g):  # (K_h, K_w, C, M) -> (C*M, 1, K_h, K_w)
-        kh, kw, c, m = g.shape
-        return np.ascontiguousarray(g.transpose(2, 3, 0, 1)).reshape(c * m, 1, kh, kw)
-
-    def pw(g):  # (C_in, C_out) -> (C_out, C_in, 1, 1) (reshaped: new axes would have stride 0,
-        # which torch.from_numpy keeps and the stride check then copies)
-        return np.ascontiguousarray(g.T).reshape(*g.shape[::-1], 1, 1)
-
-    def conv(g):  # (K_h, K_w, C_in, C_out) -> (C_out, C_in, K_h, K_w)
-        return np.ascontiguousarray(g.transpose(3, 2, 0, 1))
-
-    return {"separable": (dw, pw), "depthwise": (dw,), "pointwise": (pw,), "conv2d": (conv,)}[op]
-
-
 def _numpy(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
@@ -323,13 +308,12 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
             x, weights, biases, _ = _split(op, args)
             x = x.detach()
             cw = _core_weights(op, x, tuple(w.detach() for w in weights))
-            bs = {n: None if b is None else b.detach() for n, b in zip(names, biases, strict=True)}
+            bs = {n: _detached(b) for n, b in zip(names, biases, strict=True)}
             out = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
             fn(x, *cw, out=out, **kw, **bs)
             return out
 
         return run_tensors
-    convert = _numpy_core_weights(op, x.shape[-3])
     packable = op in ("separable", "pointwise")  # a prepack()ed layer's packed weights
     # the fake kernel's strides, exactly (NumPy's and torch's differ where a dimension is 1);
     # a negative size: the core raises its error on every call of this signature
@@ -340,13 +324,12 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
     )
 
     def run_numpy(args: tuple) -> Tensor:
-        packed = _prepacked(args[nw]) if packable else None
-        ws = [
-            packed if packed is not None and i == nw - 1 else c(w.detach().numpy())
-            for i, (c, w) in enumerate(zip(convert, args[1 : 1 + nw], strict=True))
-        ]
+        x = args[0].detach().numpy()
+        ws = list(_core_weights(op, x, tuple(w.detach().numpy() for w in args[1 : 1 + nw])))
+        if packable:
+            ws[-1] = _prepacked(args[nw]) or ws[-1]
         bs = {n: _numpy(b) for n, b in zip(names, args[1 + nw : 1 + nw + nb], strict=True)}
-        out = torch.from_numpy(fn(args[0].detach().numpy(), *ws, **kw, **bs))
+        out = torch.from_numpy(fn(x, *ws, **kw, **bs))
         if out.stride() != strides:
             out = torch.empty(shape, dtype=dtype, memory_format=fmt).copy_(out)
         return out
@@ -456,29 +439,24 @@ def _prepare_backward(op: str, fn: Any, call: tuple) -> Any:
     refs = (x, *weights, *biases)
     # the fake kernel's strides (empty_like's: ref's own where ref is dense) per gradient
     strides = [None if r is None else torch.empty_like(r, device="meta").stride() for r in refs]
+    # NumPy views in on the CPU: the core's gradient fast path serves a call seen before
     numpy = _numpy_ready((x, g, *cw, *biases))
-    convert = _numpy_core_weights(op, x.shape[-3]) if numpy else ()
-    to_torch = _numpy_torch_grads(op) if numpy else ()
+    view = _numpy if numpy else _detached
 
     def run(call: tuple) -> tuple:
         g, x = call[0].detach().contiguous(memory_format=fmt), call[1].detach()
         weights, biases, mask = call[2 : 2 + nw], call[2 + nw : 2 + nw + nb], call[2 + nw + nb]
-        if numpy:  # NumPy views in: the core's gradient fast path serves a call seen before
-            ws = [c(w.detach().numpy()) for c, w in zip(convert, weights, strict=True)]
-            bs = {n: _numpy(b) for n, b in zip(names, biases, strict=True)}
-            found = fn(g.numpy(), x.numpy(), *ws, needs=wanted, mask=_numpy(mask), **kw, **bs)
-        else:
-            cw = _core_weights(op, x, tuple(w.detach() for w in weights))
-            bs = {n: None if b is None else b.detach() for n, b in zip(names, biases, strict=True)}
-            m = None if mask is None else mask.detach()
-            found = fn(g, x, *cw, needs=wanted, mask=m, **kw, **bs)
+        xv = view(x)
+        cw = _core_weights(op, xv, tuple(view(w) for w in weights))
+        bs = {n: view(b) for n, b in zip(names, biases, strict=True)}
+        found = fn(view(g), xv, *cw, needs=wanted, mask=view(mask), **kw, **bs)
         result = []
         for i, (value, ref) in enumerate(zip(found, (x, *weights, *biases), strict=True)):
             if value is None:
                 result.append(x.new_empty(0))
                 continue
             if 1 <= i <= nw:  # a weight: back to torch's shape
-                value = to_torch[i - 1](value) if numpy else _torch_weight_grad(op, i - 1, value)
+                value = _torch_weight_grad(op, i - 1, value)
             if numpy:
                 value = torch.from_numpy(value)
             if value.stride() != strides[i]:
@@ -489,8 +467,9 @@ def _prepare_backward(op: str, fn: Any, call: tuple) -> Any:
     return run
 
 
-def _torch_weight_grad(op: str, i: int, g: Tensor) -> Tensor:
-    """The gradient of weight ``i`` of ``op`` from the core's shape to torch's."""
+def _torch_weight_grad(op: str, i: int, g: Any) -> Any:
+    """The gradient of weight ``i`` of ``op`` (a tensor or NumPy array) from the core's shape
+    to torch's."""
     if op == "separable":
         return _depthwise_torch(g) if i == 0 else _pointwise_torch(g)
     return {"depthwise": _depthwise_torch, "pointwise": _pointwise_torch,
