@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- platform: {m['platform']}",
         f"- ceilings measured in the same run: SGEMM **{c.sgemm_gflops:.1f} GFLOP/s** "
         f"({c.sgemm_source}), copy **{c.copy_gbs:.1f} GB/s** ({c.copy_source}); ridge "
-        f"{c.ridge:.1f} FLOP/byte; FMA peak **{c.fma_gflops:.1f} GFLOP/s** ({c.fma_source})",
+        f"{c.ridge:.1f} FLOP/byte; FMA peak **{c.fma_gflops:.1f} GFLOP/s** ({c.fma_source}); "
+        f"the kernels' GEMM micro-kernel on data in L1 **{c.block_gflops:.1f} GFLOP/s**, "
+        f"{100 * c.block_gflops / c.fma_gflops:.0f} % of the FMA peak ({c.block_source}): the "
+        "most a GEMM-bound layer can reach with this register block",
         "",
         "## Method",
         "",

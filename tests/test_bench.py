@@ -93,6 +93,8 @@ CEILING_FIELDS = {
     "copy_source",
     "fma_gflops",
     "fma_source",
+    "block_gflops",
+    "block_source",
     "ridge_flop_per_byte",
 }
 SETTINGS_FIELDS = {
@@ -127,7 +129,7 @@ def _check_json(d: dict, *, op: str, layers: list[int], repeat: int, anchors: li
     assert d["machine"]["numba_threads"] >= 1
     assert set(d["ceilings"]) == CEILING_FIELDS
     assert d["ceilings"]["sgemm_gflops"] > 0 and d["ceilings"]["copy_gbs"] > 0
-    assert d["ceilings"]["fma_gflops"] > 0
+    assert d["ceilings"]["fma_gflops"] > 0 and d["ceilings"]["block_gflops"] > 0
     assert set(d["settings"]) == SETTINGS_FIELDS
     assert d["settings"]["op"] == op and d["settings"]["layers"] == layers
     assert d["anchors"] == anchors
@@ -209,6 +211,23 @@ def test_fma_peak_counts_its_flops():
     out = np.empty((1, lanes), np.float32)
     peak.FMA(seed, out, 3)  # x -> 0.5 x + 1 three times from 0: 1.75 per chain
     np.testing.assert_allclose(out, 1.75 * peak.FMA_CHAINS)
+
+
+def test_block_peak_runs_the_gemm_micro_kernel():
+    # the rate is finite, and every task's block holds a @ panel (float64 reference), however
+    # many rounds recomputed it
+    rate, samples = peak.block_peak_gflops(1, seconds=0.01, repeat=3)
+    assert math.isfinite(rate) and rate > 0 and len(samples) == 3
+    rng = np.random.default_rng(0)
+    nr = peak.gemm_panel_width(4)
+    a = rng.uniform(-1, 1, (peak.GEMM_MR, 40)).astype(np.float32)
+    panel = rng.uniform(-1, 1, (40, nr)).astype(np.float32)
+    want = a.astype(np.float64) @ panel.astype(np.float64)
+    for rounds in (1, 3):
+        out = np.full((2, peak.GEMM_MR, nr), np.nan, np.float32)
+        peak.BLOCK(a, panel, out, rounds)
+        for t in range(2):
+            np.testing.assert_allclose(out[t], want, rtol=1e-5, atol=1e-5)
 
 
 def test_parse_layers():

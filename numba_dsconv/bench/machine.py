@@ -71,6 +71,10 @@ class Ceilings:
     # the compute peak a register-resident vector FMA loop reaches (CPU; NaN where unmeasured)
     fma_gflops: float = float("nan")
     fma_source: str = "not measured"
+    # the rate of the kernels' own GEMM micro-kernel on data in L1 (CPU; NaN where unmeasured):
+    # what the GEMM-bound layers could reach at best with this register block
+    block_gflops: float = float("nan")
+    block_source: str = "not measured"
 
     @property
     def ridge(self) -> float:
@@ -112,20 +116,23 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    progress("ceilings", "SGEMM (numpy)", 0, 3)
+    progress("ceilings", "SGEMM (numpy)", 0, 4)
     sg = best_of(lambda: np.matmul(a, b, out=c), repeat, lambda: None)
-    progress("ceilings", "copy bandwidth", 1, 3)
+    progress("ceilings", "copy bandwidth", 1, 4)
     src = np.ones(count, np.float32)
     dst = np.empty_like(src)
     cp = best_of(lambda: np.copyto(dst, src), repeat, lambda: None)
-    progress("ceilings", "FMA peak", 2, 3)
+    progress("ceilings", "FMA peak", 2, 4)
     import numba
 
-    from ..cpu.peak import FMA_CHAINS, VEC_BYTES, fma_peak_gflops
+    from .. import _config
+    from ..cpu.peak import FMA_CHAINS, GEMM_MR, VEC_BYTES, block_peak_gflops, fma_peak_gflops
 
     threads = numba.get_num_threads()
     fma, _ = fma_peak_gflops(threads, repeat=repeat)
-    progress("ceilings", "done", 3, 3)
+    progress("ceilings", "GEMM block", 3, 4)
+    block, _ = block_peak_gflops(threads, repeat=repeat)
+    progress("ceilings", "done", 4, 4)
     return Ceilings(
         device="cpu",
         sgemm_gflops=2 * n**3 / min(sg) / 1e9,
@@ -138,6 +145,9 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
         copy_source="numpy.copyto float32 (one thread), read + write",
         fma_gflops=fma,
         fma_source=f"{FMA_CHAINS} chains of {VEC_BYTES * 8}-bit float32 FMAs x {threads} threads",
+        block_gflops=block,
+        block_source=f"{GEMM_MR} rows x 2 {VEC_BYTES * 8}-bit vectors, {_config.CPU_GEMM_KC} "
+        f"reductions, in L1, x {threads} threads",
     )
 
 

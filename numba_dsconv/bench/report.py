@@ -162,6 +162,11 @@ def headline(result: BenchResult) -> list[str]:
     v = m["versions"]
     where = m["cpu"] if s["device"] == "cpu" else ", ".join(m.get("gpus") or ["cuda"])
     fma = f"; FMA peak {c.fma_gflops:.1f} GFLOP/s ({c.fma_source})"
+    if math.isfinite(c.block_gflops):
+        fma += (
+            f"; GEMM block {c.block_gflops:.1f} GFLOP/s = {100 * c.block_gflops / c.fma_gflops:.0f}"
+            f"% of it ({c.block_source})"
+        )
     return [
         f"{s['op']}, N={s['batch']}, {s['device']}, float32 | {where} | {s['threads']} numba "
         f"threads ({m['threading_layer']}) | numpy {v['numpy']}, numba {v['numba']}, torch "

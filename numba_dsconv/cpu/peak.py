@@ -1,24 +1,33 @@
-"""The machine's FMA peak, measured: a register-resident loop of vector fused multiply-adds on
-every thread (``numba-dsconv bench`` reports it beside the SGEMM and copy ceilings).
+"""The machine's FMA peak and the GEMM micro-kernel's own ceiling, measured on every thread
+(``numba-dsconv bench`` reports both beside the SGEMM and copy ceilings).
 
 Each thread keeps ``FMA_CHAINS`` independent accumulators of the kernels' own vector width
 (``_simd.VEC_BYTES``) in registers and runs ``iters`` rounds of one FMA per accumulator: no
 memory traffic, enough independent chains to cover the FMA latency on every x86 core we know
 (2 FMA units x 4-5 cycles). It is the rate the GEMM micro-kernel could reach at best, as compiled
 by the same LLVM for the same vector width.
+
+``block_loop`` runs the kernels' register block (``pointwise.gemm_block``) itself, again and
+again on an A block and a panel that stay in L1: no cache misses, no packing, no task split. Its
+rate is the most the GEMM-bound layers can reach with that block; the gap from it to the FMA
+peak is the block's own (its loads and loop), the gap below it the kernels' feeding.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange
 
-from ._jit import kernel
+from .. import _config
+from ._jit import NO_ACTIVATION, kernel
 from ._simd import VEC_BYTES, address, vadd, vfma, vloadp, vstorep
+from .layout import aligned_empty
+from .pointwise import GEMM_MR, gemm_block, gemm_panel_width
 
-# independent accumulators per thread (the GEMM block has 12)
+# independent accumulators per thread (the GEMM block has 12 to 16)
 FMA_CHAINS = 12
 
 
@@ -64,6 +73,27 @@ def fma_loop(seed, out, iters):  # pragma: no cover - compiled
 FMA = kernel(fma_loop, None).parallel
 
 
+def _rate(run: Callable[[int], None], flops_per_iter: float, seconds: float, repeat: int):
+    """(best GFLOP/s, every sample's seconds) of ``run(iters)``, with ``iters`` grown until a
+    run takes about ``seconds``."""
+    run(1)  # compile (or load from the cache)
+    iters = 1 << 10
+    while True:  # grow the loop until one run takes ``seconds``
+        t0 = time.perf_counter()
+        run(iters)
+        dt = time.perf_counter() - t0
+        if dt >= seconds / 4 or iters >= 1 << 34:
+            break
+        iters *= 4
+    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(iters)
+        samples.append(time.perf_counter() - t0)
+    return flops_per_iter * iters / min(samples) / 1e9, samples
+
+
 def fma_peak_gflops(
     threads: int, dtype: type = np.float32, seconds: float = 0.05, repeat: int = 5
 ) -> tuple[float, list[float]]:
@@ -73,22 +103,46 @@ def fma_peak_gflops(
     seed = np.empty((3, lanes), dtype)
     seed[0], seed[1], seed[2] = 0.999, 1e-3, 1.0
     out = np.empty((threads, lanes), dtype)
-    FMA(seed, out, 1)  # compile (or load from the cache)
-    iters = 1 << 16
-    while True:  # grow the loop until one run takes ``seconds``
-        t0 = time.perf_counter()
-        FMA(seed, out, iters)
-        dt = time.perf_counter() - t0
-        if dt >= seconds / 4 or iters >= 1 << 34:
-            break
-        iters *= 4
-    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        FMA(seed, out, iters)
-        samples.append(time.perf_counter() - t0)
+    rate = _rate(lambda iters: FMA(seed, out, iters), 2.0 * threads * FMA_CHAINS * lanes,
+                 seconds, repeat)  # fmt: skip
     if not np.isfinite(out).all():  # pragma: no cover - the loop is contractive
         raise RuntimeError("the FMA loop diverged")
-    flops = 2.0 * threads * iters * FMA_CHAINS * lanes
-    return flops / min(samples) / 1e9, samples
+    return rate
+
+
+def block_loop(a, panel, out, rounds):  # pragma: no cover - compiled
+    """out[t] = a @ panel for every task t, computed ``rounds`` times over by the GEMM
+    micro-kernel (``pointwise.gemm_block``: a (GEMM_MR, KC) and the (KC, NR) panel, both in
+    L1, the sums started from zero and stored in every round, as the kernels do per block)."""
+    dt = out.dtype
+    sz = out.itemsize
+    mr, kc = a.shape
+    nr = panel.shape[1]
+    zero = np.zeros(nr, dt)
+    for t in prange(out.shape[0]):
+        part = np.empty((mr, nr), dt)
+        po = address(out) + t * out.strides[0]
+        for _ in range(rounds):
+            gemm_block(address(a), a.strides[0], sz, address(panel), panel.strides[0], kc, True,
+                       address(zero), address(part), part.strides[0], True, po, out.strides[1],
+                       mr, mr, nr, NO_ACTIVATION, dt, sz)  # fmt: skip
+
+
+BLOCK = kernel(block_loop, None).parallel
+
+
+def block_peak_gflops(
+    threads: int, dtype: type = np.float32, seconds: float = 0.05, repeat: int = 5
+) -> tuple[float, list[float]]:
+    """(best GFLOP/s, every sample's seconds) of ``threads`` tasks of ``block_loop`` (the GEMM
+    micro-kernel on data in L1: the most the kernels' GEMMs can reach on this machine, as the
+    FMA loop is the most any code can), one per thread, each sized to run about ``seconds``."""
+    nr = gemm_panel_width(np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(0)
+    a = aligned_empty((GEMM_MR, _config.CPU_GEMM_KC), np.dtype(dtype))
+    a[:] = rng.uniform(-1, 1, a.shape)
+    panel = aligned_empty((_config.CPU_GEMM_KC, nr), np.dtype(dtype))
+    panel[:] = rng.uniform(-1, 1, panel.shape)
+    out = aligned_empty((threads, GEMM_MR, nr), np.dtype(dtype))
+    flops = 2.0 * threads * GEMM_MR * nr * _config.CPU_GEMM_KC
+    return _rate(lambda rounds: BLOCK(a, panel, out, rounds), flops, seconds, repeat)
