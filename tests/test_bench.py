@@ -218,13 +218,10 @@ def test_block_peak_runs_the_gemm_micro_kernel():
     # many rounds recomputed it
     rate, samples = peak.block_peak_gflops(1, seconds=0.01, repeat=3)
     assert math.isfinite(rate) and rate > 0 and len(samples) == 3
-    rng = np.random.default_rng(0)
-    nr = peak.gemm_panel_width(4)
-    a = rng.uniform(-1, 1, (peak.GEMM_MR, 40)).astype(np.float32)
-    panel = rng.uniform(-1, 1, (40, nr)).astype(np.float32)
+    a, panel = peak.block_operands(np.random.default_rng(0), np.dtype(np.float32), depth=40)
     want = a.astype(np.float64) @ panel.astype(np.float64)
     for rounds in (1, 3):
-        out = np.full((2, peak.GEMM_MR, nr), np.nan, np.float32)
+        out = np.full((2, peak.BLOCK_ROWS, panel.shape[1]), np.nan, np.float32)
         peak.BLOCK(a, panel, out, rounds)
         for t in range(2):
             np.testing.assert_allclose(out[t], want, rtol=1e-5, atol=1e-5)

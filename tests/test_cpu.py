@@ -273,6 +273,35 @@ def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
 # the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
 
 
+@pytest.mark.parametrize("kc", [2, 8, 256])
+@pytest.mark.parametrize(("h", "w", "c_out"), [(3, 4, 64), (1, 17, 70), (3, 9, 96), (7, 7, 130)])
+def test_gemm_wide_block(h, w, c_out, kc, monkeypatch, rng):
+    """The wide block (6 rows x two panels, AVX-512): whole and short last row groups (12, 17,
+    27 rows), one or two pairs of panels with a panel left over, reduction blocks 1, 4 and 128
+    deep, prepacked weights (the same bits), conv2d's slabs accumulated in dst, the backward's
+    d x GEMM, float32 (pairs of 32 channels) and float64 (16), in parallel tasks, against the
+    float64 reference. 49 rows stay in 7-row groups (``wide_pays``): the narrow path."""
+    from test_grad import check_grads
+
+    from numba_dsconv.cpu import pointwise as pw
+
+    if pw.WIDE:
+        assert pw.wide_pays(h * w) == (h * w != 49)
+    monkeypatch.setattr(nd._config, "CPU_GEMM_KC", kc)
+    monkeypatch.setattr(nd._config, "CPU_TILE_BYTES", 4096)  # conv2d: a slab per tap or two
+    monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 0)  # the parallel kernels
+    for op in ("pointwise", "separable", "conv2d"):
+        for dtype in (np.float32, np.float64):
+            case = Case(op, n=1, h=h, w=w, c=19, c_out=c_out, xdtype=dtype, biases=True,
+                        padding="same", activation="relu6")  # fmt: skip
+            x, weights, kw = case.make(rng)
+            want = check_against_reference(op, x, weights, case.reduction_len, **kw)
+            if op != "conv2d":  # the same bits from panels packed once
+                packed = (*weights[:-1], nd.pack(weights[-1]))
+                np.testing.assert_array_equal(lib_fn(op)(x, *packed, **kw), want)
+            check_grads(case, "cpu", rng, with_output=False)
+
+
 def test_32_byte_vector_build():
     llvm = pytest.importorskip("llvmlite.binding")
     feats = llvm.get_host_cpu_features().flatten().split(",")

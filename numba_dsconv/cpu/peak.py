@@ -25,7 +25,10 @@ from .. import _config
 from ._jit import NO_ACTIVATION, kernel
 from ._simd import VEC_BYTES, address, vadd, vfma, vloadp, vstorep
 from .layout import aligned_empty
-from .pointwise import GEMM_MR, gemm_block, gemm_panel_width
+from .pointwise import GEMM_MR, WIDE, WIDE_MR, gemm_block, gemm_block_wide, gemm_panel_width
+
+# the rows of the block ``block_loop`` runs
+BLOCK_ROWS = WIDE_MR if WIDE else GEMM_MR
 
 # independent accumulators per thread (the GEMM block has 12 to 16)
 FMA_CHAINS = 12
@@ -112,8 +115,10 @@ def fma_peak_gflops(
 
 def block_loop(a, panel, out, rounds):  # pragma: no cover - compiled
     """out[t] = a @ panel for every task t, computed ``rounds`` times over by the GEMM
-    micro-kernel (``pointwise.gemm_block``: a (GEMM_MR, KC) and the (KC, NR) panel, both in
-    L1, the sums started from zero and stored in every round, as the kernels do per block)."""
+    micro-kernel most GEMMs run (``BLOCK_ROWS`` rows of a, both in L1, the sums started from
+    zero and stored in every round, as the kernels do per block): with AVX-512 the wide block
+    (``pointwise.gemm_block_wide``: panel holds two panels side by side, (KC / 2, 2 NR)),
+    else ``pointwise.gemm_block`` (panel (KC, NR))."""
     dt = out.dtype
     sz = out.itemsize
     mr, kc = a.shape
@@ -123,9 +128,15 @@ def block_loop(a, panel, out, rounds):  # pragma: no cover - compiled
         part = np.empty((mr, nr), dt)
         po = address(out) + t * out.strides[0]
         for _ in range(rounds):
-            gemm_block(address(a), a.strides[0], sz, address(panel), panel.strides[0], kc, True,
-                       address(zero), address(part), part.strides[0], True, po, out.strides[1],
-                       mr, mr, nr, NO_ACTIVATION, dt, sz)  # fmt: skip
+            if WIDE:
+                gemm_block_wide(address(a), a.strides[0], address(panel),
+                                address(panel) + VEC_BYTES * 2, panel.strides[0], kc, True,
+                                address(zero), po, out.strides[1], mr, True, NO_ACTIVATION, dt,
+                                sz)  # fmt: skip
+            else:
+                gemm_block(address(a), a.strides[0], sz, address(panel), panel.strides[0], kc,
+                           True, address(zero), address(part), part.strides[0], True, po,
+                           out.strides[1], mr, mr, nr, NO_ACTIVATION, dt, sz)  # fmt: skip
 
 
 BLOCK = kernel(block_loop, None).parallel
@@ -137,12 +148,21 @@ def block_peak_gflops(
     """(best GFLOP/s, every sample's seconds) of ``threads`` tasks of ``block_loop`` (the GEMM
     micro-kernel on data in L1: the most the kernels' GEMMs can reach on this machine, as the
     FMA loop is the most any code can), one per thread, each sized to run about ``seconds``."""
-    nr = gemm_panel_width(np.dtype(dtype).itemsize)
     rng = np.random.default_rng(0)
-    a = aligned_empty((GEMM_MR, _config.CPU_GEMM_KC), np.dtype(dtype))
-    a[:] = rng.uniform(-1, 1, a.shape)
-    panel = aligned_empty((_config.CPU_GEMM_KC, nr), np.dtype(dtype))
-    panel[:] = rng.uniform(-1, 1, panel.shape)
-    out = aligned_empty((threads, GEMM_MR, nr), np.dtype(dtype))
-    flops = 2.0 * threads * GEMM_MR * nr * _config.CPU_GEMM_KC
+    a, panel = block_operands(rng, np.dtype(dtype))
+    out = aligned_empty((threads, *a.shape[:1], panel.shape[1]), np.dtype(dtype))
+    flops = 2.0 * threads * a.shape[0] * panel.shape[1] * a.shape[1]
     return _rate(lambda rounds: BLOCK(a, panel, out, rounds), flops, seconds, repeat)
+
+
+def block_operands(rng: np.random.Generator, dtype: np.dtype, depth: int = 0):
+    """(a, panel) for ``block_loop``: BLOCK_ROWS x depth and depth x (2 or 4 vectors), 64-byte
+    aligned, uniform in [-1, 1]; depth: the kernels' reduction block (KC, or KC / 2 for the
+    wide block's panel pairs) unless given."""
+    width = gemm_panel_width(dtype.itemsize) * (2 if WIDE else 1)
+    depth = depth or (_config.CPU_GEMM_KC // 2 if WIDE else _config.CPU_GEMM_KC)
+    a = aligned_empty((BLOCK_ROWS, depth), dtype)
+    a[:] = rng.uniform(-1, 1, a.shape)
+    panel = aligned_empty((depth, width), dtype)
+    panel[:] = rng.uniform(-1, 1, panel.shape)
+    return a, panel

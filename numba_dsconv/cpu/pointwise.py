@@ -1,14 +1,16 @@
 """Pointwise (1x1) convolution on the CPU, and the GEMM micro-kernel it shares with the fused
 separable kernel.
 
-- ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels:
-  packs each (reduction block x panel) of weights into L1 and runs ``gemm_block`` on every
-  group of rows (``row_group``: 8 or 7 with AVX-512, 6 with AVX2).
-- ``gemm_block``: the register block, ``mr`` pixel rows x 2 vectors of output channels
-  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows) or 12
-  (AVX2: 6 rows) vector accumulators. It is written out by hand, the accumulators by name:
-  they must be SSA values for LLVM to keep them in registers (a loop over a small array of
-  them put them in memory).
+- ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels;
+  with AVX-512 pairs of panels go to ``gemm_wide`` where its 6-row groups pay
+  (``wide_pays``), the rest to ``gemm_narrow``: each packs its (reduction block x panel) blocks
+  of weights into L1 and runs its register block on every group of rows.
+- ``gemm_block``: the narrow register block, ``mr`` pixel rows x 2 vectors of output channels
+  (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows,
+  ``row_group``) or 12 (AVX2: 6 rows) vector accumulators; ``gemm_block_wide``: 6 rows x 4
+  vectors (two panels) in 24 (AVX-512 only). They are written out by hand, the accumulators
+  by name: they must be SSA values for LLVM to keep them in registers (a loop over a small
+  array of them put them in memory).
 - ``gemm_split``: how many output pixels and channels one parallel task takes.
 - ``pointwise_nhwc``: the kernel, parallel over (pixel block x output-channel block) tasks.
 """
@@ -52,6 +54,13 @@ GEMM_MR = 8 if VEC_BYTES == 64 else 6
 GEMM_MRS = (8, 7) if VEC_BYTES == 64 else (6,)  # the block heights, preferred first
 _ROW6 = GEMM_MR >= 7
 _ROW7 = GEMM_MR >= 8
+# The wide block (``gemm_block_wide``, AVX-512 only: its 24 accumulators need 32 registers):
+# WIDE_MR rows x 4 vectors (two panels), 24 FMAs per 10 loads where the 8 x 2 block has 16 per
+# 10. On data in L1 87 % of the FMA peak against 82 %; in the kernels less (BENCHMARKS.md,
+# "Design measurements"). WIDE_GAIN: the speed ratio ``wide_pays`` counts on.
+WIDE = VEC_BYTES == 64
+WIDE_MR = 6
+WIDE_GAIN = 1.1
 
 
 def gemm_panel_width(itemsize: int) -> int:
@@ -166,16 +175,132 @@ def no_packed(dtype: np.dtype) -> np.ndarray:
 
 @helper
 def zero_tail(a, rows):  # pragma: no cover - compiled
-    """Zero the rows of ``a`` from ``rows`` to the end of its last row group (``row_group``;
-    within a): the short group ``gemm_tile`` reads in place."""
+    """Zero the rows of ``a`` from ``rows`` to the end of its last row group (``row_group``'s,
+    or with AVX-512 the wide block's, whichever ends later; within a): the short group
+    ``gemm_tile`` reads in place."""
     mr = row_group(rows)
-    for r in range(rows, min(a.shape[0], -(-rows // mr) * mr)):
+    end = -(-rows // mr) * mr
+    if WIDE:
+        end = max(end, -(-rows // WIDE_MR) * WIDE_MR)
+    for r in range(rows, min(a.shape[0], end)):
         for c in range(a.shape[1]):
             a[r, c] = 0
 
 
 @helper
 def gemm_tile(
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
+):  # pragma: no cover - compiled
+    """dst[r, c] = act(bias[c] + sum_k A[r, k] * W[k, c]) for r < rows, c_lo <= c < c_hi: the
+    GEMM of every kernel (arguments: ``gemm_narrow``).
+
+    With AVX-512, where it pays (``wide_pays``), the whole pairs of panels go to ``gemm_wide``
+    (its 6 x 4-vector block: ~5 % more of the FMA peak than the 8 x 2 one), the panel left
+    over (an odd one, or one cut by C_out) and a transposed A to ``gemm_narrow``. Each sum runs
+    in reduction order either way: the same bits."""
+    if WIDE and not a_t and pk.shape[0] >= 2 and wide_pays(rows):
+        NR = 2 * VEC_BYTES // dst.itemsize
+        c_mid = c_lo + (c_hi - c_lo) // (2 * NR) * (2 * NR)
+        if c_mid > c_lo:
+            gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
+            if c_mid < c_hi:  # the panel left over
+                gemm_narrow(a, False, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
+                            part, pf, 0)  # fmt: skip
+            return
+    gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len)
+
+
+@helper
+def wide_pays(rows):  # pragma: no cover - compiled
+    """Whether ``rows`` rows in groups of WIDE_MR on the wide block (a wide row counting
+    1 / WIDE_GAIN of a narrow one) take less time than in ``row_group``'s narrow groups: 196
+    rows as 33 x 6 do, 49 as 7 x 7 stay narrow."""
+    mr = row_group(rows)
+    return -(-rows // WIDE_MR) * WIDE_MR < WIDE_GAIN * (-(-rows // mr) * mr)
+
+
+@helper
+def pack_block(w, k0, nk, c0, ppk, spk, dt, sz):  # pragma: no cover - compiled
+    """Copy rows k0..k0+nk of w's panel of columns c0..c0+NR into the block at byte address
+    ``ppk`` (rows ``spk`` bytes apart), zero past w's last column (on addresses: w may be a
+    view with padded rows)."""
+    NR = spk // sz
+    ncol = min(NR, w.shape[1] - c0)
+    for k in range(nk):
+        if ncol == NR:
+            src_w = address(w) + (k0 + k) * w.strides[0] + c0 * sz
+            vstorep(ppk + k * spk, vloadp(src_w, dt))
+            vstorep(ppk + k * spk + VEC_BYTES, vloadp(src_w + VEC_BYTES, dt))
+        else:
+            for j in range(NR):
+                v = w[k0 + k, c0 + j] if j < ncol else 0
+                storep(ppk + k * spk + j * sz, v, dt)
+
+
+@helper
+def gemm_wide(
+    a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len
+):  # pragma: no cover - compiled
+    """``gemm_tile`` on the whole panel pairs of c_lo..c_hi, A not transposed, with the
+    6 x 4-vector block (``gemm_block_wide``).
+
+    For each pair of panels and each block of KCW = KC / 2 reduction channels (both panels'
+    blocks, 2 x KCW x NR weights, stay in L1) every group of WIDE_MR rows runs the block. The
+    partial sums between reduction blocks stay in dst (a short last group keeps only its
+    rows). That group reads its rows in place where ``a`` has them up to the next multiple of
+    WIDE_MR (their sums are never stored; ``zero_tail`` makes them finite), else from a copy
+    in ``at`` (its last row repeated)."""
+    prepacked = packed.shape[0] > 0
+    K = packed.shape[1] if prepacked else w.shape[0]
+    dt = dst.dtype
+    sz = dst.itemsize
+    NR = 2 * VEC_BYTES // sz
+    KCW = pk.shape[0] // 2
+    KCW = -(-K // -(-K // KCW))  # blocks of even depth
+    pa, sa = address(a), a.strides[0]
+    ppacked, sppanel = address(packed), packed.strides[0]
+    spk = NR * sz
+    pdst, sdst = address(dst), dst.strides[0]
+    ngroups = -(-rows // WIDE_MR)
+    full = rows // WIDE_MR * WIDE_MR
+    in_place = a.shape[0] >= ngroups * WIDE_MR
+    pat, sat = address(at), at.strides[0]
+    nblocks = (c_hi - c_lo) // (2 * NR) * -(-K // KCW) * ngroups
+    pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
+    pf_end = pf + pf_len
+    for c0 in range(c_lo, c_hi, 2 * NR):
+        for k0 in range(0, K, KCW):
+            nk = min(KCW, K - k0)
+            if prepacked:
+                pw0 = ppacked + (c0 // NR) * sppanel + k0 * spk
+                pw1 = pw0 + sppanel
+            else:
+                pw0 = address(pk)
+                pw1 = pw0 + KCW * spk
+                pack_block(w, k0, nk, c0, pw0, spk, dt, sz)
+                pack_block(w, k0, nk, c0 + NR, pw1, spk, dt, sz)
+            first = k0 == 0 and not acc
+            final = k0 + nk == K
+            for r in range(0, rows, WIDE_MR):
+                q = pf
+                pf = min(pf_end, pf + pf_step)
+                while q < pf:
+                    prefetch(q)
+                    q += 64
+                src, stride = pa + r * sa + k0 * sz, sa
+                if r == full and not in_place:  # the short last group, copied
+                    for i in range(WIDE_MR):
+                        ri = min(full + i, rows - 1)
+                        for k in range(nk):
+                            at[i, k] = a[ri, k0 + k]
+                    src, stride = pat, sat
+                gemm_block_wide(src, stride, pw0, pw1, spk, nk, first, address(bias) + c0 * sz,
+                                pdst + r * sdst + c0 * sz, sdst, min(WIDE_MR, rows - r), final,
+                                act, dt, sz)  # fmt: skip
+
+
+@helper
+def gemm_narrow(
     a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
 ):  # pragma: no cover - compiled
     """dst[r, c] = act(bias[c] + sum_k A[r, k] * W[k, c]) for r < rows, c_lo <= c < c_hi, where
@@ -205,7 +330,6 @@ def gemm_tile(
     """
     prepacked = packed.shape[0] > 0
     K = packed.shape[1] if prepacked else w.shape[0]
-    CO = w.shape[1]
     dt = dst.dtype
     sz = dst.itemsize
     L = VEC_BYTES // sz
@@ -233,20 +357,10 @@ def gemm_tile(
         for k0 in range(0, K, KC):
             nk = min(KC, K - k0)
             if prepacked:
-                ppk = ppacked + ((c0 // NR) * K + k0) * spk
-            else:  # (on addresses: w may be a view with padded rows)
+                ppk = ppacked + (c0 // NR) * packed.strides[0] + k0 * spk
+            else:
                 ppk = address(pk)
-                ncol = min(NR, CO - c0)
-                for k in range(nk):
-                    if ncol == NR:
-                        src_w = address(w) + (k0 + k) * w.strides[0] + c0 * sz
-                        vstorep(ppk + k * spk, vloadp(src_w, dt))
-                        vstorep(ppk + k * spk + VEC_BYTES, vloadp(src_w + VEC_BYTES, dt))
-                    else:
-                        for j in range(ncol):
-                            pk[k, j] = w[k0 + k, c0 + j]
-                        for j in range(ncol, NR):
-                            pk[k, j] = 0
+                pack_block(w, k0, nk, c0, ppk, spk, dt, sz)
             first = k0 == 0
             final = k0 + nk == K
             cb = pbias + c0 * sz
@@ -470,6 +584,138 @@ def gemm_block(
         for i in range(nvalid):
             for j in range(nout):
                 storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
+
+
+@helper
+def gemm_block_wide(
+    pa, sa, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
+):  # pragma: no cover - compiled
+    """The wide register block: WIDE_MR (6) rows x 4 vectors (two panels of NR channels), on
+    byte addresses. pa: A[row 0, first reduction channel], rows ``sa`` bytes apart, reduction
+    channels contiguous; pw0 / pw1: the two panels' blocks (``nk`` rows, ``spk`` bytes apart);
+    pbias: bias[c0], four vectors; pdst: dst[row 0, c0] (rows ``sdst`` bytes apart), of which
+    the first ``nvalid`` rows are stored; ``dt``/``sz``: the dtype and its size. The 24
+    accumulators start from the bias on the ``first`` block, else from dst (the partial sums of
+    the blocks before; a row past nvalid from row 0's: its sums are never stored); each step
+    is four vector loads, six broadcasts and 24 FMAs; on the ``final`` block the activation is
+    applied."""
+    B = VEC_BYTES
+    s00 = vloadp(pbias + 0 * B, dt) if first else vloadp(pdst + 0 * B, dt)
+    s01 = vloadp(pbias + 1 * B, dt) if first else vloadp(pdst + 1 * B, dt)
+    s02 = vloadp(pbias + 2 * B, dt) if first else vloadp(pdst + 2 * B, dt)
+    s03 = vloadp(pbias + 3 * B, dt) if first else vloadp(pdst + 3 * B, dt)
+    s10 = s00 if first or nvalid <= 1 else vloadp(pdst + 1 * sdst + 0 * B, dt)
+    s11 = s01 if first or nvalid <= 1 else vloadp(pdst + 1 * sdst + 1 * B, dt)
+    s12 = s02 if first or nvalid <= 1 else vloadp(pdst + 1 * sdst + 2 * B, dt)
+    s13 = s03 if first or nvalid <= 1 else vloadp(pdst + 1 * sdst + 3 * B, dt)
+    s20 = s00 if first or nvalid <= 2 else vloadp(pdst + 2 * sdst + 0 * B, dt)
+    s21 = s01 if first or nvalid <= 2 else vloadp(pdst + 2 * sdst + 1 * B, dt)
+    s22 = s02 if first or nvalid <= 2 else vloadp(pdst + 2 * sdst + 2 * B, dt)
+    s23 = s03 if first or nvalid <= 2 else vloadp(pdst + 2 * sdst + 3 * B, dt)
+    s30 = s00 if first or nvalid <= 3 else vloadp(pdst + 3 * sdst + 0 * B, dt)
+    s31 = s01 if first or nvalid <= 3 else vloadp(pdst + 3 * sdst + 1 * B, dt)
+    s32 = s02 if first or nvalid <= 3 else vloadp(pdst + 3 * sdst + 2 * B, dt)
+    s33 = s03 if first or nvalid <= 3 else vloadp(pdst + 3 * sdst + 3 * B, dt)
+    s40 = s00 if first or nvalid <= 4 else vloadp(pdst + 4 * sdst + 0 * B, dt)
+    s41 = s01 if first or nvalid <= 4 else vloadp(pdst + 4 * sdst + 1 * B, dt)
+    s42 = s02 if first or nvalid <= 4 else vloadp(pdst + 4 * sdst + 2 * B, dt)
+    s43 = s03 if first or nvalid <= 4 else vloadp(pdst + 4 * sdst + 3 * B, dt)
+    s50 = s00 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 0 * B, dt)
+    s51 = s01 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 1 * B, dt)
+    s52 = s02 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 2 * B, dt)
+    s53 = s03 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 3 * B, dt)
+    for k in range(nk):
+        p0 = pw0 + k * spk
+        p1 = pw1 + k * spk
+        w0 = vloadp(p0, dt)
+        w1 = vloadp(p0 + B, dt)
+        w2 = vloadp(p1, dt)
+        w3 = vloadp(p1 + B, dt)
+        p = pa + k * sz
+        x = loadp(p, dt)
+        s00 = vfma(x, w0, s00)
+        s01 = vfma(x, w1, s01)
+        s02 = vfma(x, w2, s02)
+        s03 = vfma(x, w3, s03)
+        x = loadp(p + 1 * sa, dt)
+        s10 = vfma(x, w0, s10)
+        s11 = vfma(x, w1, s11)
+        s12 = vfma(x, w2, s12)
+        s13 = vfma(x, w3, s13)
+        x = loadp(p + 2 * sa, dt)
+        s20 = vfma(x, w0, s20)
+        s21 = vfma(x, w1, s21)
+        s22 = vfma(x, w2, s22)
+        s23 = vfma(x, w3, s23)
+        x = loadp(p + 3 * sa, dt)
+        s30 = vfma(x, w0, s30)
+        s31 = vfma(x, w1, s31)
+        s32 = vfma(x, w2, s32)
+        s33 = vfma(x, w3, s33)
+        x = loadp(p + 4 * sa, dt)
+        s40 = vfma(x, w0, s40)
+        s41 = vfma(x, w1, s41)
+        s42 = vfma(x, w2, s42)
+        s43 = vfma(x, w3, s43)
+        x = loadp(p + 5 * sa, dt)
+        s50 = vfma(x, w0, s50)
+        s51 = vfma(x, w1, s51)
+        s52 = vfma(x, w2, s52)
+        s53 = vfma(x, w3, s53)
+    if final and act != NO_ACTIVATION:
+        s00 = vact(s00, act)
+        s01 = vact(s01, act)
+        s02 = vact(s02, act)
+        s03 = vact(s03, act)
+        s10 = vact(s10, act)
+        s11 = vact(s11, act)
+        s12 = vact(s12, act)
+        s13 = vact(s13, act)
+        s20 = vact(s20, act)
+        s21 = vact(s21, act)
+        s22 = vact(s22, act)
+        s23 = vact(s23, act)
+        s30 = vact(s30, act)
+        s31 = vact(s31, act)
+        s32 = vact(s32, act)
+        s33 = vact(s33, act)
+        s40 = vact(s40, act)
+        s41 = vact(s41, act)
+        s42 = vact(s42, act)
+        s43 = vact(s43, act)
+        s50 = vact(s50, act)
+        s51 = vact(s51, act)
+        s52 = vact(s52, act)
+        s53 = vact(s53, act)
+    vstorep(pdst + 0 * B, s00)
+    vstorep(pdst + 1 * B, s01)
+    vstorep(pdst + 2 * B, s02)
+    vstorep(pdst + 3 * B, s03)
+    if nvalid > 1:
+        vstorep(pdst + 1 * sdst + 0 * B, s10)
+        vstorep(pdst + 1 * sdst + 1 * B, s11)
+        vstorep(pdst + 1 * sdst + 2 * B, s12)
+        vstorep(pdst + 1 * sdst + 3 * B, s13)
+    if nvalid > 2:
+        vstorep(pdst + 2 * sdst + 0 * B, s20)
+        vstorep(pdst + 2 * sdst + 1 * B, s21)
+        vstorep(pdst + 2 * sdst + 2 * B, s22)
+        vstorep(pdst + 2 * sdst + 3 * B, s23)
+    if nvalid > 3:
+        vstorep(pdst + 3 * sdst + 0 * B, s30)
+        vstorep(pdst + 3 * sdst + 1 * B, s31)
+        vstorep(pdst + 3 * sdst + 2 * B, s32)
+        vstorep(pdst + 3 * sdst + 3 * B, s33)
+    if nvalid > 4:
+        vstorep(pdst + 4 * sdst + 0 * B, s40)
+        vstorep(pdst + 4 * sdst + 1 * B, s41)
+        vstorep(pdst + 4 * sdst + 2 * B, s42)
+        vstorep(pdst + 4 * sdst + 3 * B, s43)
+    if nvalid > 5:
+        vstorep(pdst + 5 * sdst + 0 * B, s50)
+        vstorep(pdst + 5 * sdst + 1 * B, s51)
+        vstorep(pdst + 5 * sdst + 2 * B, s52)
+        vstorep(pdst + 5 * sdst + 3 * B, s53)
 
 
 def gemm_split(
