@@ -273,33 +273,97 @@ def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
 # the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
 
 
-@pytest.mark.parametrize("kc", [2, 8, 256])
-@pytest.mark.parametrize(("h", "w", "c_out"), [(3, 4, 64), (1, 17, 70), (3, 9, 96), (7, 7, 130)])
-def test_gemm_wide_block(h, w, c_out, kc, monkeypatch, rng):
-    """The wide block (6 rows x two panels, AVX-512): whole and short last row groups (12, 17,
-    27 rows), one or two pairs of panels with a panel left over, reduction blocks 1, 4 and 128
-    deep, prepacked weights (the same bits), conv2d's slabs accumulated in dst, the backward's
-    d x GEMM, float32 (pairs of 32 channels) and float64 (16), in parallel tasks, against the
-    float64 reference. 49 rows stay in 7-row groups (``wide_pays``): the narrow path."""
-    from test_grad import check_grads
+_TILE_RUNNER = {}
 
+
+def _tile_runner():
+    """A jitted call of ``gemm_tile`` (how=0), ``gemm_wide`` (1) or ``gemm_narrow`` (2) on one
+    tile, with the kernels' scratch."""
+    if not _TILE_RUNNER:
+        from numba import njit
+
+        from numba_dsconv.cpu._simd import address
+        from numba_dsconv.cpu.pointwise import gemm_narrow, gemm_scratch, gemm_tile, gemm_wide
+
+        @njit
+        def run(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
+            pk, at, part = gemm_scratch(kc, rows, dst)
+            if how == 0:  # the dispatcher
+                gemm_tile(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                          part, address(a), 0)  # fmt: skip
+            elif how == 1:  # the wide block alone (c_hi: the end of whole pairs)
+                gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                          address(a), 0)  # fmt: skip
+            else:
+                gemm_narrow(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                            part, address(a), 0)  # fmt: skip
+
+        _TILE_RUNNER["run"] = run
+    return _TILE_RUNNER["run"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kc", [2, 3, 8, 256])
+def test_gemm_wide_block(dtype, kc, rng):
+    """The wide block (6 rows x two panels, AVX-512), alone (``gemm_wide``) and through
+    ``gemm_tile``, against the narrow path (``gemm_narrow``) bit for bit and the float64
+    formula; which channels ``gemm_tile`` gives it (``wide_columns``). Whole and short last
+    row groups (6, 12, 17, 196 rows; 49 and 8 stay narrow, ``wide_pays``), the short group read
+    in place or copied, one or two pairs of panels with a panel left over or cut by C_out, a
+    channel range starting at the second panel, reduction blocks 1 to 128 deep, weights packed
+    here or prepacked, sums accumulated into dst (acc), relu6 on the last block only. dst is a
+    view with guard rows and columns around it: nothing outside it may change."""
+    from numba_dsconv._spec import Activation
     from numba_dsconv.cpu import pointwise as pw
+    from numba_dsconv.cpu.layout import bias_vector
 
-    if pw.WIDE:
-        assert pw.wide_pays(h * w) == (h * w != 49)
-    monkeypatch.setattr(nd._config, "CPU_GEMM_KC", kc)
-    monkeypatch.setattr(nd._config, "CPU_TILE_BYTES", 4096)  # conv2d: a slab per tap or two
-    monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 0)  # the parallel kernels
-    for op in ("pointwise", "separable", "conv2d"):
-        for dtype in (np.float32, np.float64):
-            case = Case(op, n=1, h=h, w=w, c=19, c_out=c_out, xdtype=dtype, biases=True,
-                        padding="same", activation="relu6")  # fmt: skip
-            x, weights, kw = case.make(rng)
-            want = check_against_reference(op, x, weights, case.reduction_len, **kw)
-            if op != "conv2d":  # the same bits from panels packed once
-                packed = (*weights[:-1], nd.pack(weights[-1]))
-                np.testing.assert_array_equal(lib_fn(op)(x, *packed, **kw), want)
-            check_grads(case, "cpu", rng, with_output=False)
+    run = _tile_runner()
+    nr = pw.gemm_panel_width(np.dtype(dtype).itemsize)
+    relu6 = int(Activation.RELU6)
+    went_wide = 0
+    for rows, k, c_out, c_lo, extra, acc, packed in [
+        (6, 19, 2 * nr, 0, 0, False, False), (12, 300, 3 * nr, 0, 6, False, True),
+        (17, 19, 2 * nr + 5, 0, 0, True, False), (17, 300, 4 * nr + 1, nr, 1, False, False),
+        (196, 70, 5 * nr, 0, 2, True, True), (49, 40, 2 * nr, 0, 0, False, False),
+        (8, 40, 2 * nr, 0, 0, False, True),
+    ]:  # fmt: skip
+        c_mid = pw.wide_columns(rows, c_lo, c_out, False, kc, np.dtype(dtype).itemsize)
+        if pw.WIDE:  # the dispatcher's choice: whole pairs where 6-row groups pay
+            pays = rows not in (49, 8) and kc >= 2
+            assert pw.wide_pays(rows) == (rows not in (49, 8))
+            assert c_mid == (c_lo + (c_out - c_lo) // (2 * nr) * 2 * nr if pays else c_lo)
+            assert pw.wide_columns(rows, c_lo, c_out, True, kc, 4) == c_lo  # A transposed
+        else:
+            assert c_mid == c_lo
+        went_wide += c_mid > c_lo
+        a = rng.uniform(-1, 1, (rows + extra, k)).astype(dtype)
+        w = rng.uniform(-1, 1, (k, c_out)).astype(dtype)
+        panels = pw.packed_weights(w, False) if packed else pw.no_packed(np.dtype(dtype))
+        bias = bias_vector(rng.uniform(-1, 1, c_out).astype(dtype), c_out, np.dtype(dtype), nr)
+        start = rng.uniform(-1, 1, (rows, c_out)).astype(dtype)
+        want = (start if acc else bias[:c_out]).astype(np.float64) + a[:rows].astype(
+            np.float64
+        ) @ w.astype(np.float64)
+        want = np.clip(want, 0, 6)
+        results = []
+        for how, c_hi in ((0, c_out), (1, c_mid), (2, c_out)):
+            if c_hi == c_lo:
+                continue  # the wide block has no pair here
+            big = np.full((rows + 4, c_out + 2 * nr), 7.5, dtype)
+            dst = big[2 : 2 + rows, nr : nr + c_out]
+            dst[:] = start
+            run(a, rows, w, panels, bias, dst, c_lo, c_hi, relu6, acc, kc, how)
+            outside = big.copy()
+            outside[2 : 2 + rows, nr : nr + c_out] = 7.5
+            assert (outside == 7.5).all(), (rows, c_out, c_lo, how)  # nothing else written
+            np.testing.assert_array_equal(dst[:, :c_lo], start[:, :c_lo])
+            np.testing.assert_array_equal(dst[:, c_hi:], start[:, c_hi:])
+            results.append(dst[:, c_lo:c_hi].copy())
+        narrow = results[-1]
+        for r in results[:-1]:  # the same bits as the narrow path, on the same channels
+            np.testing.assert_array_equal(r, narrow[:, : r.shape[1]])
+        assert_close(narrow, want[:, c_lo:], np.dtype(dtype), k)
+    assert went_wide == (5 if pw.WIDE else 0)
 
 
 def test_32_byte_vector_build():

@@ -7,10 +7,12 @@ memory traffic, enough independent chains to cover the FMA latency on every x86 
 (2 FMA units x 4-5 cycles). It is the rate the GEMM micro-kernel could reach at best, as compiled
 by the same LLVM for the same vector width.
 
-``block_loop`` runs the kernels' register block (``pointwise.gemm_block``) itself, again and
-again on an A block and a panel that stay in L1: no cache misses, no packing, no task split. Its
-rate is the most the GEMM-bound layers can reach with that block; the gap from it to the FMA
-peak is the block's own (its loads and loop), the gap below it the kernels' feeding.
+``block_loop`` runs the register block most of the kernels' GEMMs run (with AVX-512
+``pointwise.gemm_block_wide``, else ``pointwise.gemm_block``) itself, again and again on an A
+block and a panel that stay in L1: no cache misses, no packing, no task split. Its rate is the
+most the GEMM-bound layers can reach with that block; the gap from it to the FMA peak is the
+block's own (its loads and loop), the gap below it the kernels' feeding. (The GEMMs that stay
+on the 8 x 2 block with AVX-512, ``pointwise.wide_columns``, have a ceiling a few % lower.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .pointwise import GEMM_MR, WIDE, WIDE_MR, gemm_block, gemm_block_wide, gemm
 # the rows of the block ``block_loop`` runs
 BLOCK_ROWS = WIDE_MR if WIDE else GEMM_MR
 
-# independent accumulators per thread (the GEMM block has 12 to 16)
+# independent accumulators per thread (the GEMM blocks have 12 to 24)
 FMA_CHAINS = 12
 
 

@@ -198,16 +198,27 @@ def gemm_tile(
     (its 6 x 4-vector block: ~5 % more of the FMA peak than the 8 x 2 one), the panel left
     over (an odd one, or one cut by C_out) and a transposed A to ``gemm_narrow``. Each sum runs
     in reduction order either way: the same bits."""
-    if WIDE and not a_t and pk.shape[0] >= 2 and wide_pays(rows):
-        NR = 2 * VEC_BYTES // dst.itemsize
-        c_mid = c_lo + (c_hi - c_lo) // (2 * NR) * (2 * NR)
-        if c_mid > c_lo:
-            gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
-            if c_mid < c_hi:  # the panel left over
-                gemm_narrow(a, False, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
-                            part, pf, 0)  # fmt: skip
-            return
-    gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len)
+    c_mid = wide_columns(rows, c_lo, c_hi, a_t, pk.shape[0], dst.itemsize)
+    if c_mid > c_lo:
+        gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
+        if c_mid < c_hi:  # the panel left over
+            gemm_narrow(a, False, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
+                        part, pf, 0)  # fmt: skip
+    else:
+        gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf,
+                    pf_len)  # fmt: skip
+
+
+@helper
+def wide_columns(rows, c_lo, c_hi, a_t, kc, itemsize):  # pragma: no cover - compiled
+    """The end of the channels c_lo..c_mid that ``gemm_tile`` gives the wide block: the whole
+    pairs of panels, with AVX-512, A not transposed, a reduction block of 2 or more (its two
+    panels' blocks share the scratch) and where its row groups pay (``wide_pays``); c_lo (none)
+    otherwise."""
+    if not WIDE or a_t or kc < 2 or not wide_pays(rows):
+        return c_lo
+    pair = 4 * VEC_BYTES // itemsize
+    return c_lo + (c_hi - c_lo) // pair * pair
 
 
 @helper
