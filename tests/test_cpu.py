@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -273,33 +274,29 @@ def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
 # the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
 
 
-_TILE_RUNNER = {}
-
-
+@functools.cache
 def _tile_runner():
     """A jitted call of ``gemm_tile`` (how=0), ``gemm_wide`` (1) or ``gemm_narrow`` (2) on one
     tile, with the kernels' scratch."""
-    if not _TILE_RUNNER:
-        from numba import njit
+    from numba import njit
 
-        from numba_dsconv.cpu._simd import address
-        from numba_dsconv.cpu.pointwise import gemm_narrow, gemm_scratch, gemm_tile, gemm_wide
+    from numba_dsconv.cpu._simd import address
+    from numba_dsconv.cpu.pointwise import gemm_narrow, gemm_scratch, gemm_tile, gemm_wide
 
-        @njit
-        def run(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
-            pk, at, part = gemm_scratch(kc, rows, dst)
-            if how == 0:  # the dispatcher
-                gemm_tile(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                          part, address(a), 0)  # fmt: skip
-            elif how == 1:  # the wide block alone (c_hi: the end of whole pairs)
-                gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                          address(a), 0)  # fmt: skip
-            else:
-                gemm_narrow(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                            part, address(a), 0)  # fmt: skip
+    @njit
+    def run(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
+        pk, at, part = gemm_scratch(kc, rows, dst)
+        if how == 0:  # the dispatcher
+            gemm_tile(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                      part, address(a), 0)  # fmt: skip
+        elif how == 1:  # the wide block alone (c_hi: the end of whole pairs)
+            gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                      address(a), 0)  # fmt: skip
+        else:
+            gemm_narrow(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+                        part, address(a), 0)  # fmt: skip
 
-        _TILE_RUNNER["run"] = run
-    return _TILE_RUNNER["run"]
+    return run
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -125,21 +125,13 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
     progress("ceilings", "FMA peak", 2, 4)
     import numba
 
-    from ..cpu.peak import (
-        BLOCK_ROWS,
-        FMA_CHAINS,
-        VEC_BYTES,
-        block_operands,
-        block_peak_gflops,
-        fma_peak_gflops,
-    )
+    from ..cpu.peak import FMA_CHAINS, VEC_BYTES, block_peak_gflops, block_shape, fma_peak_gflops
 
     threads = numba.get_num_threads()
     fma, _ = fma_peak_gflops(threads, repeat=repeat)
     progress("ceilings", "GEMM block", 3, 4)
     block, _ = block_peak_gflops(threads, repeat=repeat)
-    a, panel = block_operands(np.random.default_rng(0), np.dtype(np.float32))
-    block_depth, block_vectors = a.shape[1], panel.shape[1] * 4 // VEC_BYTES
+    block_rows, block_vectors, block_depth = block_shape()
     progress("ceilings", "done", 4, 4)
     return Ceilings(
         device="cpu",
@@ -154,7 +146,7 @@ def _cpu_ceilings(repeat: int, n: int | None, nbytes: int | None, progress: Prog
         fma_gflops=fma,
         fma_source=f"{FMA_CHAINS} chains of {VEC_BYTES * 8}-bit float32 FMAs x {threads} threads",
         block_gflops=block,
-        block_source=f"{BLOCK_ROWS} rows x {block_vectors} {VEC_BYTES * 8}-bit vectors, "
+        block_source=f"{block_rows} rows x {block_vectors} {VEC_BYTES * 8}-bit vectors, "
         f"{block_depth} reductions, in L1, x {threads} threads",
     )
 

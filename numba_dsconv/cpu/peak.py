@@ -27,7 +27,7 @@ from .. import _config
 from ._jit import NO_ACTIVATION, kernel
 from ._simd import VEC_BYTES, address, vadd, vfma, vloadp, vstorep
 from .layout import aligned_empty
-from .pointwise import GEMM_MR, WIDE, WIDE_MR, gemm_block, gemm_block_wide, gemm_panel_width
+from .pointwise import GEMM_MR, WIDE, WIDE_MR, gemm_block, gemm_block_wide
 
 # the rows of the block ``block_loop`` runs
 BLOCK_ROWS = WIDE_MR if WIDE else GEMM_MR
@@ -152,18 +152,26 @@ def block_peak_gflops(
     FMA loop is the most any code can), one per thread, each sized to run about ``seconds``."""
     rng = np.random.default_rng(0)
     a, panel = block_operands(rng, np.dtype(dtype))
-    out = aligned_empty((threads, *a.shape[:1], panel.shape[1]), np.dtype(dtype))
+    out = aligned_empty((threads, a.shape[0], panel.shape[1]), np.dtype(dtype))
     flops = 2.0 * threads * a.shape[0] * panel.shape[1] * a.shape[1]
     return _rate(lambda rounds: BLOCK(a, panel, out, rounds), flops, seconds, repeat)
 
 
+def block_shape() -> tuple[int, int, int]:
+    """(rows, vectors, depth) of the block ``block_loop`` runs: BLOCK_ROWS rows x 2 or 4
+    vectors, over the kernels' reduction block (KC, or KC / 2 for the wide block's pairs)."""
+    if WIDE:
+        return BLOCK_ROWS, 4, _config.CPU_GEMM_KC // 2
+    return BLOCK_ROWS, 2, _config.CPU_GEMM_KC
+
+
 def block_operands(rng: np.random.Generator, dtype: np.dtype, depth: int = 0):
-    """(a, panel) for ``block_loop``: BLOCK_ROWS x depth and depth x (2 or 4 vectors), 64-byte
-    aligned, uniform in [-1, 1]; depth: the kernels' reduction block (KC, or KC / 2 for the
-    wide block's panel pairs) unless given."""
-    width = gemm_panel_width(dtype.itemsize) * (2 if WIDE else 1)
-    depth = depth or (_config.CPU_GEMM_KC // 2 if WIDE else _config.CPU_GEMM_KC)
-    a = aligned_empty((BLOCK_ROWS, depth), dtype)
+    """(a, panel) for ``block_loop`` (``block_shape``; ``depth`` instead where given), 64-byte
+    aligned, uniform in [-1, 1]."""
+    rows, vectors, default_depth = block_shape()
+    width = vectors * VEC_BYTES // dtype.itemsize
+    depth = depth or default_depth
+    a = aligned_empty((rows, depth), dtype)
     a[:] = rng.uniform(-1, 1, a.shape)
     panel = aligned_empty((depth, width), dtype)
     panel[:] = rng.uniform(-1, 1, panel.shape)

@@ -249,6 +249,28 @@ def pack_block(w, k0, nk, c0, ppk, spk, dt, sz):  # pragma: no cover - compiled
 
 
 @helper
+def prefetch_share(pf, pf_end, step):  # pragma: no cover - compiled
+    """Ask for the lines from byte address ``pf`` to ``pf + step`` (not past ``pf_end``) into
+    L2; returns where the next share starts (a row group's share of the next task's input)."""
+    q = pf
+    pf = min(pf_end, pf + step)
+    while q < pf:
+        prefetch(q)
+        q += 64
+    return pf
+
+
+@helper
+def copy_short_group(a, a_t, full, rows, mr, k0, nk, at):  # pragma: no cover - compiled
+    """at[i, k] = A[min(full + i, rows - 1), k0 + k] for i < mr, k < nk (A: a, or a's transpose
+    with ``a_t``): the short last row group as a whole block, its last row repeated."""
+    for i in range(mr):
+        ri = min(full + i, rows - 1)
+        for k in range(nk):
+            at[i, k] = a[k0 + k, ri] if a_t else a[ri, k0 + k]
+
+
+@helper
 def gemm_wide(
     a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len
 ):  # pragma: no cover - compiled
@@ -293,17 +315,10 @@ def gemm_wide(
             first = k0 == 0 and not acc
             final = k0 + nk == K
             for r in range(0, rows, WIDE_MR):
-                q = pf
-                pf = min(pf_end, pf + pf_step)
-                while q < pf:
-                    prefetch(q)
-                    q += 64
+                pf = prefetch_share(pf, pf_end, pf_step)
                 src, stride = pa + r * sa + k0 * sz, sa
                 if r == full and not in_place:  # the short last group, copied
-                    for i in range(WIDE_MR):
-                        ri = min(full + i, rows - 1)
-                        for k in range(nk):
-                            at[i, k] = a[ri, k0 + k]
+                    copy_short_group(a, False, full, rows, WIDE_MR, k0, nk, at)
                     src, stride = pat, sat
                 gemm_block_wide(src, stride, pw0, pw1, spk, nk, first, address(bias) + c0 * sz,
                                 pdst + r * sdst + c0 * sz, sdst, min(WIDE_MR, rows - r), final,
@@ -377,17 +392,10 @@ def gemm_narrow(
             cb = pbias + c0 * sz
             cd = pdst + c0 * sz
             for r in range(0, rows, mr):
-                q = pf
-                pf = min(pf_end, pf + pf_step)
-                while q < pf:
-                    prefetch(q)
-                    q += 64
+                pf = prefetch_share(pf, pf_end, pf_step)
                 src, stride, kstep = pa + r * sa + k0 * ska, sa, ska
                 if r == full and not in_place:  # the short last group, copied
-                    for i in range(mr):
-                        ri = min(full + i, rows - 1)
-                        for k in range(nk):
-                            at[i, k] = a[k0 + k, ri] if a_t else a[ri, k0 + k]
+                    copy_short_group(a, a_t, full, rows, mr, k0, nk, at)
                     src, stride, kstep = pat, sat, sz
                 nvalid = min(mr, rows - r)
                 pp, sp, start = ppart + r * spart, spart, first
