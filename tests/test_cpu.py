@@ -270,6 +270,48 @@ def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
             check_grads(case, "cpu", rng, with_output=False)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("slab_taps", [9, 2])
+def test_conv2d_packs_weights_once(dtype, slab_taps, monkeypatch, rng):
+    """Where each thread runs several pixel blocks (``packs_once``), conv2d packs its weights
+    into panels once per call and each slab of taps reads its rows of them: the same bits as
+    packing per task, and the float64 reference. One slab of all 9 taps, and slabs of 2 (the
+    last of 1); C_out 70: two pairs of panels and a panel cut by C_out."""
+    import numba
+
+    from numba_dsconv import _config
+    from numba_dsconv._spec import Activation, make_spec
+    from numba_dsconv.cpu import conv2d
+    from numba_dsconv.cpu.pointwise import no_packed
+
+    dt = np.dtype(dtype)
+    n, h, w, c, c_out = 2, 23, 29, 5, 70
+    monkeypatch.setattr(_config, "CPU_TILE_BYTES", slab_taps * c * dt.itemsize * 256)
+    x = rng.standard_normal((n, h, w, c)).astype(dt)
+    wt = rng.standard_normal((3, 3, c, c_out)).astype(dt)
+    bias = rng.standard_normal(c_out).astype(dt)
+    spec = make_spec(
+        "conv2d", x_shape=x.shape, layout="NHWC", kernel=(3, 3), c_in_kernel=c, multiplier=1,
+        c_out=c_out, padding="same", activation=Activation.RELU6,
+    )  # fmt: skip
+    build = conv2d.CONV2D.args(spec, dt, True)
+    once = list(build(x, (wt,), (bias,), np.empty(spec.out_nhwc, dt)))
+    (tile, _, _), slab = once[7], once[8]
+    assert slab == slab_taps
+    assert conv2d.packs_once(spec.pixels, tile, numba.get_num_threads())
+    assert once[2].shape[0] > 0  # the panels
+    per_task = list(once)
+    per_task[2], per_task[4] = no_packed(dt), np.empty(spec.out_nhwc, dt)
+    x_before = x.copy()
+    conv2d.CONV2D.parallel(*once)
+    conv2d.CONV2D.parallel(*per_task)
+    np.testing.assert_array_equal(x, x_before)
+    assert once[4].tobytes() == per_task[4].tobytes()
+    expected = ref_fn("conv2d")(x, wt, bias=bias, padding="same", activation="relu6")
+    assert_close(once[4], expected, dt, 9 * c)
+    assert not conv2d.packs_once(49, 49, 2)  # one pixel block: each task packs its weights
+
+
 # ---------------------------------------------------------------------------------------------
 # the 32-byte vector build (AVX2 and other hosts without AVX-512), forced on an AVX-512 host
 

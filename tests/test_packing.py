@@ -196,8 +196,7 @@ def test_torch_prepack_follows_tracked_changes():
 def test_weight_panels_start_on_a_cache_line(shape, dtype):
     """The micro-kernel reads panels by 64-byte vectors: NumPy's own buffers start 16 bytes
     past a line, so that half or more of those loads would span two lines."""
-    from numba_dsconv.cpu.backward import scratch
-    from numba_dsconv.cpu.layout import aligned_empty
+    from numba_dsconv.cpu.layout import aligned_empty, scratch
 
     for _ in range(3):
         a = aligned_empty(shape, np.dtype(dtype))

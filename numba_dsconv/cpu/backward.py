@@ -36,8 +36,6 @@ cut other chunks and round differently.
 from __future__ import annotations
 
 import functools
-import math
-import threading
 from typing import Any
 
 import numba
@@ -49,7 +47,7 @@ from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, RELU6, helper, kernel
 from ._simd import VEC_BYTES, address, loadp, storep, vadd, vfma, vloadp, vstorep, vzero
 from .depthwise import depthwise_tile, interior3x3, taps3x3
-from .layout import aligned_empty, bias_vector
+from .layout import aligned_empty, bias_vector, scratch
 from .pointwise import (
     GEMM_MR,
     gemm_panel_width,
@@ -768,25 +766,6 @@ def zeros_like_parts(
     if scratch_name:
         return scratch(scratch_name, (nchunks, *shape), dtype)
     return np.zeros((nchunks, *shape), dtype)
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array of the calling thread's, reused call after call: the backward's
-    partial sums of d pw and its packed weights, megabytes each, would otherwise be fresh
-    pages in every call (first-touch page faults took longer than the GEMM they feed on the
-    development machine: layer 7 at N=8, 26 ms instead of 13). Kept: the largest of each name,
-    per thread; each starts on a 64-byte boundary (``aligned_empty``)."""
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf = pool.get(name)
-    if buf is None or buf.nbytes < nbytes:
-        buf = pool[name] = aligned_empty((max(nbytes, 1),), np.dtype(np.uint8))
-    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> np.ndarray:

@@ -7,13 +7,16 @@ order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never bu
 task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) gathers
 its pixels' rows one slab of taps at a time into a buffer sized for L2 (``im2col_slab``) and runs
 ``gemm_tile`` on it, the sums accumulating in the output from slab to slab (bias on the first,
-activation on the last).
+activation on the last). Where each thread runs several pixel blocks against the same weights
+(``packs_once``), the weights are packed into the micro-kernel's panels once per call, not
+once per task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -21,7 +24,7 @@ from .. import _config
 from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, Kernel, helper, kernel
 from ._simd import address
-from .layout import bias_vector
+from .layout import bias_vector, scratch
 from .pointwise import (
     gemm_panel_width,
     gemm_scratch,
@@ -29,6 +32,7 @@ from .pointwise import (
     gemm_task,
     gemm_tile,
     no_packed,
+    packed_weights,
     zero_tail,
 )
 
@@ -64,12 +68,13 @@ def im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf):  # pragma: no cover - 
                     dst[c] = 0
 
 
-def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no cover - compiled
+def conv2d_nhwc(x, w2, packed, bias, out, geo, act, split, slab):  # pragma: no cover - compiled
     """out = act(bias + im2col(x) @ w2), task by task, ``slab`` taps at a time.
 
-    x: (N,H,W,C); w2: (K_h*K_w*C, C_out) C-contiguous (w's rows); nopack: ``no_packed``; bias
-    padded to a multiple of the panel width; out: (N,OH,OW,C_out); geo: the spec's geometry
-    tuple; split: (tile, cblock, kc), see ``gemm_split``.
+    x: (N,H,W,C); w2: (K_h*K_w*C, C_out) C-contiguous (w's rows); packed: w2's panels
+    (``packed_weights``; each slab reads its rows of them), or ``no_packed`` (each task packs
+    its own); bias padded to a multiple of the panel width; out: (N,OH,OW,C_out); geo: the
+    spec's geometry tuple; split: (tile, cblock, kc), see ``gemm_split``.
     """
     tile, cblock, kc = split
     kh, kw = geo[0], geo[1]
@@ -92,8 +97,8 @@ def conv2d_nhwc(x, w2, nopack, bias, out, geo, act, split, slab):  # pragma: no 
             t1 = min(taps, t0 + slab)
             im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
             a = act if t1 == taps else NO_ACTIVATION
-            gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], nopack, bias, dst, c0, c1, a,
-                      t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
+            gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], packed[:, t0 * C : t1 * C],
+                      bias, dst, c0, c1, a, t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
 
 
 def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
@@ -109,13 +114,25 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
     geo, act = spec.geometry, int(spec.activation)
+    once = packs_once(spec.pixels, split[0], numba.get_num_threads() if parallel else 1)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, c_out)
         b = bias_vector(biases[0], c_out, dtype, nr)
-        return (x, w2, nopack, b, out, geo, act, split, slab)
+        packed = packed_weights(w2, parallel, scratch, "conv2d_w") if once else nopack
+        return (x, w2, packed, b, out, geo, act, split, slab)
 
     return build
+
+
+def packs_once(pixels: int, tile: int, threads: int) -> bool:
+    """Whether conv2d packs its weights once per call: where each thread runs two or more of
+    the pixel blocks that share them (with a task per pixel block per thread or fewer, each
+    weight is packed about once either way, and a pass of its own then only adds a write and a
+    read of every packed weight: 7x7x1024 -> 1024 at N=1, 37.7 MB of them, ran 1.05-1.1x
+    slower). In-process-alternating A/B against packing per task: BENCHMARKS.md, "Design
+    measurements"."""
+    return -(-pixels // max(1, tile)) >= 2 * threads
 
 
 CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)
