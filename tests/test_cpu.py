@@ -270,46 +270,68 @@ def test_gemm_row_group_heights(h, w, c, parallel, monkeypatch, rng):
             check_grads(case, "cpu", rng, with_output=False)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("slab_taps", [9, 2])
-def test_conv2d_packs_weights_once(dtype, slab_taps, monkeypatch, rng):
-    """Where each thread runs several pixel blocks (``packs_once``), conv2d packs its weights
-    into panels once per call and each slab of taps reads its rows of them: the same bits as
-    packing per task, and the float64 reference. One slab of all 9 taps, and slabs of 2 (the
-    last of 1); C_out 70: two pairs of panels and a panel cut by C_out."""
-    import numba
+# (the kernel, where its panels and its output sit in the kernel's arguments)
+_PANELS_AT = {"pointwise": ("POINTWISE", 2, 4), "separable": ("SEPARABLE", 4, 6),
+              "conv2d": ("CONV2D", 2, 4)}  # fmt: skip
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("op", "slab_taps"), [("pointwise", 0), ("separable", 0),
+                                               ("conv2d", 9), ("conv2d", 2)])  # fmt: skip
+def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, rng):
+    """Where each thread runs several pixel blocks and would pack more weights than its L2
+    holds (``packs_once``; L2 made small here), the GEMM kernels pack their weights into
+    panels once per call: the same bits as packing per task, and the float64 reference.
+    conv2d with one slab of all 9 taps and with slabs of 2 (the last of 1), each slab reading
+    its rows of the panels; C_out 70: two pairs of panels and a panel cut by C_out."""
     from numba_dsconv import _config
     from numba_dsconv._spec import Activation, make_spec
-    from numba_dsconv.cpu import conv2d
-    from numba_dsconv.cpu.pointwise import no_packed
+    from numba_dsconv.cpu import conv2d, pointwise, separable
+    from numba_dsconv.cpu.pointwise import no_packed, packs_once
 
     dt = np.dtype(dtype)
     n, h, w, c, c_out = 2, 23, 29, 5, 70
-    monkeypatch.setattr(_config, "CPU_TILE_BYTES", slab_taps * c * dt.itemsize * 256)
+    monkeypatch.setattr(_config, "L2_BYTES", 4096)
+    if slab_taps:
+        monkeypatch.setattr(_config, "CPU_TILE_BYTES", slab_taps * c * dt.itemsize * 256)
     x = rng.standard_normal((n, h, w, c)).astype(dt)
-    wt = rng.standard_normal((3, 3, c, c_out)).astype(dt)
-    bias = rng.standard_normal(c_out).astype(dt)
+    kh = 1 if op == "pointwise" else 3
+    geo = {} if op == "pointwise" else {"padding": "same"}
+    wt = rng.standard_normal((kh, kh, c, c_out)).astype(dt)  # conv2d's weights
+    dwk = rng.standard_normal((3, 3, c)).astype(dt)
+    pw = rng.standard_normal((c, c_out)).astype(dt)
+    bias, dw_bias = rng.standard_normal(c_out).astype(dt), rng.standard_normal(c).astype(dt)
     spec = make_spec(
-        "conv2d", x_shape=x.shape, layout="NHWC", kernel=(3, 3), c_in_kernel=c, multiplier=1,
-        c_out=c_out, padding="same", activation=Activation.RELU6,
+        op, x_shape=x.shape, layout="NHWC", kernel=(kh, kh), c_in_kernel=c, multiplier=1,
+        c_out=c_out, activation=Activation.RELU6, **geo,
     )  # fmt: skip
-    build = conv2d.CONV2D.args(spec, dt, True)
-    once = list(build(x, (wt,), (bias,), np.empty(spec.out_nhwc, dt)))
-    (tile, _, _), slab = once[7], once[8]
-    assert slab == slab_taps
-    assert conv2d.packs_once(spec.pixels, tile, numba.get_num_threads())
-    assert once[2].shape[0] > 0  # the panels
+    name, at_panels, at_out = _PANELS_AT[op]
+    k = getattr({"pointwise": pointwise, "separable": separable, "conv2d": conv2d}[op], name)
+    weights, biases = {"pointwise": ((pw,), (bias,)), "separable": ((dwk, pw), (dw_bias, bias)),
+                       "conv2d": ((wt,), (bias,))}[op]  # fmt: skip
+    once = list(k.args(spec, dt, True)(x, weights, biases, np.empty(spec.out_nhwc, dt)))
+    assert once[at_panels].shape[0] > 0  # the panels
+    tile = [a for a in once if isinstance(a, tuple) and len(a) == 3][0][0]  # the split
+    wbytes = (9 if op == "conv2d" else 1) * c * c_out * dt.itemsize
+    assert packs_once(spec.pixels, tile, wbytes, True)
+    if slab_taps:
+        assert once[8] == slab_taps
     per_task = list(once)
-    per_task[2], per_task[4] = no_packed(dt), np.empty(spec.out_nhwc, dt)
+    per_task[at_panels], per_task[at_out] = no_packed(dt), np.empty_like(once[at_out])
     x_before = x.copy()
-    conv2d.CONV2D.parallel(*once)
-    conv2d.CONV2D.parallel(*per_task)
+    k.parallel(*once)
+    k.parallel(*per_task)
     np.testing.assert_array_equal(x, x_before)
-    assert once[4].tobytes() == per_task[4].tobytes()
-    expected = ref_fn("conv2d")(x, wt, bias=bias, padding="same", activation="relu6")
-    assert_close(once[4], expected, dt, 9 * c)
-    assert not conv2d.packs_once(49, 49, 2)  # one pixel block: each task packs its weights
+    assert once[at_out].tobytes() == per_task[at_out].tobytes()
+    if op == "separable":
+        expected = ref_fn(op)(x, dwk, pw, dw_bias=dw_bias, bias=bias, activation="relu6", **geo)
+    else:
+        wr = pw if op == "pointwise" else wt
+        expected = ref_fn(op)(x, wr, bias=bias, activation="relu6", **geo)
+    assert_close(once[at_out].reshape(spec.out_nhwc), expected, dt, 9 * c)
+    assert not packs_once(49, 49, 1 << 30, True)  # one pixel block: packed per task
+    monkeypatch.setattr(_config, "L2_BYTES", 1 << 30)
+    assert not packs_once(spec.pixels, tile, wbytes, True)  # the weights stay in cache
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,6 +247,37 @@ def vloadp(typingctx, addr, dt):
 
 
 @intrinsic
+def vloadp_part(typingctx, addr, n, dt):
+    """The vector of ``dt`` at byte address ``addr`` with only its first ``n`` lanes read (none
+    where n <= 0), the others zero (llvm.masked.load: the lanes past n touch no memory, so
+    they may lie past the end of an array)."""
+    if not (
+        isinstance(addr, types.Integer)
+        and isinstance(n, types.Integer)
+        and isinstance(dt, types.DType)
+    ):
+        return None
+    vt = Vec(dt.dtype)
+
+    def codegen(context, builder, sig, args):
+        vty = context.get_value_type(vt)
+        lanes = vt.lanes
+        i32 = ir.IntType(32)
+        count = context.cast(builder, args[1], sig.args[1], types.int32)
+        index = ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
+        mask = builder.icmp_signed("<", index, _splat(builder, index.type, count))
+        zero = ir.Constant(vty, [0.0] * lanes)
+        ptr = _typed_pointer(context, builder, args[0], sig.args[0], vty)
+        name = f"llvm.masked.load.v{lanes}f{dt.dtype.bitwidth}.p0"
+        fnty = ir.FunctionType(vty, [ptr.type, i32, mask.type, vty])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        align = ir.Constant(i32, dt.dtype.bitwidth // 8)
+        return builder.call(fn, [ptr, align, mask, zero])
+
+    return vt(addr, n, dt), codegen
+
+
+@intrinsic
 def vstorep(typingctx, addr, v):
     """Store vector ``v`` at byte address ``addr``."""
     if not (isinstance(addr, types.Integer) and isinstance(v, Vec)):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -33,6 +32,7 @@ from .pointwise import (
     gemm_tile,
     no_packed,
     packed_weights,
+    packs_once,
     zero_tail,
 )
 
@@ -114,7 +114,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
     geo, act = spec.geometry, int(spec.activation)
-    once = packs_once(spec.pixels, split[0], numba.get_num_threads() if parallel else 1)
+    once = packs_once(spec.pixels, split[0], taps * c_in * c_out * sz, parallel)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, c_out)
@@ -123,16 +123,6 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         return (x, w2, packed, b, out, geo, act, split, slab)
 
     return build
-
-
-def packs_once(pixels: int, tile: int, threads: int) -> bool:
-    """Whether conv2d packs its weights once per call: where each thread runs two or more of
-    the pixel blocks that share them (with a task per pixel block per thread or fewer, each
-    weight is packed about once either way, and a pass of its own then only adds a write and a
-    read of every packed weight: 7x7x1024 -> 1024 at N=1, 37.7 MB of them, ran 1.05-1.1x
-    slower). In-process-alternating A/B against packing per task: BENCHMARKS.md, "Design
-    measurements"."""
-    return -(-pixels // max(1, tile)) >= 2 * threads
 
 
 CONV2D: Kernel = kernel(conv2d_nhwc, conv2d_args)

@@ -38,9 +38,10 @@ from ._simd import (
     vact,
     vfma,
     vloadp,
+    vloadp_part,
     vstorep,
 )
-from .layout import aligned_empty, bias_vector
+from .layout import aligned_empty, bias_vector, scratch
 
 # The GEMM micro-kernel's register block: GEMM_MR output pixels x 2 vectors of output channels
 # (2 x 16 float32 = 32 channels, or 2 x 8 float64): 16 vector accumulators with AVX-512's 32
@@ -163,6 +164,36 @@ def packed_weights(w: np.ndarray, parallel: bool, scratch=None, name: str = "") 
     return packed
 
 
+def packs_once(pixels: int, tile: int, weight_bytes: int, parallel: bool) -> bool:
+    """Whether a GEMM kernel's call packs its weights (``weight_bytes`` of them) into panels
+    once (``packed_weights``, into the thread's reused scratch) instead of in every task:
+    where each thread runs two or more of the pixel blocks of ``tile`` pixels that share them,
+    the weights do not stay in cache beside a tile (an eighth of L2 or more), and the weights
+    a thread would pack again exceed its L2. Weights that stay in cache are packed again
+    cheaply, and a pass of its own (another parallel launch) then costs more than it saves:
+    the fused separable at N=1, rows 1-4, 1.02-1.04x the time, N=8 row 3 1.02-1.03; with a
+    block per thread or fewer each weight is packed about once either way (37.7 MB of panels
+    for 7x7x1024 -> 1024 at N=1: 1.05-1.1x). BENCHMARKS.md, "Design measurements"."""
+    threads = numba.get_num_threads() if parallel else 1
+    blocks = -(-pixels // max(1, tile))
+    l2 = _config.L2_BYTES
+    return (
+        blocks >= 2 * threads and 8 * weight_bytes >= l2 and blocks * weight_bytes >= threads * l2
+    )
+
+
+def kernel_panels(
+    pw: object, nopack: np.ndarray, once: bool, parallel: bool, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(w, panels) for ``gemm_tile`` from a weight argument (``kernel_operands``): the
+    caller's packed panels, else, where the call ``packs_once``, pw packed here into the
+    thread's scratch ``name``, else none (each task packs its own)."""
+    w, panels = kernel_operands(pw, nopack)
+    if once and panels.shape[0] == 0:
+        panels = packed_weights(w, parallel, scratch, name)
+    return w, panels
+
+
 NO_PACKED = {}  # dtype -> an empty (0, 1, 1) array: "pack w here" for gemm_tile
 
 
@@ -234,18 +265,19 @@ def wide_pays(rows):  # pragma: no cover - compiled
 def pack_block(w, k0, nk, c0, ppk, spk, dt, sz):  # pragma: no cover - compiled
     """Copy rows k0..k0+nk of w's panel of columns c0..c0+NR into the block at byte address
     ``ppk`` (rows ``spk`` bytes apart), zero past w's last column (on addresses: w may be a
-    view with padded rows)."""
+    view with padded rows; its columns are contiguous)."""
     NR = spk // sz
+    L = VEC_BYTES // sz
     ncol = min(NR, w.shape[1] - c0)
+    pw, sw = address(w) + c0 * sz, w.strides[0]
     for k in range(nk):
+        src_w = pw + (k0 + k) * sw
         if ncol == NR:
-            src_w = address(w) + (k0 + k) * w.strides[0] + c0 * sz
             vstorep(ppk + k * spk, vloadp(src_w, dt))
             vstorep(ppk + k * spk + VEC_BYTES, vloadp(src_w + VEC_BYTES, dt))
-        else:
-            for j in range(NR):
-                v = w[k0 + k, c0 + j] if j < ncol else 0
-                storep(ppk + k * spk + j * sz, v, dt)
+        else:  # a panel cut by C_out: lanes past it read nothing and hold zeros
+            vstorep(ppk + k * spk, vloadp_part(src_w, ncol, dt))
+            vstorep(ppk + k * spk + VEC_BYTES, vloadp_part(src_w + VEC_BYTES, ncol - L, dt))
 
 
 @helper
@@ -838,9 +870,10 @@ def pointwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     nr = gemm_panel_width(dtype.itemsize)
     nopack = no_packed(dtype)
     act = int(spec.activation)
+    once = packs_once(rows, split[0], c_in * c_out * dtype.itemsize, parallel)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
-        w, panels = kernel_operands(weights[0], nopack)
+        w, panels = kernel_panels(weights[0], nopack, once, parallel, "pointwise_pw")
         b = bias_vector(biases[0], c_out, dtype, nr)
         return (x.reshape(rows, c_in), w, panels, b, out.reshape(rows, c_out), split, act)
 

@@ -17,7 +17,6 @@ import numpy as np
 from numba import prange
 
 from .._spec import ConvSpec
-from ..packing import kernel_operands
 from ._jit import Kernel, kernel
 from ._simd import address
 from .depthwise import depthwise_tile
@@ -28,7 +27,9 @@ from .pointwise import (
     gemm_split,
     gemm_task,
     gemm_tile,
+    kernel_panels,
     no_packed,
+    packs_once,
     zero_tail,
 )
 
@@ -86,10 +87,11 @@ def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     nopack = no_packed(dtype)
     c_mid, c_out, geo = spec.c_mid, spec.c_out, spec.geometry
     mid_act, act = int(spec.mid_activation), int(spec.activation)
+    once = packs_once(spec.pixels, split[0], c_mid * c_out * sz, parallel)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         dwk, pw = weights
-        w, panels = kernel_operands(pw, nopack)
+        w, panels = kernel_panels(pw, nopack, once, parallel, "separable_pw")
         db = bias_vector(biases[0], c_mid, dtype)
         b = bias_vector(biases[1], c_out, dtype, nr)
         return (x, dwk, db, w, panels, b, out, geo, mid_act, act, split)
