@@ -372,7 +372,8 @@ def test_gemm_wide_block(dtype, kc, rng):
     row groups (6, 12, 17, 196 rows; 49 and 8 stay narrow, ``wide_pays``), the short group read
     in place or copied, one or two pairs of panels with a panel left over or cut by C_out, a
     channel range starting at the second panel, reduction blocks 1 to 128 deep, weights packed
-    here or prepacked, sums accumulated into dst (acc), relu6 on the last block only. dst is a
+    here or prepacked, sums accumulated into dst (acc), relu6 on the last block only, a
+    reduction deep enough for A to come in several slabs (``WIDE_SLAB_BYTES``). dst is a
     view with guard rows and columns around it: nothing outside it may change."""
     from numba_dsconv._spec import Activation
     from numba_dsconv.cpu import pointwise as pw
@@ -380,13 +381,15 @@ def test_gemm_wide_block(dtype, kc, rng):
 
     run = _tile_runner()
     nr = pw.gemm_panel_width(np.dtype(dtype).itemsize)
+    # a reduction deep enough that A's columns come in three slabs or more (WIDE_SLAB_BYTES)
+    deep = 3 * pw.WIDE_SLAB_BYTES // (60 * np.dtype(dtype).itemsize) + 5
     relu6 = int(Activation.RELU6)
     went_wide = 0
     for rows, k, c_out, c_lo, extra, acc, packed in [
         (6, 19, 2 * nr, 0, 0, False, False), (12, 300, 3 * nr, 0, 6, False, True),
         (17, 19, 2 * nr + 5, 0, 0, True, False), (17, 300, 4 * nr + 1, nr, 1, False, False),
         (196, 70, 5 * nr, 0, 2, True, True), (49, 40, 2 * nr, 0, 0, False, False),
-        (8, 40, 2 * nr, 0, 0, False, True),
+        (8, 40, 2 * nr, 0, 0, False, True), (60, deep, 2 * nr + 3, 0, 0, True, False),
     ]:  # fmt: skip
         c_mid = pw.wide_columns(rows, c_lo, c_out, False, kc, np.dtype(dtype).itemsize)
         if pw.WIDE:  # the dispatcher's choice: whole pairs where 6-row groups pay
@@ -424,7 +427,7 @@ def test_gemm_wide_block(dtype, kc, rng):
         for r in results[:-1]:  # the same bits as the narrow path, on the same channels
             np.testing.assert_array_equal(r, narrow[:, : r.shape[1]])
         assert_close(narrow, want[:, c_lo:], np.dtype(dtype), k)
-    assert went_wide == (5 if pw.WIDE else 0)
+    assert went_wide == (6 if pw.WIDE else 0)
 
 
 def test_32_byte_vector_build():
