@@ -348,16 +348,16 @@ def _tile_runner():
     from numba_dsconv.cpu.pointwise import gemm_narrow, gemm_scratch, gemm_tile, gemm_wide
 
     @njit
-    def run(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
+    def run(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
         pk, at, part = gemm_scratch(kc, rows, dst)
         if how == 0:  # the dispatcher
-            gemm_tile(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+            gemm_tile(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
                       part, address(a), 0)  # fmt: skip
         elif how == 1:  # the wide block alone (c_hi: the end of whole pairs)
-            gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+            gemm_wide(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
                       address(a), 0)  # fmt: skip
         else:
-            gemm_narrow(a, False, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
+            gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
                         part, address(a), 0)  # fmt: skip
 
     return run
@@ -365,7 +365,8 @@ def _tile_runner():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kc", [2, 3, 8, 256])
-def test_gemm_wide_block(dtype, kc, rng):
+@pytest.mark.parametrize("a_t", [False, True])
+def test_gemm_wide_block(dtype, kc, a_t, rng):
     """The wide block (6 rows x two panels, AVX-512), alone (``gemm_wide``) and through
     ``gemm_tile``, against the narrow path (``gemm_narrow``) bit for bit and the float64
     formula; which channels ``gemm_tile`` gives it (``wide_columns``). Whole and short last
@@ -373,8 +374,9 @@ def test_gemm_wide_block(dtype, kc, rng):
     in place or copied, one or two pairs of panels with a panel left over or cut by C_out, a
     channel range starting at the second panel, reduction blocks 1 to 128 deep, weights packed
     here or prepacked, sums accumulated into dst (acc), relu6 on the last block only, a
-    reduction deep enough for A to come in several slabs (``WIDE_SLAB_BYTES``). dst is a
-    view with guard rows and columns around it: nothing outside it may change."""
+    reduction deep enough for A to come in several slabs (``WIDE_SLAB_BYTES``); A as it is or
+    stored transposed (``a_t``: the backward's d pw GEMM; its short group always copied). dst
+    is a view with guard rows and columns around it: nothing outside it may change."""
     from numba_dsconv._spec import Activation
     from numba_dsconv.cpu import pointwise as pw
     from numba_dsconv.cpu.layout import bias_vector
@@ -391,16 +393,16 @@ def test_gemm_wide_block(dtype, kc, rng):
         (196, 70, 5 * nr, 0, 2, True, True), (49, 40, 2 * nr, 0, 0, False, False),
         (8, 40, 2 * nr, 0, 0, False, True), (60, deep, 2 * nr + 3, 0, 0, True, False),
     ]:  # fmt: skip
-        c_mid = pw.wide_columns(rows, c_lo, c_out, False, kc, np.dtype(dtype).itemsize)
+        c_mid = pw.wide_columns(rows, c_lo, c_out, kc, np.dtype(dtype).itemsize)
         if pw.WIDE:  # the dispatcher's choice: whole pairs where 6-row groups pay
             pays = rows not in (49, 8) and kc >= 2
             assert pw.wide_pays(rows) == (rows not in (49, 8))
             assert c_mid == (c_lo + (c_out - c_lo) // (2 * nr) * 2 * nr if pays else c_lo)
-            assert pw.wide_columns(rows, c_lo, c_out, True, kc, 4) == c_lo  # A transposed
         else:
             assert c_mid == c_lo
         went_wide += c_mid > c_lo
         a = rng.uniform(-1, 1, (rows + extra, k)).astype(dtype)
+        a_arg = np.ascontiguousarray(a.T) if a_t else a  # stored (K, rows + extra)
         w = rng.uniform(-1, 1, (k, c_out)).astype(dtype)
         panels = pw.packed_weights(w, False) if packed else pw.no_packed(np.dtype(dtype))
         bias = bias_vector(rng.uniform(-1, 1, c_out).astype(dtype), c_out, np.dtype(dtype), nr)
@@ -416,7 +418,7 @@ def test_gemm_wide_block(dtype, kc, rng):
             big = np.full((rows + 4, c_out + 2 * nr), 7.5, dtype)
             dst = big[2 : 2 + rows, nr : nr + c_out]
             dst[:] = start
-            run(a, rows, w, panels, bias, dst, c_lo, c_hi, relu6, acc, kc, how)
+            run(a_arg, a_t, rows, w, panels, bias, dst, c_lo, c_hi, relu6, acc, kc, how)
             outside = big.copy()
             outside[2 : 2 + rows, nr : nr + c_out] = 7.5
             assert (outside == 7.5).all(), (rows, c_out, c_lo, how)  # nothing else written

@@ -131,7 +131,7 @@ def block_loop(a, panel, out, rounds):  # pragma: no cover - compiled
         po = address(out) + t * out.strides[0]
         for _ in range(rounds):
             if WIDE:
-                gemm_block_wide(address(a), a.strides[0], address(panel),
+                gemm_block_wide(address(a), a.strides[0], sz, address(panel),
                                 address(panel) + VEC_BYTES * 2, panel.strides[0], kc, True,
                                 address(zero), po, out.strides[1], mr, True, NO_ACTIVATION, dt,
                                 sz)  # fmt: skip

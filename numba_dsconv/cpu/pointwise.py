@@ -228,13 +228,13 @@ def gemm_tile(
 
     With AVX-512, where it pays (``wide_pays``), the whole pairs of panels go to ``gemm_wide``
     (its 6 x 4-vector block: ~5 % more of the FMA peak than the 8 x 2 one), the panel left
-    over (an odd one, or one cut by C_out) and a transposed A to ``gemm_narrow``. Each sum runs
-    in reduction order either way: the same bits."""
-    c_mid = wide_columns(rows, c_lo, c_hi, a_t, pk.shape[0], dst.itemsize)
+    over (an odd one, or one cut by C_out) to ``gemm_narrow``. Each sum runs in reduction
+    order either way: the same bits."""
+    c_mid = wide_columns(rows, c_lo, c_hi, pk.shape[0], dst.itemsize)
     if c_mid > c_lo:
-        gemm_wide(a, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
+        gemm_wide(a, a_t, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
         if c_mid < c_hi:  # the panel left over
-            gemm_narrow(a, False, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
+            gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
                         part, pf, 0)  # fmt: skip
     else:
         gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf,
@@ -242,12 +242,11 @@ def gemm_tile(
 
 
 @helper
-def wide_columns(rows, c_lo, c_hi, a_t, kc, itemsize):  # pragma: no cover - compiled
+def wide_columns(rows, c_lo, c_hi, kc, itemsize):  # pragma: no cover - compiled
     """The end of the channels c_lo..c_mid that ``gemm_tile`` gives the wide block: the whole
-    pairs of panels, with AVX-512, A not transposed, a reduction block of 2 or more (its two
-    panels' blocks share the scratch) and where its row groups pay (``wide_pays``); c_lo (none)
-    otherwise."""
-    if not WIDE or a_t or kc < 2 or not wide_pays(rows):
+    pairs of panels, with AVX-512, a reduction block of 2 or more (its two panels' blocks
+    share the scratch) and where its row groups pay (``wide_pays``); c_lo (none) otherwise."""
+    if not WIDE or kc < 2 or not wide_pays(rows):
         return c_lo
     pair = 4 * VEC_BYTES // itemsize
     return c_lo + (c_hi - c_lo) // pair * pair
@@ -305,19 +304,21 @@ def copy_short_group(a, a_t, full, rows, mr, k0, nk, at):  # pragma: no cover - 
 
 @helper
 def gemm_wide(
-    a, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len
 ):  # pragma: no cover - compiled
-    """``gemm_tile`` on the whole panel pairs of c_lo..c_hi, A not transposed, with the
-    6 x 4-vector block (``gemm_block_wide``).
+    """``gemm_tile`` on the whole panel pairs of c_lo..c_hi with the 6 x 4-vector block
+    (``gemm_block_wide``); A is a, or with ``a_t`` a's transpose (as ``gemm_narrow``).
 
-    For each block of KCW = KC / 2 reduction channels and each pair of panels (both panels'
-    blocks, 2 x KCW x NR weights, stay in L1) every group of WIDE_MR rows runs the block. The
-    partial sums between reduction blocks stay in dst (a short last group keeps only its
-    rows). That group reads its rows in place where ``a`` has them up to the next multiple of
-    WIDE_MR (their sums are never stored; ``zero_tail`` makes them finite), else from a copy
-    in ``at`` (its last row repeated). Reduction blocks outermost: A's columns of one block
-    stay in cache while every pair reads them (with pairs outermost a deep reduction read all
-    of A again for each pair while the weights streamed past it: K = 2304, 1.13x the time)."""
+    The reduction runs in slabs whose columns of A (rows x slab) fit WIDE_SLAB_BYTES, a
+    quarter of L2: within a slab, for each pair of panels and each block of KCW = KC / 2
+    reduction channels (both panels' blocks, 2 x KCW x NR weights, stay in L1) every group of
+    WIDE_MR rows runs the block, so a slab of A stays in cache while every pair reads it (with
+    the pairs outermost a deep reduction read all of A again for each pair while the weights
+    streamed past it: K = 2304 ran 1.08-1.1x the time). The partial sums between reduction
+    blocks stay in dst (a short last group keeps only its rows). That group reads its rows in
+    place where ``a`` (not transposed) has them up to the next multiple of WIDE_MR (their sums
+    are never stored; ``zero_tail`` makes them finite), else from a copy in ``at`` (its last
+    row repeated)."""
     prepacked = packed.shape[0] > 0
     K = packed.shape[1] if prepacked else w.shape[0]
     dt = dst.dtype
@@ -331,7 +332,8 @@ def gemm_wide(
     pdst, sdst = address(dst), dst.strides[0]
     ngroups = -(-rows // WIDE_MR)
     full = rows // WIDE_MR * WIDE_MR
-    in_place = a.shape[0] >= ngroups * WIDE_MR
+    in_place = not a_t and a.shape[0] >= ngroups * WIDE_MR
+    sr, sk = (sz, sa) if a_t else (sa, sz)  # bytes to A's next row, next reduction channel
     pat, sat = address(at), at.strides[0]
     nblocks = (c_hi - c_lo) // (2 * NR) * -(-K // KCW) * ngroups
     pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
@@ -353,13 +355,13 @@ def gemm_wide(
                 final = k0 + nk == K
                 for r in range(0, rows, WIDE_MR):
                     pf = prefetch_share(pf, pf_end, pf_step)
-                    src, stride = pa + r * sa + k0 * sz, sa
+                    src, stride, kstep = pa + r * sr + k0 * sk, sr, sk
                     if r == full and not in_place:  # the short last group, copied
-                        copy_short_group(a, False, full, rows, WIDE_MR, k0, nk, at)
-                        src, stride = pat, sat
-                    gemm_block_wide(src, stride, pw0, pw1, spk, nk, first, address(bias) + c0 * sz,
-                                pdst + r * sdst + c0 * sz, sdst, min(WIDE_MR, rows - r), final,
-                                act, dt, sz)  # fmt: skip
+                        copy_short_group(a, a_t, full, rows, WIDE_MR, k0, nk, at)
+                        src, stride, kstep = pat, sat, sz
+                    gemm_block_wide(src, stride, kstep, pw0, pw1, spk, nk, first,
+                                    address(bias) + c0 * sz, pdst + r * sdst + c0 * sz, sdst,
+                                    min(WIDE_MR, rows - r), final, act, dt, sz)  # fmt: skip
 
 
 @helper
@@ -644,17 +646,18 @@ def gemm_block(
 
 @helper
 def gemm_block_wide(
-    pa, sa, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
+    pa, sa, ska, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
 ):  # pragma: no cover - compiled
     """The wide register block: WIDE_MR (6) rows x 4 vectors (two panels of NR channels), on
     byte addresses. pa: A[row 0, first reduction channel], rows ``sa`` bytes apart, reduction
-    channels contiguous; pw0 / pw1: the two panels' blocks (``nk`` rows, ``spk`` bytes apart);
-    pbias: bias[c0], four vectors; pdst: dst[row 0, c0] (rows ``sdst`` bytes apart), of which
-    the first ``nvalid`` rows are stored; ``dt``/``sz``: the dtype and its size. The 24
-    accumulators start from the bias on the ``first`` block, else from dst (the partial sums of
-    the blocks before; a row past nvalid from row 0's: its sums are never stored); each step
-    is four vector loads, six broadcasts and 24 FMAs; on the ``final`` block the activation is
-    applied."""
+    channels ``ska`` (the element size, or a row of a transposed A: then each step asks for
+    A's data 8 steps ahead in L1, as the narrow block's 8-row loop does); pw0 / pw1: the two
+    panels' blocks (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0], four vectors; pdst:
+    dst[row 0, c0] (rows ``sdst`` bytes apart), of which the first ``nvalid`` rows are
+    stored; ``dt``/``sz``: the dtype and its size. The 24 accumulators start from the bias on
+    the ``first`` block, else from dst (the partial sums of the blocks before; a row past
+    nvalid from row 0's: its sums are never stored); each step is four vector loads, six
+    broadcasts and 24 FMAs; on the ``final`` block the activation is applied."""
     B = VEC_BYTES
     s00 = vloadp(pbias + 0 * B, dt) if first else vloadp(pdst + 0 * B, dt)
     s01 = vloadp(pbias + 1 * B, dt) if first else vloadp(pdst + 1 * B, dt)
@@ -680,44 +683,85 @@ def gemm_block_wide(
     s51 = s01 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 1 * B, dt)
     s52 = s02 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 2 * B, dt)
     s53 = s03 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 3 * B, dt)
-    for k in range(nk):
-        p0 = pw0 + k * spk
-        p1 = pw1 + k * spk
-        w0 = vloadp(p0, dt)
-        w1 = vloadp(p0 + B, dt)
-        w2 = vloadp(p1, dt)
-        w3 = vloadp(p1 + B, dt)
-        p = pa + k * sz
-        x = loadp(p, dt)
-        s00 = vfma(x, w0, s00)
-        s01 = vfma(x, w1, s01)
-        s02 = vfma(x, w2, s02)
-        s03 = vfma(x, w3, s03)
-        x = loadp(p + 1 * sa, dt)
-        s10 = vfma(x, w0, s10)
-        s11 = vfma(x, w1, s11)
-        s12 = vfma(x, w2, s12)
-        s13 = vfma(x, w3, s13)
-        x = loadp(p + 2 * sa, dt)
-        s20 = vfma(x, w0, s20)
-        s21 = vfma(x, w1, s21)
-        s22 = vfma(x, w2, s22)
-        s23 = vfma(x, w3, s23)
-        x = loadp(p + 3 * sa, dt)
-        s30 = vfma(x, w0, s30)
-        s31 = vfma(x, w1, s31)
-        s32 = vfma(x, w2, s32)
-        s33 = vfma(x, w3, s33)
-        x = loadp(p + 4 * sa, dt)
-        s40 = vfma(x, w0, s40)
-        s41 = vfma(x, w1, s41)
-        s42 = vfma(x, w2, s42)
-        s43 = vfma(x, w3, s43)
-        x = loadp(p + 5 * sa, dt)
-        s50 = vfma(x, w0, s50)
-        s51 = vfma(x, w1, s51)
-        s52 = vfma(x, w2, s52)
-        s53 = vfma(x, w3, s53)
+    if ska == sz:  # A's reduction channels contiguous
+        for k in range(nk):
+            p0 = pw0 + k * spk
+            p1 = pw1 + k * spk
+            w0 = vloadp(p0, dt)
+            w1 = vloadp(p0 + B, dt)
+            w2 = vloadp(p1, dt)
+            w3 = vloadp(p1 + B, dt)
+            p = pa + k * ska
+            x = loadp(p, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            s02 = vfma(x, w2, s02)
+            s03 = vfma(x, w3, s03)
+            x = loadp(p + 1 * sa, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            s12 = vfma(x, w2, s12)
+            s13 = vfma(x, w3, s13)
+            x = loadp(p + 2 * sa, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            s22 = vfma(x, w2, s22)
+            s23 = vfma(x, w3, s23)
+            x = loadp(p + 3 * sa, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            s32 = vfma(x, w2, s32)
+            s33 = vfma(x, w3, s33)
+            x = loadp(p + 4 * sa, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            s42 = vfma(x, w2, s42)
+            s43 = vfma(x, w3, s43)
+            x = loadp(p + 5 * sa, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
+            s52 = vfma(x, w2, s52)
+            s53 = vfma(x, w3, s53)
+    else:  # a transposed A: each step another row
+        for k in range(nk):
+            p0 = pw0 + k * spk
+            p1 = pw1 + k * spk
+            w0 = vloadp(p0, dt)
+            w1 = vloadp(p0 + B, dt)
+            w2 = vloadp(p1, dt)
+            w3 = vloadp(p1 + B, dt)
+            p = pa + k * ska
+            prefetch_l1(p + 8 * ska)
+            x = loadp(p, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            s02 = vfma(x, w2, s02)
+            s03 = vfma(x, w3, s03)
+            x = loadp(p + 1 * sa, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            s12 = vfma(x, w2, s12)
+            s13 = vfma(x, w3, s13)
+            x = loadp(p + 2 * sa, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            s22 = vfma(x, w2, s22)
+            s23 = vfma(x, w3, s23)
+            x = loadp(p + 3 * sa, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            s32 = vfma(x, w2, s32)
+            s33 = vfma(x, w3, s33)
+            x = loadp(p + 4 * sa, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            s42 = vfma(x, w2, s42)
+            s43 = vfma(x, w3, s43)
+            x = loadp(p + 5 * sa, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
+            s52 = vfma(x, w2, s52)
+            s53 = vfma(x, w3, s53)
     if final and act != NO_ACTIVATION:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
