@@ -278,12 +278,15 @@ _PANELS_AT = {"pointwise": ("POINTWISE", 2, 4), "separable": ("SEPARABLE", 4, 6)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("op", "slab_taps"), [("pointwise", 0), ("separable", 0),
                                                ("conv2d", 9), ("conv2d", 2)])  # fmt: skip
-def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, rng):
+def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request, rng):
     """Where each thread runs several pixel blocks and would pack more weights than its L2
-    holds (``packs_once``; L2 made small here), the GEMM kernels pack their weights into
-    panels once per call: the same bits as packing per task, and the float64 reference.
-    conv2d with one slab of all 9 taps and with slabs of 2 (the last of 1), each slab reading
-    its rows of the panels; C_out 70: two pairs of panels and a panel cut by C_out."""
+    holds (``packs_once``; L2 made small here, at most 2 threads, 256-pixel tiles at most),
+    the GEMM kernels pack their weights into panels once per call: the same bits as packing
+    per task, and the float64 reference. conv2d with one slab of all 9 taps and with slabs of
+    2 (the last of 1), each slab reading its rows of the panels; C_out 70: a panel cut by
+    C_out after one pair of panels (float32) or two (float64)."""
+    import numba
+
     from numba_dsconv import _config
     from numba_dsconv._spec import Activation, make_spec
     from numba_dsconv.cpu import conv2d, pointwise, separable
@@ -291,7 +294,10 @@ def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, rng):
 
     dt = np.dtype(dtype)
     n, h, w, c, c_out = 2, 23, 29, 5, 70
+    request.addfinalizer(functools.partial(numba.set_num_threads, numba.get_num_threads()))
+    numba.set_num_threads(min(2, numba.get_num_threads()))  # 1334 pixels: >= 4 blocks each
     monkeypatch.setattr(_config, "L2_BYTES", 4096)
+    monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 256)
     if slab_taps:
         monkeypatch.setattr(_config, "CPU_TILE_BYTES", slab_taps * c * dt.itemsize * 256)
     x = rng.standard_normal((n, h, w, c)).astype(dt)
