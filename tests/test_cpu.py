@@ -448,7 +448,7 @@ def test_32_byte_vector_build():
     probe = "from numba_dsconv.cpu._simd import VEC_BYTES; assert VEC_BYTES == 32, VEC_BYTES"
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    select = "gemm_blocking or worked_example or medium or parallel or block_peak"
+    select = "gemm_blocking or worked_example or medium or parallel or block_peak or packed_once"
     ops = os.path.join(os.path.dirname(__file__), "test_ops.py")
     bench = os.path.join(os.path.dirname(__file__), "test_bench.py")  # the GEMM block ceiling
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, ops]

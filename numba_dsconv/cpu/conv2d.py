@@ -23,15 +23,15 @@ from .. import _config
 from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, Kernel, helper, kernel
 from ._simd import address
-from .layout import bias_vector, scratch
+from .layout import bias_vector
 from .pointwise import (
     gemm_panel_width,
     gemm_scratch,
     gemm_split,
     gemm_task,
     gemm_tile,
+    kernel_panels,
     no_packed,
-    packed_weights,
     packs_once,
     zero_tail,
 )
@@ -119,7 +119,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, c_out)
         b = bias_vector(biases[0], c_out, dtype, nr)
-        packed = packed_weights(w2, parallel, scratch, "conv2d_w") if once else nopack
+        _, packed = kernel_panels(w2, nopack, once, parallel, "conv2d_w")
         return (x, w2, packed, b, out, geo, act, split, slab)
 
     return build
