@@ -449,6 +449,7 @@ def test_32_byte_vector_build():
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     select = "gemm_blocking or worked_example or medium or parallel or block_peak or packed_once"
+    select += " or every_phase"
     ops = os.path.join(os.path.dirname(__file__), "test_ops.py")
     bench = os.path.join(os.path.dirname(__file__), "test_bench.py")  # the GEMM block ceiling
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, ops]
@@ -457,3 +458,53 @@ def test_32_byte_vector_build():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the 3x3 depthwise's channel vectors: x at every phase of a 64-byte line (the first vector
+# unaligned, the next ones aligned, the last one overlapping), C not a whole number of vectors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [3, 20, 256, 264])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_channel_vectors_at_every_phase(dtype, c, stride, rng):
+    from reference import ref_depthwise, ref_separable
+
+    from numba_dsconv.cpu._simd import VEC_BYTES
+    from numba_dsconv.cpu.depthwise import HEAD_MIN_VECTORS, vector_head
+
+    itemsize = np.dtype(dtype).itemsize
+    shape = (2, 9, 10, c)
+    pw = rng.uniform(-1, 1, (c, 40)).astype(dtype)
+    dw = rng.uniform(-1, 1, (3, 3, c)).astype(dtype)
+    bias = rng.uniform(-1, 1, c).astype(dtype)
+    values = rng.uniform(-1, 1, shape).astype(dtype)
+    results = []
+    for phase in range(0, 64, itemsize):
+        # x starting ``phase`` bytes past a 64-byte boundary
+        raw = np.empty(values.size + 128 // itemsize, dtype)
+        off = ((phase - raw.ctypes.data) % 64) // itemsize
+        x = raw[off : off + values.size].reshape(shape)
+        x[...] = values
+        assert x.ctypes.data % 64 == phase
+        # the path under test: from the first aligned vector on (x's phase), where there are
+        # enough whole vectors per pixel, else the vectors from channel 0
+        head = vector_head(x.ctypes.data, c, itemsize)
+        lanes = VEC_BYTES // itemsize
+        if phase % VEC_BYTES and c % lanes == 0 and c >= HEAD_MIN_VECTORS * lanes:
+            assert (x.ctypes.data + head * itemsize) % VEC_BYTES == 0 and 0 < head < lanes
+        else:
+            assert head == 0
+        kw = dict(stride=stride, padding=1)
+        y = nd.depthwise(x, dw, bias=bias, activation="relu6", **kw)
+        s = nd.separable(x, dw, pw, dw_bias=bias, mid_activation="relu6", **kw)
+        assert_close(y, ref_depthwise(values, dw, bias=bias, activation="relu6", **kw), dtype, 9)
+        ref = ref_separable(values, dw, pw, dw_bias=bias, mid_activation="relu6", **kw)
+        assert_close(s, ref, dtype, 9 * c)
+        np.testing.assert_array_equal(x, values)  # unmodified
+        results.append((y, s))
+    # every lane's sum runs alike whichever vector computes it: the same bits at every phase
+    for y, s in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(s, results[0][1])

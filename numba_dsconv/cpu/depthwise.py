@@ -162,8 +162,14 @@ def depthwise3x3_segment(
     pix = sw * C * sz  # bytes between the windows of neighbouring output pixels
     o0 = (ja * sw - pl) * C * sz
     count = jb - ja
+    if C < L:  # no whole vector
+        dw3x3_tail(px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, 0, act, dt, sz)
+        return
+    head = vector_head(px, C, sz)
     c = 0
-    while c + L <= C:
+    while c < C:
+        if c + L > C:  # the last vector ends at C, overlapping the one before it
+            c = C - L
         cb = c * sz
         if checked:  # border pixels: every tap checked, padding taps 0 * weight
             zero = vzero(dt)
@@ -185,7 +191,7 @@ def depthwise3x3_segment(
                     acc = vact(acc, act)
                 vstorep(pdst + (j - ja) * sdst + cb, acc)
             c += L
-        elif c + 2 * L <= C:
+        elif c + 2 * L <= C and (c > 0 or head == 0):
             # two channel vectors per sweep: each pixel then reads two neighbouring 64-byte
             # lines per tap (BENCHMARKS.md, "Design measurements")
             dw3x3_interior2(r0, r1, r2, o0 + cb, tap, pix, pd + cb, pb + cb, C * sz,
@@ -195,8 +201,31 @@ def depthwise3x3_segment(
             dw3x3_interior(r0, r1, r2, o0 + cb, tap, pix, pd + cb, pb + cb, C * sz,
                            pdst + cb, sdst, count, act, dt)  # fmt: skip
             c += L
-    if c < C:
-        dw3x3_tail(px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, c, act, dt, sz)
+        if c == L and head > 0:  # past the unaligned first vector: on to the aligned ones
+            c = head
+
+
+# the fewest channel vectors per pixel for which ``vector_head`` aligns the loads of x
+HEAD_MIN_VECTORS = 16
+
+
+@helper
+def vector_head(px, C, sz):  # pragma: no cover - compiled
+    """The first channel whose vectors start on a 64-byte boundary in every pixel of x (at
+    ``px``, C channels of ``sz`` bytes per pixel), or 0 where they already do or cannot (a
+    pixel not a whole number of 64-byte lines, or fewer than ``HEAD_MIN_VECTORS`` vectors of
+    channels: the extra vector costs more than the split loads it saves).
+
+    numpy places large arrays 16 bytes past a boundary: every whole-vector load of x would then
+    span two cache lines (20-35 % of the 3x3 depthwise's time on AMD Zen 5). The segment code
+    then runs the first vector at channel 0 as given, the next ones from ``head`` on, aligned,
+    and the last one ending at C; the channels they overlap get the same values twice, the
+    same bits (every lane's sum is computed alike)."""
+    L = VEC_BYTES // sz
+    off = px % VEC_BYTES
+    if off == 0 or off % sz != 0 or C * sz % VEC_BYTES != 0 or C < HEAD_MIN_VECTORS * L:
+        return 0
+    return (VEC_BYTES - off) // sz
 
 
 @helper

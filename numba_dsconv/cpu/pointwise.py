@@ -92,12 +92,14 @@ def gemm_task(t, nc, block, cblock, rows, cols):  # pragma: no cover - compiled
 
 
 @helper
-def aligned_rows(rows, cols, like):  # pragma: no cover - compiled
-    """An uninitialised (rows, cols) array of ``like``'s dtype starting on a 64-byte boundary
-    (Numba allocates on 32: half of the 64-byte vector loads of a panel would span two lines)."""
+def aligned_rows(rows, cols, like, phase=0):  # pragma: no cover - compiled
+    """An uninitialised (rows, cols) array of ``like``'s dtype starting ``phase`` bytes (a
+    multiple of its itemsize) past a 64-byte boundary (Numba allocates on 32: half of the
+    64-byte vector loads of a panel would span two lines; a depthwise tile takes x's phase,
+    ``depthwise.vector_head``)."""
     n = rows * cols
     buf = np.empty(n + 64 // like.itemsize, dtype=like.dtype)
-    off = (-address(buf)) % 64 // like.itemsize
+    off = (phase - address(buf)) % 64 // like.itemsize
     return buf[off : off + n].reshape((rows, cols))
 
 

@@ -22,6 +22,7 @@ from ._simd import address
 from .depthwise import depthwise_tile
 from .layout import bias_vector
 from .pointwise import (
+    aligned_rows,
     gemm_panel_width,
     gemm_scratch,
     gemm_split,
@@ -58,7 +59,8 @@ def separable_nhwc(
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
         cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
-        buf = np.empty((tile, CM), dtype=out.dtype)
+        # x's phase: the depthwise's aligned loads of x and stores to buf coincide
+        buf = aligned_rows(tile, CM, out, address(x) % 64)
         pk, at, part = gemm_scratch(kc, tile, out)
         depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
         zero_tail(buf, p1 - p0)
