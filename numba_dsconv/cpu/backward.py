@@ -355,6 +355,33 @@ def dw3x3_backward_interior(
         vstorep(g2 + e, vadd(vloadp(g2 + e, dt), b20))
         vstorep(g2 + e + tap, vadd(vloadp(g2 + e + tap, dt), b21))
         return
+    if pix == 2 * tap and tap == srow:  # stride 2, dilation 1 along the row: a window's
+        # last column is the next one's first: its sum is kept pending in a register (two
+        # adds into dx per kernel row and pixel, not three), dx read before it is stored
+        b0 = b1 = b2 = z
+        for j in range(count):
+            o = o0 + j * pix
+            g = vloadp(pgm + j * sgm, dt)
+            d00 = vloadp(g0 + o, dt)
+            d01 = vloadp(g0 + o + tap, dt)
+            d10 = vloadp(g1 + o, dt)
+            d11 = vloadp(g1 + o + tap, dt)
+            d20 = vloadp(g2 + o, dt)
+            d21 = vloadp(g2 + o + tap, dt)
+            vstorep(g0 + o, vadd(d00, vfma(g, w00, b0)))
+            vstorep(g0 + o + tap, vfma(g, w01, d01))
+            b0 = vfma(g, w02, z)
+            vstorep(g1 + o, vadd(d10, vfma(g, w10, b1)))
+            vstorep(g1 + o + tap, vfma(g, w11, d11))
+            b1 = vfma(g, w12, z)
+            vstorep(g2 + o, vadd(d20, vfma(g, w20, b2)))
+            vstorep(g2 + o + tap, vfma(g, w21, d21))
+            b2 = vfma(g, w22, z)
+        e = o0 + count * pix  # the column still pending
+        vstorep(g0 + e, vadd(vloadp(g0 + e, dt), b0))
+        vstorep(g1 + e, vadd(vloadp(g1 + e, dt), b1))
+        vstorep(g2 + e, vadd(vloadp(g2 + e, dt), b2))
+        return
     for j in range(count):
         o = o0 + j * pix
         g = vloadp(pgm + j * sgm, dt)
