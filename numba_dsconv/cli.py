@@ -367,7 +367,7 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
         runtimes.remove("torch")
     numbers = [lay.number for lay in lays]
     threads = numba.get_num_threads()
-    rounds = args.rounds
+    rounds = args.rounds or 7
     repeat = args.repeat or 9
     with console.status("peers") as status:
         best = peers.run_peers(
@@ -432,6 +432,7 @@ def _bench_train(args: argparse.Namespace, lays: list) -> int:
         result = train.run_train_bench(
             args.device, args.batch, lays, args.repeat,
             progress=lambda phase, label, done, total: status.update(f"{label} ({done}/{total})"),
+            rounds=args.rounds or 5,
         )  # fmt: skip
         status.update("saved tensors of MobileNetV1's 13 separable layers")
         saved = train.saved_bytes(args.batch, args.device)
@@ -439,7 +440,13 @@ def _bench_train(args: argparse.Namespace, lays: list) -> int:
         title=Text(
             f"training step (forward + backward, grads of x, weights, biases), N={args.batch}, "
             f"{args.device}, {result.threads} threads: numba_dsconv.torch.separable vs torch "
-            f"Conv2d(groups=C) + Conv2d(1x1), channels_last; median ms"
+            f"Conv2d(groups=C) + Conv2d(1x1), channels_last; "
+            + (
+                f"each in its own processes, {args.rounds or 5} alternating rounds, best of the "
+                "rounds' medians; ms"
+                if args.device == "cpu"
+                else "interleaved, median ms"
+            )
         )
     )
     for col in ("#", "layer", "ours ms", "torch ms", "ours / torch", "grad error"):
@@ -571,7 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "installed: pip install 'numba-dsconv[peers]'), each in its own processes, alternating",
     )
     p_bench.add_argument(
-        "--rounds", type=_count(1), default=7, help="with --peers: alternating rounds (default 7)"
+        "--rounds",
+        type=_count(1),
+        default=None,
+        help="with --peers, or --pass train on the CPU: alternating rounds of processes "
+        "(default 7 with --peers, 5 with --pass train)",
     )
     p_bench.add_argument(
         "--dask",

@@ -446,3 +446,32 @@ def test_peers_rounds_alternate_processes_and_keep_the_best():
     assert peers.ratio_columns(list(both)) == ["vs fastest", "packed vs fastest"]
     assert peers.ratio_columns(["numba_dsconv", "numba_dsconv+pack"]) == []
     assert peers.geomean([0.5, 2.0]) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the training step (bench/train.py): on the CPU each side in its own processes, alternating
+
+
+def test_train_bench_times_each_side_in_its_own_processes(monkeypatch):
+    pytest.importorskip("torch")
+    from numba_dsconv.bench import timing, train
+
+    calls = []
+    real = timing.subprocess.run
+
+    def spy(cmd, **kwargs):
+        calls.append(cmd[cmd.index("-m") + 1 : cmd.index("-m") + 3])
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(timing.subprocess, "run", spy)
+    result = train.run_train_bench("cpu", 1, [suite.layer(9)], repeat=2, rounds=2)
+    # two rounds, each side once per round, in that order
+    worker = "numba_dsconv.bench.train"
+    assert calls == [[worker, "ours"], [worker, "torch"]] * 2
+    (row,) = result.rows
+    assert set(row.samples) == {"ours", "torch"}
+    assert all(len(v) == 2 and min(v) > 0 for v in row.samples.values())
+    # each side's time is the best of its rounds' medians
+    assert row.ours_s == min(row.samples["ours"]) and row.torch_s == min(row.samples["torch"])
+    assert row.ratio == pytest.approx(row.ours_s / row.torch_s)
+    assert row.grad_error < 1e-4  # float32 gradients against torch's

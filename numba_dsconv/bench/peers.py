@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from .machine import serial_blas
 from .suite import Layer, layer
+from .timing import alternating_processes
 
 OURS = "numba_dsconv"
 # ours with the pointwise weights packed once (numba_dsconv.pack), as ONNX Runtime and OpenVINO
@@ -212,24 +212,15 @@ def run_peers(
     """{runtime: {layer: (best of the rounds' medians in seconds, relative error)}}: each
     round runs every runtime's worker once, in that order (so they alternate)."""
     best: dict[str, dict[int, tuple[float, float]]] = {r: {} for r in runtimes}
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    total = rounds * len(runtimes)
-    for k in range(rounds):
-        for i, name in enumerate(runtimes):
-            if progress is not None:
-                progress(k * len(runtimes) + i, total)
-            cmd = [sys.executable, "-m", "numba_dsconv.bench.peers", name, str(batch)]
-            cmd += [",".join(map(str, layers)), str(threads), str(repeat)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"the {name} worker failed: {' '.join(tail)}")
-            for key, (med, err) in json.loads(done.stdout.strip().splitlines()[-1]).items():
+    args = [str(batch), ",".join(map(str, layers)), str(threads), str(repeat)]
+    done = alternating_processes("numba_dsconv.bench.peers", runtimes, args, threads, rounds,
+                                 progress)  # fmt: skip
+    for name, outputs in done.items():
+        for output in outputs:
+            for key, (med, err) in output.items():
                 old = best[name].get(int(key))
                 if old is None or med < old[0]:
                     best[name][int(key)] = (med, err)
-    if progress is not None:
-        progress(total, total)
     return best
 
 

@@ -7,7 +7,11 @@ timed as if it had finished.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +58,37 @@ def time_interleaved(
         if on_round is not None:
             on_round(r + 1)
     return samples, numbers
+
+
+def alternating_processes(
+    module: str,
+    names: list[str],
+    args: list[str],
+    threads: int,
+    rounds: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """{name: the JSON object each of its ``rounds`` workers printed}: round after round, one
+    process per name in turn (``python -m module NAME *args``, on ``threads`` Numba and OpenMP
+    threads), so that the sides alternate and no two thread pools share a process (a pool
+    that has just finished spins for a while and takes the cores from the next call: in one
+    process the training step of torch and ours, alternating, each met the other's pool)."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    total = rounds * len(names)
+    for k in range(rounds):
+        for i, name in enumerate(names):
+            if progress is not None:
+                progress(k * len(names) + i, total)
+            cmd = [sys.executable, "-m", module, name, *args]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                raise RuntimeError(f"the {name} worker failed: {' '.join(tail)}")
+            out[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if progress is not None:
+        progress(total, total)
+    return out
 
 
 def default_repeat(call_s: float) -> int:

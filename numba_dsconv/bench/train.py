@@ -2,10 +2,12 @@
 
 ``run_train_bench``: per suite layer, one training step (forward, then backward with the
 gradients of the input, the weights and the biases) with ``numba_dsconv.torch.separable``
-against torch's Conv2d(groups=C) + Conv2d(1x1) on channels_last tensors, timed interleaved
-(ours, torch, ours, torch, ...) after warm-up; medians. Both run in one process (ours is a torch
-autograd op), on the same number of threads. The gradients of ours are checked against
-torch's (float32).
+against torch's Conv2d(groups=C) + Conv2d(1x1) on channels_last tensors, on the same number of
+threads, after warm-up. On the CPU each side runs in processes of its own, alternating round
+after round (a worker: ``python -m numba_dsconv.bench.train SIDE DEVICE BATCH LAYERS REPEAT``
+prints {layer: median seconds}), each side's time the best of its rounds' medians; on a GPU the
+two are interleaved in one process (ours, torch, ours, ...), medians. The gradients of ours are
+checked against torch's (float32).
 
 ``saved_bytes``: what autograd keeps for the backward of a chain of MobileNetV1's 13
 separable layers, counted with torch.autograd.graph.saved_tensors_hooks, ours and torch's.
@@ -23,8 +25,8 @@ from typing import Any
 import numba
 
 from .machine import Progress, no_progress, torch_module
-from .suite import Layer
-from .timing import time_interleaved
+from .suite import Layer, layer
+from .timing import alternating_processes, time_interleaved
 
 # MobileNetV1's 13 depthwise separable layers at 224 x 224: (H_in, C_in, C_out, stride)
 MOBILENET_V1 = (
@@ -122,33 +124,75 @@ def train_step_fns(lay: Layer, batch: int, device: str = "cpu") -> tuple[dict, A
 
 def run_train_bench(
     device: str, batch: int, layers: list[Layer], repeat: int | None = None,
-    progress: Progress = no_progress,
+    progress: Progress = no_progress, rounds: int = 5,
 ) -> TrainResult:  # fmt: skip
-    """The training step of each layer, ours against torch's (see the module docstring)."""
+    """The training step of each layer, ours against torch's (see the module docstring).
+
+    On the CPU each side is timed in processes of its own, alternating for ``rounds`` rounds
+    (``timing.alternating_processes``), and each side's time is the best of its rounds'
+    medians, as the peers' are: in one process the two OpenMP pools (Numba's and torch's)
+    disturbed each other, whichever ran second paying (the same layer measured 0.57x and
+    1.35x in two runs on the development machine). On a GPU both sides share one process,
+    interleaved."""
     torch = torch_module()
     if torch is None:
         raise NotImplementedError("the training benchmark needs torch: pip install torch")
     threads = numba.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(threads)  # the same cores for both
-    rows = []
-    for i, lay in enumerate(layers):
-        progress("measure", f"layer {lay.number}", i, len(layers))
-        fns, grads, _ = train_step_fns(lay, batch, device)
+    errors = {}
+    for lay in layers:  # the gradients checked once, in this process
+        _, grads, _ = train_step_fns(lay, batch, device)
         theirs = grads("torch")
         error = 0.0
         for a, b in zip(grads("ours"), theirs, strict=True):
             scale = float(b.abs().max()) or 1.0
             error = max(error, float((a - b).abs().max()) / scale)
-        for fn, sync in fns.values():  # warm up
-            fn()
-            sync()
-        samples, _ = time_interleaved(fns, repeat or 9, min_sample_s=0.05)
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        rows.append(TrainRow(lay.number, lay.name, batch, device, med["ours"], med["torch"],
-                             med["ours"] / med["torch"], error, samples))  # fmt: skip
-    progress("measure", "done", len(layers), len(layers))
+        errors[lay.number] = error
+    numbers = [lay.number for lay in layers]
+    if device == "cpu":
+        args = [device, str(batch), ",".join(map(str, numbers)), str(repeat or 9)]
+        runs = alternating_processes(
+            "numba_dsconv.bench.train", list(SIDES), args, threads, rounds,
+            lambda done, total: progress("measure", f"round {done // 2 + 1}", done, total),
+        )  # fmt: skip
+        rounds_s = {side: {n: [out[str(n)] for out in outs] for n in numbers}
+                    for side, outs in runs.items()}  # fmt: skip
+    else:
+        rounds_s = {side: {} for side in SIDES}
+        for i, lay in enumerate(layers):
+            progress("measure", f"layer {lay.number}", i, len(layers))
+            for side, med in _timed(lay, batch, device, repeat or 9, SIDES).items():
+                rounds_s[side][lay.number] = [med]
+        progress("measure", "done", len(layers), len(layers))
+    rows = []
+    for lay in layers:
+        best = {side: min(rounds_s[side][lay.number]) for side in SIDES}
+        rows.append(TrainRow(lay.number, lay.name, batch, device, best["ours"], best["torch"],
+                             best["ours"] / best["torch"], errors[lay.number],
+                             {side: rounds_s[side][lay.number] for side in SIDES}))  # fmt: skip
     return TrainResult(device, batch, threads, rows)
+
+
+SIDES = ("ours", "torch")
+
+
+def _timed(lay: Layer, batch: int, device: str, repeat: int, sides: tuple[str, ...]) -> dict:
+    """{side: median seconds of one training step}, the sides interleaved after warm-up."""
+    fns, _, _ = train_step_fns(lay, batch, device)
+    fns = {side: fns[side] for side in sides}
+    for fn, sync in fns.values():  # warm up
+        fn()
+        sync()
+    samples, _ = time_interleaved(fns, repeat, min_sample_s=0.05)
+    return {side: statistics.median(v) for side, v in samples.items()}
+
+
+def worker(side: str, device: str, batch: int, layers: list[int], repeat: int) -> dict:
+    """{layer: median seconds of one training step} of one side, in this process."""
+    torch = torch_module()
+    torch.set_num_threads(numba.get_num_threads())
+    return {str(n): _timed(layer(n), batch, device, repeat, (side,))[side] for n in layers}
 
 
 def saved_bytes(batch: int = 8, device: str = "cpu", layers: int = 13) -> dict[str, dict]:
@@ -199,3 +243,11 @@ def _count_saved(torch: Any, model: Any, x: Any) -> dict[str, int]:
         y = model(x)
     del y
     return {"raw": raw, "unique": sum(seen.values())}
+
+
+if __name__ == "__main__":  # a worker of ``run_train_bench``
+    import json
+    import sys
+
+    sd, dev, n, lays, rep = sys.argv[1:6]
+    print(json.dumps(worker(sd, dev, int(n), [int(v) for v in lays.split(",")], int(rep))))
