@@ -11,8 +11,9 @@ the depthwise family it is built from, which the fused separable kernel shares.
   of four paths: ``dw3x3_interior2`` (two channel vectors, no bounds checks),
   ``dw3x3_interior`` (one vector, no checks), the border loop (one vector, per-tap checks; kept
   inline in the segment: as a helper of its own LLVM compiled it to slower code, see
-  BENCHMARKS.md, "Design measurements") and ``dw3x3_tail`` (the channels past the last whole
-  vector, scalar).
+  BENCHMARKS.md, "Design measurements") and ``dw3x3_tail`` (scalar, where C is less than one
+  vector). The vectors start at x's first 64-byte boundary (``vector_head``); a last vector
+  past C is moved back to end at C, overlapping the one before (the same values twice).
 
 The 3x3 code works on byte addresses, not arrays: a call taking arrays pays an atomic
 reference-count update per array, on counters every thread shares.
@@ -307,7 +308,7 @@ def dw3x3_interior2(
 def dw3x3_tail(
     px, pd, pb, pdst, sdst, H, W, C, n, ih0, ja, jb, geo, c0, act, dt, sz
 ):  # pragma: no cover - compiled
-    """Channels c0..C-1 (past the last whole vector) of pixels ja..jb-1, scalar, checked."""
+    """Channels c0..C-1 of pixels ja..jb-1, scalar, checked (C less than one vector)."""
     _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
     for j in range(ja, jb):
         iw0 = j * sw - pl
