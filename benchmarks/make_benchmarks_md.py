@@ -83,7 +83,9 @@ def _train_section(batches: list[int], layers: str, console) -> list[str]:
         "",
         "Forward + backward with the gradients of x, both weights and both biases, through "
         "`numba_dsconv.torch.separable` against torch's `Conv2d(groups=C)` + `Conv2d(1x1)` on "
-        "channels_last tensors, interleaved in one process, the same thread count; median ms. "
+        "channels_last tensors, the same thread count, each side in its own worker processes, "
+        "5 alternating rounds, the best of the rounds' medians (in one process the two OpenMP "
+        "pools disturbed each other); ms. "
         "`ours / torch` below 1: ours is faster; `grad error` = the largest difference of any "
         "gradient from torch's, relative to its largest value.",
         "",
