@@ -15,9 +15,10 @@ windows cover (dask gathers the halo from the neighbouring chunks), padded only 
 reaches past the image. Batch chunks map directly (no halo); channels are gathered into one
 chunk for the ops that mix them (conv2d, pointwise, separable), while depthwise keeps the
 channel chunks (its weights and bias are sliced per chunk), their borders moved to whole
-pairs of SIMD vectors: the 3x3 kernel takes a channel down one of three paths by its position
-(a pair of vectors, one vector, the scalar tail), each compiled with fast-math reassociation,
-so a channel keeps its bits only at the same position as in the whole array.
+pairs of SIMD vectors, and no chunk left with less than one vector: the 3x3 kernel computes
+every channel of an array of one vector or more with the same vector code (the last vector
+moved back to end at C), but an array of fewer channels with a scalar loop whose sum, compiled
+with fast-math reassociation, rounds differently.
 
 Nothing here is imported unless an ``x`` is a dask array; ``dask`` is an extra.
 """
@@ -279,6 +280,8 @@ def lazy(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Any:
     lanes = max(1, 2 * VEC_BYTES // np.dtype(p.dtype).itemsize)
     sizes = x.chunks[c_ax]
     cuts = sorted({int(e) // lanes * lanes for e in np.cumsum(sizes)[:-1]} - {0})
+    if cuts and spec.c_in - cuts[-1] < lanes // 2:  # a last chunk of less than one vector
+        cuts.pop()  # would take the scalar tail, where the whole array takes a vector
     aligned = tuple(np.diff([0, *cuts, spec.c_in]).tolist())
     if aligned != tuple(sizes):
         x = x.rechunk({c_ax: aligned})

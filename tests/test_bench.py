@@ -464,7 +464,7 @@ def test_train_bench_times_each_side_in_its_own_processes(monkeypatch):
         return real(cmd, **kwargs)
 
     monkeypatch.setattr(timing.subprocess, "run", spy)
-    result = train.run_train_bench("cpu", 1, [suite.layer(9)], repeat=2, rounds=2)
+    result = train.run_train_bench("cpu", 1, [TINY], repeat=2, rounds=2)  # not a suite layer
     # two rounds, each side once per round, in that order
     worker = "numba_dsconv.bench.train"
     assert calls == [[worker, "ours"], [worker, "torch"]] * 2
@@ -475,3 +475,10 @@ def test_train_bench_times_each_side_in_its_own_processes(monkeypatch):
     assert row.ours_s == min(row.samples["ours"]) and row.torch_s == min(row.samples["torch"])
     assert row.ratio == pytest.approx(row.ours_s / row.torch_s)
     assert row.grad_error < 1e-4  # float32 gradients against torch's
+
+
+def test_a_failing_worker_is_named():
+    from numba_dsconv.bench import timing
+
+    with pytest.raises(RuntimeError, match="the ours worker failed"):
+        timing.alternating_processes("numba_dsconv.bench.train", ["ours"], ["cpu"], 1, 1)

@@ -170,11 +170,13 @@ def test_batch_only_chunking_maps_blocks_directly():
     ("dtype", "c", "chunks"),
     [(np.float32, 20, (3, 17)), (np.float32, 20, (10, 10)), (np.float32, 33, (1, 16, 16)),
      (np.float64, 12, (6, 6)), (np.float32, 40, (17, 23)), (np.float32, 80, (16, 16, 48)),
-     (np.float64, 40, (8, 8, 24))],
+     (np.float64, 40, (8, 8, 24)), (np.float32, 40, (32, 8)), (np.float32, 33, (32, 1)),
+     (np.float64, 20, (16, 4)), (np.float32, 72, (32, 32, 8))],
 )  # fmt: skip
 def test_depthwise_channel_chunks_keep_vector_positions(dtype, c, chunks, layout):
-    """The 3x3 kernel sums a channel's taps differently in its vector and scalar-tail paths:
-    channel chunk borders move to whole vectors, so every channel keeps its path."""
+    """The 3x3 kernel sums a channel's taps differently in its vector code and in the scalar
+    loop of an array of less than one vector: channel chunk borders move to whole pairs of
+    vectors and no chunk keeps less than one vector, so every channel keeps its path."""
     r = np.random.default_rng(12)
     x = r.standard_normal((2, 9, 9, c)).astype(dtype)
     dw = r.standard_normal((3, 3, c)).astype(dtype)

@@ -647,3 +647,22 @@ def test_mask_keyword(op, device, rng):
         f(grad, x, *weights, mask=y, **kwargs)
     with pytest.raises(ValueError, match="mask must have the forward result's shape"):
         f(grad, x, *weights, mask=mask[:1], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("w", [5, 6, 7, 8, 13])
+def test_depthwise_dx_at_stride_2_every_row_width(dtype, w, rng):
+    """dx at stride 2 keeps each window's last column pending for the next window (the 3x3
+    interior path): rows with 1 to 5 interior pixels, odd and even widths, against float64."""
+    c = 40  # two whole vectors and a tail
+    x = rng.uniform(-1, 1, (2, 7, w, c)).astype(dtype)
+    dw = rng.uniform(-1, 1, (3, 3, c)).astype(dtype)
+    kw = dict(stride=2, padding=1)
+    y = nd.depthwise(x, dw, **kw)
+    grad = rng.uniform(-1, 1, y.shape).astype(dtype)
+    got = nd.depthwise_grad(grad, x, dw, **kw)
+    want = ref.ref_depthwise_grad(grad, x, dw, **kw)
+    rtol, atol = tolerances(np.dtype(dtype), 9)  # a dx element sums at most 9 products
+    np.testing.assert_allclose(got.x, want[0], rtol=rtol, atol=atol)
+    rtol, atol = tolerances(np.dtype(dtype), math.prod(y.shape[:3]))  # d dw: every pixel
+    np.testing.assert_allclose(got.dw, want[1], rtol=rtol, atol=atol)

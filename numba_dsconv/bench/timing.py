@@ -82,10 +82,14 @@ def alternating_processes(
                 progress(k * len(names) + i, total)
             cmd = [sys.executable, "-m", module, name, *args]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
+            lines = done.stdout.strip().splitlines()
+            try:
+                if done.returncode != 0 or not lines:
+                    raise ValueError
+                out[name].append(json.loads(lines[-1]))
+            except ValueError:  # no JSON line either (json's error is a ValueError)
                 tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"the {name} worker failed: {' '.join(tail)}")
-            out[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                raise RuntimeError(f"the {name} worker failed: {' '.join(tail)}") from None
     if progress is not None:
         progress(total, total)
     return out

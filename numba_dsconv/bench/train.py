@@ -4,10 +4,10 @@
 gradients of the input, the weights and the biases) with ``numba_dsconv.torch.separable``
 against torch's Conv2d(groups=C) + Conv2d(1x1) on channels_last tensors, on the same number of
 threads, after warm-up. On the CPU each side runs in processes of its own, alternating round
-after round (a worker: ``python -m numba_dsconv.bench.train SIDE DEVICE BATCH LAYERS REPEAT``
-prints {layer: median seconds}), each side's time the best of its rounds' medians; on a GPU the
-two are interleaved in one process (ours, torch, ours, ...), medians. The gradients of ours are
-checked against torch's (float32).
+after round (a worker, ``python -m numba_dsconv.bench.train SIDE DEVICE BATCH LAYERS REPEAT``
+with LAYERS the layers as JSON, prints {layer number: median seconds}), each side's time the
+best of its rounds' medians; on a GPU the two are interleaved in one process (ours, torch,
+ours, ...), medians. The gradients of ours are checked against torch's (float32).
 
 ``saved_bytes``: what autograd keeps for the backward of a chain of MobileNetV1's 13
 separable layers, counted with torch.autograd.graph.saved_tensors_hooks, ours and torch's.
@@ -17,6 +17,7 @@ Import needs torch (the command line says so where it is missing).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import numba
 
 from .machine import Progress, no_progress, torch_module
-from .suite import Layer, layer
+from .suite import Layer
 from .timing import alternating_processes, time_interleaved
 
 # MobileNetV1's 13 depthwise separable layers at 224 x 224: (H_in, C_in, C_out, stride)
@@ -46,6 +47,8 @@ class TrainRow:
     torch_s: float
     ratio: float  # ours / torch: below 1, ours is faster
     grad_error: float  # max over the gradients of max |ours - torch| / max |torch|
+    # per side: on the CPU each round's median seconds (ours_s / torch_s: the least), on a GPU
+    # the one median of the interleaved samples
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -132,7 +135,7 @@ def run_train_bench(
     (``timing.alternating_processes``), and each side's time is the best of its rounds'
     medians, as the peers' are: in one process the two OpenMP pools (Numba's and torch's)
     disturbed each other, whichever ran second paying (the same layer measured 0.57x and
-    1.35x in two runs on the development machine). On a GPU both sides share one process,
+    1.19x in two runs on the development machine). On a GPU both sides share one process,
     interleaved."""
     torch = torch_module()
     if torch is None:
@@ -151,10 +154,13 @@ def run_train_bench(
         errors[lay.number] = error
     numbers = [lay.number for lay in layers]
     if device == "cpu":
-        args = [device, str(batch), ",".join(map(str, numbers)), str(repeat or 9)]
+        spelled = json.dumps([asdict(lay) for lay in layers])  # any Layer, not only the suite's
+        args = [device, str(batch), spelled, str(repeat or 9)]
         runs = alternating_processes(
             "numba_dsconv.bench.train", list(SIDES), args, threads, rounds,
-            lambda done, total: progress("measure", f"round {done // 2 + 1}", done, total),
+            lambda done, total: progress(
+                "measure", f"round {min(done // len(SIDES) + 1, rounds)} of {rounds}", done, total
+            ),
         )  # fmt: skip
         rounds_s = {side: {n: [out[str(n)] for out in outs] for n in numbers}
                     for side, outs in runs.items()}  # fmt: skip
@@ -188,11 +194,11 @@ def _timed(lay: Layer, batch: int, device: str, repeat: int, sides: tuple[str, .
     return {side: statistics.median(v) for side, v in samples.items()}
 
 
-def worker(side: str, device: str, batch: int, layers: list[int], repeat: int) -> dict:
-    """{layer: median seconds of one training step} of one side, in this process."""
+def worker(side: str, device: str, batch: int, layers: list[Layer], repeat: int) -> dict:
+    """{layer number: median seconds of one training step} of one side, in this process."""
     torch = torch_module()
     torch.set_num_threads(numba.get_num_threads())
-    return {str(n): _timed(layer(n), batch, device, repeat, (side,))[side] for n in layers}
+    return {str(lay.number): _timed(lay, batch, device, repeat, (side,))[side] for lay in layers}
 
 
 def saved_bytes(batch: int = 8, device: str = "cpu", layers: int = 13) -> dict[str, dict]:
@@ -246,8 +252,7 @@ def _count_saved(torch: Any, model: Any, x: Any) -> dict[str, int]:
 
 
 if __name__ == "__main__":  # a worker of ``run_train_bench``
-    import json
     import sys
 
     sd, dev, n, lays, rep = sys.argv[1:6]
-    print(json.dumps(worker(sd, dev, int(n), [int(v) for v in lays.split(",")], int(rep))))
+    print(json.dumps(worker(sd, dev, int(n), [Layer(**d) for d in json.loads(lays)], int(rep))))

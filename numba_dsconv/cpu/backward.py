@@ -306,7 +306,9 @@ def dw3x3_backward_interior(
     d dw: nine accumulators in registers over the segment, added to pgdw once at the end.
     dx: with stride and dilation 1 along the row, each input column's three taps of one kernel
     row are summed in registers (a rolling pair of pending sums per kernel row) and added into
-    dx once, when the column is complete; otherwise each tap's g * w is added at its pixel."""
+    dx once, when the column is complete; at stride 2 (dilation 1) a window's last column,
+    the next window's first, is kept pending likewise (one pending sum per kernel row);
+    otherwise each tap's g * w is added at its pixel."""
     z = vzero(dt)
     if need_dw:
         a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = z

@@ -212,13 +212,14 @@ HEAD_MIN_VECTORS = 16
 
 @helper
 def vector_head(px, C, sz):  # pragma: no cover - compiled
-    """The first channel whose vectors start on a 64-byte boundary in every pixel of x (at
-    ``px``, C channels of ``sz`` bytes per pixel), or 0 where they already do or cannot (a
-    pixel not a whole number of 64-byte lines, or fewer than ``HEAD_MIN_VECTORS`` vectors of
-    channels: the extra vector costs more than the split loads it saves).
+    """The first channel whose vectors start on a vector boundary (VEC_BYTES: 64 bytes with
+    AVX-512, 32 with AVX2) in every pixel of x (at ``px``, C channels of ``sz`` bytes per
+    pixel), or 0 where they already do or cannot (a pixel not a whole number of vectors, or
+    fewer than ``HEAD_MIN_VECTORS`` vectors of channels: the extra vector costs more than the
+    split loads it saves).
 
-    numpy places large arrays 16 bytes past a boundary: every whole-vector load of x would then
-    span two cache lines (20-35 % of the 3x3 depthwise's time on AMD Zen 5). The segment code
+    numpy places large arrays 16 bytes past a 64-byte line: every whole-vector load of x would
+    then span two cache lines (20-35 % of the 3x3 depthwise's time on AMD Zen 5). The segment code
     then runs the first vector at channel 0 as given, the next ones from ``head`` on, aligned,
     and the last one ending at C; the channels they overlap get the same values twice, the
     same bits (every lane's sum is computed alike)."""

@@ -18,8 +18,8 @@ from numba import prange
 
 from .._spec import ConvSpec
 from ._jit import Kernel, kernel
-from ._simd import address
-from .depthwise import depthwise_tile
+from ._simd import VEC_BYTES, address
+from .depthwise import depthwise_tile, vector_head
 from .layout import bias_vector
 from .pointwise import (
     aligned_rows,
@@ -57,10 +57,14 @@ def separable_nhwc(
     kh, _, sh, _, dil_h, _, pt, _, _ = geo
     nb = (P + tile - 1) // tile
     nc = (CO + cblock - 1) // cblock
+    # the tile at x's offset from a vector boundary where the 3x3 depthwise aligns its loads of
+    # x (``vector_head``): its stores to the tile then line up too; else on a boundary
+    phase = 0
+    if geo[0] == 3 and geo[1] == 3 and geo[8] == 1 and vector_head(address(x), CM, x.itemsize):
+        phase = address(x) % VEC_BYTES
     for t in prange(nb * nc):
         cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
-        # x's phase: the depthwise's aligned loads of x and stores to buf coincide
-        buf = aligned_rows(tile, CM, out, address(x) % 64)
+        buf = aligned_rows(tile, CM, out, phase)
         pk, at, part = gemm_scratch(kc, tile, out)
         depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
         zero_tail(buf, p1 - p0)
