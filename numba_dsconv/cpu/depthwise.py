@@ -12,7 +12,7 @@ the depthwise family it is built from, which the fused separable kernel shares.
   ``dw3x3_interior`` (one vector, no checks), the border loop (one vector, per-tap checks; kept
   inline in the segment: as a helper of its own LLVM compiled it to slower code, see
   BENCHMARKS.md, "Design measurements") and ``dw3x3_tail`` (scalar, where C is less than one
-  vector). The vectors start at x's first 64-byte boundary (``vector_head``); a last vector
+  vector). The vectors start at x's first vector boundary (``vector_head``); a last vector
   past C is moved back to end at C, overlapping the one before (the same values twice).
 
 The 3x3 code works on byte addresses, not arrays: a call taking arrays pays an atomic
