@@ -66,10 +66,14 @@ CPU_TILE_BYTES: int = L2_BYTES // 2
 # ... and holds at most this many output pixels (chosen by measurement: BENCHMARKS.md, "Design
 # measurements").
 CPU_TILE_MAX_PIXELS: int = 256
-# Reduction channels per block of the GEMM micro-kernel: a KC x (two vectors) panel of packed
-# weights (128 bytes per reduction channel) stays in L1, two thirds of it, while it is reused
-# by every pixel row of the task (256 with a 48 KiB L1, 160 with 32 KiB).
-CPU_GEMM_KC: int = max(64, min(512, L1D_BYTES * 2 // 3 // 128 // 16 * 16))
+# Reduction channels per block of the GEMM micro-kernel (a GEMM of reduction depth K <= KC runs
+# in one block): between blocks each register block's partial sums go out to memory and come
+# back. A block's KC x (two vectors) panel of packed weights (128 bytes per reduction channel)
+# stays within a quarter of L2, beside the A tile's half, while every pixel row of the task
+# reads it: 2048 with 1 MiB of L2, 4096 with 2 MiB. (Two thirds of L1, 256 with 48 KiB, kept
+# the panel in L1 but cut K = 512-1024 into 2-8 blocks: the fused separable's rows 5-7 at N=8
+# ran 0.94-0.96x the time in one block on AMD Zen 5; BENCHMARKS.md, "Design measurements".)
+CPU_GEMM_KC: int = max(64, min(4096, L2_BYTES // 4 // 128 // 16 * 16))
 
 # `numba-dsconv tune` times other values of these three on this machine and writes the best
 # to TUNING_FILE; they are read here at import, when the file was written on a machine with

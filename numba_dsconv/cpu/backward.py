@@ -446,7 +446,8 @@ def backward_chunk(
     gmbuf = np.empty((tile, CM), dtype=dt)
     gzbuf = np.empty((tile, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
     zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
-    pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
+    deepest = max(tile, CM, CO)  # the GEMMs' reductions: a tile, C*M or C_out
+    pk, at, part = gemm_scratch(min(kc, 2 * deepest), deepest, g2)
     x2 = x.reshape(-1, x.shape[3])
     # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
     # tile whose taps reach it (while it is in cache for their adds), the rest at the end

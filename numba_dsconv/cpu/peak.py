@@ -159,10 +159,12 @@ def block_peak_gflops(
 
 def block_shape() -> tuple[int, int, int]:
     """(rows, vectors, depth) of the block ``block_loop`` runs: BLOCK_ROWS rows x 2 or 4
-    vectors, over the kernels' reduction block (KC, or KC / 2 for the wide block's pairs)."""
+    vectors, over a reduction whose panel of weights (128 bytes per reduction channel) fills
+    two thirds of L1 (halved for the wide block's pairs): the block on data in L1."""
+    depth = max(64, _config.L1D_BYTES * 2 // 3 // 128 // 16 * 16)
     if WIDE:
-        return BLOCK_ROWS, 4, _config.CPU_GEMM_KC // 2
-    return BLOCK_ROWS, 2, _config.CPU_GEMM_KC
+        return BLOCK_ROWS, 4, depth // 2
+    return BLOCK_ROWS, 2, depth
 
 
 def block_operands(rng: np.random.Generator, dtype: np.dtype, depth: int = 0):

@@ -825,7 +825,9 @@ def gemm_split(
 ) -> tuple[int, int, int]:
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
     ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
-    multiple of the panel width), ``kc`` reduction channels per packed block. A plain tuple (see
+    multiple of the panel width), ``kc`` reduction channels per packed block (CPU_GEMM_KC, at
+    most twice ``c_red``: the wide block's pairs take kc / 2, and a deeper block would only
+    enlarge every task's scratch). A plain tuple (see
     _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
     split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
@@ -833,7 +835,7 @@ def gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
         _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
     )  # fmt: skip
-    return (tile, cblock, _config.CPU_GEMM_KC)
+    return (tile, cblock, max(1, min(_config.CPU_GEMM_KC, 2 * c_red)))
 
 
 @functools.lru_cache(maxsize=1024)
