@@ -1,10 +1,11 @@
 """`numba-dsconv tune`: the CPU GEMM blocking (_config.TUNED) timed on this machine, the best
 written to _config.tuning_file() and used by every later process on the same machine.
 
-The defaults follow the caches (_config: the A tile in half of L2, the weight panel in two
-thirds of L1). Tuning times candidates around them on the fused separable kernel, which runs
-every part of the blocking (tile, panel, reduction block): first the tile (bytes x pixels, the
-reduction block at its default), then the reduction block with the best tile. Candidates are
+The defaults follow the caches (_config: the A tile in half of L2, the weight panel of a
+reduction block in a quarter of L2). Tuning times candidates around them on the fused
+separable kernel, which runs every part of the blocking (tile, panel, reduction block): first
+the tile (bytes x pixels, the reduction block at its default), then the reduction block with
+the best tile. Candidates are
 timed interleaved in one process, round after round (the rounds alternate the candidates, so
 a slow spell of a shared machine falls on all of them); a candidate's score is the geometric
 mean over the workloads of its median time over the default's. A candidate replaces the

@@ -313,7 +313,7 @@ def gemm_wide(
 
     The reduction runs in slabs whose columns of A (rows x slab) fit WIDE_SLAB_BYTES, a
     quarter of L2: within a slab, for each pair of panels and each block of KCW = KC / 2
-    reduction channels (both panels' blocks, 2 x KCW x NR weights, stay in L1) every group of
+    reduction channels (both panels' blocks, 2 x KCW x NR weights, stay in cache) every group of
     WIDE_MR rows runs the block, so a slab of A stays in cache while every pair reads it (with
     the pairs outermost a deep reduction read all of A again for each pair while the weights
     streamed past it: K = 2304 ran 1.08-1.1x the time). The partial sums between reduction
@@ -384,7 +384,7 @@ def gemm_narrow(
     go in groups of ``mr = row_group(rows)``.
 
     For each panel of NR output channels and each block of KC reduction channels (KC x NR
-    weights: they stay in L1 while every group of mr rows runs ``gemm_block`` on them)
+    weights: they stay in L2 while every group of mr rows runs ``gemm_block`` on them)
     the block comes from ``packed``, or is copied from w into ``pk`` (zero-padded past C_out).
     The last group of rows, if short, is read in place where ``a`` has the rows up to the next
     multiple of mr (their sums are never stored; the caller makes them finite: zeros,
