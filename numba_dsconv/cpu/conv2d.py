@@ -110,7 +110,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     c_in, c_out, taps = spec.c_in, spec.c_out, spec.kh * spec.kw
     row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
     slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
-    split = gemm_split(spec, slab * c_in, 1, sz, parallel)
+    split = gemm_split(spec, slab * c_in, 1, sz, parallel, prefetched=False)
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
     geo, act = spec.geometry, int(spec.activation)

@@ -821,21 +821,28 @@ def gemm_block_wide(
 
 
 def gemm_split(
-    spec: ConvSpec, c_red: int, dw_taps: int, itemsize: int, parallel: bool
+    spec: ConvSpec,
+    c_red: int,
+    dw_taps: int,
+    itemsize: int,
+    parallel: bool,
+    prefetched: bool = True,
 ) -> tuple[int, int, int]:
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
     ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
     multiple of the panel width), ``kc`` reduction channels per packed block (CPU_GEMM_KC, at
     most twice ``c_red``: the wide block's pairs take kc / 2, and a deeper block would only
-    enlarge every task's scratch). A plain tuple (see
-    _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
-    split; the search itself is memoised (``_gemm_split``)."""
+    enlarge every task's scratch); ``prefetched``: the kernel asks for the next task's input
+    while the GEMM runs (conv2d does not). A plain tuple (see _spec.GEOMETRY_FIELDS). The
+    tunables are read here, so a test that patches them gets a new split; the search itself
+    is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
+    kc = max(1, min(_config.CPU_GEMM_KC, 2 * c_red))
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
-        _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
+        _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, kc if prefetched else 0,
     )  # fmt: skip
-    return (tile, cblock, max(1, min(_config.CPU_GEMM_KC, 2 * c_red)))
+    return (tile, cblock, kc)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -849,26 +856,37 @@ def _gemm_split(
     threads: int,
     tile_bytes: int,
     tile_max_pixels: int,
+    kc: int,
 ) -> tuple[int, int]:
     """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
 
     A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
-    ``tile_bytes`` (L2) and ``tile_max_pixels``; tiles are whole row groups of one height, channel
-    blocks whole panels. A serial call takes the largest tile and every channel. A parallel
-    call picks the split with the shortest estimated critical path: Numba hands each thread
-    one contiguous chunk of the task list, so the cost is the largest chunk, counted in
-    multiply-adds (a task's GEMM, plus its depthwise work, ``dw_taps`` per reduction channel
-    and pixel, which every channel block of a pixel block repeats, plus the weight packing).
+    ``tile_bytes`` less half the weights one reduction block reads (``kc`` or fewer rows of a
+    pair of panels with the wide block, of one panel without it; kc 0: a kernel that does not
+    prefetch, the whole budget) and within ``tile_max_pixels``: with the default half of L2,
+    the tile, the next task's input (about as large, prefetched while the GEMM runs) and the
+    weight block share L2 (392 x 1024 -> 1024 in tiles of 98 pixels overran it: 1.7 or 3.2-4.4
+    ms from one process to the next, in tiles of 49 1.6 ms). Tiles are whole row groups of one
+    height, channel blocks whole panels.
+
+    A serial call takes the largest tile and every channel. A parallel call estimates each
+    split's critical path: Numba hands each thread one contiguous chunk of the task list, so
+    the cost is the largest chunk, counted in multiply-adds (a task's GEMM, plus its depthwise
+    work, ``dw_taps`` per reduction channel and pixel, which every channel block of a pixel
+    block repeats, plus the weight packing). Of the splits within SPLIT_SLACK of the shortest
+    path it takes the one of fewest tasks (each task has costs the count leaves out: its
+    scratch, its tile's halo of input rows), then the shorter path.
     """
     nr = gemm_panel_width(itemsize)
     panels = -(-c_out // nr)
-    fit = tile_bytes // max(1, c_red * itemsize)
+    weight_block = min(c_red, kc) * nr * itemsize * (2 if WIDE else 1)
+    fit = max(0, tile_bytes - weight_block // 2) // max(1, c_red * itemsize)
     max_tile = max(GEMM_MR, min(tile_max_pixels, fit) // GEMM_MR * GEMM_MR)
     if not parallel or pixels == 0:
         return max_tile, panels * nr
-    best: tuple[tuple[int, int], int, int] | None = None
+    splits = []  # (critical path, tasks, tile, cblock)
     nb_min = -(-pixels // max_tile)
-    for nb in range(nb_min, nb_min + threads):
+    for nb in range(nb_min, 2 * nb_min + threads):  # up to half the largest tile, and more
         per_block = -(-pixels // nb)
         for mr in GEMM_MRS:  # tiles of whole row groups of each height (the first on a tie)
             tile = -(-per_block // mr) * mr
@@ -882,11 +900,17 @@ def _gemm_split(
                     continue  # the same split as a smaller nc
                 tasks = nb_eff * nc_eff
                 task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
-                key = (-(-tasks // threads) * task, tasks)
-                if best is None or key < best[0]:
-                    best = (key, tile, per * nr)
-    assert best is not None
-    return best[1], best[2]
+                splits.append((-(-tasks // threads) * task, tasks, tile, per * nr))
+    shortest = min(s[0] for s in splits)
+    near = [s for s in splits if s[0] <= (1 + SPLIT_SLACK) * shortest]
+    _, _, tile, cblock = min(near, key=lambda s: (s[1], s[0]))
+    return tile, cblock
+
+
+# splits whose estimated critical path is within this fraction of the shortest count as equal
+# (``_gemm_split``): N=1 layer 1 in 56 tiles of 224 pixels (0.4 % shorter on paper) ran 1.02x
+# the time of 50 tiles of 252, and 49 tiles of 256 (1.6 % longer) 1.035x (one process)
+SPLIT_SLACK = 0.01
 
 
 def pointwise_nhwc(x2, pw, nopack, bias, out2, split, act):  # pragma: no cover - compiled
