@@ -59,9 +59,11 @@ L1D_BYTES: int = _cache_bytes(1, "Data") or 32 * 1024
 L2_BYTES: int = _cache_bytes(2, "Unified") or 1024 * 1024
 
 # CPU GEMM tasks (pointwise, fused separable, conv2d): the A tile (pixels x reduction channels:
-# the depthwise result in the fused kernel) is kept under this many bytes, half of L2, so it
-# stays there while every panel of output channels re-reads it; at K=1024 and 2 MiB of L2 a
-# tile then holds ~250 pixels, so each weight panel read from memory serves that many rows ...
+# the depthwise result in the fused kernel) is kept under this many bytes, half of L2 (less
+# half a reduction block's weights where the kernel prefetches the next tile's input:
+# ``pointwise._gemm_split``), so it stays there while every panel of output channels re-reads
+# it; at K=1024 and 2 MiB of L2 a tile then holds ~250 pixels, so each weight panel read from
+# memory serves that many rows ...
 CPU_TILE_BYTES: int = L2_BYTES // 2
 # ... and holds at most this many output pixels (chosen by measurement: BENCHMARKS.md, "Design
 # measurements").
