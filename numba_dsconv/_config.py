@@ -68,13 +68,14 @@ CPU_TILE_BYTES: int = L2_BYTES // 2
 # ... and holds at most this many output pixels (chosen by measurement: BENCHMARKS.md, "Design
 # measurements").
 CPU_TILE_MAX_PIXELS: int = 256
-# Reduction channels per block of the GEMM micro-kernel (a GEMM of reduction depth K <= KC runs
-# in one block): between blocks each register block's partial sums go out to memory and come
-# back. A block's KC x (two vectors) panel of packed weights (128 bytes per reduction channel)
-# stays within a quarter of L2, beside the A tile's half, while every pixel row of the task
-# reads it: 2048 with 1 MiB of L2, 4096 with 2 MiB. (Two thirds of L1, 256 with 48 KiB, kept
-# the panel in L1 but cut K = 512-1024 into 2-8 blocks: the fused separable's rows 5-7 at N=8
-# ran 0.94-0.96x the time in one block on AMD Zen 5; BENCHMARKS.md, "Design measurements".)
+# Reduction channels per block of the GEMM micro-kernel (a GEMM of reduction depth K <= KC runs in
+# one block, K <= KC / 2 on the AVX-512 wide block, whose pairs of panels take half): between blocks
+# each register block's partial sums go out to memory and come back. A block's KC x (two vectors)
+# panel of packed weights (128 bytes per reduction channel) stays within a quarter of L2, beside the
+# A tile's half, while every pixel row of the task reads it: 2048 with 1 MiB of L2, 4096 with 2 MiB.
+# (Two thirds of L1, 256 with 48 KiB, kept the panel in L1 but cut K = 512-1024 into 2-8 blocks: the
+# fused separable's rows 5-7 at N=8 ran 0.94-0.96x the time in one block on AMD Zen 5;
+# BENCHMARKS.md, "Design measurements".)
 CPU_GEMM_KC: int = max(64, min(4096, L2_BYTES // 4 // 128 // 16 * 16))
 
 # `numba-dsconv tune` times other values of these three on this machine and writes the best
@@ -112,8 +113,8 @@ def machine_key() -> dict[str, object]:
 
 
 def _load_tuning() -> dict[str, int]:
-    """The tuned values for this machine, or {} (no file, another machine, unreadable: a
-    warning then)."""
+    """The tuned values for this machine, or {} (no file, another machine; with a warning: an
+    unreadable file, or one tuned around other defaults than this version's)."""
     if os.environ.get("NUMBA_DSCONV_NO_TUNING"):
         return {}
     path = tuning_file()
@@ -135,7 +136,20 @@ def _load_tuning() -> dict[str, int]:
             f"again", RuntimeWarning, stacklevel=2,
         )  # fmt: skip
         return {}
-    return values if data.get("machine") == machine_key() else {}
+    if data.get("machine") != machine_key():
+        return {}
+    made_for = data.get("defaults", BLOCKING_DEFAULTS)
+    if made_for != BLOCKING_DEFAULTS:  # tuned around other cache-derived values (an older
+        # rule): its values may pin what the new rule changed
+        import warnings
+
+        warnings.warn(
+            f"numba_dsconv: ignoring the tuning file {path}: it was tuned around other default "
+            f"blocking ({made_for}, now {BLOCKING_DEFAULTS}); run `numba-dsconv tune` again",
+            RuntimeWarning, stacklevel=2,
+        )  # fmt: skip
+        return {}
+    return values
 
 
 TUNING: dict[str, int] = _load_tuning()  # what was applied ({}: the defaults above)

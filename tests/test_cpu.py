@@ -233,6 +233,11 @@ def test_separable_mixed_weight_dtypes(xdt, dwdt, pwdt, rng):
     ("separable", 20, 1, 64),
 ])  # fmt: skip
 def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
+    """Forward and gradients against float64 with the reduction cut into blocks of kc (1, 8:
+    partial sums between blocks, in the backward's GEMMs too; 256: one block) and tiles of 12
+    pixels."""
+    from test_grad import check_grads
+
     config = pytest.importorskip("numba_dsconv._config")
     monkeypatch.setattr(config, "CPU_GEMM_KC", kc)
     monkeypatch.setattr(config, "CPU_TILE_MAX_PIXELS", 12)
@@ -243,6 +248,7 @@ def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
                     padding="same", activation="relu6")  # fmt: skip
         x, weights, kw = case.make(rng)
         check_against_reference(op, x, weights, case.reduction_len, **kw)
+        check_grads(case, "cpu", rng, with_output=False)
 
 
 @pytest.mark.parametrize(("pixels", "c_red", "c_out", "taps", "wide_split"), [
@@ -261,13 +267,35 @@ def test_gemm_split_keeps_tile_and_weights_in_l2(pixels, c_red, c_out, taps, wid
 
     sz, threads, budget, cap, kc = 4, 2, 512 * 1024, 256, 2048
     nr = pwm.gemm_panel_width(sz)
-    tile, cblock = pwm._gemm_split(pixels, c_red, c_out, sz, taps, True, threads, budget, cap, kc)
+    slack = pwm.SPLIT_SLACK
+    tile, cblock = pwm._gemm_split(
+        pixels, c_red, c_out, sz, taps, True, threads, budget, cap, kc, slack
+    )
     assert cblock % nr == 0 and 0 < cblock <= -(-c_out // nr) * nr
     assert any(tile % m == 0 for m in pwm.GEMM_MRS)
-    block = min(c_red, kc) * nr * sz * (2 if pwm.WIDE else 1)
+    # a block of the wide path is kc / 2 rows of a pair of panels, of the narrow kc of one
+    block = (min(2 * c_red, kc) if pwm.WIDE else min(c_red, kc)) * nr * sz
     assert tile <= max(pwm.GEMM_MR, min(cap, (budget - block // 2) // (c_red * sz)))
     if pwm.WIDE and wide_split is not None:
         assert (tile, cblock) == wide_split
+    # without the prefetch (conv2d: kc 0) the whole budget holds the tile
+    whole, _ = pwm._gemm_split(pixels, c_red, c_out, sz, taps, True, threads, budget, cap, 0, slack)
+    assert whole <= max(pwm.GEMM_MR, min(cap, budget // (c_red * sz)))
+    assert whole >= tile or c_red * sz * tile <= budget - block // 2
+
+
+def test_gemm_split_caps_the_reduction_block(monkeypatch):
+    """``gemm_split``'s kc: CPU_GEMM_KC, at most the reduction (twice it with the wide block,
+    whose pairs take kc / 2): one block for every reduction up to the cap, no larger scratch."""
+    from numba_dsconv._spec import make_spec
+    from numba_dsconv.cpu import pointwise as pwm
+
+    spec = make_spec("pointwise", x_shape=(2, 7, 7, 100), layout="NHWC", kernel=(1, 1),
+                     c_in_kernel=100, multiplier=1, c_out=64)  # fmt: skip
+    monkeypatch.setattr(nd._config, "CPU_GEMM_KC", 2048)
+    assert pwm.gemm_split(spec, 100, 0, 4, True)[2] == (200 if pwm.WIDE else 100)
+    monkeypatch.setattr(nd._config, "CPU_GEMM_KC", 96)
+    assert pwm.gemm_split(spec, 100, 0, 4, True)[2] == 96
 
 
 @pytest.mark.parametrize("parallel", [False, True])

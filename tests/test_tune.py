@@ -47,6 +47,23 @@ def test_a_tuning_file_for_this_machine_is_used(tmp_path):
     assert got == tune.defaults()
 
 
+def test_a_tuning_file_made_around_other_defaults_is_ignored_with_a_warning(tmp_path):
+    """A file `numba-dsconv tune` wrote under an older rule for the defaults (the reduction
+    block from L1, 256) would pin the old values: it is ignored, with a warning, until the
+    machine is tuned again; one made around today's defaults is used."""
+    path = tmp_path / "tuning.json"
+    old = {**tune.defaults(), "CPU_GEMM_KC": 256}
+    path.write_text(json.dumps({"machine": _config.machine_key(), "values": old,
+                                "defaults": {**old, "CPU_GEMM_KC": 255}}))  # fmt: skip
+    got, err = _import_values(path)
+    assert got == tune.defaults()
+    assert "tuned around other default blocking" in err and "tune` again" in err
+    path.write_text(json.dumps({"machine": _config.machine_key(), "values": VALUES,
+                                "defaults": tune.defaults()}))  # fmt: skip
+    got, err = _import_values(path)
+    assert got == VALUES and "Warning" not in err
+
+
 def test_a_tuning_file_of_another_machine_is_ignored(tmp_path):
     path = tmp_path / "tuning.json"
     _write(path, {**_config.machine_key(), "cpu": "another CPU"}, VALUES)

@@ -5,11 +5,11 @@ The defaults follow the caches (_config: the A tile in half of L2, the weight pa
 reduction block in a quarter of L2). Tuning times candidates around them on the fused
 separable kernel, which runs every part of the blocking (tile, panel, reduction block): first
 the tile (bytes x pixels, the reduction block at its default), then the reduction block with
-the best tile. Candidates are
-timed interleaved in one process, round after round (the rounds alternate the candidates, so
-a slow spell of a shared machine falls on all of them); a candidate's score is the geometric
-mean over the workloads of its median time over the default's. A candidate replaces the
-default only if it is faster by more than ``margin`` (2 %: less is noise here).
+the best tile. Candidates are timed interleaved in one process, round after round (the rounds
+alternate the candidates, so a slow spell of a shared machine falls on all of them); a
+candidate's score is the geometric mean over the workloads of its median time over the
+default's. A candidate replaces the default only if it is faster by more than ``margin``
+(2 %: less is noise here).
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def tile_candidates(base: Values) -> list[Values]:
 
 
 def kc_candidates(base: Values) -> list[Values]:
-    kc = base["CPU_GEMM_KC"]
-    values = sorted({max(32, int(kc * f) // 16 * 16) for f in (0.5, 0.75, 1.0, 1.5)})
+    """Reduction blocks of 256, 512 and 1024 channels and the default: the tuning layers'
+    reductions are 128-1024 deep, and a block of twice that or more runs them in one (the
+    gemm_split cap), so larger candidates would time the same kernels."""
+    values = sorted({v for v in (256, 512, 1024, base["CPU_GEMM_KC"]) if 64 <= v <= 4096})
     return [{**base, "CPU_GEMM_KC": v} for v in values]
 
 

@@ -119,8 +119,8 @@ def block_loop(a, panel, out, rounds):  # pragma: no cover - compiled
     """out[t] = a @ panel for every task t, computed ``rounds`` times over by the GEMM
     micro-kernel most GEMMs run (``BLOCK_ROWS`` rows of a, both in L1, the sums started from
     zero and stored in every round, as the kernels do per block): with AVX-512 the wide block
-    (``pointwise.gemm_block_wide``: panel holds two panels side by side, (KC / 2, 2 NR)),
-    else ``pointwise.gemm_block`` (panel (KC, NR))."""
+    (``pointwise.gemm_block_wide``: panel holds two panels side by side, (depth, 2 NR)),
+    else ``pointwise.gemm_block`` (panel (depth, NR)); ``block_shape`` gives the depth."""
     dt = out.dtype
     sz = out.itemsize
     mr, kc = a.shape

@@ -4,7 +4,7 @@ separable kernel.
 - ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels;
   with AVX-512 pairs of panels go to ``gemm_wide`` where its 6-row groups pay
   (``wide_pays``), the rest to ``gemm_narrow``: each packs its (reduction block x panel) blocks
-  of weights into L1 and runs its register block on every group of rows.
+  of weights (within a quarter of L2) and runs its register block on every group of rows.
 - ``gemm_block``: the narrow register block, ``mr`` pixel rows x 2 vectors of output channels
   (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows,
   ``row_group``) or 12 (AVX2: 6 rows) vector accumulators; ``gemm_block_wide``: 6 rows x 4
@@ -311,16 +311,17 @@ def gemm_wide(
     """``gemm_tile`` on the whole panel pairs of c_lo..c_hi with the 6 x 4-vector block
     (``gemm_block_wide``); A is a, or with ``a_t`` a's transpose (as ``gemm_narrow``).
 
-    The reduction runs in slabs whose columns of A (rows x slab) fit WIDE_SLAB_BYTES, a
-    quarter of L2: within a slab, for each pair of panels and each block of KCW = KC / 2
-    reduction channels (both panels' blocks, 2 x KCW x NR weights, stay in cache) every group of
-    WIDE_MR rows runs the block, so a slab of A stays in cache while every pair reads it (with
-    the pairs outermost a deep reduction read all of A again for each pair while the weights
-    streamed past it: K = 2304 ran 1.08-1.1x the time). The partial sums between reduction
-    blocks stay in dst (a short last group keeps only its rows). That group reads its rows in
-    place where ``a`` (not transposed) has them up to the next multiple of WIDE_MR (their sums
-    are never stored; ``zero_tail`` makes them finite), else from a copy in ``at`` (its last
-    row repeated)."""
+    The reduction runs in slabs whose columns of A (rows x slab) fit WIDE_SLAB_BYTES, a quarter
+    of L2, or of one reduction block where that is more (with the default blocks a reduction of
+    up to 1024 channels is one block and one slab): within a slab, for each pair of panels and
+    each block of KCW = KC / 2 reduction channels (both panels' blocks, 2 x KCW x NR weights,
+    stay in cache) every group of WIDE_MR rows runs the block, so a slab of A stays in cache
+    while every pair reads it (with the pairs outermost a deep reduction read all of A again for
+    each pair while the weights streamed past it: K = 2304 ran 1.08-1.1x the time). The partial
+    sums between reduction blocks stay in dst (a short last group keeps only its rows). That
+    group reads its rows in place where ``a`` (not transposed) has them up to the next multiple
+    of WIDE_MR (their sums are never stored; ``zero_tail`` makes them finite), else from a copy
+    in ``at`` (its last row repeated)."""
     prepacked = packed.shape[0] > 0
     K = packed.shape[1] if prepacked else w.shape[0]
     dt = dst.dtype
@@ -831,16 +832,17 @@ def gemm_split(
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
     ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
     multiple of the panel width), ``kc`` reduction channels per packed block (CPU_GEMM_KC, at
-    most twice ``c_red``: the wide block's pairs take kc / 2, and a deeper block would only
-    enlarge every task's scratch); ``prefetched``: the kernel asks for the next task's input
-    while the GEMM runs (conv2d does not). A plain tuple (see _spec.GEOMETRY_FIELDS). The
-    tunables are read here, so a test that patches them gets a new split; the search itself
-    is memoised (``_gemm_split``)."""
+    most ``c_red``, or twice it with the wide block, whose pairs take kc / 2: a deeper block
+    would only enlarge every task's scratch); ``prefetched``: the kernel asks for the next
+    task's input while the GEMM runs (conv2d does not). A plain tuple (see
+    _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
+    split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
-    kc = max(1, min(_config.CPU_GEMM_KC, 2 * c_red))
+    kc = max(1, min(_config.CPU_GEMM_KC, 2 * c_red if WIDE else c_red))
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
         _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, kc if prefetched else 0,
+        SPLIT_SLACK,
     )  # fmt: skip
     return (tile, cblock, kc)
 
@@ -857,29 +859,30 @@ def _gemm_split(
     tile_bytes: int,
     tile_max_pixels: int,
     kc: int,
+    slack: float,
 ) -> tuple[int, int]:
     """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
 
     A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
-    ``tile_bytes`` less half the weights one reduction block reads (``kc`` or fewer rows of a
-    pair of panels with the wide block, of one panel without it; kc 0: a kernel that does not
-    prefetch, the whole budget) and within ``tile_max_pixels``: with the default half of L2,
-    the tile, the next task's input (about as large, prefetched while the GEMM runs) and the
-    weight block share L2 (392 x 1024 -> 1024 in tiles of 98 pixels overran it: 1.7 or 3.2-4.4
-    ms from one process to the next, in tiles of 49 1.6 ms). Tiles are whole row groups of one
-    height, channel blocks whole panels.
+    ``tile_bytes`` less half the weights one reduction block reads (kc / 2 or fewer rows of a
+    pair of panels with the wide block, kc or fewer of one panel without it; kc 0: a kernel
+    that does not prefetch, the whole budget) and within ``tile_max_pixels``: with the default
+    half of L2, the tile, the next task's input (about as large, prefetched while the GEMM
+    runs) and the weight block share L2 (392 x 1024 -> 1024 in tiles of 98 pixels overran it:
+    1.7 or 3.2-4.4 ms from one process to the next, in tiles of 49 1.6 ms). Tiles are whole row
+    groups of one height, channel blocks whole panels.
 
     A serial call takes the largest tile and every channel. A parallel call estimates each
     split's critical path: Numba hands each thread one contiguous chunk of the task list, so
     the cost is the largest chunk, counted in multiply-adds (a task's GEMM, plus its depthwise
     work, ``dw_taps`` per reduction channel and pixel, which every channel block of a pixel
-    block repeats, plus the weight packing). Of the splits within SPLIT_SLACK of the shortest
-    path it takes the one of fewest tasks (each task has costs the count leaves out: its
+    block repeats, plus the weight packing). Of the splits within ``slack`` (SPLIT_SLACK) of the
+    shortest path it takes the one of fewest tasks (each task has costs the count leaves out: its
     scratch, its tile's halo of input rows), then the shorter path.
     """
     nr = gemm_panel_width(itemsize)
     panels = -(-c_out // nr)
-    weight_block = min(c_red, kc) * nr * itemsize * (2 if WIDE else 1)
+    weight_block = (min(2 * c_red, kc) if WIDE else min(c_red, kc)) * nr * itemsize
     fit = max(0, tile_bytes - weight_block // 2) // max(1, c_red * itemsize)
     max_tile = max(GEMM_MR, min(tile_max_pixels, fit) // GEMM_MR * GEMM_MR)
     if not parallel or pixels == 0:
@@ -902,7 +905,7 @@ def _gemm_split(
                 task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
                 splits.append((-(-tasks // threads) * task, tasks, tile, per * nr))
     shortest = min(s[0] for s in splits)
-    near = [s for s in splits if s[0] <= (1 + SPLIT_SLACK) * shortest]
+    near = [s for s in splits if s[0] <= (1 + slack) * shortest]
     _, _, tile, cblock = min(near, key=lambda s: (s[1], s[0]))
     return tile, cblock
 
