@@ -251,6 +251,27 @@ def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
         check_grads(case, "cpu", rng, with_output=False)
 
 
+@pytest.mark.parametrize("op", ["pointwise", "separable", "conv2d"])
+def test_reduction_blocks_change_no_bits(op, monkeypatch, rng):
+    """The reduction cut into blocks of 8 (partial sums stored and reloaded between them) or
+    run in one: the same bits, forward and every gradient, in parallel (each sum runs in
+    reduction order through the partial sums)."""
+    from test_grad import grad_fn, grad_problem
+
+    monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 0)
+    case = Case(op, n=2, h=6, w=7, c=40, c_out=70, xdtype=np.float32, biases=True,
+                padding="same", activation="relu6")  # fmt: skip
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    runs = []
+    for kc in (8, 2048):
+        monkeypatch.setattr(nd._config, "CPU_GEMM_KC", kc)
+        out = lib_fn(op)(x, *weights, device="cpu", **kwargs)
+        grads = grad_fn(op)(grad, x, *weights, device="cpu", **kwargs)
+        runs.append([out, *(g for g in grads if g is not None)])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(("pixels", "c_red", "c_out", "taps", "wide_split"), [
     (12544, 32, 64, 9, (252, 64)), (6272, 256, 256, 9, None), (1568, 512, 512, 9, None),
     (392, 1024, 1024, 9, (49, 1024)), (392, 1024, 1024, 0, None), (1568, 576, 96, 9, None),
