@@ -50,6 +50,7 @@ from .depthwise import depthwise_tile, interior3x3, taps3x3
 from .layout import aligned_empty, bias_vector, scratch
 from .pointwise import (
     GEMM_MR,
+    block_depth,
     gemm_panel_width,
     gemm_scratch,
     gemm_tile,
@@ -446,8 +447,7 @@ def backward_chunk(
     gmbuf = np.empty((tile, CM), dtype=dt)
     gzbuf = np.empty((tile, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
     zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
-    deepest = max(tile, CM, CO)  # the GEMMs' reductions: a tile, C*M or C_out
-    pk, at, part = gemm_scratch(min(kc, 2 * deepest), deepest, g2)
+    pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
     x2 = x.reshape(-1, x.shape[3])
     # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
     # tile whose taps reach it (while it is in cache for their adds), the rest at the end
@@ -859,6 +859,8 @@ def gemm_backward_args(
     tile_row = cm * sz  # the A tile in L2, as in the forward
     rows = spec.n * spec.out_h
     plan = backward_plan(rows, spec.out_h, spec.out_w, reach_rows(spec), partial * sz, tile_row)
+    # the reduction block for the deepest of its GEMMs' reductions: a tile, C*M or C_out
+    plan = (*plan[:4], block_depth(plan[4], max(plan[3], cm, co)))
     nchunks = plan[1]
     parts = {
         "pw": zeros_like_parts(

@@ -838,13 +838,20 @@ def gemm_split(
     _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
     split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
-    kc = max(1, min(_config.CPU_GEMM_KC, 2 * c_red if WIDE else c_red))
+    kc = block_depth(_config.CPU_GEMM_KC, c_red)
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
         _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, kc if prefetched else 0,
         SPLIT_SLACK,
     )  # fmt: skip
     return (tile, cblock, kc)
+
+
+def block_depth(kc: int, depth: int) -> int:
+    """The reduction block a GEMM scratch is sized for: ``kc`` (CPU_GEMM_KC), at most the
+    deepest reduction it serves, twice that with the wide block (whose pairs of panels take
+    kc / 2): a deeper block would run the same and only enlarge every task's scratch."""
+    return max(1, min(kc, 2 * depth if WIDE else depth))
 
 
 @functools.lru_cache(maxsize=1024)
