@@ -235,10 +235,10 @@ def as_host_array(a: object, name: str) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return _native(_unmasked(a, name))
     if type(a) is PackedWeights:
-        if name != "pw":
+        if name not in ("pw", "w"):
             raise TypeError(
                 f"{name} is a PackedWeights (numba_dsconv.pack): only pw, the pointwise "
-                f"weights, may be packed"
+                f"weights, and w, conv2d's, may be packed"
             )
         return a  # type: ignore[return-value]  # the CPU backend reads its panels
     lib = library(a)

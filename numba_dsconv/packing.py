@@ -1,16 +1,18 @@
-"""Pointwise weights packed once for the CPU kernels: ``pack(pw)``.
+"""GEMM weights packed once for the CPU kernels: ``pack(pw)`` (pointwise weights) or
+``pack(w)`` (conv2d's).
 
-Each call of ``pointwise`` or ``separable`` on the CPU copies its weights, panel by panel, into
-the layout the GEMM micro-kernel reads (cpu/pointwise.py, ``gemm_tile``), because an array can
-change between calls. Inference runtimes pack once, when the model is loaded; ``pack`` does the
-same for a layer whose weights are fixed: the result is a snapshot (a private copy of the
-weights and their panels) that every later call reads as it is. On a weight-bound layer (few
-pixels, many channels: MobileNetV1's last layers at batch 1) this saves a tenth to a third of
-the call (BENCHMARKS.md).
+Each call of ``pointwise``, ``separable`` or ``conv2d`` on the CPU copies its weights, panel by
+panel, into the layout the GEMM micro-kernel reads (cpu/pointwise.py, ``gemm_tile``), because
+an array can change between calls. Inference runtimes pack once, when the model is loaded;
+``pack`` does the same for a layer whose weights are fixed: the result is a snapshot (a private
+copy of the weights and their panels) that every later call reads as it is. On a weight-bound
+layer (few pixels, many channels: MobileNetV1's last layers at batch 1) this saves a tenth to a
+third of the call (BENCHMARKS.md).
 
-A ``PackedWeights`` is accepted wherever ``pw`` is (forward and gradient functions, NumPy and
-torch CPU inputs, dask arrays); the CUDA backend and the gradients read its weights. Pack
-again after changing the weights: the snapshot never sees the change.
+A ``PackedWeights`` is accepted wherever ``pw`` is, or for packed conv2d weights wherever
+conv2d's ``w`` is (forward and gradient functions, NumPy and torch CPU inputs, dask arrays);
+the CUDA backend and the gradients read its weights. Pack again after changing the weights:
+the snapshot never sees the change.
 """
 
 from __future__ import annotations
@@ -23,22 +25,24 @@ __all__ = ["PackedWeights", "pack"]
 
 
 class PackedWeights:
-    """Pointwise weights (C_in, C_out) or (1, 1, C_in, C_out), packed for the CPU GEMM: make one
-    with :func:`numba_dsconv.pack`. Read-only; ``shape``, ``dtype`` and ``ndim`` are those of
-    the array given, and ``numpy.asarray`` gives its values back."""
+    """Pointwise weights (C_in, C_out) or (1, 1, C_in, C_out), or conv2d weights
+    (K_h, K_w, C_in, C_out), packed for the CPU GEMM: make one with :func:`numba_dsconv.pack`.
+    Read-only; ``shape``, ``dtype`` and ``ndim`` are those of the array given, and
+    ``numpy.asarray`` gives its values back."""
 
     __slots__ = ("_panels", "_shape", "_weights")
 
     def __init__(self, weights: np.ndarray, panels: np.ndarray, shape: tuple[int, ...]) -> None:
         # kept writable (never written) so that the kernels see the array types of a plain
         # call: a read-only array is another Numba type, another compilation
-        self._weights = weights  # (C_in, C_out)
+        self._weights = weights  # the GEMM's (C_in, C_out), or (K_h * K_w * C_in, C_out)
         self._panels = panels  # cpu.pointwise.pack_panels' layout
         self._shape = shape
 
     @property
     def weights(self) -> np.ndarray:
-        """The weights as (C_in, C_out), read-only."""
+        """The weights as the GEMM's matrix, read-only: (C_in, C_out), or for conv2d weights
+        (K_h * K_w * C_in, C_out)."""
         v = self._weights.view()
         v.flags.writeable = False
         return v
@@ -83,19 +87,21 @@ class PackedWeights:
 
 
 def pack(pw: Any) -> PackedWeights:
-    """Pack pointwise weights once for the CPU kernels of :func:`numba_dsconv.pointwise` and
-    :func:`numba_dsconv.separable`.
+    """Pack weights once for the CPU kernels: the pointwise weights of
+    :func:`numba_dsconv.pointwise` and :func:`numba_dsconv.separable`, or the weights of
+    :func:`numba_dsconv.conv2d`.
 
     Parameters
     ----------
-    pw : array, (C_in, C_out) or (1, 1, C_in, C_out), float32 or float64 (NumPy, a torch CPU
-        tensor, anything ``numpy.asarray`` takes).
+    pw : array, float32 or float64 (NumPy, a torch CPU tensor, anything ``numpy.asarray``
+        takes): pointwise weights (C_in, C_out) or (1, 1, C_in, C_out), or conv2d weights
+        (K_h, K_w, C_in, C_out).
 
     Returns
     -------
-    PackedWeights: a snapshot of ``pw``; pass it as ``pw``. It is read by calls of its own
-    dtype; a call computing in another dtype (x float64, pw float32) converts its weights as
-    it would convert an array's.
+    PackedWeights: a snapshot of ``pw``; pass it as ``pw`` (or as conv2d's ``w``). It is read
+    by calls of its own dtype; a call computing in another dtype (x float64, pw float32)
+    converts its weights as it would convert an array's.
 
     Examples
     --------
@@ -107,6 +113,9 @@ def pack(pw: Any) -> PackedWeights:
     PackedWeights(shape=(64, 128), dtype=float32)
     >>> bool((nd.pointwise(x, packed) == nd.pointwise(x, pw)).all())
     True
+    >>> w = np.full((3, 3, 64, 32), 0.5, np.float32)
+    >>> bool((nd.conv2d(x, nd.pack(w)) == nd.conv2d(x, w)).all())
+    True
     """
     from . import _config, api
     from ._dispatch import as_host_array
@@ -117,8 +126,17 @@ def pack(pw: Any) -> PackedWeights:
         return pw
     arr = as_host_array(pw, "pw")
     api._check_float(arr, "pw")
-    m = api.pointwise_matrix(arr, "pw", lambda a, shape, name: a.reshape(shape))
     shape = tuple(int(s) for s in arr.shape)
+    if len(shape) == 4 and shape[:2] != (1, 1):  # conv2d weights: the GEMM's rows tap by tap
+        if 0 in shape:
+            raise ValueError(f"pw must have no zero-sized dimension; got shape {shape}")
+        m = arr.reshape(shape[0] * shape[1] * shape[2], shape[3])
+    else:
+        api._check_ndim(
+            arr, "pw", (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out) or (K_h, K_w, C_in, "
+            "C_out)"
+        )  # fmt: skip
+        m = api.pointwise_matrix(arr, "pw", lambda a, shape, name: a.reshape(shape))
     weights = contiguous(m, m.dtype)  # a private copy: the caller's array may change
     if np.may_share_memory(weights, arr):
         weights = weights.copy()
@@ -127,8 +145,8 @@ def pack(pw: Any) -> PackedWeights:
 
 
 def unpacked(a: Any) -> Any:
-    """``a``'s weights (C_in, C_out) where it is a PackedWeights, else ``a``."""
-    return a._weights if type(a) is PackedWeights else a
+    """``a``'s weights in its shape where it is a PackedWeights, else ``a``."""
+    return a._weights.reshape(a._shape) if type(a) is PackedWeights else a
 
 
 def kernel_operands(pw: Any, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
-"""Packed pointwise weights (numba_dsconv.pack): a snapshot of pw in the GEMM micro-kernel's
-panel layout, read by the CPU kernels as it is. Every call with packed weights must give, to
-the bit, what the same call with the array gives, and the reference's values."""
+"""Packed weights (numba_dsconv.pack): a snapshot of pw (or of conv2d's w) in the GEMM
+micro-kernel's panel layout, read by the CPU kernels as it is. Every call with packed weights
+must give, to the bit, what the same call with the array gives, and the reference's values."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from helpers import bitwise_equal, check_against_reference
 import numba_dsconv as nd
 from numba_dsconv import api
 
-OPS = ("pointwise", "separable")
+OPS = ("pointwise", "separable", "conv2d")
 
 
 def _case(rng, op, *, n=2, c=3, c_out=5, dtype=np.float32, mult=2):
@@ -23,6 +23,8 @@ def _case(rng, op, *, n=2, c=3, c_out=5, dtype=np.float32, mult=2):
     kwargs = dict(bias_kw, activation="relu6")
     if op == "separable":
         kwargs.update(padding="same", stride=2, mid_activation="relu")
+    if op == "conv2d":
+        kwargs.update(padding="same", stride=2)
     return x, list(weights), kwargs, red
 
 
@@ -104,6 +106,37 @@ def test_gradients_and_torch_inputs_take_packed_weights():
     assert isinstance(got, torch.Tensor) and bitwise_equal(got, y)
 
 
+def test_conv2d_reads_the_callers_panels_in_every_path(monkeypatch):
+    """A packed w is never packed again (the kernels read its panels), and gradients, torch and
+    dask inputs take it as they take the array."""
+    from numba_dsconv.cpu import conv2d
+
+    rng = np.random.default_rng(11)
+    x, (w,), kwargs, _ = _case(rng, "conv2d", n=4, c=48, c_out=75)
+    packed = nd.pack(w)
+    assert packed.shape == w.shape and packed.weights.shape == (9 * 48, 75)
+    plain = nd.conv2d(x, w, **kwargs)
+
+    def no_packing(*args):
+        raise AssertionError("packed weights packed again")
+
+    monkeypatch.setattr(conv2d, "kernel_panels", no_packing)
+    assert bitwise_equal(nd.conv2d(x, packed, **kwargs), plain)
+    monkeypatch.undo()
+    g = rng.standard_normal(plain.shape).astype(plain.dtype)
+    want = nd.conv2d_grad(g, x, w, **kwargs)
+    got = nd.conv2d_grad(g, x, packed, **kwargs)
+    for field in want._fields:
+        assert bitwise_equal(getattr(got, field), getattr(want, field)), field
+    assert got.w.shape == w.shape
+    da = pytest.importorskip("dask.array")
+    lazy = nd.conv2d(da.from_array(x, chunks=(1, 5, 8, 48)), packed, **kwargs)
+    assert bitwise_equal(lazy.compute(scheduler="sync"), plain)
+    torch = pytest.importorskip("torch")
+    got = nd.conv2d(torch.from_numpy(x), packed, **kwargs)
+    assert isinstance(got, torch.Tensor) and bitwise_equal(got, plain)
+
+
 def test_dask_x_with_packed_weights():
     da = pytest.importorskip("dask.array")
     rng = np.random.default_rng(9)
@@ -118,18 +151,24 @@ def test_bad_packs_and_misplaced_packed_weights_are_named():
         nd.pack(pw.astype(np.int32))
     with pytest.raises(ValueError, match=r"pw must be 2-D"):
         nd.pack(np.ones(4, np.float32))
-    with pytest.raises(ValueError, match=r"\(1, 1, C_in, C_out\)"):
-        nd.pack(np.ones((2, 1, 4, 6), np.float32))
+    with pytest.raises(ValueError, match=r"pw must be 2-D .* or \(K_h, K_w, C_in, C_out\)"):
+        nd.pack(np.ones((3, 4, 6), np.float32))
     with pytest.raises(ValueError, match="non-zero channels"):
         nd.pack(np.ones((0, 6), np.float32))
+    with pytest.raises(ValueError, match="no zero-sized dimension"):
+        nd.pack(np.ones((3, 3, 0, 6), np.float32))
     x = np.ones((1, 5, 5, 4), np.float32)
     packed = nd.pack(pw)
     with pytest.raises(TypeError, match="dw is a PackedWeights"):
         nd.separable(x, packed, pw)
     with pytest.raises(TypeError, match="x is a PackedWeights"):
         nd.pointwise(packed, pw)
-    with pytest.raises(TypeError, match="w is a PackedWeights"):
+    with pytest.raises(ValueError, match="w must be 4-D"):  # pointwise weights as conv2d's
         nd.conv2d(x, packed)
+    conv = nd.pack(np.ones((2, 1, 4, 6), np.float32))  # a 2 x 1 kernel: conv2d weights
+    assert conv.shape == (2, 1, 4, 6) and conv.weights.shape == (8, 6)
+    with pytest.raises(ValueError, match=r"\(1, 1, C_in, C_out\)"):  # conv2d's as pw
+        nd.pointwise(x, conv)
     with pytest.raises(ValueError, match="pw expects 4 input channels"):
         nd.separable(x, np.ones((3, 3, 2), np.float32), packed)
 

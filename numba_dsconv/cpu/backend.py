@@ -180,7 +180,7 @@ class CpuBackend:
         forward's result or the final activation's bool mask, or None (recomputed)."""
         # the depthwise / conv2d weights C-contiguous; pw as given (gemm_grads takes what it
         # needs of pw and its transpose: torch's layout gives the transpose for free)
-        ws = tuple(unpacked(w) if w.ndim == 2 else contiguous(w, dtype) for w in weights)
+        ws = tuple(unpacked(w) if w.ndim == 2 else contiguous(unpacked(w), dtype) for w in weights)
         xn = _writable(to_nhwc(x, spec, dtype))
         g = _writable(to_nhwc(grad, spec, dtype))
         if output is not None:  # the forward's result (dtype) or the activation's bool mask

@@ -21,6 +21,7 @@ from numba import prange
 
 from .. import _config
 from .._spec import ConvSpec
+from ..packing import kernel_operands
 from ._jit import NO_ACTIVATION, Kernel, helper, kernel
 from ._simd import address
 from .layout import bias_vector
@@ -72,9 +73,10 @@ def conv2d_nhwc(x, w2, packed, bias, out, geo, act, split, slab):  # pragma: no 
     """out = act(bias + im2col(x) @ w2), task by task, ``slab`` taps at a time.
 
     x: (N,H,W,C); w2: (K_h*K_w*C, C_out) C-contiguous (w's rows); packed: w2's panels
-    (``packed_weights``; each slab reads its rows of them), or ``no_packed`` (each task packs
-    its own); bias padded to a multiple of the panel width; out: (N,OH,OW,C_out); geo: the
-    spec's geometry tuple; split: (tile, cblock, kc), see ``gemm_split``.
+    (``packed_weights``, or the caller's ``numba_dsconv.pack``: w2 then a stand-in, unread;
+    each slab reads its rows of them), or ``no_packed`` (each task packs its own); bias padded
+    to a multiple of the panel width; out: (N,OH,OW,C_out); geo: the spec's geometry tuple;
+    split: (tile, cblock, kc), see ``gemm_split``.
     """
     tile, cblock, kc = split
     kh, kw = geo[0], geo[1]
@@ -117,9 +119,11 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     once = packs_once(spec.pixels, split[0], taps * c_in * c_out * sz, parallel)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
-        w2 = np.ascontiguousarray(weights[0]).reshape(taps * c_in, c_out)
+        w2, packed = kernel_operands(weights[0], nopack)  # the caller's panels (numba_dsconv.pack)
+        if packed.shape[0] == 0:
+            w2 = np.ascontiguousarray(w2).reshape(taps * c_in, c_out)
+            _, packed = kernel_panels(w2, nopack, once, parallel, "conv2d_w")
         b = bias_vector(biases[0], c_out, dtype, nr)
-        _, packed = kernel_panels(w2, nopack, once, parallel, "conv2d_w")
         return (x, w2, packed, b, out, geo, act, split, slab)
 
     return build
