@@ -184,7 +184,7 @@ class SeparableRoofline:
         samples["ours"].sort()
         median = samples["ours"][len(samples["ours"]) // 2]
         w = self.work
-        floor = bench.roofline_floor(w.flops, w.nbytes, c.sgemm_gflops, c.copy_gbs)
+        floor = bench.roofline_floor(w.flops, w.nbytes, c.compute_gflops, c.copy_gbs)
         return round(100.0 * floor / median, 2)
 
 

@@ -25,8 +25,11 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def _peers_section(batches: list[int], layers: str, rounds: int, console) -> list[str]:
-    """The separable layer against the CPU runtimes installed (bench/peers.py)."""
+def _peers_section(
+    batches: list[int], layers: str, rounds: int, console, op: str = "separable"
+) -> list[str]:
+    """``op`` (the separable layer, or its 3x3 standard convolution: conv2d) against the CPU
+    runtimes installed (bench/peers.py)."""
     import numba
 
     from numba_dsconv import bench
@@ -36,24 +39,27 @@ def _peers_section(batches: list[int], layers: str, rounds: int, console) -> lis
     if rounds <= 0 or len(runtimes) < 2:
         return []
     numbers = [lay.number for lay in bench.parse_layers(layers)]
+    flag = "" if op == "separable" else f" --op {op}"
+    what = "the pointwise weights" if op == "separable" else "the weights"
+    model = "model" if op == "separable" else "model (one Conv)"
     out = [
-        "## separable against the CPU runtimes (`numba-dsconv bench --peers`)",
+        f"## {op} against the CPU runtimes (`numba-dsconv bench --peers{flag}`)",
         "",
         f"Each runtime in its own worker processes ({', '.join(runtimes)}), {rounds} "
         "alternating rounds, per layer the best of the rounds' medians of 9 calls after 5 "
         "warm-up calls, every output checked against float64 (an error above 1e-4 would be "
         "printed next to its time); "
-        f"{numba.get_num_threads()} threads each; ONNX Runtime on an NCHW ONNX model, "
+        f"{numba.get_num_threads()} threads each; ONNX Runtime on an NCHW ONNX {model}, "
         "OpenVINO on the same model with NHWC input and output and f32 precision, torch "
-        "channels_last; `numba_dsconv+pack`: ours with the pointwise weights packed once "
+        f"channels_last; `numba_dsconv+pack`: ours with {what} packed once "
         "(`numba_dsconv.pack`), as ONNX Runtime and OpenVINO pack theirs when they load the "
         "model. Microseconds; `vs fastest` (`packed vs fastest`) = ours (packed) / the fastest "
         "other runtime (below 1: numba_dsconv leads).",
         "",
     ]
     for n in batches:
-        console.print(f"peers N={n}")
-        best = peers.run_peers(n, numbers, runtimes, numba.get_num_threads(), rounds)
+        console.print(f"peers {op} N={n}")
+        best = peers.run_peers(n, numbers, runtimes, numba.get_num_threads(), rounds, op=op)
         rows = peers.table(best, numbers)
         ratio_cols = peers.ratio_columns(runtimes)
         head = ["#", *runtimes, *ratio_cols]
@@ -179,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{v['numba_dsconv']}",
         f"- platform: {m['platform']}",
         f"- ceilings measured in the same run: SGEMM **{c.sgemm_gflops:.1f} GFLOP/s** "
-        f"({c.sgemm_source}), copy **{c.copy_gbs:.1f} GB/s** ({c.copy_source}); ridge "
-        f"{c.ridge:.1f} FLOP/byte; FMA peak **{c.fma_gflops:.1f} GFLOP/s** ({c.fma_source}); "
+        f"({c.sgemm_source}), copy **{c.copy_gbs:.1f} GB/s** ({c.copy_source}); the roofline "
+        f"at the {c.compute_name}, ridge {c.ridge:.1f} FLOP/byte; FMA peak "
+        f"**{c.fma_gflops:.1f} GFLOP/s** ({c.fma_source}); "
         f"the kernels' GEMM micro-kernel on data in L1 **{c.block_gflops:.1f} GFLOP/s**, "
         f"{100 * c.block_gflops / c.fma_gflops:.0f} % of the FMA peak ({c.block_source}): the "
         "most a GEMM-bound layer can reach with the register block most GEMMs run (with AVX-512 "
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     out += _peers_section(batches, args.layers, args.peer_rounds, console)
+    out += _peers_section(batches, args.layers, args.peer_rounds, console, op="conv2d")
     if args.train:
         out += _train_section(batches, args.layers, console)
     for result in results:

@@ -353,15 +353,15 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def _bench_peers(args: argparse.Namespace, lays: list) -> int:
-    """The separable layer against ONNX Runtime, OpenVINO and torch, each runtime in its own
-    processes, alternating (bench/peers.py)."""
+    """The separable layer (or conv2d) against ONNX Runtime, OpenVINO and torch, each runtime in
+    its own processes, alternating (bench/peers.py)."""
     import numba
 
     from .bench import peers
     from .bench.machine import _cpu_model
 
-    if args.device != "cpu" or args.op != "separable":
-        return _error("--peers times the separable layer on the CPU")
+    if args.device != "cpu" or args.op not in peers.OPS:
+        return _error(f"--peers times {' or '.join(peers.OPS)} on the CPU")
     runtimes = peers.available()
     if args.no_torch and "torch" in runtimes:
         runtimes.remove("torch")
@@ -373,16 +373,18 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
         best = peers.run_peers(
             args.batch, numbers, runtimes, threads, rounds, repeat,
             progress=lambda done, total: status.update(f"worker processes {done}/{total}"),
+            op=args.op,
         )  # fmt: skip
     t = Table(
         title=Text(
-            f"separable, N={args.batch}, float32, {threads} threads, {_cpu_model()}: each "
+            f"{args.op}, N={args.batch}, float32, {threads} threads, {_cpu_model()}: each "
             f"runtime in its own process, {rounds} alternating rounds, best of the rounds' "
             f"medians of {repeat} calls; microseconds"
         ),
         caption=Text(
             "vs fastest = ours / the fastest other runtime (below 1: numba_dsconv leads); "
-            "packed: ours with pw packed once (numba_dsconv.pack), as the peers pack at load"
+            "packed: ours with the GEMM's weights (pw, conv2d's w) packed once "
+            "(numba_dsconv.pack), as the peers pack theirs at load"
         ),
     )
     ratio_cols = peers.ratio_columns(runtimes)
@@ -405,7 +407,7 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
 
         data = {r: {str(k): v for k, v in d.items()} for r, d in best.items()}
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "threads": threads, "rounds": rounds,
+            json.dump({"op": args.op, "batch": args.batch, "threads": threads, "rounds": rounds,
                        "repeat": repeat, "cpu": _cpu_model(), "seconds_and_error": data}, f,
                       indent=2)  # fmt: skip
     return 0

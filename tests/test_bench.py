@@ -96,6 +96,7 @@ CEILING_FIELDS = {
     "block_gflops",
     "block_source",
     "ridge_flop_per_byte",
+    "compute_gflops",
 }
 SETTINGS_FIELDS = {
     "device",
@@ -146,9 +147,12 @@ def _check_json(d: dict, *, op: str, layers: list[int], repeat: int, anchors: li
         lay = {TINY.number: TINY, TINY_S2.number: TINY_S2}[row["layer"]]
         w = bench.work(lay, op, row["batch"])
         assert (row["flops"], row["nbytes"]) == (w.flops, w.nbytes)
-        floor = bench.roofline_floor(
-            row["flops"], row["nbytes"], d["ceilings"]["sgemm_gflops"], d["ceilings"]["copy_gbs"]
-        )
+        c = d["ceilings"]
+        # the roofline's compute ceiling: the FMA peak where measured (the CPU), else SGEMM
+        fma = c["fma_gflops"]
+        compute = fma if math.isfinite(fma) and fma > 0 else c["sgemm_gflops"]
+        assert c["compute_gflops"] == pytest.approx(compute)
+        floor = bench.roofline_floor(row["flops"], row["nbytes"], compute, c["copy_gbs"])
         assert row["floor_s"] == pytest.approx(floor)
         assert row["ours"]["pct_roofline"] == pytest.approx(
             100 * row["floor_s"] / row["ours"]["median_s"]
@@ -166,6 +170,20 @@ def test_roofline_floor_takes_the_slower_ceiling():
     assert bench.roofline_floor(2e9, 1e9, 10.0, 10.0) == pytest.approx(0.2)
     # An unknown SGEMM ceiling (GPU without torch) leaves the bandwidth term.
     assert bench.roofline_floor(2e9, 1e9, math.nan, 10.0) == pytest.approx(0.1)
+
+
+def test_roofline_computes_at_the_fma_peak_where_measured():
+    from numba_dsconv.bench.machine import Ceilings
+
+    def ceilings(fma: float) -> Ceilings:
+        return Ceilings("cpu", 250.0, 40.0, 1, 1, (), (), "", "", fma_gflops=fma)
+
+    # measured: the roof is the FMA peak (a tuned GEMM runs above numpy's SGEMM), SGEMM below
+    c = ceilings(500.0)
+    assert (c.compute_gflops, c.compute_name, c.ridge) == (500.0, "FMA peak", 12.5)
+    # unmeasured (the GPU): the SGEMM rate
+    c = ceilings(math.nan)
+    assert (c.compute_gflops, c.compute_name, c.ridge) == (250.0, "SGEMM", 6.25)
 
 
 def test_work_counts_layer_1_by_hand():
@@ -430,6 +448,31 @@ def test_peers_workers_agree_with_float64(runtime):
         pytest.skip(f"{runtime} not installed (the peers extra)")
     med, err = peers.worker(runtime, 1, [9], 1, 2)["9"]
     assert med > 0 and err < bench.RTOL_FLOAT32
+
+
+@pytest.mark.parametrize(
+    "runtime", ["numba_dsconv", "numba_dsconv+pack", "torch", "onnxruntime", "openvino"]
+)
+def test_peers_time_conv2d_against_float64(runtime):
+    from numba_dsconv.bench import peers
+
+    if runtime not in peers.available():
+        pytest.skip(f"{runtime} not installed (the peers extra)")
+    med, err = peers.worker(runtime, 1, [9], 1, 2, op="conv2d")["9"]
+    assert med > 0 and err < bench.RTOL_FLOAT32
+    # the reference is the conv2d one: the separable layer's result is another array
+    lay = suite.layer(9)
+    x, weights = peers._arrays(lay, "conv2d", 1)
+    ref = peers._reference(lay, "conv2d", x, weights)
+    sep = peers._reference(lay, "separable", *peers._arrays(lay, "separable", 1))
+    assert ref.shape == (1, 14, 14, 64) and not np.allclose(ref, sep)
+
+
+def test_peers_take_only_their_ops():
+    from numba_dsconv.bench import peers
+
+    with pytest.raises(ValueError, match="op must be one of"):
+        peers.worker(peers.OURS, 1, [9], 1, 2, op="depthwise")
 
 
 def test_peers_rounds_alternate_processes_and_keep_the_best():

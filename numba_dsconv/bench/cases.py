@@ -86,10 +86,7 @@ class Case:
         if op in ("separable", "pointwise"):
             self.host["pw"] = pw
         if op == "conv2d":
-            shape = (lay.kernel, lay.kernel, lay.c_in, lay.c_out)
-            w = rng.standard_normal(shape, dtype=np.float32)
-            w *= np.float32(1.0 / math.sqrt(lay.kernel * lay.kernel * lay.c_in))
-            self.host["w"] = w
+            self.host["w"] = lay.conv2d_weight()
         self._rotation = 1
         if device == "cuda":
             self._rotation = max(1, min(4096, math.ceil(GPU_ROTATE_BYTES / x.nbytes)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
 import subprocess
@@ -77,9 +78,22 @@ class Ceilings:
     block_source: str = "not measured"
 
     @property
+    def compute_gflops(self) -> float:
+        """The roofline's compute ceiling: the FMA peak where it was measured (the machine's
+        limit: every tuned GEMM here ran above numpy's SGEMM), else the SGEMM rate."""
+        if math.isfinite(self.fma_gflops) and self.fma_gflops > 0:
+            return self.fma_gflops
+        return self.sgemm_gflops
+
+    @property
+    def compute_name(self) -> str:
+        """``compute_gflops``'s ceiling: "FMA peak" or "SGEMM"."""
+        return "FMA peak" if self.compute_gflops == self.fma_gflops else "SGEMM"
+
+    @property
     def ridge(self) -> float:
-        """Arithmetic intensity (FLOP/byte) where the two ceilings meet."""
-        return self.sgemm_gflops / self.copy_gbs
+        """Arithmetic intensity (FLOP/byte) where the roofline's two ceilings meet."""
+        return self.compute_gflops / self.copy_gbs
 
 
 def best_of(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> list[float]:

@@ -1,14 +1,15 @@
-"""The separable layer against the CPU runtimes users would otherwise pick: ONNX Runtime and
-OpenVINO (the ``peers`` extra), PyTorch (channels_last) and numba_dsconv itself, each timed in a
-process of its own (two runtimes' thread pools in one process disturb each other), the processes
-alternating round after round; per layer, the best of the rounds' medians (a shared machine has
-slow rounds; the best is the least disturbed). Every runtime's output is checked against the
-float64 reference before it is timed.
+"""The separable layer, or the layer's standard 3x3 convolution (conv2d), against the CPU
+runtimes users would otherwise pick: ONNX Runtime and OpenVINO (the ``peers`` extra), PyTorch
+(channels_last) and numba_dsconv itself, each timed in a process of its own (two runtimes'
+thread pools in one process disturb each other), the processes alternating round after round;
+per layer, the best of the rounds' medians (a shared machine has slow rounds; the best is the
+least disturbed). Every runtime's output is checked against the float64 reference before it is
+timed.
 
-    numba-dsconv bench --peers [--batch N] [--layers 1-7] [--rounds 7] [--repeat 9]
+    numba-dsconv bench --peers [--op separable|conv2d] [--batch N] [--layers 1-7] [--rounds 7]
 
-A worker (``python -m numba_dsconv.bench.peers RUNTIME BATCH LAYERS THREADS REPEAT``) prints
-one JSON object: {layer: [median seconds, relative error]} (None where it cannot run).
+A worker (``python -m numba_dsconv.bench.peers RUNTIME OP BATCH LAYERS THREADS REPEAT``) prints
+one JSON object: {layer: [median seconds, relative error]}.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from .suite import Layer, layer
 from .timing import alternating_processes
 
 OURS = "numba_dsconv"
-# ours with the pointwise weights packed once (numba_dsconv.pack), as ONNX Runtime and OpenVINO
-# pack theirs when they load the model
+# ours with the GEMM's weights (pw, or conv2d's w) packed once (numba_dsconv.pack), as ONNX
+# Runtime and OpenVINO pack theirs when they load the model
 OURS_PACKED = "numba_dsconv+pack"
+OPS = ("separable", "conv2d")
 # runtime -> the module that must be importable for it
 RUNTIMES: dict[str, str] = {
     OURS: "numba",
@@ -56,33 +58,61 @@ def available() -> list[str]:
     return out
 
 
-def _reference(lay: Layer, x, dw, pw) -> np.ndarray:
-    """The float64 NHWC separable result (the bench's reference formulas)."""
+def _arrays(lay: Layer, op: str, batch: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """x (NHWC) and the weights of ``op`` on this layer: (dw, pw) for the separable layer,
+    (w,) (K,K,C_in,C_out) for conv2d."""
+    x, dw, pw = lay.arrays(batch)
+    return x, ((dw, pw) if op == "separable" else (lay.conv2d_weight(),))
+
+
+def _reference(lay: Layer, op: str, x, weights) -> np.ndarray:
+    """The float64 NHWC result of ``op`` (the bench's reference formulas)."""
     import numba_dsconv as nd
 
     from .. import api
     from . import reference
 
-    spec = api.plan(nd.separable, x, (dw, pw), {"stride": lay.stride, "padding": lay.padding}).spec
+    call = nd.separable if op == "separable" else nd.conv2d
+    geo = {"stride": lay.stride, "padding": lay.padding}
+    spec = api.plan(call, x, weights, geo).spec
     f = np.float64
-    return reference.separable(x.astype(f), dw.astype(f), pw.astype(f), None, None, spec)
+    w64 = [w.astype(f) for w in weights]
+    if op == "separable":
+        return reference.separable(x.astype(f), *w64, None, None, spec)
+    return reference.conv2d(x.astype(f), w64[0], None, spec)
 
 
-def _onnx_model(lay: Layer, dw: np.ndarray, pw: np.ndarray, batch: int, nhwc: bool) -> bytes:
-    """depthwise Conv (group = C) then 1x1 Conv, float32, as an ONNX model; NCHW input and
-    output, or with ``nhwc`` NHWC ones (Transpose nodes around the convolutions, which a
-    runtime may fold into its own layout choice)."""
+def _torch_weights(op: str, weights) -> list[np.ndarray]:
+    """The weights in torch's (and ONNX's) OIHW shapes: depthwise (C,1,K,K) and pointwise
+    (C_out,C,1,1), or conv2d's (C_out,C_in,K,K)."""
+    if op == "separable":
+        dw, pw = weights
+        return [dw.transpose(2, 0, 1)[:, None], pw.T[:, :, None, None]]
+    return [weights[0].transpose(3, 2, 0, 1)]
+
+
+def _onnx_model(lay: Layer, op: str, weights, batch: int, nhwc: bool) -> bytes:
+    """``op`` as a float32 ONNX model: the separable layer as a depthwise Conv (group = C) then
+    a 1x1 Conv, or conv2d's one Conv; NCHW input and output, or with ``nhwc`` NHWC ones
+    (Transpose nodes around the convolutions, which a runtime may fold into its own layout
+    choice)."""
     from onnx import TensorProto, helper, numpy_helper
 
     c, k, p, hw = lay.c_in, lay.kernel, lay.padding, lay.hw
-    wd = numpy_helper.from_array(np.ascontiguousarray(dw.transpose(2, 0, 1)[:, None]), "wd")
-    wp = numpy_helper.from_array(np.ascontiguousarray(pw.T[:, :, None, None]), "wp")
+    names = ["wd", "wp"] if op == "separable" else ["w"]
+    inits = [
+        numpy_helper.from_array(np.ascontiguousarray(w), name)
+        for w, name in zip(_torch_weights(op, weights), names, strict=True)
+    ]
     src, dst = ("xt", "yt") if nhwc else ("x", "y")
-    nodes = [
-        helper.make_node("Conv", [src, "wd"], ["mid"], group=c, kernel_shape=[k, k],
-                         pads=[p, p, p, p], strides=[lay.stride, lay.stride]),
-        helper.make_node("Conv", ["mid", "wp"], [dst], kernel_shape=[1, 1]),
-    ]  # fmt: skip
+    geo = dict(kernel_shape=[k, k], pads=[p, p, p, p], strides=[lay.stride, lay.stride])
+    if op == "separable":
+        nodes = [
+            helper.make_node("Conv", [src, "wd"], ["mid"], group=c, **geo),
+            helper.make_node("Conv", ["mid", "wp"], [dst], kernel_shape=[1, 1]),
+        ]
+    else:
+        nodes = [helper.make_node("Conv", [src, "w"], [dst], **geo)]
     shape = [batch, c, hw, hw]
     if nhwc:
         nodes.insert(0, helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]))
@@ -90,41 +120,44 @@ def _onnx_model(lay: Layer, dw: np.ndarray, pw: np.ndarray, batch: int, nhwc: bo
         shape = [batch, hw, hw, c]
     graph = helper.make_graph(
         nodes,
-        "separable",
+        op,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[wd, wp],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
 
 
-def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.ndarray]:
-    """A no-argument call of runtime ``name`` on this layer, returning NHWC float32."""
+def _runner(name: str, lay: Layer, op: str, x, weights, threads: int) -> Callable[[], Any]:
+    """A no-argument call of runtime ``name`` running ``op`` on this layer, returning NHWC
+    float32."""
     nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    if name == OURS:
+    geo = {"stride": lay.stride, "padding": lay.padding}
+    if name in (OURS, OURS_PACKED):
         import numba_dsconv as nd
 
-        return lambda: nd.separable(x, dw, pw, stride=lay.stride, padding=lay.padding)
-    if name == OURS_PACKED:
-        import numba_dsconv as nd
-
-        packed = nd.pack(pw)
-        return lambda: nd.separable(x, dw, packed, stride=lay.stride, padding=lay.padding)
+        if name == OURS_PACKED:  # the GEMM's weights: pw, or conv2d's w
+            weights = (*weights[:-1], nd.pack(weights[-1]))
+        if op == "conv2d":
+            return lambda: nd.conv2d(x, *weights, **geo)
+        return lambda: nd.separable(x, *weights, **geo)
     if name == "torch":
         import torch
         import torch.nn.functional as F
 
         torch.set_num_threads(threads)
         xt = torch.from_numpy(nchw).contiguous(memory_format=torch.channels_last)
-        wd = torch.from_numpy(np.ascontiguousarray(dw.transpose(2, 0, 1)[:, None]))
-        wp = torch.from_numpy(np.ascontiguousarray(pw.T[:, :, None, None]))
+        ws = [torch.from_numpy(np.ascontiguousarray(w)) for w in _torch_weights(op, weights)]
 
         def call() -> np.ndarray:
             with torch.no_grad():
-                mid = F.conv2d(xt, wd, stride=lay.stride, padding=lay.padding, groups=lay.c_in)
-                return F.conv2d(mid, wp).permute(0, 2, 3, 1).numpy()
+                if op == "conv2d":
+                    y = F.conv2d(xt, ws[0], **geo)
+                else:
+                    y = F.conv2d(F.conv2d(xt, ws[0], groups=lay.c_in, **geo), ws[1])
+                return y.permute(0, 2, 3, 1).numpy()
 
         return call
     if name == "onnxruntime":  # NCHW, its native layout
@@ -134,7 +167,7 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        model = _onnx_model(lay, dw, pw, x.shape[0], nhwc=False)
+        model = _onnx_model(lay, op, weights, x.shape[0], nhwc=False)
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         return lambda: sess.run(None, {"x": nchw})[0].transpose(0, 2, 3, 1)
     if name == "openvino":
@@ -144,9 +177,9 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
 
         core = ov.Core()
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "separable.onnx")
+            path = os.path.join(tmp, f"{op}.onnx")
             with open(path, "wb") as f:
-                f.write(_onnx_model(lay, dw, pw, x.shape[0], nhwc=True))
+                f.write(_onnx_model(lay, op, weights, x.shape[0], nhwc=True))
             compiled = core.compile_model(
                 core.read_model(path),
                 "CPU",
@@ -169,14 +202,18 @@ def _runner(name: str, lay: Layer, x, dw, pw, threads: int) -> Callable[[], np.n
     raise ValueError(f"unknown runtime {name!r}; expected one of {sorted(RUNTIMES)}")
 
 
-def worker(name: str, batch: int, layers: list[int], threads: int, repeat: int) -> dict:
+def worker(
+    name: str, batch: int, layers: list[int], threads: int, repeat: int, op: str = "separable"
+) -> dict:
     """{layer: [median seconds of ``repeat`` calls after warm-up, relative error vs float64]}
-    for runtime ``name`` in this process."""
+    for runtime ``name`` running ``op`` in this process."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
     timed: dict[int, tuple[float, np.ndarray]] = {}
     for number in layers:
         lay = layer(number)
-        x, dw, pw = lay.arrays(batch)
-        fn = _runner(name, lay, x, dw, pw, threads)
+        x, weights = _arrays(lay, op, batch)
+        fn = _runner(name, lay, op, x, weights, threads)
         got = np.array(fn(), np.float32)  # a copy: a runtime may reuse its output buffer
         for _ in range(5):  # warm-up: thread pools, first-run allocations
             fn()
@@ -194,7 +231,7 @@ def worker(name: str, batch: int, layers: list[int], threads: int, repeat: int) 
     for number, (med, got) in timed.items():
         lay = layer(number)
         with serial_blas():
-            ref = _reference(lay, *lay.arrays(batch))
+            ref = _reference(lay, op, *_arrays(lay, op, batch))
         err = float(np.max(np.abs(got - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
         result[str(number)] = [med, err]
     return result
@@ -208,11 +245,12 @@ def run_peers(
     rounds: int = 7,
     repeat: int = 9,
     progress: Callable[[int, int], None] | None = None,
+    op: str = "separable",
 ) -> dict[str, dict[int, tuple[float, float]]]:
-    """{runtime: {layer: (best of the rounds' medians in seconds, relative error)}}: each
-    round runs every runtime's worker once, in that order (so they alternate)."""
+    """{runtime: {layer: (best of the rounds' medians in seconds, relative error)}} for ``op``:
+    each round runs every runtime's worker once, in that order (so they alternate)."""
     best: dict[str, dict[int, tuple[float, float]]] = {r: {} for r in runtimes}
-    args = [str(batch), ",".join(map(str, layers)), str(threads), str(repeat)]
+    args = [op, str(batch), ",".join(map(str, layers)), str(threads), str(repeat)]
     done = alternating_processes("numba_dsconv.bench.peers", runtimes, args, threads, rounds,
                                  progress)  # fmt: skip
     for name, outputs in done.items():
@@ -257,5 +295,5 @@ def geomean(values: list[float]) -> float:
 
 
 if __name__ == "__main__":  # a worker
-    rt, n, lays, th, rep = sys.argv[1:6]
-    print(json.dumps(worker(rt, int(n), [int(v) for v in lays.split(",")], int(th), int(rep))))
+    rt, op_, n, lays, th, rep = sys.argv[1:7]
+    print(json.dumps(worker(rt, int(n), [int(v) for v in lays.split(",")], int(th), int(rep), op_)))

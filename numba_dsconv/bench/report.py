@@ -74,6 +74,7 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ceilings"]["ridge_flop_per_byte"] = self.ceilings.ridge
+        d["ceilings"]["compute_gflops"] = self.ceilings.compute_gflops
         d["ok"] = self.ok
         return d
 
@@ -172,14 +173,16 @@ def headline(result: BenchResult) -> list[str]:
         f"threads ({m['threading_layer']}) | numpy {v['numpy']}, numba {v['numba']}, torch "
         f"{v['torch'] or 'not installed'}",
         f"ceilings: SGEMM {c.sgemm_gflops:.1f} GFLOP/s ({c.sgemm_source}); copy "
-        f"{c.copy_gbs:.1f} GB/s ({c.copy_source}); ridge {c.ridge:.1f} FLOP/byte"
-        + (fma if math.isfinite(c.fma_gflops) else ""),
+        f"{c.copy_gbs:.1f} GB/s ({c.copy_source}); roofline at the {c.compute_name}, ridge "
+        f"{c.ridge:.1f} FLOP/byte" + (fma if math.isfinite(c.fma_gflops) else ""),
     ]
 
 
 CAPTION = (
     "vs X = time(X) / time(numba_dsconv): above 1, numba_dsconv is faster. % roof = roofline "
-    "floor / time. % FMA = GFLOP/s / FMA peak. err = max |error| / max |value| vs float64."
+    "floor / time (the floor: FLOPs at the FMA peak where measured, else at the SGEMM rate, or "
+    "bytes at copy bandwidth, whichever is longer). % FMA = GFLOP/s / FMA peak. err = max "
+    "|error| / max |value| vs float64."
 )
 
 
@@ -270,9 +273,10 @@ def plot_roofline(result: BenchResult, path: str | os.PathLike[str]) -> None:
 
 
 def _draw_roof(ax: Any, ceil: Ceilings, x_lo: float, x_hi: float) -> float:
-    """The roofline and its two ceilings, labelled; returns the compute peak (inf if unknown)."""
+    """The roofline (its compute ceiling: the FMA peak where measured), its ceilings and the
+    SGEMM rate below it, labelled; returns the compute peak (inf if unknown)."""
     xs = np.geomspace(x_lo, x_hi, 200)
-    peak = ceil.sgemm_gflops if math.isfinite(ceil.sgemm_gflops) else np.inf
+    peak = ceil.compute_gflops if math.isfinite(ceil.compute_gflops) else np.inf
     ax.plot(xs, np.minimum(peak, ceil.copy_gbs * xs), color="black", lw=2, label="roofline")
     ax.plot(xs, ceil.copy_gbs * xs, color="gray", ls=":", lw=1)
     note = dict(textcoords="offset points", fontsize=8, color="dimgray", ha="right")
@@ -281,7 +285,11 @@ def _draw_roof(ax: Any, ceil: Ceilings, x_lo: float, x_hi: float) -> float:
     )
     if math.isfinite(peak):
         ax.axhline(peak, color="gray", ls=":", lw=1)
-        ax.annotate(f"SGEMM {peak:.0f} GFLOP/s", (x_hi, peak), xytext=(-4, 4), **note)
+        ax.annotate(f"{ceil.compute_name} {peak:.0f} GFLOP/s", (x_hi, peak), xytext=(-4, 4), **note)
+    sgemm = ceil.sgemm_gflops
+    if ceil.compute_name != "SGEMM" and math.isfinite(sgemm):
+        ax.axhline(sgemm, color="gray", ls="--", lw=0.8)
+        ax.annotate(f"SGEMM {sgemm:.0f} GFLOP/s", (x_hi, sgemm), xytext=(-4, -12), **note)
     return float(peak)
 
 

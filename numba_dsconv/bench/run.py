@@ -98,7 +98,7 @@ def _prepare(lay: Layer, op: str, batch: int, device: str, with_anchors: bool) -
 
 def _row(p: _Prepared, samples: dict, numbers: dict, ceilings: Ceilings) -> LayerResult:
     w, lay = p.case.work, p.case.layer
-    floor = roofline_floor(w.flops, w.nbytes, ceilings.sgemm_gflops, ceilings.copy_gbs)
+    floor = roofline_floor(w.flops, w.nbytes, ceilings.compute_gflops, ceilings.copy_gbs)
     fma = ceilings.fma_gflops
     sides = {n: side(n, samples[n], numbers[n], w, floor, p.errors[n], fma) for n in p.fns}
     ours = sides.pop(OURS)

@@ -39,6 +39,15 @@ class Layer:
         pw *= np.float32(1.0 / np.sqrt(self.c_in))
         return x.astype(dtype), dw.astype(dtype), pw.astype(dtype)
 
+    def conv2d_weight(self, dtype: type = np.float32) -> np.ndarray:
+        """Random weights (K,K,C_in,C_out) of the layer's standard 3x3 convolution (the conv2d
+        op of the bench), scaled by 1/sqrt(K*K*C_in)."""
+        rng = np.random.default_rng(1000 + self.number)
+        shape = (self.kernel, self.kernel, self.c_in, self.c_out)
+        w = rng.standard_normal(shape, dtype=np.float32)
+        w *= np.float32(1.0 / np.sqrt(self.kernel * self.kernel * self.c_in))
+        return w.astype(dtype)
+
 
 LAYERS: tuple[Layer, ...] = (
     Layer(1, "V1", 112, 32, 64, 1),

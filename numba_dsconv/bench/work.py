@@ -81,8 +81,9 @@ def work(lay: Layer, op: str, batch: int, itemsize: int = 4) -> Work:
     return Work(op, batch, 2 * macs, nbytes, x_shape, out_shape)
 
 
-def roofline_floor(flops: float, nbytes: float, sgemm_gflops: float, copy_gbs: float) -> float:
-    """Seconds a call cannot beat: max(FLOPs / SGEMM rate, bytes / copy bandwidth).
+def roofline_floor(flops: float, nbytes: float, compute_gflops: float, copy_gbs: float) -> float:
+    """Seconds a call cannot beat: max(FLOPs / compute ceiling, bytes / copy bandwidth); the
+    compute ceiling is ``Ceilings.compute_gflops`` (the FMA peak where measured).
 
     A ceiling that is unknown (NaN) or not positive drops out of the max.
 
@@ -92,8 +93,8 @@ def roofline_floor(flops: float, nbytes: float, sgemm_gflops: float, copy_gbs: f
     0.1
     """
     terms = [0.0]
-    if math.isfinite(sgemm_gflops) and sgemm_gflops > 0:
-        terms.append(flops / (sgemm_gflops * 1e9))
+    if math.isfinite(compute_gflops) and compute_gflops > 0:
+        terms.append(flops / (compute_gflops * 1e9))
     if math.isfinite(copy_gbs) and copy_gbs > 0:
         terms.append(nbytes / (copy_gbs * 1e9))
     return max(terms)
