@@ -353,6 +353,46 @@ _PANELS_AT = {"pointwise": ("POINTWISE", 2, 4), "separable": ("SEPARABLE", 4, 6)
               "conv2d": ("CONV2D", 2, 4)}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "padding"),
+    [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((3, 3), (2, 2), (1, 1), (0, 1, 0, 1)),
+     ((2, 5), (1, 2), (2, 1), (1, 0, 2, 3)), ((3, 3), (1, 1), (1, 2), (2, 2, 2, 2)),
+     ((1, 4), (3, 1), (1, 1), (0, 0, 3, 0))],
+)  # fmt: skip
+@pytest.mark.parametrize("slab", [1, 2, 4, 0])  # 0: every tap
+def test_im2col_slab_gathers_each_tap_or_zero(kernel, stride, dilation, padding, slab, rng):
+    """conv2d's gather, against the formula: every tap of every pixel, runs of taps in one
+    kernel row copied at once or tap by tap (dilated, cut by the padding, a slab starting or
+    ending inside a kernel row), zeros on the padding; pixels spanning rows and images."""
+    from numba_dsconv.cpu.conv2d import im2col_slab
+
+    n, h, w, c = 2, 6, 7, 3
+    (kh, kw), (sh, sw), (dh, dw), (pt, pb, pl, pr) = kernel, stride, dilation, padding
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    geo = (kh, kw, sh, sw, dh, dw, pt, pl, 0)
+    taps = kh * kw
+    slab = slab or taps
+    padded = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+    padded[:, pt : pt + h, pl : pl + w] = x
+    p0, p1 = 3, n * oh * ow - 2  # not from the first pixel, nor to the last
+    for t0 in range(0, taps, slab):
+        t1 = min(taps, t0 + slab)
+        buf = np.full((p1 - p0, (t1 - t0) * c), np.nan, np.float32)
+        im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
+        want = np.empty_like(buf)
+        for p in range(p0, p1):
+            b, rem = divmod(p, oh * ow)
+            i, j = divmod(rem, ow)
+            for t in range(t0, t1):
+                m, q = divmod(t, kw)
+                want[p - p0, (t - t0) * c : (t - t0 + 1) * c] = padded[
+                    b, i * sh + m * dh, j * sw + q * dw
+                ]
+        np.testing.assert_array_equal(buf, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("op", "slab_taps"), [("pointwise", 0), ("separable", 0),
                                                ("conv2d", 9), ("conv2d", 2)])  # fmt: skip
