@@ -465,24 +465,24 @@ def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request
 @functools.cache
 def _tile_runner():
     """A jitted call of ``gemm_tile`` (how=0), ``gemm_wide`` (1) or ``gemm_narrow`` (2) on one
-    tile, with the kernels' scratch."""
+    tile, with the kernels' scratch; ``fresh``: the blocks ask for dst's lines first."""
     from numba import njit
 
     from numba_dsconv.cpu._simd import address
     from numba_dsconv.cpu.pointwise import gemm_narrow, gemm_scratch, gemm_tile, gemm_wide
 
     @njit
-    def run(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how):
+    def run(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, kc, how, fresh):
         pk, at, part = gemm_scratch(kc, rows, dst)
         if how == 0:  # the dispatcher
             gemm_tile(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                      part, address(a), 0)  # fmt: skip
+                      part, address(a), 0, fresh)  # fmt: skip
         elif how == 1:  # the wide block alone (c_hi: the end of whole pairs)
             gemm_wide(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                      address(a), 0)  # fmt: skip
+                      address(a), 0, fresh)  # fmt: skip
         else:
             gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at,
-                        part, address(a), 0)  # fmt: skip
+                        part, address(a), 0, fresh)  # fmt: skip
 
     return run
 
@@ -542,7 +542,8 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
             big = np.full((rows + 4, c_out + 2 * nr), 7.5, dtype)
             dst = big[2 : 2 + rows, nr : nr + c_out]
             dst[:] = start
-            run(a_arg, a_t, rows, w, panels, bias, dst, c_lo, c_hi, relu6, acc, kc, how)
+            fresh = rows % 2 == 1  # dst's lines asked for first (a hint: the same bits)
+            run(a_arg, a_t, rows, w, panels, bias, dst, c_lo, c_hi, relu6, acc, kc, how, fresh)
             outside = big.copy()
             outside[2 : 2 + rows, nr : nr + c_out] = 7.5
             assert (outside == 7.5).all(), (rows, c_out, c_lo, how)  # nothing else written

@@ -140,9 +140,24 @@ def _jit(fn: Callable[..., Any], parallel: bool) -> Any:
 
 
 def helper(fn: Callable[..., Any]) -> Any:
-    """A function the kernels call. Not IR-inlined (``inline="always"`` made the parallel
-    separable kernel much slower to compile cold); LLVM still inlines it."""
+    """A function the kernels call. Not IR-inlined (``inline="always"`` on every helper made
+    the parallel separable kernel much slower to compile cold); LLVM inlines it or calls it.
+    A call may bind to the helper's own separately compiled code (see ``inlined``)."""
     return _jit(fn, parallel=False)
+
+
+def inlined(fn: Callable[..., Any]) -> Any:
+    """A helper inlined into its callers in Numba's IR: the GEMM register blocks.
+
+    A helper is compiled on its own (its own library, its code loaded) before the functions
+    that call it, and Numba links its IR into theirs as ``linkonce_odr``: where LLVM keeps a
+    call, the JIT binds it to the first definition loaded, the helper compiled alone, without
+    its callers' constants. The register blocks compiled alone spilled their accumulators to
+    the stack (96 spills in gemm_block_wide's code): in a process that compiled the kernels
+    (the first run, or without the disk cache) the GEMMs ran at 35-40 % of the FMA peak, where
+    the same kernels loaded from the cache (one object: its own copies) ran at 85-90 %. Inlined
+    in the IR there is no separate definition to bind to. Cold compiles take ~1.3x as long."""
+    return njit(inline="always", **_JIT_OPTS)(fn)
 
 
 class Kernel(NamedTuple):

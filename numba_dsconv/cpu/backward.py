@@ -481,7 +481,7 @@ def backward_chunk(
             if act != NO_ACTIVATION:
                 if need_z:
                     gemm_tile(a, False, T, zbuf, packed_z, b, zbuf, 0, CO, NO_ACTIVATION, False,
-                              pk, at, part, 0, 0)  # fmt: skip
+                              pk, at, part, 0, 0, False)  # fmt: skip
                     masked_copy(gz, zbuf, act, gzbuf, T)
                 else:
                     masked_copy(gz, y2[p:p1], act, gzbuf, T)
@@ -495,12 +495,12 @@ def backward_chunk(
                 # tile writes its partial sums, the others add
                 lhs, rhs = (gz, a) if pw_t else (a, gz)
                 gemm_tile(lhs, True, lhs.shape[1], rhs, nopack, zeros, gpw[k], 0, rhs.shape[1],
-                          NO_ACTIVATION, p > p_lo, pk, at, part, 0, 0)  # fmt: skip
+                          NO_ACTIVATION, p > p_lo, pk, at, part, 0, 0, True)  # fmt: skip
             if need_gm:
                 if not has_dw:
                     gm = gx.reshape(-1, CM)[p:p1]  # pointwise: gm is dx itself
                 gemm_tile(gz, False, T, gm, packed_gm, zeros, gm, 0, CM, NO_ACTIVATION, False, pk,
-                          at, part, 0, 0)  # fmt: skip
+                          at, part, 0, 0, True)  # fmt: skip
                 if has_dw and mid_act != NO_ACTIVATION:
                     mask_in_place(gm, a, mid_act, T)
         elif need_gm:  # depthwise alone: gm = grad * act'(y), y given or recomputed

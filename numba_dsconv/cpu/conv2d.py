@@ -120,7 +120,7 @@ def conv2d_nhwc(x, w2, packed, bias, out, geo, act, split, slab):  # pragma: no 
             im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
             a = act if t1 == taps else NO_ACTIVATION
             gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], packed[:, t0 * C : t1 * C],
-                      bias, dst, c0, c1, a, t0 > 0, pk, at, part, address(x), 0)  # fmt: skip
+                      bias, dst, c0, c1, a, t0 > 0, pk, at, part, address(x), 0, False)  # fmt: skip
 
 
 def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:

@@ -27,7 +27,7 @@ from numba import prange
 from .. import _config
 from .._spec import ConvSpec
 from ..packing import kernel_operands
-from ._jit import NO_ACTIVATION, Kernel, helper, kernel
+from ._jit import NO_ACTIVATION, Kernel, helper, inlined, kernel
 from ._simd import (
     VEC_BYTES,
     address,
@@ -223,7 +223,7 @@ def zero_tail(a, rows):  # pragma: no cover - compiled
 
 @helper
 def gemm_tile(
-    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len, fresh
 ):  # pragma: no cover - compiled
     """dst[r, c] = act(bias[c] + sum_k A[r, k] * W[k, c]) for r < rows, c_lo <= c < c_hi: the
     GEMM of every kernel (arguments: ``gemm_narrow``).
@@ -234,13 +234,14 @@ def gemm_tile(
     order either way: the same bits."""
     c_mid = wide_columns(rows, c_lo, c_hi, pk.shape[0], dst.itemsize)
     if c_mid > c_lo:
-        gemm_wide(a, a_t, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len)
+        gemm_wide(a, a_t, rows, w, packed, bias, dst, c_lo, c_mid, act, acc, pk, at, pf, pf_len,
+                  fresh)  # fmt: skip
         if c_mid < c_hi:  # the panel left over
             gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_mid, c_hi, act, acc, pk, at,
-                        part, pf, 0)  # fmt: skip
+                        part, pf, 0, fresh)  # fmt: skip
     else:
         gemm_narrow(a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf,
-                    pf_len)  # fmt: skip
+                    pf_len, fresh)  # fmt: skip
 
 
 @helper
@@ -295,6 +296,21 @@ def prefetch_share(pf, pf_end, step):  # pragma: no cover - compiled
 
 
 @helper
+def prefetch_stores(p, stride, rows, nbytes):  # pragma: no cover - compiled
+    """Ask for the lines of ``rows`` rows of ``nbytes`` bytes from byte address ``p`` (rows
+    ``stride`` apart) for stores: a register block that will store its sums into lines not in
+    cache (a new output) asks for them before its reduction loop. Else its stores wait in the
+    store buffer for the lines, and the next block's loads whose addresses match theirs in
+    the low 12 bits (4K aliasing: the next rows of A, the panel's first rows) wait behind them:
+    the pointwise backward's dx ran 2-2.7x the time in processes whose arrays fell so."""
+    for i in range(rows):
+        q = p + i * stride
+        for off in range(0, nbytes, 64):
+            prefetch_l1(q + off)
+        prefetch_l1(q + nbytes - 1)
+
+
+@helper
 def copy_short_group(a, a_t, full, rows, mr, k0, nk, at):  # pragma: no cover - compiled
     """at[i, k] = A[min(full + i, rows - 1), k0 + k] for i < mr, k < nk (A: a, or a's transpose
     with ``a_t``): the short last row group as a whole block, its last row repeated."""
@@ -306,7 +322,7 @@ def copy_short_group(a, a_t, full, rows, mr, k0, nk, at):  # pragma: no cover - 
 
 @helper
 def gemm_wide(
-    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, pf, pf_len, fresh
 ):  # pragma: no cover - compiled
     """``gemm_tile`` on the whole panel pairs of c_lo..c_hi with the 6 x 4-vector block
     (``gemm_block_wide``); A is a, or with ``a_t`` a's transpose (as ``gemm_narrow``).
@@ -362,14 +378,17 @@ def gemm_wide(
                     if r == full and not in_place:  # the short last group, copied
                         copy_short_group(a, a_t, full, rows, WIDE_MR, k0, nk, at)
                         src, stride, kstep = pat, sat, sz
+                    rd = pdst + r * sdst + c0 * sz
+                    if fresh and first:  # dst unread before the block's stores
+                        prefetch_stores(rd, sdst, min(WIDE_MR, rows - r), 4 * VEC_BYTES)
                     gemm_block_wide(src, stride, kstep, pw0, pw1, spk, nk, first,
-                                    address(bias) + c0 * sz, pdst + r * sdst + c0 * sz, sdst,
-                                    min(WIDE_MR, rows - r), final, act, dt, sz)  # fmt: skip
+                                    address(bias) + c0 * sz, rd, sdst, min(WIDE_MR, rows - r),
+                                    final, act, dt, sz)  # fmt: skip
 
 
 @helper
 def gemm_narrow(
-    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len
+    a, a_t, rows, w, packed, bias, dst, c_lo, c_hi, act, acc, pk, at, part, pf, pf_len, fresh
 ):  # pragma: no cover - compiled
     """dst[r, c] = act(bias[c] + sum_k A[r, k] * W[k, c]) for r < rows, c_lo <= c < c_hi, where
     A is a (rows, K), or with ``a_t`` a's transpose (a stored (K, rows): the backward's weight
@@ -395,6 +414,11 @@ def gemm_narrow(
     ``pf_len`` bytes from address ``pf`` (the input the caller's next task reads) are
     prefetched into L2 a few lines per block, so that the memory traffic of the next task's
     first phase overlaps this task's arithmetic.
+
+    ``fresh``: dst's lines are not in cache (the backward's dx, its partial sums): each block
+    asks for the lines of its rows before its reduction loop (``prefetch_stores``). The
+    forward's outputs go without: they showed no slow placements, and the prefetches cost
+    1-2.5 % there.
     """
     prepacked = packed.shape[0] > 0
     K = packed.shape[1] if prepacked else w.shape[0]
@@ -450,13 +474,15 @@ def gemm_narrow(
                             for j in range(NR):
                                 v = dst[r + i, c0 + j] if i < nvalid and j < nout else 0
                                 part[r + i, j] = v
+                if fresh and final and not acc:  # dst unread before the block's stores
+                    prefetch_stores(cd + r * sdst, sdst, nvalid, nout * sz)
                 gemm_block(
                     src, stride, kstep, ppk, spk, nk, start, cb, pp, sp, final, cd + r * sdst,
                     sdst, mr, nvalid, nout, act, dt, sz,
                 )  # fmt: skip
 
 
-@helper
+@inlined
 def gemm_block(
     pa,
     sa,
@@ -647,7 +673,7 @@ def gemm_block(
                 storep(pdst + i * sdst + j * sz, loadp(ppart + i * spart + j * sz, dt), dt)
 
 
-@helper
+@inlined
 def gemm_block_wide(
     pa, sa, ska, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
 ):  # pragma: no cover - compiled
@@ -946,7 +972,7 @@ def pointwise_nhwc(x2, pw, nopack, bias, out2, split, act):  # pragma: no cover 
         pf = address(x2) + n0 * x2.strides[0]
         pf_len = (n1 - n0) * x2.strides[0]
         gemm_tile(x2[r0:r1], False, r1 - r0, pw, nopack, bias, out2[r0:r1], c0, c1, act, False,
-                  pk, at, part, pf, pf_len)  # fmt: skip
+                  pk, at, part, pf, pf_len, False)  # fmt: skip
 
 
 def pointwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:

@@ -81,7 +81,7 @@ def separable_nhwc(
             pf += lo * x.strides[1]
             pf_len = max(0, hi + 1 - lo) * x.strides[1]
         gemm_tile(buf, False, p1 - p0, pw, nopack, bias, out2[p0:p1], c0, c1, act, False, pk, at,
-                  part, pf, pf_len)  # fmt: skip
+                  part, pf, pf_len, False)  # fmt: skip
 
 
 def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
