@@ -187,6 +187,9 @@ class SeparableRoofline:
         floor = bench.roofline_floor(w.flops, w.nbytes, c.compute_gflops, c.copy_gbs)
         return round(100.0 * floor / median, 2)
 
+    # the floor's compute ceiling became the FMA peak (it was numpy's SGEMM rate): a new series
+    track_separable_roofline_percent.version = "fma-peak"  # type: ignore[attr-defined]
+
 
 class SeparableBackward(_Op):
     """The backward of the fused separable layer (numba_dsconv.separable_grad: the gradients

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-dir", default=None, help="also write one JSON file per run")
     parser.add_argument(
         "--peer-rounds", type=int, default=7,
-        help="alternating rounds of the peers' separable table (0: no peers table)",
+        help="alternating rounds of the peers' separable and conv2d tables (0: none)",
     )  # fmt: skip
     parser.add_argument(
         "--no-train", dest="train", action="store_false",
@@ -204,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         "beside them then met fresh memory too: 2-3x their time at layer 1, N=8); each sample "
         "averages enough back-to-back calls "
         "to last ~20 ms; the table shows the median. `vs X` = time(X) / time(numba_dsconv): "
-        "above 1, numba_dsconv is faster. Roofline floor = max(FLOPs / SGEMM rate, bytes / "
-        "copy bandwidth), 2 FLOPs per multiply-add, bytes = inputs read once + output written "
+        "above 1, numba_dsconv is faster. Roofline floor = max(FLOPs / FMA peak, bytes / "
+        "copy bandwidth) (the FMA peak measured in the same run; the SGEMM rate where it is "
+        "not measured), 2 FLOPs per multiply-add, bytes = inputs read once + output written "
         "once (the separable intermediate is not counted); % roof = floor / time. A call "
-        "can pass 100 %: data that stays in cache between calls moves faster than the copy "
-        "ceiling (one-thread `numpy.copyto` of 256 MiB; a two-thread copy is ~10 % faster "
-        "here), and oneDNN's convolutions can beat OpenBLAS's SGEMM rate. "
+        "can pass 100 % on a memory-bound layer: data that stays in cache between calls moves "
+        "faster than the copy ceiling (one-thread `numpy.copyto` of 256 MiB; a two-thread copy "
+        "is ~10 % faster here); oneDNN's convolutions skip the taps on the padding, a few % "
+        "fewer FLOPs than counted. "
         "`err` = max |result - float64 reference| / max |reference|. "
         "pointwise is the pointwise stage of the layer (its input has the depthwise output's "
         "shape); conv2d is the standard 3x3 convolution the separable layer replaces.",

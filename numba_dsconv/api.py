@@ -231,7 +231,7 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
             key.append(None)
         elif type(a) is _NDARRAY and a.dtype.isnative:
             key.append((a.shape, a.strides, a.dtype))
-        elif type(a) is PackedWeights:  # only pw may be one (as_host_array)
+        elif type(a) is PackedWeights:  # only pw or conv2d's w may be one (as_host_array)
             key.append((a.shape, PackedWeights, a.dtype))
         else:
             return None

@@ -576,8 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument(
         "--peers",
         action="store_true",
-        help="instead: the separable layer against ONNX Runtime, OpenVINO and torch (those "
-        "installed: pip install 'numba-dsconv[peers]'), each in its own processes, alternating",
+        help="instead: the separable layer (--op conv2d: its 3x3 standard convolution) against "
+        "ONNX Runtime, OpenVINO and torch (those installed: pip install 'numba-dsconv[peers]'), "
+        "each in its own processes, alternating",
     )
     p_bench.add_argument(
         "--rounds",

@@ -67,8 +67,9 @@ class PackedWeights:
         return len(self._shape)
 
     def reshape(self, shape: tuple[int, ...]) -> Any:
-        """The same packed weights seen as (C_in, C_out) (how the calls read a 4-D pw), or as
-        (1, 1, C_in, C_out); a NumPy array of any other shape."""
+        """The same packed weights seen as the GEMM's matrix (how the calls read a 4-D pw; a
+        conv2d pack so seen serves as pw of K_h * K_w * C_in input channels), or as
+        (1, 1, rows, C_out); a NumPy array of any other shape."""
         shape = tuple(shape)
         if shape == self._shape:
             return self

@@ -18,13 +18,15 @@ running numba_dsconv's backward kernels. For the backward, autograd keeps x, the
 where the final activation needs it, a one-byte mask of where it passes; never the depthwise
 intermediate, which the backward recomputes tile by tile.
 
-For inference on the CPU, ``prepack(model)`` packs the pointwise weights of its layers once
-(numba_dsconv.pack), as inference runtimes do when they load a model.
+For inference on the CPU, ``prepack(model)`` packs the GEMM weights of its layers once (the
+pointwise weights, conv2d's; numba_dsconv.pack), as inference runtimes do when they load a
+model.
 
 This module imports torch; ``import numba_dsconv`` alone never does.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -314,7 +316,8 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
             return out
 
         return run_tensors
-    packable = op in ("separable", "pointwise")  # a prepack()ed layer's packed weights
+    packable = op in ("separable", "pointwise", "conv2d")  # a prepack()ed layer's packed weights
+    core = _conv2d_core if op == "conv2d" else _pointwise_core
     # the fake kernel's strides, exactly (NumPy's and torch's differ where a dimension is 1);
     # a negative size: the core raises its error on every call of this signature
     strides = (
@@ -327,7 +330,7 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
         x = args[0].detach().numpy()
         ws = list(_core_weights(op, x, tuple(w.detach().numpy() for w in args[1 : 1 + nw])))
         if packable:
-            ws[-1] = _prepacked(args[nw]) or ws[-1]
+            ws[-1] = _prepacked(args[nw], core) or ws[-1]
         bs = {n: _numpy(b) for n, b in zip(names, args[1 + nw : 1 + nw + nb], strict=True)}
         out = torch.from_numpy(fn(x, *ws, **kw, **bs))
         if out.stride() != strides:
@@ -337,7 +340,8 @@ def _prepare_forward(op: str, fn: Any, args: tuple) -> Any:
     return run_numpy
 
 
-# prepack(): pointwise weight -> (its state when packed, its PackedWeights), by identity
+# prepack(): GEMM weight -> (its state when packed, its PackedWeights, the core's view of it),
+# by identity
 _PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -347,33 +351,36 @@ def _pack_state(w: Tensor) -> tuple:
     return (w._version, w.data_ptr(), w.dtype, tuple(w.shape), tuple(w.stride()))
 
 
-def _prepacked(w: Tensor) -> PackedWeights | None:
-    """The packed weights of a prepack()ed pointwise weight ``w``, packed again where torch saw
-    it change (as a call without prepack packs torch's transposed weight: a training step
-    costs what it would); None where it was never prepacked."""
+def _prepacked(w: Tensor, core: Callable[[Any], Any]) -> PackedWeights | None:
+    """The packed weights of a prepack()ed weight ``w`` as ``core`` views it (pointwise or
+    conv2d), packed again where torch saw it change (as a call without prepack packs torch's
+    weight: a training step costs what it would); None where it was never prepacked, or
+    packed for the other view (one parameter shared by a pointwise layer and a 1x1 Conv2d)."""
     hit = _PACKS.get(w)
-    if hit is None:
+    if hit is None or hit[2] is not core:
         return None
     if hit[0] == _pack_state(w):
         return hit[1]
-    return _pack_into(w)
+    return _pack_into(w, hit[2])
 
 
-def _pack_into(w: Tensor) -> PackedWeights | None:
-    """Pack pointwise weight ``w`` and remember it with its state (None, and nothing kept,
-    where NumPy cannot view it)."""
+def _pack_into(w: Tensor, core: Callable[[Any], Any] = _pointwise_core) -> PackedWeights | None:
+    """Pack weight ``w`` as ``core`` gives it to the core API (``_pointwise_core`` or
+    ``_conv2d_core``) and remember it with its state (None, and nothing kept, where NumPy
+    cannot view it)."""
     _PACKS.pop(w, None)
     if not _numpy_ready((w,)):
         return None
-    packed = pack(_pointwise_core(w.detach()).numpy())
-    _PACKS[w] = (_pack_state(w), packed)
+    packed = pack(core(w.detach()).numpy())
+    _PACKS[w] = (_pack_state(w), packed, core)
     return packed
 
 
 def prepack(module: nn.Module) -> nn.Module:
-    """Pack the pointwise weights of every SeparableConv2d and PointwiseConv2d in ``module``
-    once (numba_dsconv.pack), for inference on the CPU: their forward then reads the packed
-    copy instead of repacking the weights on every call, with the same results to the bit.
+    """Pack the GEMM weights of every SeparableConv2d, PointwiseConv2d (their pointwise
+    weights) and Conv2d in ``module`` once (numba_dsconv.pack), for inference on the CPU: their
+    forward then reads the packed copy instead of repacking the weights on every call, with
+    the same results to the bit.
 
     A change torch tracks (an optimizer step, load_state_dict, any in-place op) packs again
     at the next call (costing what a call without prepack costs); writes through ``.data`` or
@@ -382,6 +389,8 @@ def prepack(module: nn.Module) -> nn.Module:
         w = getattr(m, "pw_weight" if isinstance(m, SeparableConv2d) else "weight", None)
         if isinstance(m, (SeparableConv2d, PointwiseConv2d)) and w is not None:
             _pack_into(w)
+        elif isinstance(m, Conv2d) and w is not None:
+            _pack_into(w, _conv2d_core)
     return module
 
 

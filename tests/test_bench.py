@@ -468,6 +468,25 @@ def test_peers_time_conv2d_against_float64(runtime):
     assert ref.shape == (1, 14, 14, 64) and not np.allclose(ref, sep)
 
 
+def test_peers_command_times_conv2d_and_names_its_ops(tmp_path, capsys):
+    from numba_dsconv.bench import peers
+
+    out = tmp_path / "peers.json"
+    argv = ["bench", "--peers", "--op", "conv2d", "--layers", "9", "--rounds", "1",
+            "--repeat", "1", "--no-torch", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    d = json.loads(out.read_text())
+    assert d["op"] == "conv2d"
+    timed = d["seconds_and_error"]
+    assert {peers.OURS, peers.OURS_PACKED} <= set(timed) and "torch" not in timed
+    for runtime, rows in timed.items():
+        med, err = rows["9"]
+        assert med > 0 and err < bench.RTOL_FLOAT32, runtime
+    assert "conv2d, N=1" in capsys.readouterr().out
+    assert cli.main(["bench", "--peers", "--op", "depthwise", "--layers", "9"]) == 2
+    assert "--peers times separable or conv2d" in capsys.readouterr().err
+
+
 def test_peers_take_only_their_ops():
     from numba_dsconv.bench import peers
 

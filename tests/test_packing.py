@@ -129,6 +129,9 @@ def test_conv2d_reads_the_callers_panels_in_every_path(monkeypatch):
     for field in want._fields:
         assert bitwise_equal(getattr(got, field), getattr(want, field)), field
     assert got.w.shape == w.shape
+    # a float64 call converts the float32 pack's weights as it would an array's
+    x64 = x.astype(np.float64)
+    assert bitwise_equal(nd.conv2d(x64, packed, **kwargs), nd.conv2d(x64, w, **kwargs))
     da = pytest.importorskip("dask.array")
     lazy = nd.conv2d(da.from_array(x, chunks=(1, 5, 8, 48)), packed, **kwargs)
     assert bitwise_equal(lazy.compute(scheduler="sync"), plain)
@@ -191,22 +194,28 @@ def test_torch_prepack_follows_tracked_changes():
     model = torch.nn.Sequential(
         ndt.SeparableConv2d(8, 40, 3, padding=1, activation="relu"),
         ndt.PointwiseConv2d(40, 24, activation="relu6"),
+        ndt.Conv2d(24, 36, 3, padding=1),
         torch.nn.ReLU(),
     )
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
-    sep, pw = model[0], model[1]
+    sep, pw, conv = model[0], model[1], model[2]
     with torch.no_grad():
         plain = model(x)
         assert ndt.prepack(model) is model
-        assert ndt._PACKS.get(sep.pw_weight) is not None and ndt._PACKS.get(pw.weight) is not None
+        for w in (sep.pw_weight, pw.weight, conv.weight):
+            assert ndt._PACKS.get(w) is not None
+        assert ndt._PACKS[conv.weight][1].shape == (3, 3, 24, 36)  # the core's (K, K, C_in, C_out)
         assert bitwise_equal(model(x), plain)
         # a change torch tracks (in place, as an optimizer step) is packed again
         sep.pw_weight.mul_(-1.5)
         pw.weight.add_(0.25)
+        conv.weight.mul_(0.5)
         changed = model(x)
         assert ndt._PACKS[sep.pw_weight][0] == ndt._pack_state(sep.pw_weight)
+        assert ndt._PACKS[conv.weight][0] == ndt._pack_state(conv.weight)
     ndt._PACKS.pop(sep.pw_weight)
     ndt._PACKS.pop(pw.weight)
+    ndt._PACKS.pop(conv.weight)
     with torch.no_grad():
         assert bitwise_equal(changed, model(x))
         assert not bitwise_equal(changed, plain)
@@ -221,6 +230,7 @@ def test_torch_prepack_follows_tracked_changes():
     grads = [p.grad.clone() for p in model.parameters()]
     ndt._PACKS.pop(sep.pw_weight)
     ndt._PACKS.pop(pw.weight)
+    ndt._PACKS.pop(conv.weight)
     for p in model.parameters():
         p.grad = None
     y2 = model(x)

@@ -3,10 +3,11 @@ runtimes users would otherwise pick: ONNX Runtime and OpenVINO (the ``peers`` ex
 (channels_last) and numba_dsconv itself, each timed in a process of its own (two runtimes'
 thread pools in one process disturb each other), the processes alternating round after round;
 per layer, the best of the rounds' medians (a shared machine has slow rounds; the best is the
-least disturbed). Every runtime's output is checked against the float64 reference before it is
-timed.
+least disturbed). Every runtime's output (its first call's, kept) is checked against the float64
+reference after the timings.
 
     numba-dsconv bench --peers [--op separable|conv2d] [--batch N] [--layers 1-7] [--rounds 7]
+                       [--repeat 9]
 
 A worker (``python -m numba_dsconv.bench.peers RUNTIME OP BATCH LAYERS THREADS REPEAT``) prints
 one JSON object: {layer: [median seconds, relative error]}.

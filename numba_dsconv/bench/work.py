@@ -1,9 +1,10 @@
 """The work of one call: FLOPs, compulsory bytes, and the roofline floor they give.
 
-Roofline: ``floor = max(FLOPs / SGEMM rate, bytes / copy bandwidth)`` with 2 FLOPs per
-multiply-add and bytes = every input (x, weights) read once + the output written once, in the
-result dtype. The intermediate of a fused separable layer is not counted (not storing it is the
-point of fusing). ``% of roofline = floor / measured time``.
+Roofline: ``floor = max(FLOPs / compute ceiling, bytes / copy bandwidth)`` (the compute ceiling: the
+FMA peak where measured, else the SGEMM rate; ``Ceilings.compute_gflops``) with 2 FLOPs per
+multiply-add and bytes = every input (x, weights) read once + the output written once, in the result
+dtype. The intermediate of a fused separable layer is not counted (not storing it is the point of
+fusing). ``% of roofline = floor / measured time``.
 """
 
 from __future__ import annotations
