@@ -437,7 +437,8 @@ def test_chunk_plans(monkeypatch):
 @pytest.mark.parametrize("op", ("separable", "depthwise", "pointwise"))
 def test_chunks_cut_into_even_tiles(op, tile_pixels, rng, monkeypatch):
     """A chunk's pixels run in tiles of even size within the tile budget (13 x 11 pixels per
-    image, a tile of at most 8-24: tiles of 7 and 8 rows, a short last one), each tile's
+    image, a tile of at most 16-48, BACKWARD_TILE_FACTOR x 8-24: tiles of 7 and 8 rows, a
+    short last one), each tile's
     d pw added to the chunk's partial sums and dx rows zeroed as the tiles reach them."""
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", tile_pixels)
     monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 32)

@@ -709,7 +709,8 @@ def backward_plan(
     return _backward_plan(
         rows, oh, ow, reach, partial_bytes, tile_row_bytes, _config.BACKWARD_CHUNKS,
         numba.config.NUMBA_NUM_THREADS, _config.BACKWARD_MIN_PIXELS,
-        _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
+        _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES,
+        _config.BACKWARD_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS,
         _config.CPU_GEMM_KC,
     )  # fmt: skip
 
