@@ -302,7 +302,8 @@ def prefetch_stores(p, stride, rows, nbytes):  # pragma: no cover - compiled
     cache (a new output) asks for them before its reduction loop. Else its stores wait in the
     store buffer for the lines, and the next block's loads whose addresses match theirs in
     the low 12 bits (4K aliasing: the next rows of A, the panel's first rows) wait behind them:
-    the pointwise backward's dx ran 2-2.7x the time in processes whose arrays fell so."""
+    the pointwise backward's dx ran 1.4-2.1x the time at some placements of dx against grad
+    (BENCHMARKS.md, "Design measurements")."""
     for i in range(rows):
         q = p + i * stride
         for off in range(0, nbytes, 64):
