@@ -129,11 +129,12 @@ def test_the_gemm_register_blocks_have_no_code_of_their_own():
     the kernels (``_jit.inlined``): the register blocks compiled alone spilled their
     accumulators, and the first process's GEMMs ran at 35-40 % of the FMA peak. Inlined in
     Numba's IR they are no library of their own; the other helpers ``gemm_wide`` and
-    ``gemm_narrow`` call (here ``prefetch_share``) are. Both compiled afresh here, uncached."""
+    ``gemm_narrow`` call (here ``prefetch_share``) are; likewise conv2d's ``conv_wide`` and the
+    wide block's pieces. Each compiled afresh here, uncached."""
     import numba
     import numpy as np
 
-    from numba_dsconv.cpu import pointwise
+    from numba_dsconv.cpu import conv2d, pointwise
 
     x = np.ones((12, 16), np.float32)
     w = np.ones((16, 64), np.float32)
@@ -149,4 +150,22 @@ def test_the_gemm_register_blocks_have_no_code_of_their_own():
         (sig,) = fresh.signatures
         names = {n.split(".")[0] for n in _linked_names(fresh.overloads[sig].library)}
         assert "prefetch_share" in names, names
-        assert not names & {"gemm_block_wide", "gemm_block"}, names
+        assert not names & _REGISTER_BLOCKS, names
+    # conv2d's direct path: its block's pieces inlined the same way
+    xc = np.ones((1, 4, 4, 3), np.float32)
+    band, offs, sm, sq = conv2d.conv_band(xc, 0, 16, 4, 4, (3, 3, 1, 1, 1, 1, 1, 1, 0), xc)
+    fresh = numba.njit(**_jit._JIT_OPTS)(conv2d.conv_wide.py_func)
+    out = np.empty((16, 64), np.float32)
+    pk, _, _ = pointwise.gemm_scratch(54, 16, out)
+    fresh(band, offs, sm, sq, 3, 3, np.ones((27, 64), np.float32), nopack, bias, out, 0, 64, 0,
+          pk, 0, 0)  # fmt: skip
+    inside = np.array([2, 3, 3, 2])  # the in-image taps of each row / column, 3 channels each
+    np.testing.assert_array_equal(out, np.repeat(3 * np.outer(inside, inside).ravel(), 64)
+                                  .reshape(16, 64))  # fmt: skip
+    (sig,) = fresh.signatures
+    names = {n.split(".")[0] for n in _linked_names(fresh.overloads[sig].library)}
+    assert "prefetch_share" in names, names
+    assert not names & _REGISTER_BLOCKS, names
+
+
+_REGISTER_BLOCKS = {"gemm_block_wide", "gemm_block", "wide_start", "wide_steps", "wide_finish"}

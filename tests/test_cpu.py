@@ -353,6 +353,18 @@ _PANELS_AT = {"pointwise": ("POINTWISE", 2, 4), "separable": ("SEPARABLE", 4, 6)
               "conv2d": ("CONV2D", 2, 4)}  # fmt: skip
 
 
+def _conv_geometry(kernel, stride, dilation, padding, rng):
+    """x (2, 6, 7, 3), its zero-padded copy, the output size and the kernels' geometry tuple."""
+    n, h, w, c = 2, 6, 7, 3
+    (kh, kw), (sh, sw), (dh, dw), (pt, pb, pl, pr) = kernel, stride, dilation, padding
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    padded = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+    padded[:, pt : pt + h, pl : pl + w] = x
+    return x, padded, oh, ow, (kh, kw, sh, sw, dh, dw, pt, pl, 0)
+
+
 @pytest.mark.parametrize(
     ("kernel", "stride", "dilation", "padding"),
     [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((3, 3), (2, 2), (1, 1), (0, 1, 0, 1)),
@@ -366,16 +378,11 @@ def test_im2col_slab_gathers_each_tap_or_zero(kernel, stride, dilation, padding,
     ending inside a kernel row), zeros on the padding; pixels spanning rows and images."""
     from numba_dsconv.cpu.conv2d import im2col_slab
 
-    n, h, w, c = 2, 6, 7, 3
-    (kh, kw), (sh, sw), (dh, dw), (pt, pb, pl, pr) = kernel, stride, dilation, padding
-    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    geo = (kh, kw, sh, sw, dh, dw, pt, pl, 0)
+    x, padded, oh, ow, geo = _conv_geometry(kernel, stride, dilation, padding, rng)
+    n, h, w, c = x.shape
+    kh, kw, sh, sw, dh, dw, pt = geo[:7]
     taps = kh * kw
     slab = slab or taps
-    padded = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
-    padded[:, pt : pt + h, pl : pl + w] = x
     p0, p1 = 3, n * oh * ow - 2  # not from the first pixel, nor to the last
     for t0 in range(0, taps, slab):
         t1 = min(taps, t0 + slab)
@@ -391,6 +398,92 @@ def test_im2col_slab_gathers_each_tap_or_zero(kernel, stride, dilation, padding,
                     b, i * sh + m * dh, j * sw + q * dw
                 ]
         np.testing.assert_array_equal(buf, want)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "padding"),
+    [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((3, 3), (2, 2), (1, 1), (0, 1, 0, 1)),
+     ((2, 5), (1, 2), (2, 1), (1, 0, 2, 3)), ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0))],
+)  # fmt: skip
+@pytest.mark.parametrize(("p0", "p1"), [(0, 5), (3, -2), (0, 0)])  # 0: to the last pixel
+def test_conv_band_holds_each_tap_at_its_offset(kernel, stride, dilation, padding, p0, p1, rng):
+    """conv2d's direct path reads tap (m, q) of pixel p at byte offset offs[p - p0] + m * sm +
+    q * sq of the band: the padded input there, against the formula, for pixels within a row,
+    spanning rows and spanning images; ``input_span`` covers the rows of x the band copies."""
+    from numba_dsconv.cpu.conv2d import conv_band, input_span
+
+    x, padded, oh, ow, geo = _conv_geometry(kernel, stride, dilation, padding, rng)
+    n, h, w, c = x.shape
+    kh, kw, sh, sw, dh, dw, pt = geo[:7]
+    p1 = p1 if p1 > 0 else n * oh * ow + p1
+    band, offs, sm, sq = conv_band(x, p0, p1, oh, ow, geo, x)
+    flat = band.reshape(-1)
+    assert offs.shape == (p1 - p0,)
+    rows_read = set()
+    for p in range(p0, p1):
+        b, rem = divmod(p, oh * ow)
+        i, j = divmod(rem, ow)
+        for m in range(kh):
+            for q in range(kw):
+                at = (offs[p - p0] + m * sm + q * sq) // 4
+                want = padded[b, i * sh + m * dh, j * sw + q * dw]
+                np.testing.assert_array_equal(flat[at : at + c], want)
+                if 0 <= i * sh + m * dh - pt < h:
+                    rows_read.add(b * h + i * sh + m * dh - pt)
+    start, length = input_span(x, p0, p1, oh, ow, geo)
+    row = w * c * 4
+    assert (start - x.ctypes.data) // row == min(rows_read)
+    assert length // row == max(rows_read) - min(rows_read) + 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kc", [0, 48, 16])  # 0: the default (every tap in one block)
+def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
+    """conv2d's direct path (``conv_wide``: no im2col, AVX-512, C_out a whole number of pairs
+    of panels) sums in the order of the im2col path: the same bits, for reduction blocks of
+    all taps, of several whole taps (kc 48: KCW 24 holds 4 taps of 5 channels, 9 taps go in
+    3 blocks of 3) and of a tap's channels (kc 16: C_in 20 in chunks of 7, 7, 6); weights
+    packed per task and by the caller; tiles that cross images; and the float64 reference."""
+    from numba_dsconv.cpu import conv2d
+    from numba_dsconv.cpu.pointwise import WIDE, no_packed, packed_weights
+
+    if not WIDE:
+        pytest.skip("the direct path needs AVX-512's wide register block")
+    from numba_dsconv import _config
+    from numba_dsconv._spec import Activation, make_spec
+
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(5)
+    n, h, w, c_out = 3, 9, 8, 128
+    c = 5 if kc != 16 else 20
+    if kc:
+        monkeypatch.setattr(_config, "CPU_GEMM_KC", kc)
+    # tiles of up to 48 pixels (3 x 16): many, across images
+    monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 16)
+    x = rng.standard_normal((n, h, w, c)).astype(dt)
+    wt = rng.standard_normal((3, 3, c, c_out)).astype(dt)
+    bias = rng.standard_normal(c_out).astype(dt)
+    spec = make_spec(
+        "conv2d", x_shape=x.shape, layout="NHWC", kernel=(3, 3), c_in_kernel=c, multiplier=1,
+        c_out=c_out, activation=Activation.RELU6, padding="same", stride=(1, 2),
+    )  # fmt: skip
+    k = conv2d.CONV2D
+    direct = list(k.args(spec, dt, True)(x, (wt,), (bias,), np.empty(spec.out_nhwc, dt)))
+    assert direct[-1] is True
+    tile = direct[7][0]
+    assert 1 < tile < spec.out_h * spec.out_w and spec.pixels % tile  # tiles across images
+    packed = list(direct)
+    packed[2] = packed_weights(direct[1], False)
+    packed[4] = np.empty_like(direct[4])
+    im2col = list(direct)
+    im2col[2], im2col[4], im2col[8], im2col[9] = no_packed(dt), np.empty_like(direct[4]), 2, False
+    assert direct[2].shape[0] == 0  # each task packs its own
+    for args in (direct, packed, im2col):
+        k.parallel(*args)
+    assert direct[4].tobytes() == packed[4].tobytes() == im2col[4].tobytes()
+    expected = ref_fn("conv2d")(x, wt, bias=bias, activation="relu6", padding="same",
+                                stride=(1, 2))  # fmt: skip
+    assert_close(direct[4], expected, dt, 9 * c)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

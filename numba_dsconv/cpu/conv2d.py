@@ -3,13 +3,21 @@ kernel's micro-kernel.
 
 The convolution is the GEMM out[p, k] = sum_r A[p, r] W[r, k] over the pixels p, where a row of
 A is the receptive field of output pixel p, tap by tap ((m, q) then the input channel c, the
-order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole: a
-task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) gathers
-its pixels' rows one slab of taps at a time into a buffer sized for L2 (``im2col_slab``) and runs
-``gemm_tile`` on it, the sums accumulating in the output from slab to slab (bias on the first,
-activation on the last). Where each thread runs several pixel blocks against the same weights
-(``packs_once``), the weights are packed into the micro-kernel's panels once per call, not
-once per task.
+order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole. A
+task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) either
+
+- (the direct path: AVX-512, C_out a whole number of pairs of panels) copies the input rows its
+  pixels read once, zero padded, into a band (``conv_band``), and runs the wide register block
+  on it tap by tap (``conv_wide``): each block of six pixels reads tap (m, q) at a fixed offset
+  from the pixel's first, so there is no im2col (layers 1-7 at N=8: 0.87-0.96x the time of the
+  im2col path, BENCHMARKS.md, "Design measurements"); or
+- gathers its pixels' rows one slab of taps at a time into a buffer sized for L2
+  (``im2col_slab``) and runs ``gemm_tile`` on it, the sums accumulating in the output from slab
+  to slab (bias on the first, activation on the last).
+
+Both sum in the same order: the same bits. Where each thread runs several pixel blocks against
+the same weights (``packs_once``), the weights are packed into the micro-kernel's panels once
+per call, not once per task.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from .. import _config
 from .._spec import ConvSpec
 from ..packing import kernel_operands
 from ._jit import NO_ACTIVATION, Kernel, helper, kernel
-from ._simd import address
+from ._simd import VEC_BYTES, address
 from .layout import bias_vector
 from .pointwise import (
+    WIDE,
+    WIDE_MR,
     gemm_panel_width,
     gemm_scratch,
     gemm_split,
@@ -34,6 +44,11 @@ from .pointwise import (
     kernel_panels,
     no_packed,
     packs_once,
+    pair_block,
+    prefetch_share,
+    wide_finish,
+    wide_start,
+    wide_steps,
     zero_tail,
 )
 
@@ -89,8 +104,144 @@ def im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf):  # pragma: no cover - 
             t += qe - q
 
 
-def conv2d_nhwc(x, w2, packed, bias, out, geo, act, split, slab):  # pragma: no cover - compiled
-    """out = act(bias + im2col(x) @ w2), task by task, ``slab`` taps at a time.
+@helper
+def conv_band(x, p0, p1, oh, ow, geo, like):  # pragma: no cover - compiled
+    """The input of the output pixels p0 <= p < p1 (p = (n*oh + i)*ow + j) for ``conv_wide``:
+    (band, offs, sm, sq). band: the input rows they read, zero padded, its rows the virtual
+    padded rows n * Hp + padded row (Hp per image: the top padding, H and the bottom padding
+    the output reaches), so a tile that crosses images is one band; offs[p - p0]: the byte
+    offset in band of pixel p's first tap (m, q = 0, 0); tap (m, q) lies m * sm + q * sq bytes
+    further. Written in ``like``'s dtype (x's)."""
+    kh, kw, sh, sw, dh, dwl, pt, pl = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    sz = like.itemsize
+    Hp = max(pt + H, (oh - 1) * sh + (kh - 1) * dh + 1)
+    Wp = max(pl + W, (ow - 1) * sw + (kw - 1) * dwl + 1)
+    rows = p1 - p0
+    n0 = p0 // (oh * ow)
+    i0 = (p0 - n0 * oh * ow) // ow
+    n1 = (p1 - 1) // (oh * ow)
+    i1 = (p1 - 1 - n1 * oh * ow) // ow
+    R0 = n0 * Hp + i0 * sh
+    nrows = n1 * Hp + i1 * sh + (kh - 1) * dh + 1 - R0
+    band = np.empty((nrows, Wp * C), dtype=like.dtype)
+    xf = x.reshape(-1)
+    for r in range(nrows):
+        n = (R0 + r) // Hp
+        ih = R0 + r - n * Hp - pt
+        row = band[r]
+        # loops over views from 0: an index that is not provably >= 0 (pl * C + c) costs
+        # Numba's wraparound check per element and the loop its vectorisation (5x the time)
+        if ih >= 0 and ih < H:
+            src = xf[(n * H + ih) * W * C : (n * H + ih + 1) * W * C]
+            left, mid, right = row[: pl * C], row[pl * C : (pl + W) * C], row[(pl + W) * C :]
+            for c in range(left.shape[0]):
+                left[c] = 0
+            for c in range(W * C):
+                mid[c] = src[c]
+            for c in range(right.shape[0]):
+                right[c] = 0
+        else:
+            for c in range(Wp * C):
+                row[c] = 0
+    offs = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        p = p0 + r
+        n = p // (oh * ow)
+        i = (p - n * oh * ow) // ow
+        j = p - n * oh * ow - i * ow
+        offs[r] = ((n * Hp + i * sh - R0) * Wp + j * sw) * C * sz
+    return band, offs, dh * Wp * C * sz, dwl * C * sz
+
+
+@helper
+def input_span(x, p0, p1, oh, ow, geo):  # pragma: no cover - compiled
+    """(byte address, length) of the rows of x that the output pixels p0 <= p < p1 read (one
+    span: NHWC rows lie one after the other, across images too)."""
+    kh, sh, dh, pt = geo[0], geo[2], geo[4], geo[6]
+    H = x.shape[1]
+    row = x.shape[2] * x.shape[3] * x.itemsize
+    n0 = p0 // (oh * ow)
+    i0 = (p0 - n0 * oh * ow) // ow
+    n1 = (p1 - 1) // (oh * ow)
+    i1 = (p1 - 1 - n1 * oh * ow) // ow
+    r0 = n0 * H + max(0, i0 * sh - pt)
+    r1 = n1 * H + min(H, i1 * sh - pt + (kh - 1) * dh + 1)
+    return address(x) + r0 * row, max(0, r1 - r0) * row
+
+
+@helper
+def conv_wide(
+    band, offs, sm, sq, kh, kw, w2, packed, bias, dst, c_lo, c_hi, act, pk, pf, pf_len
+):  # pragma: no cover - compiled
+    """dst[p - p0, c] = act(bias[c] + sum over taps and input channels) for a task's output
+    pixels and the whole pairs of panels of c_lo..c_hi on the wide register block
+    (``pointwise.wide_steps``), with no im2col: each register block reads its six pixels'
+    receptive fields tap by tap from the task's band (``conv_band``: a tap's values at a fixed
+    offset from the pixel's first).
+
+    The reduction runs in blocks of whole taps (as many as KCW = KC / 2 reduction channels
+    hold, in blocks of even count) or, where C_in exceeds KCW, of a tap's channels (of even
+    depth); w2's rows (tap-major, as (K_h*K_w*C_in, C_out)) are in that order, so each block
+    is a run of the caller's ``packed`` panels, or is packed here into pk. ``pf_len`` bytes
+    from address ``pf`` (the next task's input) are asked for into L2 a few lines per block
+    (``prefetch_share``), so that filling the next band reads them from L2, not memory."""
+    C = w2.shape[0] // (kh * kw)
+    dt = dst.dtype
+    sz = dst.itemsize
+    NR = 2 * VEC_BYTES // sz
+    rows = offs.shape[0]
+    pband = address(band)
+    taps = kh * kw
+    K = taps * C
+    KCW = pk.shape[0] // 2
+    if C <= KCW:  # blocks of whole taps, of even count
+        tb = max(1, KCW // C)
+        tb = -(-taps // -(-taps // tb))
+        chunk = C
+    else:  # blocks of one tap's channels, of even depth
+        tb = 1
+        chunk = -(-C // -(-C // KCW))
+    spk = NR * sz
+    pdst, sdst = address(dst), dst.strides[0]
+    pbias = address(bias)
+    nblocks = (c_hi - c_lo) // (2 * NR) * -(-taps // tb) * -(-C // chunk) * -(-rows // WIDE_MR)
+    pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
+    pf_end = pf + pf_len
+    for c0 in range(c_lo, c_hi, 2 * NR):
+        for t0 in range(0, taps, tb):
+            t1 = min(taps, t0 + tb)
+            for cs in range(0, C, chunk):
+                nc = min(chunk, C - cs)
+                k0 = t0 * C + cs
+                nk = (t1 - t0) * nc
+                pw0, pw1 = pair_block(w2, packed, pk, c0, k0, nk, dt, sz)
+                first = k0 == 0
+                final = k0 + nk == K
+                for r in range(0, rows, WIDE_MR):
+                    pf = prefetch_share(pf, pf_end, pf_step)
+                    nvalid = min(WIDE_MR, rows - r)
+                    pc = pband + cs * sz
+                    a0 = pc + offs[r]
+                    a1 = pc + offs[min(r + 1, rows - 1)]
+                    a2 = pc + offs[min(r + 2, rows - 1)]
+                    a3 = pc + offs[min(r + 3, rows - 1)]
+                    a4 = pc + offs[min(r + 4, rows - 1)]
+                    a5 = pc + offs[min(r + 5, rows - 1)]
+                    rd = pdst + r * sdst + c0 * sz
+                    s = wide_start(first, pbias + c0 * sz, rd, sdst, nvalid, dt)
+                    s = wide_steps(s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1, spk,
+                                   nc, dt, sz)  # fmt: skip
+                    wide_finish(s, rd, sdst, nvalid, final, act)
+
+
+def conv2d_nhwc(
+    x, w2, packed, bias, out, geo, act, split, slab, direct
+):  # pragma: no cover - compiled
+    """out = act(bias + conv(x, w)), task by task: with ``direct`` on ``conv_wide`` (no
+    im2col), else through im2col ``slab`` taps at a time and ``gemm_tile``.
 
     x: (N,H,W,C); w2: (K_h*K_w*C, C_out) C-contiguous (w's rows); packed: w2's panels
     (``packed_weights``, or the caller's ``numba_dsconv.pack``: w2 then a stand-in, unread;
@@ -111,28 +262,57 @@ def conv2d_nhwc(x, w2, packed, bias, out, geo, act, split, slab):  # pragma: no 
     nc = (CO + cblock - 1) // cblock
     for t in prange(nb * nc):
         cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
-        buf = np.empty((tile, slab * C), dtype=out.dtype)
         pk, at, part = gemm_scratch(kc, tile, out)
         dst = out2[p0:p1]
-        zero_tail(buf, p1 - p0)  # the short row group's rows past p1 (no slab writes them)
-        for t0 in range(0, taps, slab):
-            t1 = min(taps, t0 + slab)
-            im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
-            a = act if t1 == taps else NO_ACTIVATION
-            gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], packed[:, t0 * C : t1 * C],
-                      bias, dst, c0, c1, a, t0 > 0, pk, at, part, address(x), 0, False)  # fmt: skip
+        if direct:
+            band, offs, sm, sq = conv_band(x, p0, p1, oh, ow, geo, out)
+            # the input rows of this thread's next task (prange hands out contiguous chunks),
+            # asked for while the GEMM runs; none where the next task reuses this band
+            pf, pf_len = address(x), 0
+            if cb == nc - 1 and p1 < P:
+                pf, pf_len = input_span(x, p1, min(P, p1 + tile), oh, ow, geo)
+            conv_wide(band, offs, sm, sq, kh, kw, w2, packed, bias, dst, c0, c1, act, pk, pf,
+                      pf_len)  # fmt: skip
+        else:
+            buf = np.empty((tile, slab * C), dtype=out.dtype)
+            zero_tail(buf, p1 - p0)  # the short row group's rows past p1 (no slab writes them)
+            for t0 in range(0, taps, slab):
+                t1 = min(taps, t0 + slab)
+                im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf)
+                a = act if t1 == taps else NO_ACTIVATION
+                gemm_tile(buf, False, p1 - p0, w2[t0 * C : t1 * C], packed[:, t0 * C : t1 * C],
+                          bias, dst, c0, c1, a, t0 > 0, pk, at, part, address(x), 0,
+                          False)  # fmt: skip
+
+
+# conv2d's tiles on the direct path (``conv_wide``) hold up to this many times
+# CPU_TILE_MAX_PIXELS, their own input (not the band's halo rows) within L2: the direct path's
+# A is the band, about the input's share of the tile, not im2col's K_h*K_w times that. N=8,
+# one process, against 256 pixels: layer 1 in tiles of 448-1344 pixels ran 0.93-0.94x the time,
+# layer 3 in 448-896 0.98-0.99x, layer 4 in 784 0.98x; layers 6-7 (7 x 7 outputs) in 196
+# 0.98-0.99x the time of 98, 0.88-0.92x that of 49.
+DIRECT_TILE_FACTOR = 3
 
 
 def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
     """``build(x, weights, biases, out)``: the arguments of conv2d_nhwc for a call of this
-    signature (x and out NHWC, C-contiguous; see ``kernel``): the taps per slab such that a
-    full tile's slab of A fits the GEMM tile budget (all of them where it does), and the task
-    split for that slab."""
+    signature (x and out NHWC, C-contiguous; see ``kernel``): whether it takes the direct path,
+    and the task split: on the direct path for tiles of up to DIRECT_TILE_FACTOR times
+    CPU_TILE_MAX_PIXELS whose own input fits L2, else for the taps per slab such that a full
+    tile's slab of A fits the GEMM tile budget (all of them where it does)."""
     sz = dtype.itemsize
     c_in, c_out, taps = spec.c_in, spec.c_out, spec.kh * spec.kw
-    row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
-    slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
-    split = gemm_split(spec, slab * c_in, 1, sz, parallel, prefetched=False)
+    direct = WIDE and c_out % (4 * VEC_BYTES // sz) == 0  # whole pairs of panels
+    if direct:  # tiles of up to DIRECT_TILE_FACTOR times as many pixels
+        most = DIRECT_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS
+        _, _, sh, sw = spec.geometry[:4]
+        a_bytes = max(1, sh * sw * c_in * sz * _config.CPU_TILE_BYTES // _config.L2_BYTES)
+        split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most)
+        slab = taps  # unused
+    else:
+        row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
+        slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
+        split = gemm_split(spec, slab * c_in, 1, sz, parallel, prefetched=False)
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
     geo, act = spec.geometry, int(spec.activation)
@@ -144,7 +324,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
             w2 = np.ascontiguousarray(w2).reshape(taps * c_in, c_out)
             _, packed = kernel_panels(w2, nopack, once, parallel, "conv2d_w")
         b = bias_vector(biases[0], c_out, dtype, nr)
-        return (x, w2, packed, b, out, geo, act, split, slab)
+        return (x, w2, packed, b, out, geo, act, split, slab, direct)
 
     return build
 

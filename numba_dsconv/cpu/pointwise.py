@@ -284,6 +284,23 @@ def pack_block(w, k0, nk, c0, ppk, spk, dt, sz):  # pragma: no cover - compiled
 
 
 @helper
+def pair_block(w, packed, pk, c0, k0, nk, dt, sz):  # pragma: no cover - compiled
+    """(pw0, pw1): the byte addresses of the wide block's two panels' blocks, rows k0..k0+nk
+    of the panels of columns c0 and c0 + NR: in ``packed`` (the call's or the caller's
+    panels) where it is not empty, else packed here from w into the two halves of pk."""
+    NR = 2 * VEC_BYTES // sz
+    spk = NR * sz
+    if packed.shape[0] > 0:
+        pw0 = address(packed) + (c0 // NR) * packed.strides[0] + k0 * spk
+        return pw0, pw0 + packed.strides[0]
+    pw0 = address(pk)
+    pw1 = pw0 + pk.shape[0] // 2 * spk
+    pack_block(w, k0, nk, c0, pw0, spk, dt, sz)
+    pack_block(w, k0, nk, c0 + NR, pw1, spk, dt, sz)
+    return pw0, pw1
+
+
+@helper
 def prefetch_share(pf, pf_end, step):  # pragma: no cover - compiled
     """Ask for the lines from byte address ``pf`` to ``pf + step`` (not past ``pf_end``) into
     L2; returns where the next share starts (a row group's share of the next task's input)."""
@@ -347,7 +364,6 @@ def gemm_wide(
     KCW = pk.shape[0] // 2
     KCW = -(-K // -(-K // KCW))  # blocks of even depth
     pa, sa = address(a), a.strides[0]
-    ppacked, sppanel = address(packed), packed.strides[0]
     spk = NR * sz
     pdst, sdst = address(dst), dst.strides[0]
     ngroups = -(-rows // WIDE_MR)
@@ -363,14 +379,7 @@ def gemm_wide(
         for c0 in range(c_lo, c_hi, 2 * NR):
             for k0 in range(ks, min(K, ks + kslab), KCW):
                 nk = min(KCW, K - k0)
-                if prepacked:
-                    pw0 = ppacked + (c0 // NR) * sppanel + k0 * spk
-                    pw1 = pw0 + sppanel
-                else:
-                    pw0 = address(pk)
-                    pw1 = pw0 + KCW * spk
-                    pack_block(w, k0, nk, c0, pw0, spk, dt, sz)
-                    pack_block(w, k0, nk, c0 + NR, pw1, spk, dt, sz)
+                pw0, pw1 = pair_block(w, packed, pk, c0, k0, nk, dt, sz)
                 first = k0 == 0 and not acc
                 final = k0 + nk == K
                 for r in range(0, rows, WIDE_MR):
@@ -675,19 +684,10 @@ def gemm_block(
 
 
 @inlined
-def gemm_block_wide(
-    pa, sa, ska, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
-):  # pragma: no cover - compiled
-    """The wide register block: WIDE_MR (6) rows x 4 vectors (two panels of NR channels), on
-    byte addresses. pa: A[row 0, first reduction channel], rows ``sa`` bytes apart, reduction
-    channels ``ska`` (the element size, or a row of a transposed A: then each step asks for
-    A's data 8 steps ahead in L1, as the narrow block's 8-row loop does); pw0 / pw1: the two
-    panels' blocks (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0], four vectors; pdst:
-    dst[row 0, c0] (rows ``sdst`` bytes apart), of which the first ``nvalid`` rows are
-    stored; ``dt``/``sz``: the dtype and its size. The 24 accumulators start from the bias on
-    the ``first`` block, else from dst (the partial sums of the blocks before; a row past
-    nvalid from row 0's: its sums are never stored); each step is four vector loads, six
-    broadcasts and 24 FMAs; on the ``final`` block the activation is applied."""
+def wide_start(first, pbias, pdst, sdst, nvalid, dt):  # pragma: no cover - compiled
+    """The wide block's 24 accumulators (row-major: s00..s03, s10.., ..s53): four vectors of
+    the bias on the ``first`` reduction block, else dst's partial sums (rows ``sdst`` bytes
+    apart; a row past ``nvalid`` starts from row 0's: its sums are never stored)."""
     B = VEC_BYTES
     s00 = vloadp(pbias + 0 * B, dt) if first else vloadp(pdst + 0 * B, dt)
     s01 = vloadp(pbias + 1 * B, dt) if first else vloadp(pdst + 1 * B, dt)
@@ -713,85 +713,82 @@ def gemm_block_wide(
     s51 = s01 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 1 * B, dt)
     s52 = s02 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 2 * B, dt)
     s53 = s03 if first or nvalid <= 5 else vloadp(pdst + 5 * sdst + 3 * B, dt)
-    if ska == sz:  # A's reduction channels contiguous
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+            s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
+
+
+@inlined
+def wide_steps(
+    s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1, spk, nk, dt, sz
+):  # pragma: no cover - compiled
+    """The wide block's reduction: the accumulators ``s`` (``wide_start``) plus, for each tap
+    t0 <= t < t1 (m, q = divmod(t, kw): A's rows at byte offset m * sm + q * sq; a GEMM has
+    one tap, offset 0) and each of its ``nk`` reduction channels (contiguous in A), the
+    products of the six rows' values (at byte addresses a0..a5 plus the offset) with the two
+    panels' rows (at pw0 / pw1, ``spk`` bytes apart, the taps' blocks one after the other):
+    each step four vector loads, six broadcasts and 24 FMAs."""
+    B = VEC_BYTES
+    (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+     s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
+    for t in range(t0, t1):
+        m = t // kw
+        off = m * sm + (t - m * kw) * sq
+        b0 = a0 + off
+        b1 = a1 + off
+        b2 = a2 + off
+        b3 = a3 + off
+        b4 = a4 + off
+        b5 = a5 + off
+        q0 = pw0 + (t - t0) * nk * spk
+        q1 = pw1 + (t - t0) * nk * spk
         for k in range(nk):
-            p0 = pw0 + k * spk
-            p1 = pw1 + k * spk
+            p0 = q0 + k * spk
+            p1 = q1 + k * spk
             w0 = vloadp(p0, dt)
             w1 = vloadp(p0 + B, dt)
             w2 = vloadp(p1, dt)
             w3 = vloadp(p1 + B, dt)
-            p = pa + k * ska
-            x = loadp(p, dt)
+            x = loadp(b0 + k * sz, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
             s02 = vfma(x, w2, s02)
             s03 = vfma(x, w3, s03)
-            x = loadp(p + 1 * sa, dt)
+            x = loadp(b1 + k * sz, dt)
             s10 = vfma(x, w0, s10)
             s11 = vfma(x, w1, s11)
             s12 = vfma(x, w2, s12)
             s13 = vfma(x, w3, s13)
-            x = loadp(p + 2 * sa, dt)
+            x = loadp(b2 + k * sz, dt)
             s20 = vfma(x, w0, s20)
             s21 = vfma(x, w1, s21)
             s22 = vfma(x, w2, s22)
             s23 = vfma(x, w3, s23)
-            x = loadp(p + 3 * sa, dt)
+            x = loadp(b3 + k * sz, dt)
             s30 = vfma(x, w0, s30)
             s31 = vfma(x, w1, s31)
             s32 = vfma(x, w2, s32)
             s33 = vfma(x, w3, s33)
-            x = loadp(p + 4 * sa, dt)
+            x = loadp(b4 + k * sz, dt)
             s40 = vfma(x, w0, s40)
             s41 = vfma(x, w1, s41)
             s42 = vfma(x, w2, s42)
             s43 = vfma(x, w3, s43)
-            x = loadp(p + 5 * sa, dt)
+            x = loadp(b5 + k * sz, dt)
             s50 = vfma(x, w0, s50)
             s51 = vfma(x, w1, s51)
             s52 = vfma(x, w2, s52)
             s53 = vfma(x, w3, s53)
-    else:  # a transposed A: each step another row
-        for k in range(nk):
-            p0 = pw0 + k * spk
-            p1 = pw1 + k * spk
-            w0 = vloadp(p0, dt)
-            w1 = vloadp(p0 + B, dt)
-            w2 = vloadp(p1, dt)
-            w3 = vloadp(p1 + B, dt)
-            p = pa + k * ska
-            prefetch_l1(p + 8 * ska)
-            x = loadp(p, dt)
-            s00 = vfma(x, w0, s00)
-            s01 = vfma(x, w1, s01)
-            s02 = vfma(x, w2, s02)
-            s03 = vfma(x, w3, s03)
-            x = loadp(p + 1 * sa, dt)
-            s10 = vfma(x, w0, s10)
-            s11 = vfma(x, w1, s11)
-            s12 = vfma(x, w2, s12)
-            s13 = vfma(x, w3, s13)
-            x = loadp(p + 2 * sa, dt)
-            s20 = vfma(x, w0, s20)
-            s21 = vfma(x, w1, s21)
-            s22 = vfma(x, w2, s22)
-            s23 = vfma(x, w3, s23)
-            x = loadp(p + 3 * sa, dt)
-            s30 = vfma(x, w0, s30)
-            s31 = vfma(x, w1, s31)
-            s32 = vfma(x, w2, s32)
-            s33 = vfma(x, w3, s33)
-            x = loadp(p + 4 * sa, dt)
-            s40 = vfma(x, w0, s40)
-            s41 = vfma(x, w1, s41)
-            s42 = vfma(x, w2, s42)
-            s43 = vfma(x, w3, s43)
-            x = loadp(p + 5 * sa, dt)
-            s50 = vfma(x, w0, s50)
-            s51 = vfma(x, w1, s51)
-            s52 = vfma(x, w2, s52)
-            s53 = vfma(x, w3, s53)
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+            s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
+
+
+@inlined
+def wide_finish(s, pdst, sdst, nvalid, final, act):  # pragma: no cover - compiled
+    """Store the wide block's accumulators ``s``, the activation applied on the ``final``
+    reduction block: the first ``nvalid`` rows (``sdst`` bytes apart) of four vectors."""
+    B = VEC_BYTES
+    (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+     s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
     if final and act != NO_ACTIVATION:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
@@ -848,6 +845,75 @@ def gemm_block_wide(
         vstorep(pdst + 5 * sdst + 3 * B, s53)
 
 
+@inlined
+def gemm_block_wide(
+    pa, sa, ska, pw0, pw1, spk, nk, first, pbias, pdst, sdst, nvalid, final, act, dt, sz
+):  # pragma: no cover - compiled
+    """The wide register block: WIDE_MR (6) rows x 4 vectors (two panels of NR channels), on
+    byte addresses. pa: A[row 0, first reduction channel], rows ``sa`` bytes apart, reduction
+    channels ``ska`` (the element size, or a row of a transposed A: then each step asks for
+    A's data 8 steps ahead in L1, as the narrow block's 8-row loop does); pw0 / pw1: the two
+    panels' blocks (``nk`` rows, ``spk`` bytes apart); pbias: bias[c0], four vectors; pdst:
+    dst[row 0, c0] (rows ``sdst`` bytes apart), of which the first ``nvalid`` rows are
+    stored; ``dt``/``sz``: the dtype and its size. The 24 accumulators start from the bias on
+    the ``first`` block, else from dst (``wide_start``); each step is four vector loads, six
+    broadcasts and 24 FMAs (``wide_steps``); on the ``final`` block the activation is applied
+    (``wide_finish``)."""
+    s = wide_start(first, pbias, pdst, sdst, nvalid, dt)
+    if ska == sz:  # A's reduction channels contiguous: one tap of wide_steps
+        s = wide_steps(s, pa, pa + sa, pa + 2 * sa, pa + 3 * sa, pa + 4 * sa, pa + 5 * sa,
+                       0, 1, 1, 0, 0, pw0, pw1, spk, nk, dt, sz)  # fmt: skip
+        wide_finish(s, pdst, sdst, nvalid, final, act)
+    else:  # a transposed A: each step another row
+        B = VEC_BYTES
+        (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+         s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
+        for k in range(nk):
+            p0 = pw0 + k * spk
+            p1 = pw1 + k * spk
+            w0 = vloadp(p0, dt)
+            w1 = vloadp(p0 + B, dt)
+            w2 = vloadp(p1, dt)
+            w3 = vloadp(p1 + B, dt)
+            p = pa + k * ska
+            prefetch_l1(p + 8 * ska)
+            x = loadp(p, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            s02 = vfma(x, w2, s02)
+            s03 = vfma(x, w3, s03)
+            x = loadp(p + 1 * sa, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            s12 = vfma(x, w2, s12)
+            s13 = vfma(x, w3, s13)
+            x = loadp(p + 2 * sa, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            s22 = vfma(x, w2, s22)
+            s23 = vfma(x, w3, s23)
+            x = loadp(p + 3 * sa, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            s32 = vfma(x, w2, s32)
+            s33 = vfma(x, w3, s33)
+            x = loadp(p + 4 * sa, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            s42 = vfma(x, w2, s42)
+            s43 = vfma(x, w3, s43)
+            x = loadp(p + 5 * sa, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
+            s52 = vfma(x, w2, s52)
+            s53 = vfma(x, w3, s53)
+        # each branch stores its own sums: with one store after the branches (the tuple
+        # merged) separable_grad at N=8 ran 1.01-1.04x the time (layers 1 and 3)
+        s = (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+             s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
+        wide_finish(s, pdst, sdst, nvalid, final, act)
+
+
 def gemm_split(
     spec: ConvSpec,
     c_red: int,
@@ -855,21 +921,27 @@ def gemm_split(
     itemsize: int,
     parallel: bool,
     prefetched: bool = True,
+    a_bytes: int = 0,
+    max_pixels: int = 0,
 ) -> tuple[int, int, int]:
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
     ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
     multiple of the panel width), ``kc`` reduction channels per packed block (CPU_GEMM_KC, at
     most ``c_red``, or twice it with the wide block, whose pairs take kc / 2: a deeper block
     would only enlarge every task's scratch); ``prefetched``: the kernel asks for the next
-    task's input while the GEMM runs (conv2d does not). A plain tuple (see
+    task's input while the GEMM runs (conv2d does not); ``a_bytes``: the bytes per output pixel
+    counted against the tile budget where they are not ``c_red`` values (conv2d's direct path);
+    ``max_pixels``: the most pixels per tile where not CPU_TILE_MAX_PIXELS. A plain tuple (see
     _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
     split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
     kc = block_depth(_config.CPU_GEMM_KC, c_red)
+    # the tile budget in the units _gemm_split counts (c_red values per pixel)
+    budget = _config.CPU_TILE_BYTES * c_red * itemsize // a_bytes if a_bytes else None
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
-        _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS, kc if prefetched else 0,
-        SPLIT_SLACK,
+        budget or _config.CPU_TILE_BYTES, max_pixels or _config.CPU_TILE_MAX_PIXELS,
+        kc if prefetched else 0, SPLIT_SLACK,
     )  # fmt: skip
     return (tile, cblock, kc)
 
