@@ -309,6 +309,25 @@ def test_gemm_split_keeps_tile_and_weights_in_l2(
         assert whole == whole_tile
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 6, 8, 16])
+def test_gemm_split_in_pairs_of_panels(threads):
+    """conv2d's direct path writes two panels at a time: with ``panel_group`` 2 every channel
+    block is whole pairs, whatever the thread count (a split of 5 panels wrote a panel past its
+    block: another task's channels, or past the output)."""
+    from numba_dsconv.cpu import pointwise as pwm
+
+    for sz in (4, 8):
+        nr = pwm.gemm_panel_width(sz)
+        shapes = [(196, 576, 320), (98, 144, 192), (9, 36, 2 * nr), (28, 90, 4 * nr),
+                  (6272, 288, 10 * nr)]  # fmt: skip
+        for pixels, c_red, c_out in shapes:
+            tile, cblock = pwm._gemm_split(
+                pixels, c_red, c_out, sz, 1, True, threads, 512 * 1024, 768, 0, 0.01, 2
+            )
+            assert cblock % (2 * nr) == 0 and 0 < cblock <= c_out, (pixels, c_out, cblock)
+            assert tile > 0
+
+
 def test_gemm_split_caps_the_reduction_block(monkeypatch):
     """``gemm_split``'s kc: CPU_GEMM_KC, at most the reduction (twice it with the wide block,
     whose pairs take kc / 2): one block for every reduction up to the cap, no larger scratch."""
@@ -443,8 +462,10 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
     of panels) sums in the order of the im2col path: the same bits, for reduction blocks of
     all taps, of several whole taps (kc 48: KCW 24 holds 4 taps of 5 channels, 9 taps go in
     3 blocks of 3) and of a tap's channels (kc 16: C_in 20 in chunks of 7, 7, 6); weights
-    packed per task and by the caller; tiles that cross images; and the float64 reference."""
-    from numba_dsconv.cpu import conv2d
+    packed per task and by the caller; tiles that cross images; channel blocks of whole pairs
+    of panels where single panels would split the work more evenly (the split made for 2
+    threads whatever the machine; run on the threads there are); the float64 reference."""
+    from numba_dsconv.cpu import conv2d, pointwise
     from numba_dsconv.cpu.pointwise import WIDE, no_packed, packed_weights
 
     if not WIDE:
@@ -454,12 +475,14 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
 
     dt = np.dtype(dtype)
     rng = np.random.default_rng(5)
-    n, h, w, c_out = 3, 9, 8, 128
+    # 3 pairs of panels: for 2 threads in blocks of 3 panels but for ``panel_group`` 2
+    n, h, w, c_out = 4, 9, 8, 6 * pointwise.gemm_panel_width(dt.itemsize)
     c = 5 if kc != 16 else 20
     if kc:
         monkeypatch.setattr(_config, "CPU_GEMM_KC", kc)
     # tiles of up to 48 pixels (3 x 16): many, across images
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 16)
+    monkeypatch.setattr(pointwise.numba, "get_num_threads", lambda: 2)
     x = rng.standard_normal((n, h, w, c)).astype(dt)
     wt = rng.standard_normal((3, 3, c, c_out)).astype(dt)
     bias = rng.standard_normal(c_out).astype(dt)
@@ -470,8 +493,11 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
     k = conv2d.CONV2D
     direct = list(k.args(spec, dt, True)(x, (wt,), (bias,), np.empty(spec.out_nhwc, dt)))
     assert direct[-1] is True
-    tile = direct[7][0]
-    assert 1 < tile < spec.out_h * spec.out_w and spec.pixels % tile  # tiles across images
+    tile, cblock, _ = direct[7]
+    assert cblock % (2 * pointwise.gemm_panel_width(dt.itemsize)) == 0
+    image = spec.out_h * spec.out_w
+    assert any(p // image != (min(p + tile, spec.pixels) - 1) // image  # a tile across images
+               for p in range(0, spec.pixels, tile))  # fmt: skip
     packed = list(direct)
     packed[2] = packed_weights(direct[1], False)
     packed[4] = np.empty_like(direct[4])

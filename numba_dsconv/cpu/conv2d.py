@@ -6,11 +6,12 @@ A is the receptive field of output pixel p, tap by tap ((m, q) then the input ch
 order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole. A
 task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) either
 
-- (the direct path: AVX-512, C_out a whole number of pairs of panels) copies the input rows its
+- (the direct path: AVX-512, C_out a whole number of pairs of panels, split into tasks of
+  whole pairs, and tiles whose 6-row groups pay, ``wide_pays``) copies the input rows its
   pixels read once, zero padded, into a band (``conv_band``), and runs the wide register block
   on it tap by tap (``conv_wide``): each block of six pixels reads tap (m, q) at a fixed offset
-  from the pixel's first, so there is no im2col (layers 1-7 at N=8: 0.87-0.96x the time of the
-  im2col path, BENCHMARKS.md, "Design measurements"); or
+  from the pixel's first, so there is no im2col (N=8 layers 1-5 and 7: 0.89-0.95x the time of
+  the im2col path, layer 6 1.01; BENCHMARKS.md, "Design measurements"); or
 - gathers its pixels' rows one slab of taps at a time into a buffer sized for L2
   (``im2col_slab``) and runs ``gemm_tile`` on it, the sums accumulating in the output from slab
   to slab (bias on the first, activation on the last).
@@ -47,6 +48,7 @@ from .pointwise import (
     pair_block,
     prefetch_share,
     wide_finish,
+    wide_pays,
     wide_start,
     wide_steps,
     zero_tail,
@@ -177,7 +179,8 @@ def conv_wide(
     band, offs, sm, sq, kh, kw, w2, packed, bias, dst, c_lo, c_hi, act, pk, pf, pf_len
 ):  # pragma: no cover - compiled
     """dst[p - p0, c] = act(bias[c] + sum over taps and input channels) for a task's output
-    pixels and the whole pairs of panels of c_lo..c_hi on the wide register block
+    pixels and the channels c_lo..c_hi, whole pairs of panels (c_hi - c_lo a multiple of
+    2 NR: the block writes four vectors), on the wide register block
     (``pointwise.wide_steps``), with no im2col: each register block reads its six pixels'
     receptive fields tap by tap from the task's band (``conv_band``: a tap's values at a fixed
     offset from the pixel's first).
@@ -288,9 +291,9 @@ def conv2d_nhwc(
 # conv2d's tiles on the direct path (``conv_wide``) hold up to this many times
 # CPU_TILE_MAX_PIXELS, their own input (not the band's halo rows) within L2: the direct path's
 # A is the band, about the input's share of the tile, not im2col's K_h*K_w times that. N=8,
-# one process, against 256 pixels: layer 1 in tiles of 448-1344 pixels ran 0.93-0.94x the time,
+# one process, against 256 pixels: layer 1 in tiles of 448-1344 pixels ran 0.93-0.96x the time,
 # layer 3 in 448-896 0.98-0.99x, layer 4 in 784 0.98x; layers 6-7 (7 x 7 outputs) in 196
-# 0.98-0.99x the time of 98, 0.88-0.92x that of 49.
+# 0.97-0.99x the time of 98, 0.88-0.92x that of 49.
 DIRECT_TILE_FACTOR = 3
 
 
@@ -307,9 +310,13 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         most = DIRECT_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS
         _, _, sh, sw = spec.geometry[:4]
         a_bytes = max(1, sh * sw * c_in * sz * _config.CPU_TILE_BYTES // _config.L2_BYTES)
-        split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most)
+        split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most, 2)
         slab = taps  # unused
-    else:
+        # where the wide block's 6-row groups do not pay (a 7 x 7 output at N=1: 49 rows as
+        # 9 x 6), im2col and the 7-row block (``gemm_tile``'s choice): layers 6-7 N=1 ran
+        # 1.00-1.05x the time of im2col on the direct path
+        direct = bool(wide_pays(split[0]))
+    if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
         slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
         split = gemm_split(spec, slab * c_in, 1, sz, parallel, prefetched=False)

@@ -923,17 +923,19 @@ def gemm_split(
     prefetched: bool = True,
     a_bytes: int = 0,
     max_pixels: int = 0,
+    panel_group: int = 1,
 ) -> tuple[int, int, int]:
     """One GEMM task of a kernel call, the kernels' ``split`` argument: (tile, cblock, kc) =
     ``tile`` output pixels (a multiple of one of GEMM_MRS) x ``cblock`` output channels (a
     multiple of the panel width), ``kc`` reduction channels per packed block (CPU_GEMM_KC, at
     most ``c_red``, or twice it with the wide block, whose pairs take kc / 2: a deeper block
-    would only enlarge every task's scratch); ``prefetched``: the kernel asks for the next
-    task's input while the GEMM runs (conv2d does not); ``a_bytes``: the bytes per output pixel
-    counted against the tile budget where they are not ``c_red`` values (conv2d's direct path);
-    ``max_pixels``: the most pixels per tile where not CPU_TILE_MAX_PIXELS. A plain tuple (see
-    _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them gets a new
-    split; the search itself is memoised (``_gemm_split``)."""
+    would only enlarge every task's scratch); ``prefetched``: the tile budget leaves half a
+    reduction block's weights room (False: conv2d, the whole budget for the tile);
+    ``a_bytes``: the bytes per output pixel counted against the tile budget where they are not
+    ``c_red`` values (conv2d's direct path); ``max_pixels``: the most pixels per tile where not
+    CPU_TILE_MAX_PIXELS; ``panel_group``: cblock whole groups of this many panels. A plain
+    tuple (see _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them
+    gets a new split; the search itself is memoised (``_gemm_split``)."""
     threads = numba.get_num_threads() if parallel else 1
     kc = block_depth(_config.CPU_GEMM_KC, c_red)
     # the tile budget in the units _gemm_split counts (c_red values per pixel)
@@ -941,7 +943,7 @@ def gemm_split(
     tile, cblock = _gemm_split(
         spec.pixels, c_red, spec.c_out, itemsize, dw_taps, parallel, threads,
         budget or _config.CPU_TILE_BYTES, max_pixels or _config.CPU_TILE_MAX_PIXELS,
-        kc if prefetched else 0, SPLIT_SLACK,
+        kc if prefetched else 0, SPLIT_SLACK, panel_group,
     )  # fmt: skip
     return (tile, cblock, kc)
 
@@ -966,8 +968,11 @@ def _gemm_split(
     tile_max_pixels: int,
     kc: int,
     slack: float,
+    panel_group: int = 1,
 ) -> tuple[int, int]:
-    """(tile, cblock): output pixels and output channels per task of a GEMM kernel.
+    """(tile, cblock): output pixels and output channels per task of a GEMM kernel; cblock a
+    whole number of ``panel_group`` panels (2: pairs, for conv2d's direct path, whose wide
+    block writes two panels at a time).
 
     A tile's A operand (tile x c_red: the depthwise result in the fused kernel) stays within
     ``tile_bytes`` less half the weights one reduction block reads (kc / 2 or fewer rows of a
@@ -987,12 +992,13 @@ def _gemm_split(
     scratch, its tile's halo of input rows), then the shorter path.
     """
     nr = gemm_panel_width(itemsize)
-    panels = -(-c_out // nr)
+    width = nr * panel_group  # channel blocks are whole units of this many channels
+    units = -(-c_out // width)
     weight_block = (min(2 * c_red, kc) if WIDE else min(c_red, kc)) * nr * itemsize
     fit = max(0, tile_bytes - weight_block // 2) // max(1, c_red * itemsize)
     max_tile = max(GEMM_MR, min(tile_max_pixels, fit) // GEMM_MR * GEMM_MR)
     if not parallel or pixels == 0:
-        return max_tile, panels * nr
+        return max_tile, units * width
     splits = []  # (critical path, tasks, tile, cblock)
     nb_min = -(-pixels // max_tile)
     for nb in range(nb_min, 2 * nb_min + threads):  # up to half the largest tile, and more
@@ -1002,14 +1008,14 @@ def _gemm_split(
             if tile > max_tile and mr != GEMM_MR:
                 continue
             nb_eff = -(-pixels // tile)
-            for nc in range(1, panels + 1):
-                per = -(-panels // nc)
-                nc_eff = -(-panels // per)
+            for nc in range(1, units + 1):
+                per = -(-units // nc)
+                nc_eff = -(-units // per)
                 if nc > 1 and nc_eff != nc:
                     continue  # the same split as a smaller nc
                 tasks = nb_eff * nc_eff
-                task = tile * (per * nr * c_red + dw_taps * c_red) + per * nr * c_red
-                splits.append((-(-tasks // threads) * task, tasks, tile, per * nr))
+                task = tile * (per * width * c_red + dw_taps * c_red) + per * width * c_red
+                splits.append((-(-tasks // threads) * task, tasks, tile, per * width))
     shortest = min(s[0] for s in splits)
     near = [s for s in splits if s[0] <= (1 + slack) * shortest]
     _, _, tile, cblock = min(near, key=lambda s: (s[1], s[0]))
