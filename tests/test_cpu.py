@@ -230,12 +230,13 @@ def test_separable_mixed_weight_dtypes(xdt, dwdt, pwdt, rng):
 @pytest.mark.parametrize("kc", [1, 8, 256])
 @pytest.mark.parametrize(("op", "c", "mult", "c_out"), [
     ("pointwise", 37, 1, 70), ("pointwise", 16, 1, 1), ("separable", 13, 3, 33),
-    ("separable", 20, 1, 64),
+    ("separable", 20, 1, 64), ("conv2d", 9, 1, 64),
 ])  # fmt: skip
 def test_gemm_blocking(op, c, mult, c_out, kc, parallel, monkeypatch, rng):
     """Forward and gradients against float64 with the reduction cut into blocks of kc (1, 8:
     partial sums between blocks, in the backward's GEMMs too; 256: one block) and tiles of 12
-    pixels."""
+    pixels; conv2d with C_out 64 on its direct path (AVX-512) where kc is 2 or more (kc 1
+    divided by zero there)."""
     from test_grad import check_grads
 
     config = pytest.importorskip("numba_dsconv._config")

@@ -270,7 +270,8 @@ def conv2d_nhwc(
         if direct:
             band, offs, sm, sq = conv_band(x, p0, p1, oh, ow, geo, out)
             # the input rows of this thread's next task (prange hands out contiguous chunks),
-            # asked for while the GEMM runs; none where the next task reuses this band
+            # asked for while the GEMM runs; none where the next task reads the same rows
+            # (another channel block of these pixels)
             pf, pf_len = address(x), 0
             if cb == nc - 1 and p1 < P:
                 pf, pf_len = input_span(x, p1, min(P, p1 + tile), oh, ow, geo)
@@ -313,9 +314,11 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most, 2)
         slab = taps  # unused
         # where the wide block's 6-row groups do not pay (a 7 x 7 output at N=1: 49 rows as
-        # 9 x 6), im2col and the 7-row block (``gemm_tile``'s choice): layers 6-7 N=1 ran
-        # 1.00-1.05x the time of im2col on the direct path
-        direct = bool(wide_pays(split[0]))
+        # 9 x 6; a serial call's tile is its largest, so the pixels count), im2col and the
+        # 7-row block (``gemm_tile``'s choice): layers 6-7 N=1 ran 1.00-1.05x the time of
+        # im2col on the direct path. A reduction block under 2 (CPU_GEMM_KC 1) leaves the wide
+        # block's pair no rows (as ``wide_columns``).
+        direct = split[2] >= 2 and bool(wide_pays(min(split[0], spec.pixels)))
     if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
         slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
