@@ -198,8 +198,11 @@ _MEDIUM = [
     ("separable", 1, 13, 15, 33, 3, 3, 2, "same", 2, 1, 20),
     ("conv2d", 1, 9, 9, 64, 7, 7, 1, "same", 1, 1, 64),  # reduction 3136
     ("conv2d", 2, 12, 11, 20, 3, 3, 2, "same", 1, 1, 36),
-    # conv2d's direct path (AVX-512, C_out whole pairs of panels): tiles across images, a
-    # non-square dilated kernel with uneven padding, two pairs, 1x1 strided
+    # conv2d's direct path (AVX-512): tiles across images, a non-square dilated kernel with
+    # uneven padding, two pairs, 1x1 strided; C_out 24 (a cut panel alone on the tap block),
+    # 96 (a pair and an odd panel)
+    ("conv2d", 2, 9, 10, 7, 3, 3, 1, 1, 1, 1, 24),
+    ("conv2d", 1, 11, 9, 6, 3, 3, 2, "same", 1, 1, 96),
     ("conv2d", 2, 9, 10, 5, 3, 3, 1, 1, 1, 1, 64),
     ("conv2d", 1, 13, 12, 12, 2, 5, (2, 1), ((0, 2), (1, 0)), (1, 2), 1, 128),
     ("conv2d", 3, 6, 7, 9, 1, 1, 2, "valid", 1, 1, 64),

@@ -130,7 +130,7 @@ def test_the_gemm_register_blocks_have_no_code_of_their_own():
     accumulators, and the first process's GEMMs ran at 35-40 % of the FMA peak. Inlined in
     Numba's IR they are no library of their own; the other helpers ``gemm_wide`` and
     ``gemm_narrow`` call (here ``prefetch_share``) are; likewise conv2d's ``conv_wide`` and the
-    wide block's pieces. Each compiled afresh here, uncached."""
+    wide and tap blocks' pieces. Each compiled afresh here, uncached."""
     import numba
     import numpy as np
 
@@ -155,17 +155,18 @@ def test_the_gemm_register_blocks_have_no_code_of_their_own():
     xc = np.ones((1, 4, 4, 3), np.float32)
     band, offs, sm, sq = conv2d.conv_band(xc, 0, 16, 4, 4, (3, 3, 1, 1, 1, 1, 1, 1, 0), xc)
     fresh = numba.njit(**_jit._JIT_OPTS)(conv2d.conv_wide.py_func)
-    out = np.empty((16, 64), np.float32)
+    out = np.empty((16, 88), np.float32)  # a pair of panels, then a panel cut by C_out
     pk, _, _ = pointwise.gemm_scratch(54, 16, out)
-    fresh(band, offs, sm, sq, 3, 3, np.ones((27, 64), np.float32), nopack, bias, out, 0, 64, 0,
-          pk, 0, 0)  # fmt: skip
+    fresh(band, offs, sm, sq, 3, 3, np.ones((27, 88), np.float32), nopack,
+          np.zeros(96, np.float32), out, 0, 88, 0, pk, 0, 0)  # fmt: skip
     inside = np.array([2, 3, 3, 2])  # the in-image taps of each row / column, 3 channels each
-    np.testing.assert_array_equal(out, np.repeat(3 * np.outer(inside, inside).ravel(), 64)
-                                  .reshape(16, 64))  # fmt: skip
+    np.testing.assert_array_equal(out, np.repeat(3 * np.outer(inside, inside).ravel(), 88)
+                                  .reshape(16, 88))  # fmt: skip
     (sig,) = fresh.signatures
     names = {n.split(".")[0] for n in _linked_names(fresh.overloads[sig].library)}
     assert "prefetch_share" in names, names
     assert not names & _REGISTER_BLOCKS, names
 
 
-_REGISTER_BLOCKS = {"gemm_block_wide", "gemm_block", "wide_start", "wide_steps", "wide_finish"}
+_REGISTER_BLOCKS = {"gemm_block_wide", "gemm_block", "wide_start", "wide_steps", "wide_finish",
+                    "tap_start", "tap_steps", "tap_finish", "band_rows"}  # fmt: skip

@@ -458,14 +458,18 @@ def test_conv_band_holds_each_tap_at_its_offset(kernel, stride, dilation, paddin
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kc", [0, 48, 16])  # 0: the default (every tap in one block)
-def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
-    """conv2d's direct path (``conv_wide``: no im2col, AVX-512, C_out a whole number of pairs
-    of panels) sums in the order of the im2col path: the same bits, for reduction blocks of
-    all taps, of several whole taps (kc 48: KCW 24 holds 4 taps of 5 channels, 9 taps go in
-    3 blocks of 3) and of a tap's channels (kc 16: C_in 20 in chunks of 7, 7, 6); weights
-    packed per task and by the caller; tiles that cross images; channel blocks of whole pairs
-    of panels where single panels would split the work more evenly (the split made for 2
-    threads whatever the machine; run on the threads there are); the float64 reference."""
+@pytest.mark.parametrize("panels", [6, 5, 1.5, 2.75])
+def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatch):
+    """conv2d's direct path (``conv_wide``: no im2col, AVX-512) sums in the order of the
+    im2col path: the same bits, for reduction blocks of all taps, of several whole taps (kc 48:
+    KCW 24 holds 4 taps of 5 channels, 9 taps go in 3 blocks of 3) and of a tap's channels
+    (kc 16: C_in 20 in chunks of 7, 7, 6); weights packed per task and by the caller; tiles
+    that cross images; channel blocks of whole pairs of panels where single panels would split
+    the work more evenly (the split made for 2 threads whatever the machine; run on the threads
+    there are); C_out of whole pairs (6 panels), of pairs and an odd panel (5), and with a
+    panel cut by C_out (1.5: one whole panel and a cut one after no pair, 2.75) on the tap
+    block, whose masked stores write nothing past C_out (sentinels after the output); the
+    float64 reference."""
     from numba_dsconv.cpu import conv2d, pointwise
     from numba_dsconv.cpu.pointwise import WIDE, no_packed, packed_weights
 
@@ -476,8 +480,8 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
 
     dt = np.dtype(dtype)
     rng = np.random.default_rng(5)
-    # 3 pairs of panels: for 2 threads in blocks of 3 panels but for ``panel_group`` 2
-    n, h, w, c_out = 4, 9, 8, 6 * pointwise.gemm_panel_width(dt.itemsize)
+    # 6 panels: for 2 threads in blocks of 3 panels but for ``panel_group`` 2
+    n, h, w, c_out = 4, 9, 8, int(panels * pointwise.gemm_panel_width(dt.itemsize))
     c = 5 if kc != 16 else 20
     if kc:
         monkeypatch.setattr(_config, "CPU_GEMM_KC", kc)
@@ -492,7 +496,10 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
         c_out=c_out, activation=Activation.RELU6, padding="same", stride=(1, 2),
     )  # fmt: skip
     k = conv2d.CONV2D
-    direct = list(k.args(spec, dt, True)(x, (wt,), (bias,), np.empty(spec.out_nhwc, dt)))
+    size = int(np.prod(spec.out_nhwc))
+    buffer = np.full(size + 64, np.nan, dt)  # the output, then sentinels
+    out = buffer[:size].reshape(spec.out_nhwc)
+    direct = list(k.args(spec, dt, True)(x, (wt,), (bias,), out))
     assert direct[-1] is True
     tile, cblock, _ = direct[7]
     assert cblock % (2 * pointwise.gemm_panel_width(dt.itemsize)) == 0
@@ -508,6 +515,7 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kc, dtype, monkeypatch):
     for args in (direct, packed, im2col):
         k.parallel(*args)
     assert direct[4].tobytes() == packed[4].tobytes() == im2col[4].tobytes()
+    assert np.isnan(buffer[size:]).all()
     expected = ref_fn("conv2d")(x, wt, bias=bias, activation="relu6", padding="same",
                                 stride=(1, 2))  # fmt: skip
     assert_close(direct[4], expected, dt, 9 * c)

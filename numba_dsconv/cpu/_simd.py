@@ -292,6 +292,33 @@ def vstorep(typingctx, addr, v):
 
 
 @intrinsic
+def vstorep_part(typingctx, addr, v, n):
+    """Store only the first ``n`` lanes of vector ``v`` at byte address ``addr`` (none where
+    n <= 0, all where n >= its lanes; llvm.masked.store: the lanes past n touch no memory)."""
+    if not (isinstance(addr, types.Integer) and isinstance(v, Vec)):
+        return None
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[1].type
+        lanes = v.lanes
+        i32 = ir.IntType(32)
+        count = context.cast(builder, args[2], sig.args[2], types.int32)
+        index = ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
+        mask = builder.icmp_signed("<", index, _splat(builder, index.type, count))
+        ptr = _typed_pointer(context, builder, args[0], sig.args[0], vty)
+        name = f"llvm.masked.store.v{lanes}f{v.dtype.bitwidth}.p0"
+        fnty = ir.FunctionType(ir.VoidType(), [vty, ptr.type, i32, mask.type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        align = ir.Constant(i32, v.dtype.bitwidth // 8)
+        builder.call(fn, [args[1], ptr, align, mask])
+        return context.get_dummy_value()
+
+    return types.none(addr, v, n), codegen
+
+
+@intrinsic
 def loadp(typingctx, addr, dt):
     """The scalar ``dt`` at byte address ``addr``."""
     if not (isinstance(addr, types.Integer) and isinstance(dt, types.DType)):

@@ -6,12 +6,15 @@ A is the receptive field of output pixel p, tap by tap ((m, q) then the input ch
 order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole. A
 task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) either
 
-- (the direct path: AVX-512, C_out a whole number of pairs of panels, split into tasks of
-  whole pairs, and tiles whose 6-row groups pay, ``wide_pays``) copies the input rows its
-  pixels read once, zero padded, into a band (``conv_band``), and runs the wide register block
-  on it tap by tap (``conv_wide``): each block of six pixels reads tap (m, q) at a fixed offset
-  from the pixel's first, so there is no im2col (N=8 layers 1-5 and 7: 0.89-0.95x the time of
-  the im2col path, layer 6 1.01; BENCHMARKS.md, "Design measurements"); or
+- (the direct path: AVX-512, tiles whose 6-row groups pay, ``wide_pays``, split into tasks of
+  whole pairs of panels but for the last) copies the input rows its pixels read once, zero
+  padded, into a band (``conv_band``), and runs the register blocks on it tap by tap
+  (``conv_wide``): each block of pixels reads tap (m, q) at a fixed offset from the pixel's
+  first, so there is no im2col. Pairs of panels go to the wide block (6 pixels), the panel
+  left over (an odd one, one cut by C_out) to the tap block (8 pixels x one panel). N=8
+  layers 1-5 and 7: 0.89-0.95x the time of the im2col path, layer 6 1.01; the tap block:
+  layer 8 (C_out 24) 0.76-0.77, layers 10, 11 (C_out 96, 160) 0.92-0.95 (BENCHMARKS.md,
+  "Design measurements"); or
 - gathers its pixels' rows one slab of taps at a time into a buffer sized for L2
   (``im2col_slab``) and runs ``gemm_tile`` on it, the sums accumulating in the output from slab
   to slab (bias on the first, activation on the last).
@@ -31,10 +34,11 @@ from numba import prange
 from .. import _config
 from .._spec import ConvSpec
 from ..packing import kernel_operands
-from ._jit import NO_ACTIVATION, Kernel, helper, kernel
-from ._simd import VEC_BYTES, address
+from ._jit import NO_ACTIVATION, Kernel, helper, inlined, kernel
+from ._simd import VEC_BYTES, address, loadp
 from .layout import bias_vector
 from .pointwise import (
+    TAP_MR,
     WIDE,
     WIDE_MR,
     gemm_panel_width,
@@ -46,7 +50,11 @@ from .pointwise import (
     no_packed,
     packs_once,
     pair_block,
+    panel_block,
     prefetch_share,
+    tap_finish,
+    tap_start,
+    tap_steps,
     wide_finish,
     wide_pays,
     wide_start,
@@ -174,16 +182,30 @@ def input_span(x, p0, p1, oh, ow, geo):  # pragma: no cover - compiled
     return address(x) + r0 * row, max(0, r1 - r0) * row
 
 
+@inlined
+def band_rows(pc, po, r, last, it):  # pragma: no cover - compiled
+    """The byte addresses pc + offs[r + i] of a register block's eight rows (i < 8; past row
+    ``last``, its: their sums are never stored), offs at byte address ``po``, of dtype
+    ``it`` (on addresses: an array argument costs reference counts per call)."""
+    return (pc + loadp(po + r * 8, it), pc + loadp(po + min(r + 1, last) * 8, it),
+            pc + loadp(po + min(r + 2, last) * 8, it), pc + loadp(po + min(r + 3, last) * 8, it),
+            pc + loadp(po + min(r + 4, last) * 8, it), pc + loadp(po + min(r + 5, last) * 8, it),
+            pc + loadp(po + min(r + 6, last) * 8, it),
+            pc + loadp(po + min(r + 7, last) * 8, it))  # fmt: skip
+
+
 @helper
 def conv_wide(
     band, offs, sm, sq, kh, kw, w2, packed, bias, dst, c_lo, c_hi, act, pk, pf, pf_len
 ):  # pragma: no cover - compiled
     """dst[p - p0, c] = act(bias[c] + sum over taps and input channels) for a task's output
-    pixels and the channels c_lo..c_hi, whole pairs of panels (c_hi - c_lo a multiple of
-    2 NR: the block writes four vectors), on the wide register block
-    (``pointwise.wide_steps``), with no im2col: each register block reads its six pixels'
-    receptive fields tap by tap from the task's band (``conv_band``: a tap's values at a fixed
-    offset from the pixel's first).
+    pixels and the channels c_lo..c_hi (c_lo a multiple of 2 NR), with no im2col: each
+    register block reads its pixels' receptive fields tap by tap from the task's band
+    (``conv_band``: a tap's values at a fixed offset from the pixel's first). Whole pairs of
+    panels run on the wide block (``pointwise.wide_steps``: six pixels x four vectors), the
+    channels left over (less than a pair: an odd panel, a panel cut by C_out) panel by panel
+    on the tap block (``pointwise.tap_steps``: TAP_MR pixels x two vectors, masked loads and
+    stores past C_out).
 
     The reduction runs in blocks of whole taps (as many as KCW = KC / 2 reduction channels
     hold, in blocks of even count) or, where C_in exceeds KCW, of a tap's channels (of even
@@ -197,6 +219,7 @@ def conv_wide(
     NR = 2 * VEC_BYTES // sz
     rows = offs.shape[0]
     pband = address(band)
+    po, it = address(offs), offs.dtype  # int64: 8 bytes
     taps = kh * kw
     K = taps * C
     KCW = pk.shape[0] // 2
@@ -210,34 +233,49 @@ def conv_wide(
     spk = NR * sz
     pdst, sdst = address(dst), dst.strides[0]
     pbias = address(bias)
-    nblocks = (c_hi - c_lo) // (2 * NR) * -(-taps // tb) * -(-C // chunk) * -(-rows // WIDE_MR)
+    c_pairs = c_lo + (c_hi - c_lo) // (2 * NR) * 2 * NR  # the pairs end, the panels left over
+    nblocks = (
+        ((c_pairs - c_lo) // (2 * NR) * -(-rows // WIDE_MR) + -(-(c_hi - c_pairs) // NR)
+         * -(-rows // TAP_MR)) * -(-taps // tb) * -(-C // chunk)
+    )  # fmt: skip
     pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
     pf_end = pf + pf_len
     for c0 in range(c_lo, c_hi, 2 * NR):
+        pair = c0 < c_pairs
         for t0 in range(0, taps, tb):
             t1 = min(taps, t0 + tb)
             for cs in range(0, C, chunk):
                 nc = min(chunk, C - cs)
                 k0 = t0 * C + cs
                 nk = (t1 - t0) * nc
-                pw0, pw1 = pair_block(w2, packed, pk, c0, k0, nk, dt, sz)
                 first = k0 == 0
                 final = k0 + nk == K
-                for r in range(0, rows, WIDE_MR):
-                    pf = prefetch_share(pf, pf_end, pf_step)
-                    nvalid = min(WIDE_MR, rows - r)
-                    pc = pband + cs * sz
-                    a0 = pc + offs[r]
-                    a1 = pc + offs[min(r + 1, rows - 1)]
-                    a2 = pc + offs[min(r + 2, rows - 1)]
-                    a3 = pc + offs[min(r + 3, rows - 1)]
-                    a4 = pc + offs[min(r + 4, rows - 1)]
-                    a5 = pc + offs[min(r + 5, rows - 1)]
-                    rd = pdst + r * sdst + c0 * sz
-                    s = wide_start(first, pbias + c0 * sz, rd, sdst, nvalid, dt)
-                    s = wide_steps(s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1, spk,
-                                   nc, dt, sz)  # fmt: skip
-                    wide_finish(s, rd, sdst, nvalid, final, act)
+                pc = pband + cs * sz
+                if pair:
+                    pw0, pw1 = pair_block(w2, packed, pk, c0, k0, nk, dt, sz)
+                    for r in range(0, rows, WIDE_MR):
+                        pf = prefetch_share(pf, pf_end, pf_step)
+                        nvalid = min(WIDE_MR, rows - r)
+                        a0, a1, a2, a3, a4, a5, _, _ = band_rows(pc, po, r, rows - 1, it)
+                        rd = pdst + r * sdst + c0 * sz
+                        s = wide_start(first, pbias + c0 * sz, rd, sdst, nvalid, dt)
+                        s = wide_steps(s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1,
+                                       spk, nc, dt, sz)  # fmt: skip
+                        wide_finish(s, rd, sdst, nvalid, final, act)
+                    continue
+                # the panels left over (an odd one, one cut by C_out), each on the tap block
+                for c1 in range(c0, c_hi, NR):
+                    nout = min(NR, c_hi - c1)
+                    pw = panel_block(w2, packed, pk, 0, c1, k0, nk, dt, sz)
+                    for r in range(0, rows, TAP_MR):
+                        pf = prefetch_share(pf, pf_end, pf_step)
+                        nvalid = min(TAP_MR, rows - r)
+                        a0, a1, a2, a3, a4, a5, a6, a7 = band_rows(pc, po, r, rows - 1, it)
+                        rd = pdst + r * sdst + c1 * sz
+                        s = tap_start(first, pbias + c1 * sz, rd, sdst, nvalid, nout, dt, sz)
+                        s = tap_steps(s, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, kw, sm, sq,
+                                      pw, spk, nc, dt, sz)  # fmt: skip
+                        tap_finish(s, rd, sdst, nvalid, nout, final, act, sz)
 
 
 def conv2d_nhwc(
@@ -306,7 +344,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     tile's slab of A fits the GEMM tile budget (all of them where it does)."""
     sz = dtype.itemsize
     c_in, c_out, taps = spec.c_in, spec.c_out, spec.kh * spec.kw
-    direct = WIDE and c_out % (4 * VEC_BYTES // sz) == 0  # whole pairs of panels
+    direct = WIDE
     if direct:  # tiles of up to DIRECT_TILE_FACTOR times as many pixels
         most = DIRECT_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS
         _, _, sh, sw = spec.geometry[:4]

@@ -8,7 +8,10 @@ separable kernel.
 - ``gemm_block``: the narrow register block, ``mr`` pixel rows x 2 vectors of output channels
   (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows,
   ``row_group``) or 12 (AVX2: 6 rows) vector accumulators; ``gemm_block_wide``: 6 rows x 4
-  vectors (two panels) in 24 (AVX-512 only). They are written out by hand, the accumulators
+  vectors (two panels) in 24 (AVX-512 only); for conv2d's direct path (``conv2d.conv_wide``)
+  the wide block's pieces (``wide_start`` / ``wide_steps`` / ``wide_finish``) with a tap loop,
+  and the tap block's (``tap_*``: 8 rows x one panel, masked past C_out) for the panel a pair
+  leaves over. They are written out by hand, the accumulators
   by name: they must be SSA values for LLVM to keep them in registers (a loop over a small
   array of them put them in memory).
 - ``gemm_split``: how many output pixels and channels one parallel task takes.
@@ -40,6 +43,7 @@ from ._simd import (
     vloadp,
     vloadp_part,
     vstorep,
+    vstorep_part,
 )
 from .layout import aligned_empty, bias_vector, scratch
 
@@ -63,6 +67,9 @@ WIDE = VEC_BYTES == 64
 WIDE_MR = 6
 WIDE_GAIN = 1.1
 WIDE_SLAB_BYTES = _config.L2_BYTES // 4
+# The tap block (``tap_steps``, AVX-512 only): TAP_MR rows x 2 vectors (one panel) read tap by
+# tap from conv2d's band, for the panels conv2d's direct path has left over after its pairs
+TAP_MR = 8
 
 
 def gemm_panel_width(itemsize: int) -> int:
@@ -284,20 +291,27 @@ def pack_block(w, k0, nk, c0, ppk, spk, dt, sz):  # pragma: no cover - compiled
 
 
 @helper
-def pair_block(w, packed, pk, c0, k0, nk, dt, sz):  # pragma: no cover - compiled
-    """(pw0, pw1): the byte addresses of the wide block's two panels' blocks, rows k0..k0+nk
-    of the panels of columns c0 and c0 + NR: in ``packed`` (the call's or the caller's
-    panels) where it is not empty, else packed here from w into the two halves of pk."""
+def panel_block(w, packed, pk, half, c0, k0, nk, dt, sz):  # pragma: no cover - compiled
+    """The byte address of rows k0..k0+nk of the panel of columns c0..c0+NR: in ``packed``
+    (the call's or the caller's panels) where it is not empty, else packed here from w into
+    half ``half`` (0 or 1) of pk."""
     NR = 2 * VEC_BYTES // sz
     spk = NR * sz
     if packed.shape[0] > 0:
-        pw0 = address(packed) + (c0 // NR) * packed.strides[0] + k0 * spk
-        return pw0, pw0 + packed.strides[0]
-    pw0 = address(pk)
-    pw1 = pw0 + pk.shape[0] // 2 * spk
-    pack_block(w, k0, nk, c0, pw0, spk, dt, sz)
-    pack_block(w, k0, nk, c0 + NR, pw1, spk, dt, sz)
-    return pw0, pw1
+        return address(packed) + (c0 // NR) * packed.strides[0] + k0 * spk
+    p = address(pk) + half * (pk.shape[0] // 2) * spk
+    pack_block(w, k0, nk, c0, p, spk, dt, sz)
+    return p
+
+
+@helper
+def pair_block(w, packed, pk, c0, k0, nk, dt, sz):  # pragma: no cover - compiled
+    """(pw0, pw1): the byte addresses of the wide block's two panels' blocks, rows k0..k0+nk
+    of the panels of columns c0 and c0 + NR (``panel_block``: in ``packed``, or packed here
+    into the two halves of pk)."""
+    NR = 2 * VEC_BYTES // sz
+    pw0 = panel_block(w, packed, pk, 0, c0, k0, nk, dt, sz)
+    return pw0, panel_block(w, packed, pk, 1, c0 + NR, k0, nk, dt, sz)
 
 
 @helper
@@ -843,6 +857,134 @@ def wide_finish(s, pdst, sdst, nvalid, final, act):  # pragma: no cover - compil
         vstorep(pdst + 5 * sdst + 1 * B, s51)
         vstorep(pdst + 5 * sdst + 2 * B, s52)
         vstorep(pdst + 5 * sdst + 3 * B, s53)
+
+
+@inlined
+def tap_start(first, pbias, pdst, sdst, nvalid, nout, dt, sz):  # pragma: no cover - compiled
+    """The tap block's 16 accumulators (s00, s01, s10, .., s71): two vectors of the bias on the
+    ``first`` reduction block, else dst's partial sums (rows ``sdst`` bytes apart, the first
+    ``nout`` channels read: a panel cut by C_out; a row past ``nvalid`` starts from row 0's:
+    its sums are never stored)."""
+    B = VEC_BYTES
+    L = B // sz
+    s00 = vloadp(pbias, dt) if first else vloadp_part(pdst, nout, dt)
+    s01 = vloadp(pbias + B, dt) if first else vloadp_part(pdst + B, nout - L, dt)
+    s10 = s00 if first or nvalid <= 1 else vloadp_part(pdst + 1 * sdst, nout, dt)
+    s11 = s01 if first or nvalid <= 1 else vloadp_part(pdst + 1 * sdst + B, nout - L, dt)
+    s20 = s00 if first or nvalid <= 2 else vloadp_part(pdst + 2 * sdst, nout, dt)
+    s21 = s01 if first or nvalid <= 2 else vloadp_part(pdst + 2 * sdst + B, nout - L, dt)
+    s30 = s00 if first or nvalid <= 3 else vloadp_part(pdst + 3 * sdst, nout, dt)
+    s31 = s01 if first or nvalid <= 3 else vloadp_part(pdst + 3 * sdst + B, nout - L, dt)
+    s40 = s00 if first or nvalid <= 4 else vloadp_part(pdst + 4 * sdst, nout, dt)
+    s41 = s01 if first or nvalid <= 4 else vloadp_part(pdst + 4 * sdst + B, nout - L, dt)
+    s50 = s00 if first or nvalid <= 5 else vloadp_part(pdst + 5 * sdst, nout, dt)
+    s51 = s01 if first or nvalid <= 5 else vloadp_part(pdst + 5 * sdst + B, nout - L, dt)
+    s60 = s00 if first or nvalid <= 6 else vloadp_part(pdst + 6 * sdst, nout, dt)
+    s61 = s01 if first or nvalid <= 6 else vloadp_part(pdst + 6 * sdst + B, nout - L, dt)
+    s70 = s00 if first or nvalid <= 7 else vloadp_part(pdst + 7 * sdst, nout, dt)
+    s71 = s01 if first or nvalid <= 7 else vloadp_part(pdst + 7 * sdst + B, nout - L, dt)
+    return (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71)
+
+
+@inlined
+def tap_steps(
+    s, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, kw, sm, sq, pw, spk, nk, dt, sz
+):  # pragma: no cover - compiled
+    """The tap block's reduction, as ``wide_steps`` on one panel (at pw) and eight rows (at
+    byte addresses a0..a7): each step two vector loads, eight broadcasts and 16 FMAs."""
+    B = VEC_BYTES
+    (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71) = s
+    for t in range(t0, t1):
+        m = t // kw
+        off = m * sm + (t - m * kw) * sq
+        b0 = a0 + off
+        b1 = a1 + off
+        b2 = a2 + off
+        b3 = a3 + off
+        b4 = a4 + off
+        b5 = a5 + off
+        b6 = a6 + off
+        b7 = a7 + off
+        q = pw + (t - t0) * nk * spk
+        for k in range(nk):
+            p = q + k * spk
+            w0 = vloadp(p, dt)
+            w1 = vloadp(p + B, dt)
+            x = loadp(b0 + k * sz, dt)
+            s00 = vfma(x, w0, s00)
+            s01 = vfma(x, w1, s01)
+            x = loadp(b1 + k * sz, dt)
+            s10 = vfma(x, w0, s10)
+            s11 = vfma(x, w1, s11)
+            x = loadp(b2 + k * sz, dt)
+            s20 = vfma(x, w0, s20)
+            s21 = vfma(x, w1, s21)
+            x = loadp(b3 + k * sz, dt)
+            s30 = vfma(x, w0, s30)
+            s31 = vfma(x, w1, s31)
+            x = loadp(b4 + k * sz, dt)
+            s40 = vfma(x, w0, s40)
+            s41 = vfma(x, w1, s41)
+            x = loadp(b5 + k * sz, dt)
+            s50 = vfma(x, w0, s50)
+            s51 = vfma(x, w1, s51)
+            x = loadp(b6 + k * sz, dt)
+            s60 = vfma(x, w0, s60)
+            s61 = vfma(x, w1, s61)
+            x = loadp(b7 + k * sz, dt)
+            s70 = vfma(x, w0, s70)
+            s71 = vfma(x, w1, s71)
+    return (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71)
+
+
+@inlined
+def tap_finish(s, pdst, sdst, nvalid, nout, final, act, sz):  # pragma: no cover - compiled
+    """Store the tap block's accumulators ``s``, the activation applied on the ``final``
+    reduction block: the first ``nvalid`` rows (``sdst`` bytes apart), of each the first
+    ``nout`` channels (masked stores: a panel cut by C_out)."""
+    B = VEC_BYTES
+    (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71) = s
+    L = B // sz
+    if final and act != NO_ACTIVATION:
+        s00 = vact(s00, act)
+        s01 = vact(s01, act)
+        s10 = vact(s10, act)
+        s11 = vact(s11, act)
+        s20 = vact(s20, act)
+        s21 = vact(s21, act)
+        s30 = vact(s30, act)
+        s31 = vact(s31, act)
+        s40 = vact(s40, act)
+        s41 = vact(s41, act)
+        s50 = vact(s50, act)
+        s51 = vact(s51, act)
+        s60 = vact(s60, act)
+        s61 = vact(s61, act)
+        s70 = vact(s70, act)
+        s71 = vact(s71, act)
+    vstorep_part(pdst, s00, nout)
+    vstorep_part(pdst + B, s01, nout - L)
+    if nvalid > 1:
+        vstorep_part(pdst + 1 * sdst, s10, nout)
+        vstorep_part(pdst + 1 * sdst + B, s11, nout - L)
+    if nvalid > 2:
+        vstorep_part(pdst + 2 * sdst, s20, nout)
+        vstorep_part(pdst + 2 * sdst + B, s21, nout - L)
+    if nvalid > 3:
+        vstorep_part(pdst + 3 * sdst, s30, nout)
+        vstorep_part(pdst + 3 * sdst + B, s31, nout - L)
+    if nvalid > 4:
+        vstorep_part(pdst + 4 * sdst, s40, nout)
+        vstorep_part(pdst + 4 * sdst + B, s41, nout - L)
+    if nvalid > 5:
+        vstorep_part(pdst + 5 * sdst, s50, nout)
+        vstorep_part(pdst + 5 * sdst + B, s51, nout - L)
+    if nvalid > 6:
+        vstorep_part(pdst + 6 * sdst, s60, nout)
+        vstorep_part(pdst + 6 * sdst + B, s61, nout - L)
+    if nvalid > 7:
+        vstorep_part(pdst + 7 * sdst, s70, nout)
+        vstorep_part(pdst + 7 * sdst + B, s71, nout - L)
 
 
 @inlined
