@@ -183,15 +183,17 @@ def input_span(x, p0, p1, oh, ow, geo):  # pragma: no cover - compiled
 
 
 @inlined
-def band_rows(pc, po, r, last, it):  # pragma: no cover - compiled
+def band_rows(pc, po, so, r, last, it):  # pragma: no cover - compiled
     """The byte addresses pc + offs[r + i] of a register block's eight rows (i < 8; past row
-    ``last``, its: their sums are never stored), offs at byte address ``po``, of dtype
-    ``it`` (on addresses: an array argument costs reference counts per call)."""
-    return (pc + loadp(po + r * 8, it), pc + loadp(po + min(r + 1, last) * 8, it),
-            pc + loadp(po + min(r + 2, last) * 8, it), pc + loadp(po + min(r + 3, last) * 8, it),
-            pc + loadp(po + min(r + 4, last) * 8, it), pc + loadp(po + min(r + 5, last) * 8, it),
-            pc + loadp(po + min(r + 6, last) * 8, it),
-            pc + loadp(po + min(r + 7, last) * 8, it))  # fmt: skip
+    ``last``, its: their sums are never stored), offs at byte address ``po``, ``so`` bytes
+    apart, of dtype ``it`` (on addresses: an array argument costs reference counts per call)."""
+    return (pc + loadp(po + r * so, it), pc + loadp(po + min(r + 1, last) * so, it),
+            pc + loadp(po + min(r + 2, last) * so, it),
+            pc + loadp(po + min(r + 3, last) * so, it),
+            pc + loadp(po + min(r + 4, last) * so, it),
+            pc + loadp(po + min(r + 5, last) * so, it),
+            pc + loadp(po + min(r + 6, last) * so, it),
+            pc + loadp(po + min(r + 7, last) * so, it))  # fmt: skip
 
 
 @helper
@@ -219,7 +221,7 @@ def conv_wide(
     NR = 2 * VEC_BYTES // sz
     rows = offs.shape[0]
     pband = address(band)
-    po, it = address(offs), offs.dtype  # int64: 8 bytes
+    po, so, it = address(offs), offs.strides[0], offs.dtype
     taps = kh * kw
     K = taps * C
     KCW = pk.shape[0] // 2
@@ -256,7 +258,7 @@ def conv_wide(
                     for r in range(0, rows, WIDE_MR):
                         pf = prefetch_share(pf, pf_end, pf_step)
                         nvalid = min(WIDE_MR, rows - r)
-                        a0, a1, a2, a3, a4, a5, _, _ = band_rows(pc, po, r, rows - 1, it)
+                        a0, a1, a2, a3, a4, a5, _, _ = band_rows(pc, po, so, r, rows - 1, it)
                         rd = pdst + r * sdst + c0 * sz
                         s = wide_start(first, pbias + c0 * sz, rd, sdst, nvalid, dt)
                         s = wide_steps(s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1,
@@ -270,7 +272,7 @@ def conv_wide(
                     for r in range(0, rows, TAP_MR):
                         pf = prefetch_share(pf, pf_end, pf_step)
                         nvalid = min(TAP_MR, rows - r)
-                        a0, a1, a2, a3, a4, a5, a6, a7 = band_rows(pc, po, r, rows - 1, it)
+                        a0, a1, a2, a3, a4, a5, a6, a7 = band_rows(pc, po, so, r, rows - 1, it)
                         rd = pdst + r * sdst + c1 * sz
                         s = tap_start(first, pbias + c1 * sz, rd, sdst, nvalid, nout, dt, sz)
                         s = tap_steps(s, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, kw, sm, sq,
