@@ -457,6 +457,49 @@ def test_conv_band_holds_each_tap_at_its_offset(kernel, stride, dilation, paddin
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("count", [1, 2, 9])
+def test_dx3x3_pair_adds_the_bits_of_two_one_vector_passes(count, stride, dtype, rng):
+    """``backward.dx3x3_pair`` (dx two channel vectors per pass, against 4K aliasing) adds into
+    dx the bits ``dw3x3_backward_interior`` adds one vector at a time: the rolling sums at
+    stride 1, the pending column at stride 2, the columns still pending at the row's end."""
+    from numba import njit
+
+    from numba_dsconv.cpu._simd import VEC_BYTES, address
+    from numba_dsconv.cpu.backward import dw3x3_backward_interior, dx3x3_pair
+
+    dt = np.dtype(dtype)
+    lanes = VEC_BYTES // dt.itemsize
+    c = 2 * lanes
+    width = stride * count + 3  # the windows and the columns pending after the last
+    dx = rng.standard_normal((3, width, c)).astype(dt)
+    w = rng.standard_normal((9, c)).astype(dt)
+    gm = rng.standard_normal((count, c)).astype(dt)
+
+    @njit
+    def run(dx, w, gm, pair):
+        sz = dx.itemsize
+        row = dx.strides[0]
+        tap = c * sz
+        pix = stride * tap
+        if pair:
+            dx3x3_pair(address(dx), row, 0, tap, pix, address(w), tap, address(gm),
+                       gm.strides[0], count, dx.dtype)  # fmt: skip
+        else:
+            for v in range(2):
+                vb = v * lanes * sz
+                dw3x3_backward_interior(0, address(dx), row, vb, tap, pix, address(w) + vb, 0,
+                                        tap, address(gm) + vb, gm.strides[0], count, True,
+                                        False, dx.dtype)  # fmt: skip
+
+    one, two = dx.copy(), dx.copy()
+    run(one, w, gm, False)
+    run(two, w, gm, True)
+    assert not np.array_equal(one, dx)
+    assert one.tobytes() == two.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kc", [0, 48, 16])  # 0: the default (every tap in one block)
 @pytest.mark.parametrize("panels", [6, 5, 1.5, 2.75])
 def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatch):

@@ -651,6 +651,32 @@ def test_mask_keyword(op, device, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("w", [5, 8, 13])
+def test_depthwise_dx_two_vectors_per_pass(dtype, stride, w, rng):
+    """dx where pixels lie 1 KiB or more apart (C = 256 float32, 128 float64: 4K aliasing)
+    goes two channel vectors per pass (``backward.dx3x3_pair``): against float64, the
+    depthwise and the fused separable backward, rows of 1 to 11 interior pixels."""
+    c = 1024 // np.dtype(dtype).itemsize
+    x = rng.uniform(-1, 1, (2, 6, w, c)).astype(dtype)
+    dw = rng.uniform(-1, 1, (3, 3, c)).astype(dtype)
+    pw = rng.uniform(-1, 1, (c, 16)).astype(dtype)
+    kw = dict(stride=stride, padding=1)
+    rtol, atol = tolerances(np.dtype(dtype), 9)  # a dx element sums at most 9 products
+    y = nd.depthwise(x, dw, **kw)
+    grad = rng.uniform(-1, 1, y.shape).astype(dtype)
+    np.testing.assert_allclose(nd.depthwise_grad(grad, x, dw, **kw).x,
+                               ref.ref_depthwise_grad(grad, x, dw, **kw)[0], rtol=rtol,
+                               atol=atol)  # fmt: skip
+    rtol, atol = tolerances(np.dtype(dtype), 9 * 16)  # 9 taps of gm, each 16 products
+    out = nd.separable(x, dw, pw, **kw)
+    grad = rng.uniform(-1, 1, out.shape).astype(dtype)
+    got = nd.separable_grad(grad, x, dw, pw, needs=("x",), **kw)
+    want = ref.ref_separable_grad(grad, x, dw, pw, **kw)
+    np.testing.assert_allclose(got.x, want[0], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("w", [5, 6, 7, 8, 13])
 def test_depthwise_dx_at_stride_2_every_row_width(dtype, w, rng):
     """dx at stride 2 keeps each window's last column pending for the next window (the 3x3

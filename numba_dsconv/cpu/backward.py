@@ -12,7 +12,9 @@
      micro-kernel in accumulate mode, reading A transposed in place);
   4. ``gm = (gz @ pw^T) * mid_act'(A)`` (the micro-kernel again), ``d dw_bias += colsum(gm)``;
   5. the depthwise backward of gm: ``dx`` as the transposed correlation (each tap's product
-     added into dx at the input pixel it read) and ``d dw += x * gm`` into the chunk's partial.
+     added into dx at the input pixel it read; 3x3 rows two channel vectors per pass where
+     the pixels' addresses alias, ``dx3x3_pair``) and ``d dw += x * gm`` into the chunk's
+     partial.
 
   The pointwise op is the same walk without a depthwise stage (A is x; gm is dx itself), the
   depthwise op without a pointwise stage (gm = grad * act'(y)). A call with too few pixels for
@@ -271,10 +273,24 @@ def dw3x3_backward_segment(
                         if need_x:
                             vstorep(pgx + off, vfma(g, vloadp(pd + t, dt), vloadp(pgx + off, dt)))
         else:
-            dw3x3_backward_interior(
-                px + r0, pgx + r0, dil_h * row, o0 + cb, tap, pix, pd + cb, pgdw + cb, C * sz,
-                pgm + cb, sgm, jb - ja, need_x, need_dw, dt,
-            )  # fmt: skip
+            # dx two channel vectors at a time where the row's windows allow it (stride 1 or
+            # 2, dilation 1 along the row) and its pixels' addresses repeat their bits 0-11
+            # within 4 windows, or 8 at stride 2 (``dx3x3_pair``: 4K aliasing); elsewhere one
+            # vector, its weights in registers, is faster (cycles per vector, one thread:
+            # C = 32 13 against 16, 56x56x128 16.4 against 19.2; 112x112x64 at stride 2 28.4
+            # against 24.8)
+            pair = need_x and c + 2 * L <= C and tap == C * sz and (pix == tap or pix == 2 * tap)
+            pair = pair and (4 * pix) % 4096 == 0 or pair and pix != tap and (8 * pix) % 4096 == 0
+            for v in range(2 if pair else 1):
+                vb = cb + v * L * sz
+                dw3x3_backward_interior(
+                    px + r0, pgx + r0, dil_h * row, o0 + vb, tap, pix, pd + vb, pgdw + vb,
+                    C * sz, pgm + vb, sgm, jb - ja, need_x and not pair, need_dw, dt,
+                )  # fmt: skip
+            if pair:
+                dx3x3_pair(pgx + r0, dil_h * row, o0 + cb, tap, pix, pd + cb, C * sz, pgm + cb,
+                           sgm, jb - ja, dt)  # fmt: skip
+                c += L
         c += L
     for cc in range(c, C):  # the tail, scalar
         for j in range(ja, jb):
@@ -293,6 +309,109 @@ def dw3x3_backward_segment(
                         storep(pgdw + t, loadp(pgdw + t, dt) + loadp(px + off, dt) * g, dt)
                     if need_x:
                         storep(pgx + off, loadp(pgx + off, dt) + g * loadp(pd + t, dt), dt)
+
+
+@helper
+def dx3x3_pair(
+    g0, drow, o0, tap, pix, pw, srow, pgm, sgm, count, dt
+):  # pragma: no cover - compiled
+    """dx of two channel vectors (``VEC_BYTES`` apart) of ``count`` interior pixels at stride 1
+    or 2 (``pix`` = ``tap`` or twice it), dilation 1 along the row: the sums of
+    ``dw3x3_backward_interior``'s rolling (stride 1) and pending (stride 2) schemes, in the
+    same order (the same bits), for both vectors in one pass; the weights read from L1 at each
+    use (18 of them would not fit the registers beside the sums).
+
+    One vector per pass waited on 4K aliasing: MobileNet's rows of dx are a multiple of 4 KiB
+    apart (W * C * 4 = 28672) and its pixels 2^k bytes, so a pixel's loads of dx match the
+    address bits 0-11 of the stores of a pixel 4096 / ``pix`` before, still in the store
+    buffer. With two vectors per pass those stores are twice as old: the 3x3 dx of a 28x28x256
+    tile, one thread, 48 -> 19.5 cycles per vector, 14x14x512 67 -> 23 (C = 240: 12.5, no
+    aliasing)."""
+    B = VEC_BYTES
+    z = vzero(dt)
+    g1 = g0 + drow
+    g2 = g1 + drow
+    if pix == tap:  # stride 1: rolling sums, two columns pending per kernel row and vector
+        b00 = b01 = b10 = b11 = b20 = b21 = z
+        c00 = c01 = c10 = c11 = c20 = c21 = z
+        for j in range(count):
+            o = o0 + j * pix
+            g = vloadp(pgm + j * sgm, dt)
+            h = vloadp(pgm + j * sgm + B, dt)
+            d0 = vloadp(g0 + o, dt)
+            e0 = vloadp(g0 + o + B, dt)
+            d1 = vloadp(g1 + o, dt)
+            e1 = vloadp(g1 + o + B, dt)
+            d2 = vloadp(g2 + o, dt)
+            e2 = vloadp(g2 + o + B, dt)
+            vstorep(g0 + o, vadd(d0, vfma(g, vloadp(pw, dt), b00)))
+            vstorep(g0 + o + B, vadd(e0, vfma(h, vloadp(pw + B, dt), c00)))
+            b00 = vfma(g, vloadp(pw + srow, dt), b01)
+            c00 = vfma(h, vloadp(pw + srow + B, dt), c01)
+            b01 = vfma(g, vloadp(pw + 2 * srow, dt), z)
+            c01 = vfma(h, vloadp(pw + 2 * srow + B, dt), z)
+            vstorep(g1 + o, vadd(d1, vfma(g, vloadp(pw + 3 * srow, dt), b10)))
+            vstorep(g1 + o + B, vadd(e1, vfma(h, vloadp(pw + 3 * srow + B, dt), c10)))
+            b10 = vfma(g, vloadp(pw + 4 * srow, dt), b11)
+            c10 = vfma(h, vloadp(pw + 4 * srow + B, dt), c11)
+            b11 = vfma(g, vloadp(pw + 5 * srow, dt), z)
+            c11 = vfma(h, vloadp(pw + 5 * srow + B, dt), z)
+            vstorep(g2 + o, vadd(d2, vfma(g, vloadp(pw + 6 * srow, dt), b20)))
+            vstorep(g2 + o + B, vadd(e2, vfma(h, vloadp(pw + 6 * srow + B, dt), c20)))
+            b20 = vfma(g, vloadp(pw + 7 * srow, dt), b21)
+            c20 = vfma(h, vloadp(pw + 7 * srow + B, dt), c21)
+            b21 = vfma(g, vloadp(pw + 8 * srow, dt), z)
+            c21 = vfma(h, vloadp(pw + 8 * srow + B, dt), z)
+        e = o0 + count * pix  # the two columns still pending
+        for r, (b0, b1, c0, c1) in enumerate(((b00, b01, c00, c01), (b10, b11, c10, c11),
+                                              (b20, b21, c20, c21))):  # fmt: skip
+            q = g0 + r * drow + e
+            vstorep(q, vadd(vloadp(q, dt), b0))
+            vstorep(q + B, vadd(vloadp(q + B, dt), c0))
+            vstorep(q + tap, vadd(vloadp(q + tap, dt), b1))
+            vstorep(q + tap + B, vadd(vloadp(q + tap + B, dt), c1))
+        return
+    # stride 2: a window's last column (the next one's first) pending per kernel row and vector
+    b0 = b1 = b2 = c0 = c1 = c2 = z
+    for j in range(count):
+        o = o0 + j * pix
+        g = vloadp(pgm + j * sgm, dt)
+        h = vloadp(pgm + j * sgm + B, dt)
+        d00 = vloadp(g0 + o, dt)
+        e00 = vloadp(g0 + o + B, dt)
+        d01 = vloadp(g0 + o + tap, dt)
+        e01 = vloadp(g0 + o + tap + B, dt)
+        d10 = vloadp(g1 + o, dt)
+        e10 = vloadp(g1 + o + B, dt)
+        d11 = vloadp(g1 + o + tap, dt)
+        e11 = vloadp(g1 + o + tap + B, dt)
+        d20 = vloadp(g2 + o, dt)
+        e20 = vloadp(g2 + o + B, dt)
+        d21 = vloadp(g2 + o + tap, dt)
+        e21 = vloadp(g2 + o + tap + B, dt)
+        vstorep(g0 + o, vadd(d00, vfma(g, vloadp(pw, dt), b0)))
+        vstorep(g0 + o + B, vadd(e00, vfma(h, vloadp(pw + B, dt), c0)))
+        vstorep(g0 + o + tap, vfma(g, vloadp(pw + srow, dt), d01))
+        vstorep(g0 + o + tap + B, vfma(h, vloadp(pw + srow + B, dt), e01))
+        b0 = vfma(g, vloadp(pw + 2 * srow, dt), z)
+        c0 = vfma(h, vloadp(pw + 2 * srow + B, dt), z)
+        vstorep(g1 + o, vadd(d10, vfma(g, vloadp(pw + 3 * srow, dt), b1)))
+        vstorep(g1 + o + B, vadd(e10, vfma(h, vloadp(pw + 3 * srow + B, dt), c1)))
+        vstorep(g1 + o + tap, vfma(g, vloadp(pw + 4 * srow, dt), d11))
+        vstorep(g1 + o + tap + B, vfma(h, vloadp(pw + 4 * srow + B, dt), e11))
+        b1 = vfma(g, vloadp(pw + 5 * srow, dt), z)
+        c1 = vfma(h, vloadp(pw + 5 * srow + B, dt), z)
+        vstorep(g2 + o, vadd(d20, vfma(g, vloadp(pw + 6 * srow, dt), b2)))
+        vstorep(g2 + o + B, vadd(e20, vfma(h, vloadp(pw + 6 * srow + B, dt), c2)))
+        vstorep(g2 + o + tap, vfma(g, vloadp(pw + 7 * srow, dt), d21))
+        vstorep(g2 + o + tap + B, vfma(h, vloadp(pw + 7 * srow + B, dt), e21))
+        b2 = vfma(g, vloadp(pw + 8 * srow, dt), z)
+        c2 = vfma(h, vloadp(pw + 8 * srow + B, dt), z)
+    e = o0 + count * pix  # the column still pending
+    for r, (b, c) in enumerate(((b0, c0), (b1, c1), (b2, c2))):
+        q = g0 + r * drow + e
+        vstorep(q, vadd(vloadp(q, dt), b))
+        vstorep(q + B, vadd(vloadp(q + B, dt), c))
 
 
 @helper
