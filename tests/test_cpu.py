@@ -566,14 +566,16 @@ def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatc
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("op", "slab_taps"), [("pointwise", 0), ("separable", 0),
-                                               ("conv2d", 9), ("conv2d", 2)])  # fmt: skip
+                                               ("conv2d", 9), ("conv2d", 2),
+                                               ("conv2d", 0)])  # fmt: skip
 def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request, rng):
     """Where each thread runs several pixel blocks and would pack more weights than its L2
     holds (``packs_once``; L2 made small here, at most 2 threads, 256-pixel tiles at most),
     the GEMM kernels pack their weights into panels once per call: the same bits as packing
-    per task, and the float64 reference. conv2d with one slab of all 9 taps and with slabs of
-    2 (the last of 1), each slab reading its rows of the panels; C_out 70: a panel cut by
-    C_out after one pair of panels (float32) or two (float64)."""
+    per task, and the float64 reference. conv2d on im2col (the direct path turned off) with
+    one slab of all 9 taps and with slabs of 2 (the last of 1), each slab reading its rows of
+    the panels, and (slab_taps 0) on its direct path where the CPU has AVX-512; C_out 70: a
+    panel cut by C_out after one pair of panels (float32) or two (float64)."""
     import numba
 
     from numba_dsconv import _config
@@ -589,6 +591,7 @@ def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 256)
     if slab_taps:
         monkeypatch.setattr(_config, "CPU_TILE_BYTES", slab_taps * c * dt.itemsize * 256)
+        monkeypatch.setattr(conv2d, "WIDE", False)  # im2col: the direct path takes any C_out
     x = rng.standard_normal((n, h, w, c)).astype(dt)
     kh = 1 if op == "pointwise" else 3
     geo = {} if op == "pointwise" else {"padding": "same"}
@@ -610,7 +613,9 @@ def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request
     wbytes = (9 if op == "conv2d" else 1) * c * c_out * dt.itemsize
     assert packs_once(spec.pixels, tile, wbytes, True)
     if slab_taps:
-        assert once[8] == slab_taps
+        assert once[8] == slab_taps and once[9] is False
+    elif op == "conv2d":
+        assert once[9] is pointwise.WIDE  # the direct path with AVX-512
     per_task = list(once)
     per_task[at_panels], per_task[at_out] = no_packed(dt), np.empty_like(once[at_out])
     x_before = x.copy()
