@@ -456,6 +456,35 @@ def test_conv_band_holds_each_tap_at_its_offset(kernel, stride, dilation, paddin
     assert length // row == max(rows_read) - min(rows_read) + 1
 
 
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "direct"),
+    [(1, 1, 1, True), (2, "same", 1, True), ((1, 2**33), ((1, 1), (0, 0)), 1, True),
+     (42949673, ((0, 2**31 + 1), (0, 2**31 + 1)), 1, False),
+     (1, ((1, 1), (2**20, 2**20)), (1, 2**20), False)],
+)  # fmt: skip
+def test_conv2d_direct_path_only_where_its_band_stays_small(stride, padding, dilation, direct):
+    """conv2d's direct path copies each task's input rows padded (``conv_band``): only where
+    the padded rows stay near the input's size. Padding far past the image (or a dilation that
+    spreads the taps) takes im2col, which gathers only the taps: a band of 2**31 columns was
+    "array is too big" inside the kernel (found by test_hostile once C_out 16 took the direct
+    path); a stride past the image with one output column is harmless. Either way the float64
+    reference."""
+    from numba_dsconv import api
+    from numba_dsconv.cpu import conv2d
+    from numba_dsconv.cpu.pointwise import WIDE
+
+    if not WIDE:
+        pytest.skip("the direct path needs AVX-512's wide register block")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 24, 18, 16)).astype(np.float32)  # tiles whose 6-row groups pay
+    wt = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    spec = api.plan(nd.conv2d, x, (wt,), kw).spec
+    build = conv2d.CONV2D.args(spec, np.dtype(np.float32), True)
+    assert build(x, (wt,), (None,), np.empty(spec.out_nhwc, np.float32))[-1] is direct
+    assert_close(nd.conv2d(x, wt, **kw), ref_fn("conv2d")(x, wt, **kw), np.float32, 9 * 16)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("count", [1, 2, 9])

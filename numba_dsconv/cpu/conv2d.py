@@ -359,6 +359,14 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         # im2col on the direct path. A reduction block under 2 (CPU_GEMM_KC 1) leaves the wide
         # block's pair no rows (as ``wide_columns``).
         direct = split[2] >= 2 and bool(wide_pays(min(split[0], spec.pixels)))
+        # and where the band's padded rows stay near the input's size (``conv_band``'s Hp, Wp:
+        # padding far past the image, or a stride or dilation that spreads the taps far
+        # apart, would make each task's band huge; im2col gathers only the taps)
+        reach_h = (spec.kh - 1) * spec.dilation_h + 1
+        reach_w = (spec.kw - 1) * spec.dilation_w + 1
+        hp = max(spec.pad_top + spec.h, (spec.out_h - 1) * sh + reach_h)
+        wp = max(spec.pad_left + spec.w, (spec.out_w - 1) * sw + reach_w)
+        direct = direct and hp <= 2 * spec.h + spec.kh and wp <= 2 * spec.w + spec.kw
     if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
         slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
