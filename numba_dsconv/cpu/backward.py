@@ -280,7 +280,7 @@ def dw3x3_backward_segment(
             # C = 32 13 against 16, 56x56x128 16.4 against 19.2; 112x112x64 at stride 2 28.4
             # against 24.8)
             pair = need_x and c + 2 * L <= C and tap == C * sz and (pix == tap or pix == 2 * tap)
-            pair = pair and (4 * pix) % 4096 == 0 or pair and pix != tap and (8 * pix) % 4096 == 0
+            pair = pair and ((4 if pix == tap else 8) * pix) % 4096 == 0
             for v in range(2 if pair else 1):
                 vb = cb + v * L * sz
                 dw3x3_backward_interior(

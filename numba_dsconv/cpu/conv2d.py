@@ -115,6 +115,13 @@ def im2col_slab(x, p0, p1, oh, ow, geo, kw, t0, t1, buf):  # pragma: no cover - 
 
 
 @helper
+def padded_extent(pad, size, out, stride, k, dil):  # pragma: no cover - compiled
+    """The rows (or columns) of one image in ``conv_band``'s band: the leading padding and the
+    input, or as far as the last output's taps reach, whichever is more."""
+    return max(pad + size, (out - 1) * stride + (k - 1) * dil + 1)
+
+
+@helper
 def conv_band(x, p0, p1, oh, ow, geo, like):  # pragma: no cover - compiled
     """The input of the output pixels p0 <= p < p1 (p = (n*oh + i)*ow + j) for ``conv_wide``:
     (band, offs, sm, sq). band: the input rows they read, zero padded, its rows the virtual
@@ -127,8 +134,8 @@ def conv_band(x, p0, p1, oh, ow, geo, like):  # pragma: no cover - compiled
     W = x.shape[2]
     C = x.shape[3]
     sz = like.itemsize
-    Hp = max(pt + H, (oh - 1) * sh + (kh - 1) * dh + 1)
-    Wp = max(pl + W, (ow - 1) * sw + (kw - 1) * dwl + 1)
+    Hp = padded_extent(pt, H, oh, sh, kh, dh)
+    Wp = padded_extent(pl, W, ow, sw, kw, dwl)
     rows = p1 - p0
     n0 = p0 // (oh * ow)
     i0 = (p0 - n0 * oh * ow) // ow
@@ -346,10 +353,17 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     tile's slab of A fits the GEMM tile budget (all of them where it does)."""
     sz = dtype.itemsize
     c_in, c_out, taps = spec.c_in, spec.c_out, spec.kh * spec.kw
-    direct = WIDE
+    # the direct path where the band's padded rows stay near the input's size (padding far
+    # past the image, or a dilation that spreads the taps far apart, would make each task's
+    # band huge: 2**31 columns was "array is too big"; im2col gathers only the taps)
+    geo = spec.geometry
+    extent = padded_extent.py_func  # the kernel's own rule, here in Python
+    hp = extent(spec.pad_top, spec.h, spec.out_h, geo[2], spec.kh, geo[4])
+    wp = extent(spec.pad_left, spec.w, spec.out_w, geo[3], spec.kw, geo[5])
+    direct = WIDE and hp <= 2 * spec.h + spec.kh and wp <= 2 * spec.w + spec.kw
     if direct:  # tiles of up to DIRECT_TILE_FACTOR times as many pixels
         most = DIRECT_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS
-        _, _, sh, sw = spec.geometry[:4]
+        _, _, sh, sw = geo[:4]
         a_bytes = max(1, sh * sw * c_in * sz * _config.CPU_TILE_BYTES // _config.L2_BYTES)
         split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most, 2)
         slab = taps  # unused
@@ -359,21 +373,13 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         # im2col on the direct path. A reduction block under 2 (CPU_GEMM_KC 1) leaves the wide
         # block's pair no rows (as ``wide_columns``).
         direct = split[2] >= 2 and bool(wide_pays(min(split[0], spec.pixels)))
-        # and where the band's padded rows stay near the input's size (``conv_band``'s Hp, Wp:
-        # padding far past the image, or a stride or dilation that spreads the taps far
-        # apart, would make each task's band huge; im2col gathers only the taps)
-        reach_h = (spec.kh - 1) * spec.dilation_h + 1
-        reach_w = (spec.kw - 1) * spec.dilation_w + 1
-        hp = max(spec.pad_top + spec.h, (spec.out_h - 1) * sh + reach_h)
-        wp = max(spec.pad_left + spec.w, (spec.out_w - 1) * sw + reach_w)
-        direct = direct and hp <= 2 * spec.h + spec.kh and wp <= 2 * spec.w + spec.kw
     if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
         slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))
         split = gemm_split(spec, slab * c_in, 1, sz, parallel, prefetched=False)
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
-    geo, act = spec.geometry, int(spec.activation)
+    act = int(spec.activation)
     once = packs_once(spec.pixels, split[0], taps * c_in * c_out * sz, parallel)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
