@@ -257,3 +257,27 @@ def test_weight_panels_start_on_a_cache_line(shape, dtype):
         pw = np.ones((48, c_out), dtype=np.float32)
         assert nd.pack(pw).panels.ctypes.data % 64 == 0
         assert nd.pack(np.asfortranarray(pw)).panels.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_panels_hold_every_weight_in_place(dtype, order, parallel):
+    """packed[p, k, j] == W[k, p * NR + j], 0 past C_out: C-ordered W (runs of rows) and
+    F-ordered W (torch's (C_out, C_in) weight seen transposed: blocks of 16 reductions), with
+    reduction depths around the block and C_out around the panel width (a cut last panel)."""
+    from numba_dsconv.cpu.pointwise import gemm_panel_width, packed_weights
+
+    rng = np.random.default_rng(8)
+    nr = gemm_panel_width(np.dtype(dtype).itemsize)
+    for k in (1, 15, 16, 17, 40, 64):
+        for c_out in (1, nr - 1, nr, nr + 1, 3 * nr - 5):
+            w = rng.standard_normal((k, c_out)).astype(dtype)
+            given = np.asfortranarray(w) if order == "F" else w
+            packed = packed_weights(given, parallel)
+            npan = -(-c_out // nr)
+            expected = np.zeros((k, npan * nr), dtype)
+            expected[:, :c_out] = w
+            expected = expected.reshape(k, npan, nr).transpose(1, 0, 2)
+            assert packed.shape == (npan, k, nr)
+            assert np.array_equal(packed, expected), (k, c_out)
