@@ -774,10 +774,15 @@ def test_32_byte_vector_build():
     assert r.returncode == 0, r.stderr[-2000:]
     select = "gemm_blocking or worked_example or medium or parallel or block_peak or packed_once"
     select += " or every_phase"
-    ops = os.path.join(os.path.dirname(__file__), "test_ops.py")
-    bench = os.path.join(os.path.dirname(__file__), "test_bench.py")  # the GEMM block ceiling
+    # the backward kernels: every gradient against float64, the bits at any thread count, the
+    # 3x3 dx in pairs of channel vectors
+    select += " or grads_against_reference or same_bits_at_any_thread_count or dx_two_vectors"
+    select += " or dx_at_stride_2 or dx3x3_pair or panels_hold_every_weight"
+    here = os.path.dirname(__file__)
+    ops = os.path.join(here, "test_ops.py")
+    bench = os.path.join(here, "test_bench.py")  # the GEMM block ceiling
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, ops]
-    cmd += [bench]
+    cmd += [bench] + [os.path.join(here, f) for f in ("test_grad.py", "test_packing.py")]
     cmd += ["-k", f"({select}) and not cuda"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
