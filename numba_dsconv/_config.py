@@ -170,10 +170,11 @@ BACKWARD_CHUNKS: int = 0
 BACKWARD_MIN_PIXELS: int = 128
 # ... and all their partial sums together within this many bytes.
 BACKWARD_PARTIAL_BYTES: int = 32 * 1024 * 1024
-# The backward's tiles: up to this many times CPU_TILE_MAX_PIXELS (within CPU_TILE_BYTES). Its
-# d pw GEMM reduces over a tile's pixels and reads and writes its partial sums once per tile:
-# 512-pixel tiles against 256, separable_grad N=8 layers 1-4 0.93-0.98x the time, N=1 layers
-# 2-3 0.96x (layers 5-7: the byte budget keeps them at 256 or fewer).
+# The backward's tiles: up to this many times CPU_TILE_MAX_PIXELS and CPU_TILE_BYTES. Its d pw
+# GEMM reduces over a tile's pixels and reads and writes its partial sums (C*M x C_out) once per
+# tile: 512-pixel tiles against 256, separable_grad N=8 layers 1-4 0.93-0.98x the time, N=1
+# layers 2-3 0.96x; the A tile in twice the forward's bytes, layer 7 (4 MB of partial sums) N=8
+# in tiles of 196 pixels instead of 98: 0.92x.
 BACKWARD_TILE_FACTOR: int = 2
 
 

@@ -560,13 +560,18 @@ def backward_chunk(
     need_z = has_pw and act != NO_ACTIVATION and not have_y
     need_a = has_pw and (need_pw or need_z or (need_gm and mid_act != NO_ACTIVATION))
     need_a = need_a or (not has_pw and mid_act != NO_ACTIVATION and not have_y)
+    # the chunk's pixels in tiles of even size, within ``tile`` (784 pixels as 4 x 196, not
+    # 3 x 256 + 16: the d pw GEMM reads and writes all its partial sums once per tile)
+    step = -(-(p_hi - p_lo) // -(-(p_hi - p_lo) // tile))
+    mr = row_group(step)
+    step = min(tile, -(-step // mr) * mr)
     # A and gz tiles in rows padded by a cache line: the d pw GEMM reads one of them down its
     # columns, and rows 4 KB apart all fall in one L1 set (C*M = 1024 floats: 3.6x slower)
-    abuf = np.empty((tile, unaliased(CM, g2.itemsize)), dtype=dt)[:, :CM]
-    gmbuf = np.empty((tile, CM), dtype=dt)
-    gzbuf = np.empty((tile, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
-    zbuf = np.empty((tile if need_z else 1, CO), dtype=dt)
-    pk, at, part = gemm_scratch(kc, max(tile, CM, CO), g2)  # rows: a tile, C*M or C_out
+    abuf = np.empty((step, unaliased(CM, g2.itemsize)), dtype=dt)[:, :CM]
+    gmbuf = np.empty((step, CM), dtype=dt)
+    gzbuf = np.empty((step, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
+    zbuf = np.empty((step if need_z else 1, CO), dtype=dt)
+    pk, at, part = gemm_scratch(kc, max(step, CM, CO), g2)  # rows: a tile's, C*M or C_out
     x2 = x.reshape(-1, x.shape[3])
     # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
     # tile whose taps reach it (while it is in cache for their adds), the rest at the end
@@ -576,11 +581,6 @@ def backward_chunk(
         zeroed = owned_end
     kh, _, sh, _, dil_h, _, pt, _, _ = geo
     H = x.shape[1]
-    # the chunk's pixels in tiles of even size, within ``tile`` (784 pixels as 4 x 196, not
-    # 3 x 256 + 16: the d pw GEMM reads and writes all its partial sums once per tile)
-    step = -(-(p_hi - p_lo) // -(-(p_hi - p_lo) // tile))
-    mr = row_group(step)
-    step = min(tile, -(-step // mr) * mr)
     p = p_lo
     while p < p_hi:
         p1 = min(p_hi, p + step)
@@ -828,16 +828,15 @@ def backward_plan(
     return _backward_plan(
         rows, oh, ow, reach, partial_bytes, tile_row_bytes, _config.BACKWARD_CHUNKS,
         numba.config.NUMBA_NUM_THREADS, _config.BACKWARD_MIN_PIXELS,
-        _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES,
-        _config.BACKWARD_TILE_FACTOR * _config.CPU_TILE_MAX_PIXELS,
-        _config.CPU_GEMM_KC,
+        _config.BACKWARD_PARTIAL_BYTES, _config.CPU_TILE_BYTES, _config.CPU_TILE_MAX_PIXELS,
+        _config.BACKWARD_TILE_FACTOR, _config.CPU_GEMM_KC,
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(
     rows, oh, ow, reach, partial_bytes, tile_row_bytes, max_chunks, pool, min_pixels, budget,
-    tile_bytes, tile_max, kc,
+    tile_bytes, tile_max, tile_factor, kc,
 ):  # fmt: skip
     """Chunks: each with at least ``min_pixels`` pixels and their partial sums within
     ``budget`` bytes, and at most ``max_chunks``, or where that is 0: one per thread of the
@@ -859,8 +858,8 @@ def _backward_plan(
         per = -(-per // oh) * oh  # whole images
     nchunks = -(-rows // per)
     phases = 1 if nchunks == 1 or per % oh == 0 else 2
-    fit = tile_bytes // max(1, tile_row_bytes)
-    tile = max(GEMM_MR, min(tile_max, fit) // GEMM_MR * GEMM_MR)
+    fit = tile_factor * tile_bytes // max(1, tile_row_bytes)
+    tile = max(GEMM_MR, min(tile_factor * tile_max, fit) // GEMM_MR * GEMM_MR)
     return per, nchunks, phases, tile, kc
 
 
