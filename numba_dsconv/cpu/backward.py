@@ -54,7 +54,6 @@ from .pointwise import (
     GEMM_MR,
     block_depth,
     gemm_panel_width,
-    gemm_scratch,
     gemm_tile,
     no_packed,
     packed_weights,
@@ -113,6 +112,65 @@ def unaliased(width, itemsize):  # pragma: no cover - compiled
     """A row length for a tile buffer: ``width``, plus a cache line where rows of ``width``
     would be a multiple of 512 bytes apart (their columns would crowd into a few L1 sets)."""
     return width + 64 // itemsize if (width * itemsize) % 512 == 0 else width
+
+
+@helper
+def tile_step(pixels, tile):  # pragma: no cover - compiled
+    """The pixels per tile of a backward chunk of ``pixels``: tiles of even size within
+    ``tile``, whole row groups (784 pixels as 4 x 196, not 3 x 256 + 16: the d pw GEMM reads
+    and writes all its partial sums once per tile)."""
+    if pixels <= 0:
+        return 0
+    step = -(-pixels // -(-pixels // tile))
+    mr = row_group(step)
+    return min(tile, -(-step // mr) * mr)
+
+
+@helper
+def chunk_shapes(step, CM, CO, need_z, kc, sz):  # pragma: no cover - compiled
+    """The (rows, cols) of a backward task's buffers, in ``chunk_buffers``' order."""
+    NR = 2 * VEC_BYTES // sz
+    return ((step, unaliased(CM, sz)), (step, CM), (step, unaliased(CO, sz)),
+            (step if need_z else 1, CO), (kc, NR), (GEMM_MR, kc),
+            (max(step, CM, CO) + GEMM_MR, NR))  # fmt: skip
+
+
+@helper
+def chunk_offsets(shapes, sz):  # pragma: no cover - compiled
+    """Where each buffer of ``shapes`` starts in its task's row of scratch (in elements), and
+    the row's length: buffer j at a page boundary plus 5j cache lines. Every tile buffer has
+    rows of the same length, so on page-aligned starts row i of each would share its address
+    bits 0-11 with row i of the others: the GEMM writing gm's rows as it reads gz's, the mask
+    reading A's, would wait on 4K aliasing (layer 2, N=8: 1.06x the time)."""
+    page = 4096 // sz
+    line = 64 // sz
+    offs = []
+    o = 0
+    for j in range(len(shapes)):
+        o = -(-o // page) * page + 5 * j * line
+        offs.append(o)
+        o += shapes[j][0] * shapes[j][1]
+    return offs, o
+
+
+@helper
+def chunk_buffers(work, step, CM, CO, need_z, kc):  # pragma: no cover - compiled
+    """A backward task's tile buffers and GEMM scratch in its row of the call's reused scratch
+    ``work`` (``chunk_offsets``), each on a 64-byte line: the A and gz tiles in rows padded by
+    a line (the d pw GEMM reads one of them down its columns, and rows 4 KB apart all fall in
+    one L1 set: C*M = 1024 floats, 3.6x slower), the gm and z tiles, and ``gemm_tile``'s pk,
+    at and part (rows: a tile's, C*M or C_out)."""
+    shapes = chunk_shapes(step, CM, CO, need_z, kc, work.itemsize)
+    offs, _ = chunk_offsets(shapes, work.itemsize)
+    (r0, c0), (r1, c1), (r2, c2), (r3, c3), (r4, c4), (r5, c5), (r6, c6) = shapes
+    abuf = work[offs[0] : offs[0] + r0 * c0].reshape((r0, c0))
+    gmbuf = work[offs[1] : offs[1] + r1 * c1].reshape((r1, c1))
+    gzbuf = work[offs[2] : offs[2] + r2 * c2].reshape((r2, c2))
+    zbuf = work[offs[3] : offs[3] + r3 * c3].reshape((r3, c3))
+    pk = work[offs[4] : offs[4] + r4 * c4].reshape((r4, c4))
+    at = work[offs[5] : offs[5] + r5 * c5].reshape((r5, c5))
+    part = work[offs[6] : offs[6] + r6 * c6].reshape((r6, c6))
+    return abuf[:, :CM], gmbuf, gzbuf[:, :CO], zbuf, pk, at, part
 
 
 @helper
@@ -546,13 +604,14 @@ def backward_chunk(
     plan,
     oh,
     ow,
+    work,
 ):  # pragma: no cover - compiled
-    """Chunk ``k`` of backward_nhwc (see the module docstring), tile by tile."""
+    """Chunk ``k`` of backward_nhwc (see the module docstring), tile by tile, its buffers in
+    ``work`` (its task's row of the call's scratch)."""
     has_dw, has_pw, have_y, need_x, need_dw, need_pw, need_db, need_b = flags
     rows_per_chunk, _, _, tile, kc = plan
     P = g2.shape[0]
     CM, CO = dims
-    dt = g2.dtype
     p_lo = k * rows_per_chunk * ow
     p_hi = min(P, p_lo + rows_per_chunk * ow)
     need_gm = need_x or need_dw or need_db
@@ -560,18 +619,8 @@ def backward_chunk(
     need_z = has_pw and act != NO_ACTIVATION and not have_y
     need_a = has_pw and (need_pw or need_z or (need_gm and mid_act != NO_ACTIVATION))
     need_a = need_a or (not has_pw and mid_act != NO_ACTIVATION and not have_y)
-    # the chunk's pixels in tiles of even size, within ``tile`` (784 pixels as 4 x 196, not
-    # 3 x 256 + 16: the d pw GEMM reads and writes all its partial sums once per tile)
-    step = -(-(p_hi - p_lo) // -(-(p_hi - p_lo) // tile))
-    mr = row_group(step)
-    step = min(tile, -(-step // mr) * mr)
-    # A and gz tiles in rows padded by a cache line: the d pw GEMM reads one of them down its
-    # columns, and rows 4 KB apart all fall in one L1 set (C*M = 1024 floats: 3.6x slower)
-    abuf = np.empty((step, unaliased(CM, g2.itemsize)), dtype=dt)[:, :CM]
-    gmbuf = np.empty((step, CM), dtype=dt)
-    gzbuf = np.empty((step, unaliased(CO, g2.itemsize)), dtype=dt)[:, :CO]
-    zbuf = np.empty((step if need_z else 1, CO), dtype=dt)
-    pk, at, part = gemm_scratch(kc, max(step, CM, CO), g2)  # rows: a tile's, C*M or C_out
+    step = tile_step(p_hi - p_lo, tile)
+    abuf, gmbuf, gzbuf, zbuf, pk, at, part = chunk_buffers(work, step, CM, CO, need_z, kc)
     x2 = x.reshape(-1, x.shape[3])
     # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
     # tile whose taps reach it (while it is in cache for their adds), the rest at the end
@@ -668,6 +717,7 @@ def backward_nhwc(
     oh,
     ow,
     split,
+    work,
 ):  # pragma: no cover - compiled
     """The separable / depthwise / pointwise backward (module docstring), chunks in parallel;
     with ``split`` (one chunk: too few pixels to cut), its one chunk as two tasks instead, one
@@ -683,7 +733,12 @@ def backward_nhwc(
     NHWC, uninitialised: the depthwise stage adds into it, after each chunk of the first phase
     has zeroed the input rows ``owned[k]`` gives it (flattened over images: every row once, and
     before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
-    partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``.
+    partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``; work:
+    one row of scratch per task that runs at once (``chunk_offsets``: chunk k's row k, or with
+    ``split`` the two tasks' rows 0 and 1), reused from call to call (allocated here, per call,
+    glibc served them from the worker threads' arenas, whose tops it trims or not depending on
+    what the process freed before: the same call then page-faulted on every run, up to 3x its
+    time).
     """
     _, nchunks, phases, _, _ = plan
     if split:
@@ -693,16 +748,16 @@ def backward_nhwc(
                     need_pw and u == 0, need_db and u == 1, need_b and u == 0)  # fmt: skip
             backward_chunk(
                 0, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
-                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, role, plan, oh, ow,
+                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, role, plan, oh, ow, work[u],
             )  # fmt: skip
         return
     for phase in range(phases):
         count = (nchunks - phase + phases - 1) // phases
         for u in prange(count):
+            k = u * phases + phase
             backward_chunk(
-                u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
-                y2, gx, owned, gpw, gdw, gdb, gb,
-                zeros, geo, mid_act, act, flags, plan, oh, ow,
+                k, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
+                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow, work[k],
             )  # fmt: skip
 
 
@@ -1008,10 +1063,19 @@ def gemm_backward_args(
         ROLE_SPLIT and nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
         and (need["pw"] or need["b"]) and (need["x"] or need["dw"] or need["db"])
     )  # fmt: skip
+    # each task's buffers: sized for the largest chunk's tiles (the first, or the last where
+    # its fewer pixels cut into tiles of another size)
+    per_chunk = plan[0] * spec.out_w
+    steps = (per_chunk, spec.pixels - (nchunks - 1) * per_chunk)
+    step = max(tile_step.py_func(p, plan[3]) for p in steps)
+    shapes = chunk_shapes.py_func(step, cm, co, need_z, plan[4], dt.itemsize)
+    page = 4096 // dt.itemsize  # rows of whole pages: the same offsets mod 4 KB in each
+    words = -(-chunk_offsets.py_func(shapes, dt.itemsize)[1] // page) * page
+    work = scratch("backward_work", (max(nchunks, 2 if split else 1), words), dt)
     args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
             parts["pw"],
             parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
-            spec.out_h, spec.out_w, split)  # fmt: skip
+            spec.out_h, spec.out_w, split, work)  # fmt: skip
     return args, {"x": gx, **parts}
 
 
