@@ -734,8 +734,8 @@ def backward_nhwc(
     has zeroed the input rows ``owned[k]`` gives it (flattened over images: every row once, and
     before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
     partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``; work:
-    one row of scratch per task that runs at once (``chunk_offsets``: chunk k's row k, or with
-    ``split`` the two tasks' rows 0 and 1), reused from call to call (allocated here, per call,
+    one row of scratch per task of a phase (``chunk_offsets``: the phase's u-th chunk's row u, or
+    with ``split`` the two tasks' rows 0 and 1), reused from call to call (allocated here, per call,
     glibc served them from the worker threads' arenas, whose tops it trims or not depending on
     what the process freed before: the same call then page-faulted on every run, up to 3x its
     time).
@@ -754,10 +754,10 @@ def backward_nhwc(
     for phase in range(phases):
         count = (nchunks - phase + phases - 1) // phases
         for u in prange(count):
-            k = u * phases + phase
             backward_chunk(
-                k, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
-                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow, work[k],
+                u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
+                y2, gx, owned, gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow,
+                work[u],
             )  # fmt: skip
 
 
@@ -898,8 +898,8 @@ def _backward_plan(
     ``pool`` in whole images where the images share out evenly (no two chunks share an input
     row: one phase), else two per thread in runs of rows (two phases). Every chunk adds a
     partial sum of the weight gradients that is read back at the end, so no more are cut than
-    keep the threads busy. Tiles: the A tile within ``tile_bytes``, at most ``tile_max``
-    pixels."""
+    keep the threads busy. Tiles: the A tile within ``tile_factor`` x ``tile_bytes``, at most
+    ``tile_factor`` x ``tile_max`` pixels."""
     n = rows // oh
     pixels = rows * ow
     if not max_chunks:
@@ -1071,7 +1071,8 @@ def gemm_backward_args(
     shapes = chunk_shapes.py_func(step, cm, co, need_z, plan[4], dt.itemsize)
     page = 4096 // dt.itemsize  # rows of whole pages: the same offsets mod 4 KB in each
     words = -(-chunk_offsets.py_func(shapes, dt.itemsize)[1] // page) * page
-    work = scratch("backward_work", (max(nchunks, 2 if split else 1), words), dt)
+    tasks = 2 if split else -(-nchunks // plan[2])  # the most that run at once (a phase's)
+    work = scratch("backward_work", (tasks, words), dt)
     args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
             parts["pw"],
             parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
