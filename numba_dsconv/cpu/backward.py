@@ -54,6 +54,7 @@ from .pointwise import (
     GEMM_MR,
     block_depth,
     gemm_panel_width,
+    gemm_scratch_shapes,
     gemm_tile,
     no_packed,
     packed_weights,
@@ -128,11 +129,11 @@ def tile_step(pixels, tile):  # pragma: no cover - compiled
 
 @helper
 def chunk_shapes(step, CM, CO, need_z, kc, sz):  # pragma: no cover - compiled
-    """The (rows, cols) of a backward task's buffers, in ``chunk_buffers``' order."""
-    NR = 2 * VEC_BYTES // sz
-    return ((step, unaliased(CM, sz)), (step, CM), (step, unaliased(CO, sz)),
-            (step if need_z else 1, CO), (kc, NR), (GEMM_MR, kc),
-            (max(step, CM, CO) + GEMM_MR, NR))  # fmt: skip
+    """The (rows, cols) of a backward task's buffers, in ``chunk_buffers``' order: its tiles,
+    then ``gemm_tile``'s scratch (rows: a tile's, C*M or C_out)."""
+    tiles = ((step, unaliased(CM, sz)), (step, CM), (step, unaliased(CO, sz)),
+             (step if need_z else 1, CO))  # fmt: skip
+    return tiles + gemm_scratch_shapes(kc, max(step, CM, CO), sz)
 
 
 @helper
@@ -159,7 +160,7 @@ def chunk_buffers(work, step, CM, CO, need_z, kc):  # pragma: no cover - compile
     ``work`` (``chunk_offsets``), each on a 64-byte line: the A and gz tiles in rows padded by
     a line (the d pw GEMM reads one of them down its columns, and rows 4 KB apart all fall in
     one L1 set: C*M = 1024 floats, 3.6x slower), the gm and z tiles, and ``gemm_tile``'s pk,
-    at and part (rows: a tile's, C*M or C_out)."""
+    at and part."""
     shapes = chunk_shapes(step, CM, CO, need_z, kc, work.itemsize)
     offs, _ = chunk_offsets(shapes, work.itemsize)
     (r0, c0), (r1, c1), (r2, c2), (r3, c3), (r4, c4), (r5, c5), (r6, c6) = shapes
@@ -734,11 +735,11 @@ def backward_nhwc(
     has zeroed the input rows ``owned[k]`` gives it (flattened over images: every row once, and
     before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
     partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``; work:
-    one row of scratch per task of a phase (``chunk_offsets``: the phase's u-th chunk's row u, or
-    with ``split`` the two tasks' rows 0 and 1), reused from call to call (allocated here, per call,
-    glibc served them from the worker threads' arenas, whose tops it trims or not depending on
-    what the process freed before: the same call then page-faulted on every run, up to 3x its
-    time).
+    one row of scratch per task of a phase (``chunk_offsets``: the phase's u-th chunk's row u,
+    or with ``split`` the two tasks' rows 0 and 1), reused from call to call (when the kernel
+    allocated them per call, glibc served them from the worker threads' arenas, whose tops it
+    trims or not depending on what the process freed before: the same call then page-faulted
+    on every run, up to 3x its time).
     """
     _, nchunks, phases, _, _ = plan
     if split:

@@ -111,13 +111,21 @@ def aligned_rows(rows, cols, like, phase=0):  # pragma: no cover - compiled
 
 
 @helper
+def gemm_scratch_shapes(kc, rows, sz):  # pragma: no cover - compiled
+    """The (rows, cols) of ``gemm_tile``'s scratch pk, at and part for reduction blocks of
+    ``kc`` and tiles of up to ``rows`` rows of ``sz``-byte values."""
+    NR = 2 * VEC_BYTES // sz
+    return ((kc, NR), (GEMM_MR, kc), (rows + GEMM_MR, NR))
+
+
+@helper
 def gemm_scratch(kc, rows, like):  # pragma: no cover - compiled
     """One task's scratch for ``gemm_tile`` (pk, at, part), in ``like``'s dtype; pk, the panel
     the micro-kernel reads by whole vectors, on a 64-byte boundary."""
-    NR = 2 * VEC_BYTES // like.itemsize
-    pk = aligned_rows(kc, NR, like)
-    at = np.empty((GEMM_MR, kc), dtype=like.dtype)
-    part = np.empty((rows + GEMM_MR, NR), dtype=like.dtype)
+    (r0, c0), at_shape, part_shape = gemm_scratch_shapes(kc, rows, like.itemsize)
+    pk = aligned_rows(r0, c0, like)
+    at = np.empty(at_shape, dtype=like.dtype)
+    part = np.empty(part_shape, dtype=like.dtype)
     return pk, at, part
 
 
