@@ -50,9 +50,12 @@ def _peers_section(
         "warm-up calls, every output checked against float64 (an error above 1e-4 would be "
         "printed next to its time); "
         f"{numba.get_num_threads()} threads each; ONNX Runtime on an NCHW ONNX {model}, "
-        "OpenVINO on the same model with NHWC input and output and f32 precision, torch "
+        "OpenVINO on the same model with NHWC input and output and f32 precision, LiteRT "
+        "(XNNPACK, its CPU delegate) on a TFLite model of the same operators, NHWC, with "
+        "TensorFlow's 'same' padding (at stride 2 the odd extra row after: the same work, its "
+        "own float64 reference), torch "
         f"channels_last; `numba_dsconv+pack`: ours with {what} packed once "
-        "(`numba_dsconv.pack`), as ONNX Runtime and OpenVINO pack theirs when they load the "
+        "(`numba_dsconv.pack`), as the other runtimes pack theirs when they load the "
         "model. Microseconds; `vs fastest` (`packed vs fastest`) = ours (packed) / the fastest "
         "other runtime (below 1: numba_dsconv leads).",
         "",

@@ -353,7 +353,7 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def _bench_peers(args: argparse.Namespace, lays: list) -> int:
-    """The separable layer (or conv2d) against ONNX Runtime, OpenVINO and torch, each runtime in
+    """The separable layer (or conv2d) against ONNX Runtime, OpenVINO, LiteRT and torch, each in
     its own processes, alternating (bench/peers.py)."""
     import numba
 
@@ -577,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--peers",
         action="store_true",
         help="instead: the separable layer (--op conv2d: its 3x3 standard convolution) against "
-        "ONNX Runtime, OpenVINO and torch (those installed: pip install 'numba-dsconv[peers]'), "
+        "ONNX Runtime, OpenVINO, LiteRT (XNNPACK) and torch (those installed: pip install "
+        "'numba-dsconv[peers]'), "
         "each in its own processes, alternating",
     )
     p_bench.add_argument(

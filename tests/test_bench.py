@@ -440,7 +440,7 @@ def test_peers_worker_checks_and_times_ours():
         assert med > 0 and err < bench.RTOL_FLOAT32
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino", "litert"])
 def test_peers_workers_agree_with_float64(runtime):
     from numba_dsconv.bench import peers
 
@@ -450,8 +450,23 @@ def test_peers_workers_agree_with_float64(runtime):
     assert med > 0 and err < bench.RTOL_FLOAT32
 
 
+def test_litert_is_checked_against_its_own_padding():
+    # LiteRT's model pads as TensorFlow's 'same' (bench/peers.py): at stride 2 (layer 9) the
+    # same shape and work as the other runtimes' padding 1, other values, so its output has a
+    # reference of its own (and the same one at stride 1)
+    from numba_dsconv.bench import peers
+
+    for number, differs in ((9, True), (10, False)):
+        lay = suite.layer(number)
+        args = peers._arrays(lay, "separable", 1)
+        same = peers._reference(lay, "separable", *args, padding=peers.LITERT_PADDING)
+        ref = peers._reference(lay, "separable", *args)
+        assert same.shape == ref.shape
+        assert np.allclose(same, ref) is not differs
+
+
 @pytest.mark.parametrize(
-    "runtime", ["numba_dsconv", "numba_dsconv+pack", "torch", "onnxruntime", "openvino"]
+    "runtime", ["numba_dsconv", "numba_dsconv+pack", "torch", "onnxruntime", "openvino", "litert"]
 )
 def test_peers_time_conv2d_against_float64(runtime):
     from numba_dsconv.bench import peers

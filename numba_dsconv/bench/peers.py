@@ -1,6 +1,7 @@
 """The separable layer, or the layer's standard 3x3 convolution (conv2d), against the CPU
-runtimes users would otherwise pick: ONNX Runtime and OpenVINO (the ``peers`` extra), PyTorch
-(channels_last) and numba_dsconv itself, each timed in a process of its own (two runtimes'
+runtimes users would otherwise pick: ONNX Runtime, OpenVINO and LiteRT (TensorFlow Lite's
+runtime, whose CPU path is XNNPACK; the ``peers`` extra), PyTorch (channels_last) and
+numba_dsconv itself, each timed in a process of its own (two runtimes'
 thread pools in one process disturb each other), the processes alternating round after round;
 per layer, the best of the rounds' medians (a shared machine has slow rounds; the best is the
 least disturbed). Every runtime's output (its first call's, kept) is checked against the float64
@@ -43,7 +44,12 @@ RUNTIMES: dict[str, str] = {
     "torch": "torch",
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
+    "litert": "ai_edge_litert",
 }
+# LiteRT's padding: TensorFlow's 'same' (the odd extra row and column after, where the other
+# runtimes pad 1 on every side). The same at stride 1; at stride 2 the same output shape and
+# work, other values: its output is checked against a float64 reference with this padding.
+LITERT_PADDING = "same"
 
 
 def available() -> list[str]:
@@ -66,15 +72,16 @@ def _arrays(lay: Layer, op: str, batch: int) -> tuple[np.ndarray, tuple[np.ndarr
     return x, ((dw, pw) if op == "separable" else (lay.conv2d_weight(),))
 
 
-def _reference(lay: Layer, op: str, x, weights) -> np.ndarray:
-    """The float64 NHWC result of ``op`` (the bench's reference formulas)."""
+def _reference(lay: Layer, op: str, x, weights, padding: object = None) -> np.ndarray:
+    """The float64 NHWC result of ``op`` (the bench's reference formulas), with the layer's
+    padding or ``padding``."""
     import numba_dsconv as nd
 
     from .. import api
     from . import reference
 
     call = nd.separable if op == "separable" else nd.conv2d
-    geo = {"stride": lay.stride, "padding": lay.padding}
+    geo = {"stride": lay.stride, "padding": lay.padding if padding is None else padding}
     spec = api.plan(call, x, weights, geo).spec
     f = np.float64
     w64 = [w.astype(f) for w in weights]
@@ -129,6 +136,79 @@ def _onnx_model(lay: Layer, op: str, weights, batch: int, nhwc: bool) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def _tflite_model(lay: Layer, op: str, weights, batch: int) -> bytes:
+    """``op`` as a float32 TFLite flatbuffer (built with the schema's generated object API that
+    LiteRT ships): the separable layer as DEPTHWISE_CONV_2D then a 1x1 CONV_2D, or conv2d's one
+    CONV_2D; NHWC in and out (TFLite's layout), zero biases (TFLite's float convolutions take a
+    bias tensor), LITERT_PADDING."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    c, k, hw, s = lay.c_in, lay.kernel, lay.hw, lay.stride
+    o = -(-hw // s)  # 'same'
+    model = fb.ModelT()
+    model.version = 3
+    model.buffers = [fb.BufferT()]  # buffer 0: the empty sentinel
+    tensors: list = []
+
+    def tensor(name: str, shape: tuple, data: np.ndarray | None = None) -> int:
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), fb.TensorType.FLOAT32, 0
+        if data is not None:
+            buf = fb.BufferT()
+            buf.data = np.ascontiguousarray(data, np.float32).reshape(-1).view(np.uint8)
+            model.buffers.append(buf)
+            t.buffer = len(model.buffers) - 1
+        tensors.append(t)
+        return len(tensors) - 1
+
+    def operator(code: int, kind: int, options: Any, stride: int, inputs: list, outputs: list):
+        options.padding = fb.Padding.SAME if LITERT_PADDING == "same" else fb.Padding.VALID
+        options.strideW = options.strideH = stride
+        options.dilationWFactor = options.dilationHFactor = 1
+        options.fusedActivationFunction = fb.ActivationFunctionType.NONE
+        op_ = fb.OperatorT()
+        op_.opcodeIndex = code
+        op_.builtinOptionsType, op_.builtinOptions = kind, options
+        op_.inputs, op_.outputs = inputs, outputs
+        return op_
+
+    codes = []
+    for builtin in (fb.BuiltinOperator.CONV_2D, fb.BuiltinOperator.DEPTHWISE_CONV_2D):
+        oc = fb.OperatorCodeT()
+        oc.builtinCode = oc.deprecatedBuiltinCode = builtin
+        oc.version = 1
+        codes.append(oc)
+    x = tensor("x", (batch, hw, hw, c))
+    if op == "separable":
+        dw, pw = weights
+        mid = tensor("mid", (batch, o, o, c))
+        y = tensor("y", (batch, o, o, lay.c_out))
+        dopt = fb.DepthwiseConv2DOptionsT()
+        dopt.depthMultiplier = 1
+        first = operator(1, fb.BuiltinOptions.DepthwiseConv2DOptions, dopt, s,
+                         [x, tensor("wd", (1, k, k, c), dw), tensor("bd", (c,), np.zeros(c))],
+                         [mid])  # fmt: skip
+        wp = tensor("wp", (lay.c_out, 1, 1, c), pw.T)
+        bp = tensor("bp", (lay.c_out,), np.zeros(lay.c_out))
+        ops = [first, operator(0, fb.BuiltinOptions.Conv2DOptions, fb.Conv2DOptionsT(), 1,
+                               [mid, wp, bp], [y])]  # fmt: skip
+    else:
+        (w,) = weights  # (K, K, C_in, C_out) -> TFLite's (C_out, K, K, C_in)
+        y = tensor("y", (batch, o, o, lay.c_out))
+        wt = tensor("w", (lay.c_out, k, k, c), w.transpose(3, 0, 1, 2))
+        b = tensor("b", (lay.c_out,), np.zeros(lay.c_out))
+        ops = [operator(0, fb.BuiltinOptions.Conv2DOptions, fb.Conv2DOptionsT(), s, [x, wt, b],
+                        [y])]  # fmt: skip
+    graph = fb.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [x], [y], ops
+    graph.name = op
+    model.operatorCodes, model.subgraphs = codes, [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _runner(name: str, lay: Layer, op: str, x, weights, threads: int) -> Callable[[], Any]:
@@ -200,6 +280,21 @@ def _runner(name: str, lay: Layer, op: str, x, weights, threads: int) -> Callabl
             return req.get_output_tensor(0).data
 
         return call_ov
+    if name == "litert":  # the default delegate (XNNPACK) on `threads` threads, NHWC
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(
+            model_content=_tflite_model(lay, op, weights, x.shape[0]), num_threads=threads
+        )
+        interp.allocate_tensors()
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)  # kept between calls
+        result = interp.tensor(interp.get_output_details()[0]["index"])
+
+        def call_litert() -> np.ndarray:
+            interp.invoke()
+            return result()  # a view of its output buffer
+
+        return call_litert
     raise ValueError(f"unknown runtime {name!r}; expected one of {sorted(RUNTIMES)}")
 
 
@@ -232,7 +327,8 @@ def worker(
     for number, (med, got) in timed.items():
         lay = layer(number)
         with serial_blas():
-            ref = _reference(lay, op, *_arrays(lay, op, batch))
+            pad = LITERT_PADDING if name == "litert" else None
+            ref = _reference(lay, op, *_arrays(lay, op, batch), padding=pad)
         err = float(np.max(np.abs(got - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
         result[str(number)] = [med, err]
     return result
