@@ -9,11 +9,12 @@ the depthwise family it is built from, which the fused separable kernel shares.
 - ``depthwise3x3_row`` cuts a row into the left border, the interior (every tap inside the image)
   and the right border; ``depthwise3x3_segment`` sweeps one of them, per channel vector, with one
   of four paths: ``dw3x3_interior2`` (two channel vectors, no bounds checks),
-  ``dw3x3_interior`` (one vector, no checks), the border loop (one vector, per-tap checks; kept
-  inline in the segment: as a helper of its own LLVM compiled it to slower code, see
-  BENCHMARKS.md, "Design measurements") and ``dw3x3_tail`` (scalar, where C is less than one
-  vector). The vectors start at x's first vector boundary (``vector_head``); a last vector
-  past C is moved back to end at C, overlapping the one before (the same values twice).
+  ``dw3x3_interior`` (one vector, no checks), the border loop (one vector, a tap on the padding
+  read as a zero vector, summed in the interior's three chains; kept inline in the segment: as a
+  helper of its own LLVM compiled it to slower code, see BENCHMARKS.md, "Design measurements")
+  and ``dw3x3_tail`` (scalar, where C is less than one vector). The vectors start at x's first
+  vector boundary (``vector_head``); a last vector past C is moved back to end at C, overlapping
+  the one before (the same values twice).
 
 The 3x3 code works on byte addresses, not arrays: a call taking arrays pays an atomic
 reference-count update per array, on counters every thread shares.
@@ -172,22 +173,31 @@ def depthwise3x3_segment(
         if c + L > C:  # the last vector ends at C, overlapping the one before it
             c = C - L
         cb = c * sz
-        if checked:  # border pixels: every tap checked, padding taps 0 * weight
+        if checked:  # border pixels: a tap on the padding reads a zero vector (0 * weight)
+            # and the sum runs in the interior's three chains (``taps3x3_dot``), the weights
+            # in registers
             zero = vzero(dt)
             b = vloadp(pb + cb, dt)
+            w00, w01, w02, w10, w11, w12, w20, w21, w22 = taps3x3(pd + cb, C * sz, dt)
+            in0 = ih0 >= 0 and ih0 < H
+            in1 = ih0 + dil_h >= 0 and ih0 + dil_h < H
+            in2 = ih0 + 2 * dil_h >= 0 and ih0 + 2 * dil_h < H
             for j in range(ja, jb):
                 iw0 = j * sw - pl
-                acc = b
-                for m in range(3):
-                    ih = ih0 + m * dil_h
-                    for q in range(3):
-                        iw = iw0 + q * dil_w
-                        wv = vloadp(pd + (m * 3 + q) * C * sz + cb, dt)
-                        if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                            xv = vloadp(px + ((n * H + ih) * W + iw) * C * sz + cb, dt)
-                            acc = vfma(xv, wv, acc)
-                        else:
-                            acc = vfma(zero, wv, acc)
+                o = o0 + (j - ja) * pix + cb
+                q0 = iw0 >= 0 and iw0 < W
+                q1 = iw0 + dil_w >= 0 and iw0 + dil_w < W
+                q2 = iw0 + 2 * dil_w >= 0 and iw0 + 2 * dil_w < W
+                a0 = vfma(vloadp(r0 + o, dt) if in0 and q0 else zero, w00, b)
+                a1 = vfma(vloadp(r1 + o, dt) if in1 and q0 else zero, w10, zero)
+                a2 = vfma(vloadp(r2 + o, dt) if in2 and q0 else zero, w20, zero)
+                a0 = vfma(vloadp(r0 + o + tap, dt) if in0 and q1 else zero, w01, a0)
+                a1 = vfma(vloadp(r1 + o + tap, dt) if in1 and q1 else zero, w11, a1)
+                a2 = vfma(vloadp(r2 + o + tap, dt) if in2 and q1 else zero, w21, a2)
+                a0 = vfma(vloadp(r0 + o + 2 * tap, dt) if in0 and q2 else zero, w02, a0)
+                a1 = vfma(vloadp(r1 + o + 2 * tap, dt) if in1 and q2 else zero, w12, a1)
+                a2 = vfma(vloadp(r2 + o + 2 * tap, dt) if in2 and q2 else zero, w22, a2)
+                acc = vadd(vadd(a0, a1), a2)
                 if act != NO_ACTIVATION:
                     acc = vact(acc, act)
                 vstorep(pdst + (j - ja) * sdst + cb, acc)
