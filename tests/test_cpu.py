@@ -795,7 +795,7 @@ def test_32_byte_vector_build():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("c", [3, 20, 256, 264])
+@pytest.mark.parametrize("c", [3, 20, 112, 128, 256, 264])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_channel_vectors_at_every_phase(dtype, c, stride, rng):
     from reference import ref_depthwise, ref_separable
