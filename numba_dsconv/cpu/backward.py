@@ -674,7 +674,7 @@ def backward_chunk(
                     mask_in_place(gm, a, mid_act, T)
         elif need_gm:  # depthwise alone: gm = grad * act'(y), y given or recomputed
             if mid_act == NO_ACTIVATION:
-                gm[:] = g2[p:p1]
+                gm = g2[p:p1]  # read in place
             elif have_y:
                 masked_copy(g2[p:p1], y2[p:p1], mid_act, gm, T)
             else:
