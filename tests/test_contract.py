@@ -374,17 +374,19 @@ def test_torch_noncontiguous_tensor(rng):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("op", ["conv2d", "depthwise", "separable"])
-def test_nonfinite_weight_times_padding_zero(op, value):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 16, 40])  # scalar, whole vectors, an overlapping last one
+def test_nonfinite_weight_times_padding_zero(op, value, dtype, c):
     # The formulas index the zero-padded input: a padded tap contributes 0 * D[m, n, c], and
     # 0 * NaN = 0 * Inf = NaN (IEEE 754), so border outputs are NaN too (torch agrees).
-    x = np.ones((1, 4, 4, 1))
+    x = np.ones((1, 4, 4, c), dtype)
     if op == "conv2d":
-        weights = (np.ones((3, 3, 1, 1)),)
+        weights = (np.ones((3, 3, c, 1), dtype),)
     elif op == "depthwise":
-        weights = (np.ones((3, 3, 1)),)
+        weights = (np.ones((3, 3, c), dtype),)
     else:
-        weights = (np.ones((3, 3, 1)), np.ones((1, 1)))
-    weights[0][0, 0, 0] = value  # the top-left tap reads padding for the top row/left column
+        weights = (np.ones((3, 3, c), dtype), np.ones((c, 1), dtype))
+    weights[0][0, 0] = value  # the top-left tap reads padding for the top row/left column
     y = lib_fn(op)(x, *weights, padding="same", device="cpu")
     expected = ref_fn(op)(x, *weights, padding="same")
     # every output of the top row and left column has the padded top-left tap: NaN there

@@ -50,6 +50,7 @@ RUNTIMES: dict[str, str] = {
 # runtimes pad 1 on every side). The same at stride 1; at stride 2 the same output shape and
 # work, other values: its output is checked against a float64 reference with this padding.
 LITERT_PADDING = "same"
+assert LITERT_PADDING in ("same", "valid")  # the two paddings a TFLite model can name
 
 
 def available() -> list[str]:

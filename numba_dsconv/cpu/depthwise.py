@@ -216,9 +216,10 @@ def depthwise3x3_segment(
             c = head
 
 
-# the fewest channel vectors per pixel for which ``vector_head`` aligns the loads of x: at 8
-# (C = 128 float32) the extra vector pays (depthwise 0.9x the time), at 4 it costs 1.085x,
-# at 2 1.5x (BENCHMARKS.md, "Design measurements")
+# the fewest channel vectors per pixel for which ``vector_head`` aligns the loads of x. Measured
+# with 64-byte vectors (AVX-512): at 8 (C = 128 float32) the extra vector pays (depthwise 0.9x
+# the time), at 4 it costs 1.085x, at 2 1.5x (benchmarks/design_measurements.md); 32-byte
+# vectors (AVX2) not measured
 HEAD_MIN_VECTORS = 8
 
 
