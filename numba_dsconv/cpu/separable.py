@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import prange
 
+from .. import _config
 from .._spec import ConvSpec
 from ._jit import Kernel, kernel
 from ._simd import VEC_BYTES, address
@@ -33,6 +34,13 @@ from .pointwise import (
     packs_once,
     zero_tail,
 )
+
+# the most of the next task's input a task asks for into L2 while its GEMM runs: a quarter of
+# L2. The tile split counts on that input being about as large as the tile; at stride 2 on
+# small images it is several times larger (layer 9, N=8: 800 KB of input rows for a 196 KB
+# tile), and asking for all of it evicted the tile and the weights: capped, N=8 layer 9
+# 0.94-0.96x the time, the others unchanged (benchmarks/design_measurements.md)
+PREFETCH_MAX_BYTES = _config.L2_BYTES // 4
 
 
 def separable_nhwc(
@@ -79,7 +87,7 @@ def separable_nhwc(
             lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
             hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
             pf += lo * x.strides[1]
-            pf_len = max(0, hi + 1 - lo) * x.strides[1]
+            pf_len = min(PREFETCH_MAX_BYTES, max(0, hi + 1 - lo) * x.strides[1])
         gemm_tile(buf, False, p1 - p0, pw, nopack, bias, out2[p0:p1], c0, c1, act, False, pk, at,
                   part, pf, pf_len, False)  # fmt: skip
 
