@@ -46,11 +46,11 @@ RUNTIMES: dict[str, str] = {
     "openvino": "openvino",
     "litert": "ai_edge_litert",
 }
-# LiteRT's padding: TensorFlow's 'same' (the odd extra row and column after, where the other
-# runtimes pad 1 on every side). The same at stride 1; at stride 2 the same output shape and
-# work, other values: its output is checked against a float64 reference with this padding.
+# LiteRT's padding: its model pads as TFLite's SAME, TensorFlow's 'same' (the odd extra row and
+# column after, where the other runtimes pad 1 on every side). The same at stride 1; at stride 2
+# the same output shape and work, other values: its output is checked against a float64
+# reference with this padding.
 LITERT_PADDING = "same"
-assert LITERT_PADDING in ("same", "valid")  # the two paddings a TFLite model can name
 
 
 def available() -> list[str]:
@@ -143,7 +143,7 @@ def _tflite_model(lay: Layer, op: str, weights, batch: int) -> bytes:
     """``op`` as a float32 TFLite flatbuffer (built with the schema's generated object API that
     LiteRT ships): the separable layer as DEPTHWISE_CONV_2D then a 1x1 CONV_2D, or conv2d's one
     CONV_2D; NHWC in and out (TFLite's layout), zero biases (TFLite's float convolutions take a
-    bias tensor), LITERT_PADDING."""
+    bias tensor), SAME padding (LITERT_PADDING)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
 
@@ -166,7 +166,7 @@ def _tflite_model(lay: Layer, op: str, weights, batch: int) -> bytes:
         return len(tensors) - 1
 
     def operator(code: int, kind: int, options: Any, stride: int, inputs: list, outputs: list):
-        options.padding = fb.Padding.SAME if LITERT_PADDING == "same" else fb.Padding.VALID
+        options.padding = fb.Padding.SAME
         options.strideW = options.strideH = stride
         options.dilationWFactor = options.dilationHFactor = 1
         options.fusedActivationFunction = fb.ActivationFunctionType.NONE
