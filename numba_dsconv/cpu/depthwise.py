@@ -29,7 +29,19 @@ from numba import prange
 
 from .._spec import ConvSpec
 from ._jit import NO_ACTIVATION, Kernel, activated, helper, kernel
-from ._simd import VEC_BYTES, address, loadp, storep, vact, vadd, vfma, vloadp, vstorep, vzero
+from ._simd import (
+    VEC_BYTES,
+    address,
+    loadp,
+    opaque,
+    storep,
+    vact,
+    vadd,
+    vfma,
+    vloadp,
+    vstorep,
+    vzero,
+)
 from .layout import bias_vector
 
 
@@ -288,11 +300,15 @@ def dw3x3_interior(
     w = taps3x3(pw, srow, dt)
     b = vloadp(pb, dt)
     zero = vzero(dt)
-    for j in range(count):
-        acc = taps3x3_dot(r0, r1, r2, o0 + j * pix, tap, w, b, zero, dt)
+    d1, d2 = r1 - r0, r2 - r0
+    q, d = r0 + o0, pdst  # the window's first column in row 0, the output (``opaque``)
+    for _ in range(count):
+        acc = taps3x3_dot(q, q + d1, q + d2, 0, tap, w, b, zero, dt)
         if act != NO_ACTIVATION:
             acc = vact(acc, act)
-        vstorep(pdst + j * sdst, acc)
+        vstorep(d, acc)
+        q = opaque(q + pix)
+        d = opaque(d + sdst)
 
 
 @helper
@@ -307,15 +323,18 @@ def dw3x3_interior2(
     b = vloadp(pb, dt)
     b2 = vloadp(pb + B, dt)
     zero = vzero(dt)
-    for j in range(count):
-        o = o0 + j * pix
-        acc = taps3x3_dot(r0, r1, r2, o, tap, w, b, zero, dt)
-        acc2 = taps3x3_dot(r0, r1, r2, o + B, tap, v, b2, zero, dt)
+    d1, d2 = r1 - r0, r2 - r0
+    q, d = r0 + o0, pdst  # as in dw3x3_interior
+    for _ in range(count):
+        acc = taps3x3_dot(q, q + d1, q + d2, 0, tap, w, b, zero, dt)
+        acc2 = taps3x3_dot(q, q + d1, q + d2, B, tap, v, b2, zero, dt)
         if act != NO_ACTIVATION:
             acc = vact(acc, act)
             acc2 = vact(acc2, act)
-        vstorep(pdst + j * sdst, acc)
-        vstorep(pdst + j * sdst + B, acc2)
+        vstorep(d, acc)
+        vstorep(d + B, acc2)
+        q = opaque(q + pix)
+        d = opaque(d + sdst)
 
 
 @helper
