@@ -389,7 +389,10 @@ def opaque(typingctx, value):
     address as a recurrence of its own it gives each one a register (loop strength reduction),
     and the 3x3 depthwise loop's 9-18 addresses ran out of registers: inlined into the kernels,
     its loop had ~25 stack loads and stores beside its 18 FMAs; the one-vector loop on rows in
-    L1, one thread, took 10.3 cycles per output vector, 4.8 with ``opaque``."""
+    L1, one thread, took 10.3 cycles per output vector, 4.8 with ``opaque``. LLVM treats the
+    statement as one that may read or write memory: loads are neither merged nor moved across
+    it (values already in registers stay there), so it belongs only where that costs nothing,
+    at the end of a loop body."""
     if not isinstance(value, types.Integer):
         return None
 

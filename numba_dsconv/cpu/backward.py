@@ -313,8 +313,9 @@ def dw3x3_backward_segment(
     px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, ih0, ja, jb, geo, need_x, need_dw, checked, dt, sz
 ):  # pragma: no cover - compiled
     """Output pixels ja..jb-1 of one row (gm from ``pgm``), channel vector by channel vector:
-    ``dw3x3_backward_interior`` where every tap is inside the image, else each tap checked;
-    the channels past the last whole vector one by one."""
+    ``dw3x3_backward_interior`` where every tap is inside the image, else each tap checked (d dw
+    of border pixels summed in registers over the segment, as the interior's, and added once;
+    dx tap by tap); the channels past the last whole vector one by one."""
     _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
     L = VEC_BYTES // sz
     row = W * C * sz
