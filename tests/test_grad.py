@@ -408,6 +408,55 @@ def test_one_chunk_split_in_two_tasks_gives_the_same_bits(op, needs, rng, monkey
     assert_grads_close(case, split, expected, 1 * 7 * 7, given)
 
 
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("activation", (None, "relu6"))
+@pytest.mark.parametrize("with_output", (False, True))
+@pytest.mark.parametrize("needs", [None, ("x",), ("dw", "bias")])
+def test_depthwise_one_chunk_cut_in_channels_gives_the_same_bits(
+    dtype, activation, with_output, needs, rng, monkeypatch
+):
+    """The depthwise op's one chunk (N=1, 9 x 9) runs as two tasks on the input channels
+    below and from ``cut``, a whole number of vector pairs (C = 72: 32 with 64-byte vectors,
+    the second task ending in a scalar tail): every gradient equals, to the bit, the one-task
+    run's, and the float64 reference's."""
+    from numba_dsconv.cpu import backward
+
+    if activation is None and with_output:
+        pytest.skip("the output matters only with an activation")
+    case = Case("depthwise", n=1, h=9, w=9, c=72, biases=True, padding="same", xdtype=dtype,
+                activation=activation, scale=3.0)  # fmt: skip
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    extra = {"output": nd.depthwise(x, *weights, **kwargs)} if with_output else {}
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    import inspect
+
+    at = list(inspect.signature(backward.backward_nhwc).parameters).index("cut")
+    launched = []
+    real = backward._launch
+    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append(a[at]),
+                                                               real(k, w, *a)))  # fmt: skip
+    cut = nd.depthwise_grad(grad, x, *weights, needs=needs, **kwargs, **extra)
+    import numba
+
+    from numba_dsconv.cpu._simd import VEC_BYTES
+
+    pair = 2 * VEC_BYTES // np.dtype(dtype).itemsize  # C / 2 to the nearest whole pair
+    expected_cut = (72 + pair) // (2 * pair) * pair if numba.config.NUMBA_NUM_THREADS > 1 else 0
+    assert launched[-1] == expected_cut
+    monkeypatch.setattr(backward, "ROLE_SPLIT", False)
+    whole = nd.depthwise_grad(grad, x, *weights, needs=needs, **kwargs, **extra)
+    assert launched[-1] == 0
+    for f in FIELDS["depthwise"]:
+        a, b = getattr(cut, f), getattr(whole, f)
+        assert (a is None) == (b is None), f
+        if a is not None:
+            assert a.tobytes() == b.tobytes(), f
+    expected = reference_grads(case, x, weights, kwargs, grad)
+    given = given_args(case, x, weights, kwargs)
+    given = {f: (given[f] if getattr(cut, f) is not None else None) for f in FIELDS["depthwise"]}
+    assert_grads_close(case, cut, expected, 9 * 9, given)
+
+
 def replace_case(case: Case, **fields) -> Case:
     from dataclasses import replace
 

@@ -19,7 +19,8 @@
   The pointwise op is the same walk without a depthwise stage (A is x; gm is dx itself), the
   depthwise op without a pointwise stage (gm = grad * act'(y)). A call with too few pixels for
   a second chunk (N=1, 7x7) runs its one chunk as two tasks: steps 1-3 for d pw and d bias,
-  steps 1, 2, 4, 5 for the rest.
+  steps 1, 2, 4, 5 for the rest; the depthwise op's one chunk as two tasks on two halves of
+  its channels (``cut``).
 
 - ``conv2d_grad_input_nhwc`` / ``conv2d_grad_weight_nhwc``: the standard convolution's
   gradients (a gather per input pixel, chunked partial sums for the weights).
@@ -186,11 +187,29 @@ def chunk_buffers(work, step, CM, CO, need_z, kc):  # pragma: no cover - compile
 
 
 @helper
-def zero_rows(a, lo, hi):  # pragma: no cover - compiled
-    """a[lo:hi] = 0 (rows of a 2-D array); returns max(lo, hi), the next row to zero."""
+def zero_rows(a, lo, hi, C, c_lo, c_hi):  # pragma: no cover - compiled
+    """Channels c_lo..c_hi-1 of rows lo..hi-1 of ``a`` (dx as (N*H, W*C), C-contiguous) = 0;
+    returns max(lo, hi), the next row to zero. All channels: each row as one run (LLVM's
+    stores); a range: per pixel, in vectors on addresses (indexed element by element, that
+    loop was left scalar)."""
+    if c_lo == 0 and c_hi == C:
+        for r in range(lo, hi):
+            for e in range(a.shape[1]):
+                a[r, e] = 0
+        return max(lo, hi)
+    dt, sz = a.dtype, a.itemsize
+    L = VEC_BYTES // sz
+    z = vzero(dt)
+    run = c_hi - c_lo
     for r in range(lo, hi):
-        for e in range(a.shape[1]):
-            a[r, e] = 0
+        for w in range(a.shape[1] // C):
+            p = address(a) + (r * a.shape[1] + w * C + c_lo) * sz
+            e = 0
+            while e + L <= run:
+                vstorep(p + e * sz, z)
+                e += L
+            for t in range(e, run):
+                storep(p + t * sz, 0, dt)
     return max(lo, hi)
 
 
@@ -230,12 +249,13 @@ def add_colsum(src, rows, acc):  # pragma: no cover - compiled
 
 @helper
 def depthwise_backward_tile(
-    x, dwk, gm, p0, rows, oh, ow, geo, gx, gdw, need_x, need_dw
+    x, dwk, gm, p0, rows, oh, ow, geo, gx, gdw, need_x, need_dw, c_lo, c_hi
 ):  # pragma: no cover - compiled
     """The depthwise backward of gm (rows x C*M) at output pixels p0..p0+rows-1: every tap
     inside the image adds gm * w into gx at the input pixel it read (``need_x``) and x * gm
-    into gdw[tap] (``need_dw``); pixels in order, taps in order. 3x3 kernels with multiplier
-    1 (every MobileNet layer) take ``dw3x3_backward_row`` per row segment."""
+    into gdw[tap] (``need_dw``); pixels in order, taps in order; input channels c_lo..c_hi-1
+    (all of them but where ``backward_nhwc`` cuts a chunk's channels in two). 3x3 kernels with
+    multiplier 1 (every MobileNet layer) take ``dw3x3_backward_row`` per row segment."""
     kh, kw, sh, sw, dil_h, dil_w, pt, pl, mult = geo
     H = x.shape[1]
     W = x.shape[2]
@@ -249,7 +269,7 @@ def depthwise_backward_tile(
             dw3x3_backward_row(
                 address(x), address(gx), address(dwk), address(gdw),
                 address(gm) + (p - p0) * gm.strides[0], gm.strides[0], H, W, C, r // oh, r % oh,
-                j, j + seg, geo, need_x, need_dw, x.dtype, x.itemsize,
+                j, j + seg, geo, need_x, need_dw, c_lo, c_hi, x.dtype, x.itemsize,
             )  # fmt: skip
             p += seg
         return
@@ -270,13 +290,13 @@ def depthwise_backward_tile(
                 tap = m * kw + q
                 if mult == 1:
                     if need_x:
-                        for c in range(C):
+                        for c in range(c_lo, c_hi):
                             gx[n, ih, iw, c] += gm[t, c] * dwk[m, q, c]
                     if need_dw:
-                        for c in range(C):
+                        for c in range(c_lo, c_hi):
                             gdw[tap, c] += x[n, ih, iw, c] * gm[t, c]
                 else:
-                    for c in range(C):
+                    for c in range(c_lo, c_hi):
                         base = c * mult
                         if need_x:
                             s = gm[t, base] * dwk[m, q, base]
@@ -291,7 +311,7 @@ def depthwise_backward_tile(
 
 @helper
 def dw3x3_backward_row(
-    px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, i, j0, j1, geo, need_x, need_dw, dt, sz
+    px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, i, j0, j1, geo, need_x, need_dw, c_lo, c_hi, dt, sz
 ):  # pragma: no cover - compiled
     """The 3x3, multiplier-1 backward of output pixels (i, j0..j1-1) of image n, on byte
     addresses (px / pgx: x and dx (N,H,W,C); pd / pgdw: the weights and d dw (9, C); pgm: the
@@ -304,18 +324,39 @@ def dw3x3_backward_row(
         if hi > lo:
             dw3x3_backward_segment(
                 px, pgx, pd, pgdw, pgm + (lo - j0) * sgm, sgm, H, W, C, n, ih0, lo, hi, geo,
-                need_x, need_dw, seg != 1, dt, sz,
+                need_x, need_dw, seg != 1, c_lo, c_hi, dt, sz,
             )  # fmt: skip
 
 
 @helper
 def dw3x3_backward_segment(
-    px, pgx, pd, pgdw, pgm, sgm, H, W, C, n, ih0, ja, jb, geo, need_x, need_dw, checked, dt, sz
+    px,
+    pgx,
+    pd,
+    pgdw,
+    pgm,
+    sgm,
+    H,
+    W,
+    C,
+    n,
+    ih0,
+    ja,
+    jb,
+    geo,
+    need_x,
+    need_dw,
+    checked,
+    c_lo,
+    c_hi,
+    dt,
+    sz,
 ):  # pragma: no cover - compiled
     """Output pixels ja..jb-1 of one row (gm from ``pgm``), channel vector by channel vector:
     ``dw3x3_backward_interior`` where every tap is inside the image, else each tap checked (d dw
     of border pixels summed in registers over the segment, as the interior's, and added once;
-    dx tap by tap); the channels past the last whole vector one by one."""
+    dx tap by tap); the channels past the last whole vector one by one. Channels c_lo..c_hi-1
+    (c_lo 0 or a multiple of two vectors)."""
     _, _, _, sw, dil_h, dil_w, _, pl, _ = geo
     L = VEC_BYTES // sz
     row = W * C * sz
@@ -323,8 +364,8 @@ def dw3x3_backward_segment(
     tap = dil_w * C * sz
     pix = sw * C * sz
     o0 = (ja * sw - pl) * C * sz
-    c = 0
-    while c + L <= C:
+    c = c_lo
+    while c + L <= c_hi:
         cb = c * sz
         if checked and need_dw:
             # d dw of border pixels: the nine sums in registers over the segment, as the
@@ -382,7 +423,7 @@ def dw3x3_backward_segment(
             # vector, its weights in registers, is faster (cycles per vector, one thread:
             # C = 32 13 against 16, 56x56x128 16.4 against 19.2; 112x112x64 at stride 2 28.4
             # against 24.8)
-            pair = need_x and c + 2 * L <= C and tap == C * sz and (pix == tap or pix == 2 * tap)
+            pair = need_x and c + 2 * L <= c_hi and tap == C * sz and (pix == tap or pix == 2 * tap)
             pair = pair and ((4 if pix == tap else 8) * pix) % 4096 == 0
             for v in range(2 if pair else 1):
                 vb = cb + v * L * sz
@@ -395,7 +436,7 @@ def dw3x3_backward_segment(
                            sgm, jb - ja, dt)  # fmt: skip
                 c += L
         c += L
-    for cc in range(c, C):  # the tail, scalar
+    for cc in range(c, c_hi):  # the tail, scalar
         for j in range(ja, jb):
             g = loadp(pgm + (j - ja) * sgm + cc * sz, dt)
             for m in range(3):
@@ -669,9 +710,12 @@ def backward_chunk(
     oh,
     ow,
     work,
+    c_lo,
+    c_hi,
 ):  # pragma: no cover - compiled
     """Chunk ``k`` of backward_nhwc (see the module docstring), tile by tile, its buffers in
-    ``work`` (its task's row of the call's scratch)."""
+    ``work`` (its task's row of the call's scratch); the depthwise stage's input channels
+    c_lo..c_hi-1 (all, but where backward_nhwc ``cut``s the depthwise op's one chunk)."""
     has_dw, has_pw, have_y, need_x, need_dw, need_pw, need_db, need_b = flags
     rows_per_chunk, _, _, tile, kc = plan
     P = g2.shape[0]
@@ -689,6 +733,8 @@ def backward_chunk(
     # dx starts at zero in the input rows this chunk owns: each zeroed just before the first
     # tile whose taps reach it (while it is in cache for their adds), the rest at the end
     rows_of_dx = gx.reshape(-1, gx.shape[2] * gx.shape[3])
+    mult = geo[8]
+    m_lo, m_hi = c_lo * mult, c_hi * mult  # the same channels of gm (C*M)
     zeroed, owned_end = owned[k, 0], owned[k, 1]
     if not (has_dw and need_x):
         zeroed = owned_end
@@ -739,19 +785,21 @@ def backward_chunk(
             if mid_act == NO_ACTIVATION:
                 gm = g2[p:p1]  # read in place
             elif have_y:
-                masked_copy(g2[p:p1], y2[p:p1], mid_act, gm, T)
+                masked_copy(g2[p:p1, m_lo:m_hi], y2[p:p1, m_lo:m_hi], mid_act, gm[:, m_lo:m_hi],
+                            T)  # fmt: skip
             else:
-                masked_copy(g2[p:p1], a, mid_act, gm, T)
+                masked_copy(g2[p:p1, m_lo:m_hi], a[:, m_lo:m_hi], mid_act, gm[:, m_lo:m_hi], T)
         if need_db:
-            add_colsum(gm, T, gdb[k])
+            add_colsum(gm[:, m_lo:m_hi], T, gdb[k][m_lo:m_hi])
         if zeroed < owned_end:  # up to the last input row the tile's taps reach
             r = (p1 - 1) // ow
             reach = (r // oh) * H + min(H - 1, (r % oh) * sh - pt + (kh - 1) * dil_h) + 1
-            zeroed = zero_rows(rows_of_dx, zeroed, min(owned_end, reach))
+            zeroed = zero_rows(rows_of_dx, zeroed, min(owned_end, reach), gx.shape[3], c_lo, c_hi)
         if has_dw and (need_x or need_dw):
-            depthwise_backward_tile(x, dwk, gm, p, T, oh, ow, geo, gx, gdw[k], need_x, need_dw)
+            depthwise_backward_tile(x, dwk, gm, p, T, oh, ow, geo, gx, gdw[k], need_x, need_dw,
+                                    c_lo, c_hi)  # fmt: skip
         p = p1
-    zero_rows(rows_of_dx, zeroed, owned_end)
+    zero_rows(rows_of_dx, zeroed, owned_end, gx.shape[3], c_lo, c_hi)
 
 
 def backward_nhwc(
@@ -781,12 +829,15 @@ def backward_nhwc(
     oh,
     ow,
     split,
+    cut,
     work,
 ):  # pragma: no cover - compiled
     """The separable / depthwise / pointwise backward (module docstring), chunks in parallel;
     with ``split`` (one chunk: too few pixels to cut), its one chunk as two tasks instead, one
     computing d pw and d bias, the other dx, d dw and d dw_bias (each recomputes the tiles it
-    reads): each gradient's sums run as they would in the one chunk, so the bits are the same.
+    reads); with ``cut`` (the depthwise op's one chunk), two tasks on the input channels
+    below and from ``cut`` (no two touch the same element of dx, d dw or d bias). Either way
+    each gradient's sums run as they would in the one chunk, so the bits are the same.
 
     x: (N,H,W,C) NHWC; dwk: (KH,KW,C*M); db: the depthwise bias (C*M); dims: (C*M, C_out);
     pw_t: d pw wanted transposed, (C_out, C*M) (the memory order of torch's weight), in gpw;
@@ -805,6 +856,15 @@ def backward_nhwc(
     on every run, up to 3x its time).
     """
     _, nchunks, phases, _, _ = plan
+    C = x.shape[3]
+    if cut:
+        for u in prange(2):
+            backward_chunk(
+                0, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
+                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow, work[u],
+                0 if u == 0 else cut, cut if u == 0 else C,
+            )  # fmt: skip
+        return
     if split:
         has_dw, has_pw, have_y, need_x, need_dw, need_pw, need_db, need_b = flags
         for u in prange(2):
@@ -812,7 +872,7 @@ def backward_nhwc(
                     need_pw and u == 0, need_db and u == 1, need_b and u == 0)  # fmt: skip
             backward_chunk(
                 0, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
-                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, role, plan, oh, ow, work[u],
+                gpw, gdw, gdb, gb, zeros, geo, mid_act, act, role, plan, oh, ow, work[u], 0, C,
             )  # fmt: skip
         return
     for phase in range(phases):
@@ -821,7 +881,7 @@ def backward_nhwc(
             backward_chunk(
                 u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
                 y2, gx, owned, gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow,
-                work[u],
+                work[u], 0, C,
             )  # fmt: skip
 
 
@@ -1127,6 +1187,14 @@ def gemm_backward_args(
         ROLE_SPLIT and nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
         and (need["pw"] or need["b"]) and (need["x"] or need["dw"] or need["db"])
     )  # fmt: skip
+    # the depthwise op's one chunk: its channels in two halves of whole pairs of vectors (the
+    # 3x3 sweep's step), one task each (depthwise_grad N=1, layers 5-7, 10: 0.63-0.75x the
+    # time of the one task)
+    pair = 2 * VEC_BYTES // sz
+    cut = (cm + pair) // (2 * pair) * pair  # cm / 2 to the nearest whole pair
+    one = nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
+    cut = cut if (0 < cut < cm and ROLE_SPLIT and one and not has_pw
+                  and spec.multiplier == 1) else 0  # fmt: skip
     # each task's buffers: sized for the largest chunk's tiles (the first, or the last where
     # its fewer pixels cut into tiles of another size)
     per_chunk = plan[0] * spec.out_w
@@ -1135,12 +1203,12 @@ def gemm_backward_args(
     shapes = chunk_shapes.py_func(step, cm, co, need_z, plan[4], dt.itemsize)
     page = 4096 // dt.itemsize  # rows of whole pages: the same offsets mod 4 KB in each
     words = -(-chunk_offsets.py_func(shapes, dt.itemsize)[1] // page) * page
-    tasks = 2 if split else -(-nchunks // plan[2])  # the most that run at once (a phase's)
+    tasks = 2 if split or cut else -(-nchunks // plan[2])  # the most at once (a phase's)
     work = scratch("backward_work", (tasks, words), dt)
     args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
             parts["pw"],
             parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
-            spec.out_h, spec.out_w, split, work)  # fmt: skip
+            spec.out_h, spec.out_w, split, cut, work)  # fmt: skip
     return args, {"x": gx, **parts}
 
 
