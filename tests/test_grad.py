@@ -412,19 +412,21 @@ def test_one_chunk_split_in_two_tasks_gives_the_same_bits(op, needs, rng, monkey
 @pytest.mark.parametrize("activation", (None, "relu6"))
 @pytest.mark.parametrize("with_output", (False, True))
 @pytest.mark.parametrize("needs", [None, ("x",), ("dw", "bias")])
+@pytest.mark.parametrize("c, k", [(72, 3), (256, 3), (72, 5)])
 def test_depthwise_one_chunk_cut_in_channels_gives_the_same_bits(
-    dtype, activation, with_output, needs, rng, monkeypatch
+    c, k, dtype, activation, with_output, needs, rng, monkeypatch
 ):
     """The depthwise op's one chunk (N=1, 9 x 9) runs as two tasks on the input channels
-    below and from ``cut``, a whole number of vector pairs (C = 72: 32 with 64-byte vectors,
-    the second task ending in a scalar tail): every gradient equals, to the bit, the one-task
-    run's, and the float64 reference's."""
+    below and from ``cut``, C / 2 to the nearest whole pair of vectors: every gradient
+    equals, to the bit, the one-task run's, and the float64 reference's. C = 72: a scalar
+    tail in the second task where the vectors do not divide it; C = 256 float32: the 3x3
+    sweep's two-vector dx (``dx3x3_pair``); 5 x 5: the general path."""
     from numba_dsconv.cpu import backward
 
     if activation is None and with_output:
         pytest.skip("the output matters only with an activation")
-    case = Case("depthwise", n=1, h=9, w=9, c=72, biases=True, padding="same", xdtype=dtype,
-                activation=activation, scale=3.0)  # fmt: skip
+    case = Case("depthwise", n=1, h=9, w=9, c=c, kh=k, kw=k, biases=True, padding="same",
+                xdtype=dtype, activation=activation, scale=3.0)  # fmt: skip
     x, weights, kwargs, grad = grad_problem(case, rng)
     extra = {"output": nd.depthwise(x, *weights, **kwargs)} if with_output else {}
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
@@ -441,7 +443,7 @@ def test_depthwise_one_chunk_cut_in_channels_gives_the_same_bits(
     from numba_dsconv.cpu._simd import VEC_BYTES
 
     pair = 2 * VEC_BYTES // np.dtype(dtype).itemsize  # C / 2 to the nearest whole pair
-    expected_cut = (72 + pair) // (2 * pair) * pair if numba.config.NUMBA_NUM_THREADS > 1 else 0
+    expected_cut = (c + pair) // (2 * pair) * pair if numba.config.NUMBA_NUM_THREADS > 1 else 0
     assert launched[-1] == expected_cut
     monkeypatch.setattr(backward, "ROLE_SPLIT", False)
     whole = nd.depthwise_grad(grad, x, *weights, needs=needs, **kwargs, **extra)

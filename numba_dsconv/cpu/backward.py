@@ -850,10 +850,10 @@ def backward_nhwc(
     before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
     partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``; work:
     one row of scratch per task of a phase (``chunk_offsets``: the phase's u-th chunk's row u,
-    or with ``split`` the two tasks' rows 0 and 1), reused from call to call (when the kernel
-    allocated them per call, glibc served them from the worker threads' arenas, whose tops it
-    trims or not depending on what the process freed before: the same call then page-faulted
-    on every run, up to 3x its time).
+    or with ``split`` or ``cut`` the two tasks' rows 0 and 1), reused from call to call (when
+    the kernel allocated them per call, glibc served them from the worker threads' arenas,
+    whose tops it trims or not depending on what the process freed before: the same call then
+    page-faulted on every run, up to 3x its time).
     """
     _, nchunks, phases, _, _ = plan
     C = x.shape[3]
@@ -1188,8 +1188,9 @@ def gemm_backward_args(
         and (need["pw"] or need["b"]) and (need["x"] or need["dw"] or need["db"])
     )  # fmt: skip
     # the depthwise op's one chunk: its channels in two halves of whole pairs of vectors (the
-    # 3x3 sweep's step), one task each (depthwise_grad N=1, layers 5-7, 10: 0.63-0.75x the
-    # time of the one task)
+    # 3x3 sweep's step), one task each (depthwise_grad N=1, layers 5 / 6 / 7 / 10 / 11:
+    # 0.63-0.84x the time of the one task). With an activation and no output given, each
+    # task recomputes the depthwise tile of every channel for its mask
     pair = 2 * VEC_BYTES // sz
     cut = (cm + pair) // (2 * pair) * pair  # cm / 2 to the nearest whole pair
     one = nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
