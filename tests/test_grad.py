@@ -369,6 +369,47 @@ def test_same_bits_at_any_thread_count(op, rng, monkeypatch):
                 assert getattr(other, f).tobytes() == getattr(first, f).tobytes(), (chunks, f)
 
 
+def record_launch_arg(monkeypatch, name: str) -> list:
+    """The list that every later CPU backward launch appends its argument ``name`` of
+    backward_nhwc to (the launch still runs)."""
+    import inspect
+
+    from numba_dsconv.cpu import backward
+
+    at = list(inspect.signature(backward.backward_nhwc).parameters).index(name)
+    launched = []
+    real = backward._launch
+    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append(a[at]),
+                                                               real(k, w, *a)))  # fmt: skip
+    return launched
+
+
+@pytest.mark.parametrize("op", ("separable", "depthwise", "pointwise"))
+def test_backward_layout_follows_the_settings(op, rng, monkeypatch):
+    """The chunks, tiles and tasks a call signature fixes are worked out once
+    (cpu.backward.backward_layout) but again for every setting they depend on: the same call
+    after BACKWARD_CHUNKS, the tile's pixels or the reduction block changed runs the new plan,
+    and back (the split and the cut follow ROLE_SPLIT: the tests above)."""
+    case = replace_case(_needs_case(op), n=3, h=13, w=11)
+    x, weights, kwargs, grad = grad_problem(case, rng)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 4)
+    plans = record_launch_arg(monkeypatch, "plan")
+
+    def plan() -> tuple:
+        grad_fn(op)(grad, x, *weights, **kwargs)
+        return plans[-1]
+
+    first = plan()
+    for name, value in (("BACKWARD_CHUNKS", 5), ("CPU_TILE_MAX_PIXELS", 8), ("CPU_GEMM_KC", 16)):
+        with monkeypatch.context() as m:
+            m.setattr(_config, name, value)
+            changed = plan()
+            assert changed != first, name
+            if name == "BACKWARD_CHUNKS":
+                assert changed[1] == 5
+        assert plan() == first, name
+
+
 @pytest.mark.parametrize("op", ("separable", "pointwise"))
 @pytest.mark.parametrize("needs", [None, ("x", "pw"), ("dw", "bias"), ("pw",)])
 def test_one_chunk_split_in_two_tasks_gives_the_same_bits(op, needs, rng, monkeypatch):
@@ -383,13 +424,7 @@ def test_one_chunk_split_in_two_tasks_gives_the_same_bits(op, needs, rng, monkey
     case = replace_case(_needs_case(op), n=1, h=hw, w=hw, c=40, c_out=72, stride=(2, 2))
     x, weights, kwargs, grad = grad_problem(case, rng)
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
-    import inspect
-
-    at = list(inspect.signature(backward.backward_nhwc).parameters).index("split")
-    launched = []
-    real = backward._launch
-    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append(a[at]),
-                                                               real(k, w, *a)))  # fmt: skip
+    launched = record_launch_arg(monkeypatch, "split")
     split = grad_fn(op)(grad, x, *weights, needs=needs, **kwargs)
     import numba
 
@@ -430,13 +465,7 @@ def test_depthwise_one_chunk_cut_in_channels_gives_the_same_bits(
     x, weights, kwargs, grad = grad_problem(case, rng)
     extra = {"output": nd.depthwise(x, *weights, **kwargs)} if with_output else {}
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
-    import inspect
-
-    at = list(inspect.signature(backward.backward_nhwc).parameters).index("cut")
-    launched = []
-    real = backward._launch
-    monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append(a[at]),
-                                                               real(k, w, *a)))  # fmt: skip
+    launched = record_launch_arg(monkeypatch, "cut")
     cut = nd.depthwise_grad(grad, x, *weights, needs=needs, **kwargs, **extra)
     import numba
 

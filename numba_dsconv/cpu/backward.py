@@ -1114,6 +1114,84 @@ def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> 
     return out.reshape(shape)
 
 
+def backward_settings() -> tuple:
+    """Every setting the backward's chunks, tiles and tasks depend on (the forward's
+    _config.launch_settings and the backward's own), read per call: a test or ``numba-dsconv
+    tune`` that changes one gets a new ``backward_layout``."""
+    return (
+        _config.launch_settings(False), numba.config.NUMBA_NUM_THREADS, _config.BACKWARD_CHUNKS,
+        _config.BACKWARD_MIN_PIXELS, _config.BACKWARD_PARTIAL_BYTES,
+        _config.BACKWARD_TILE_FACTOR, ROLE_SPLIT,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def backward_layout(
+    spec: ConvSpec, dt: np.dtype, need: tuple[bool, ...], pw_t: bool, has_y: bool,
+    settings: tuple,
+) -> tuple:  # fmt: skip
+    """What a separable / depthwise / pointwise backward's shape fixes, worked out once per
+    (spec, dtype, slots needed in SLOT_ORDER, pw transposed, output given, ``settings``): the
+    kernel's static arguments and the sizes of its buffers (a tiny separable_grad spent ~57 %
+    of its Python here). ``settings`` (``backward_settings()``) is only the cache key: the
+    values are read from _config as they stand. Returns (activations, parallel, need_gm,
+    need_z, plan, owned rows, flags, split, cut, (tasks, words) of the work buffer, C_out of
+    the kernel's scratch)."""
+    del settings
+    want = dict(zip(SLOT_ORDER, need, strict=True))
+    op = spec.op
+    has_dw, has_pw = op != "pointwise", op != "depthwise"
+    sz = dt.itemsize
+    cm, co = spec.c_mid, spec.c_out if has_pw else 1  # one output channel: a small scratch
+    if has_pw:
+        acts = (int(spec.mid_activation), int(spec.activation))
+    else:  # the depthwise op: its activation is the stage's own
+        acts = (int(spec.activation), NO_ACTIVATION)
+    parallel = _config.use_parallel(3 * spec.macs)
+    need_gm = has_pw and (want["x"] or want["dw"] or want["db"])
+    need_z = has_pw and acts[1] != NO_ACTIVATION and not has_y
+    # the plan counts every partial sum, needed or not: the chunks (and so the bits of every
+    # gradient) do not depend on which gradients are asked for
+    partial = cm * co + spec.kh * spec.kw * cm + cm + co
+    tile_row = cm * sz  # the A tile in L2, as in the forward
+    rows = spec.n * spec.out_h
+    plan = backward_plan(rows, spec.out_h, spec.out_w, reach_rows(spec), partial * sz, tile_row)
+    # the reduction block for the deepest of its GEMMs' reductions: a tile, C*M or C_out
+    plan = (*plan[:4], block_depth(plan[4], max(plan[3], cm, co)))
+    nchunks = plan[1]
+    owned = owned_rows(spec, plan) if has_dw and want["x"] else np.zeros((nchunks, 2), np.int64)
+    flags = (has_dw, has_pw, has_y, want["x"], want["dw"], want["pw"], want["db"], want["b"])
+    threads = numba.config.NUMBA_NUM_THREADS
+    # one chunk (N=1, late layers: 49 pixels) would leave every other thread idle: its d pw
+    # and its dx side as two tasks (layer 7, N=1: 3.2 -> 2.1 ms)
+    split = bool(
+        ROLE_SPLIT and nchunks == 1 and parallel and threads > 1
+        and (want["pw"] or want["b"]) and (want["x"] or want["dw"] or want["db"])
+    )  # fmt: skip
+    # the depthwise op's one chunk: its channels in two halves of whole pairs of vectors (the
+    # 3x3 sweep's step), one task each (depthwise_grad N=1, layers 5 / 6 / 7 / 10 / 11:
+    # 0.63-0.84x the time of the one task). With an activation and no output given, each
+    # task recomputes the depthwise tile of every channel for its mask
+    pair = 2 * VEC_BYTES // sz
+    cut = (cm + pair) // (2 * pair) * pair  # cm / 2 to the nearest whole pair
+    one = nchunks == 1 and parallel and threads > 1
+    cut = cut if (0 < cut < cm and ROLE_SPLIT and one and not has_pw
+                  and spec.multiplier == 1) else 0  # fmt: skip
+    # each task's buffers: sized for the largest chunk's tiles (the first, or the last where
+    # its fewer pixels cut into tiles of another size)
+    per_chunk = plan[0] * spec.out_w
+    steps = (per_chunk, spec.pixels - (nchunks - 1) * per_chunk)
+    step = max(tile_step.py_func(p, plan[3]) for p in steps)
+    shapes = chunk_shapes.py_func(step, cm, co, need_z, plan[4], sz)
+    page = 4096 // sz  # rows of whole pages: the same offsets mod 4 KB in each
+    words = -(-chunk_offsets.py_func(shapes, sz)[1] // page) * page
+    tasks = 2 if split or cut else -(-nchunks // plan[2])  # the most at once (a phase's)
+    return acts, parallel, need_gm, need_z, plan, owned, flags, split, cut, (tasks, words), co
+
+
+SLOT_ORDER = ("x", "dw", "pw", "db", "b")
+
+
 def gemm_backward_args(
     spec: ConvSpec, x, g, y, dwk, pw, biases, need: dict[str, bool], dt: np.dtype
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -1124,41 +1202,29 @@ def gemm_backward_args(
     (the depthwise stage's bias: dw_bias, or the depthwise op's bias) and "b" (the pointwise
     stage's bias); every slot present, False where the op has no such stage. The outputs:
     "x" (dx, NHWC) and the other slots' per-chunk partial sums (``combine`` adds them up); a
-    slot not needed holds a dummy.
+    slot not needed holds a dummy. What the shapes fix comes from ``backward_layout``.
     """
     op = spec.op
     has_dw, has_pw = op != "pointwise", op != "depthwise"
-    sz = dt.itemsize
-    cm, co = spec.c_mid, spec.c_out
-    nr = gemm_panel_width(sz)
-    if has_pw:
-        mid_act, act = int(spec.mid_activation), int(spec.activation)
-    else:  # the depthwise op: its activation is the stage's own
-        mid_act, act = int(spec.activation), NO_ACTIVATION
-    db = bias_vector(biases[0], cm, dt) if has_dw else np.zeros(1, dt)
+    cm = spec.c_mid
+    nr = gemm_panel_width(dt.itemsize)
     if not has_dw:
         dwk = np.zeros((1, 1, 1), dt)
-    if not has_pw:  # never read: a single output channel keeps the scratch small
-        pw, co = np.zeros((cm, 1), dt), 1
+    if not has_pw:  # never read
+        pw = np.zeros((cm, 1), dt)
     # d pw is computed in pw's memory order (transposed for an F-ordered pw: torch's weight)
     pw_t = bool(pw.flags.f_contiguous and not pw.flags.c_contiguous)
-    parallel = _config.use_parallel(3 * spec.macs)
-    need_gm = has_pw and (need["x"] or need["dw"] or need["db"])
-    need_z = has_pw and act != NO_ACTIVATION and y is None
+    layout = backward_layout(
+        spec, dt, tuple(need[s] for s in SLOT_ORDER), pw_t, y is not None, backward_settings()
+    )
+    acts, parallel, need_gm, need_z, plan, owned, flags, split, cut, work_shape, co = layout
+    db = bias_vector(biases[0], cm, dt) if has_dw else np.zeros(1, dt)
     nopack = no_packed(dt)
     # the GEMMs' weights packed once for every chunk: P^T for gm, P for z
     pw = pw.astype(dt, order="K", copy=False)
     packed_gm = packed_weights(pw.T, parallel, scratch, "packed_gm") if need_gm else nopack
     packed_z = packed_weights(pw, parallel, scratch, "packed_z") if need_z else nopack
     b = bias_vector(biases[-1] if has_pw else None, co, dt, nr)
-    # the plan counts every partial sum, needed or not: the chunks (and so the bits of every
-    # gradient) do not depend on which gradients are asked for
-    partial = cm * co + spec.kh * spec.kw * cm + cm + co
-    tile_row = cm * sz  # the A tile in L2, as in the forward
-    rows = spec.n * spec.out_h
-    plan = backward_plan(rows, spec.out_h, spec.out_w, reach_rows(spec), partial * sz, tile_row)
-    # the reduction block for the deepest of its GEMMs' reductions: a tile, C*M or C_out
-    plan = (*plan[:4], block_depth(plan[4], max(plan[3], cm, co)))
     nchunks = plan[1]
     parts = {
         "pw": zeros_like_parts(
@@ -1168,47 +1234,19 @@ def gemm_backward_args(
         "db": zeros_like_parts(nchunks, (cm,), dt, need["db"]),
         "b": zeros_like_parts(nchunks, (co,), dt, need["b"]),
     }
-    shape = (spec.n, spec.h, spec.w, spec.c_in)
     if not need["x"]:
         gx = np.zeros((1, 1, 1, cm), dt)
     else:  # the depthwise stage adds into dx (zeroed by the chunks); the pointwise op's GEMM
-        gx = np.empty(shape, dt)  # writes it whole
-    owned = owned_rows(spec, plan) if has_dw and need["x"] else np.zeros((plan[1], 2), np.int64)
+        gx = np.empty((spec.n, spec.h, spec.w, spec.c_in), dt)  # writes it whole
     g2 = g.reshape(spec.pixels, g.shape[3])
     y2 = y.reshape(spec.pixels, y.shape[3]) if y is not None else g2[:0]
     if y2.dtype == np.bool_:  # the element-wise helpers read the mask by address, as bytes
         y2 = y2.view(np.uint8)
-    flags = (has_dw, has_pw, y is not None, need["x"], need["dw"], need["pw"], need["db"],
-             need["b"])  # fmt: skip
     zeros = np.zeros(-(-max(cm, co) // nr) * nr, dt)
-    # one chunk (N=1, late layers: 49 pixels) would leave every other thread idle: its d pw
-    # and its dx side as two tasks (layer 7, N=1: 3.2 -> 2.1 ms)
-    split = bool(
-        ROLE_SPLIT and nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
-        and (need["pw"] or need["b"]) and (need["x"] or need["dw"] or need["db"])
-    )  # fmt: skip
-    # the depthwise op's one chunk: its channels in two halves of whole pairs of vectors (the
-    # 3x3 sweep's step), one task each (depthwise_grad N=1, layers 5 / 6 / 7 / 10 / 11:
-    # 0.63-0.84x the time of the one task). With an activation and no output given, each
-    # task recomputes the depthwise tile of every channel for its mask
-    pair = 2 * VEC_BYTES // sz
-    cut = (cm + pair) // (2 * pair) * pair  # cm / 2 to the nearest whole pair
-    one = nchunks == 1 and parallel and numba.config.NUMBA_NUM_THREADS > 1
-    cut = cut if (0 < cut < cm and ROLE_SPLIT and one and not has_pw
-                  and spec.multiplier == 1) else 0  # fmt: skip
-    # each task's buffers: sized for the largest chunk's tiles (the first, or the last where
-    # its fewer pixels cut into tiles of another size)
-    per_chunk = plan[0] * spec.out_w
-    steps = (per_chunk, spec.pixels - (nchunks - 1) * per_chunk)
-    step = max(tile_step.py_func(p, plan[3]) for p in steps)
-    shapes = chunk_shapes.py_func(step, cm, co, need_z, plan[4], dt.itemsize)
-    page = 4096 // dt.itemsize  # rows of whole pages: the same offsets mod 4 KB in each
-    words = -(-chunk_offsets.py_func(shapes, dt.itemsize)[1] // page) * page
-    tasks = 2 if split or cut else -(-nchunks // plan[2])  # the most at once (a phase's)
-    work = scratch("backward_work", (tasks, words), dt)
+    work = scratch("backward_work", work_shape, dt)
     args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
             parts["pw"],
-            parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, mid_act, act, flags, plan,
+            parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, *acts, flags, plan,
             spec.out_h, spec.out_w, split, cut, work)  # fmt: skip
     return args, {"x": gx, **parts}
 
