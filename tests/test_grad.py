@@ -389,7 +389,7 @@ def test_backward_layout_follows_the_settings(op, rng, monkeypatch):
     """The chunks, tiles and tasks a call signature fixes are worked out once
     (cpu.backward.backward_layout) but again for every setting they depend on: the same call
     after BACKWARD_CHUNKS, the tile's pixels or the reduction block changed runs the new plan,
-    and back (the split and the cut follow ROLE_SPLIT: the tests above)."""
+    and back (the split and the cut follow ROLE_SPLIT: the tests below)."""
     case = replace_case(_needs_case(op), n=3, h=13, w=11)
     x, weights, kwargs, grad = grad_problem(case, rng)
     monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 4)

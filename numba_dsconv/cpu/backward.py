@@ -1002,7 +1002,8 @@ def backward_plan(
     rows: output rows over the batch (N * OH); reach: the fewest output rows a chunk needs so
     that chunks two apart never touch the same input row (``reach_rows``); partial_bytes: one
     chunk's partial sums; tile_row_bytes: the scratch one tile pixel needs. The tunables are
-    read here (a test that patches them gets a new plan); the arithmetic is memoised.
+    read here (a test that patches them gets a new plan); the arithmetic is memoised. Each
+    one read here is also in ``backward_settings()``, the key of ``backward_layout``.
     """
     return _backward_plan(
         rows, oh, ow, reach, partial_bytes, tile_row_bytes, _config.BACKWARD_CHUNKS,
@@ -1114,6 +1115,9 @@ def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> 
     return out.reshape(shape)
 
 
+SLOT_ORDER = ("x", "dw", "pw", "db", "b")  # backward_layout's ``need``, in this order
+
+
 def backward_settings() -> tuple:
     """Every setting the backward's chunks, tiles and tasks depend on (the forward's
     _config.launch_settings and the backward's own), read per call: a test or ``numba-dsconv
@@ -1127,11 +1131,10 @@ def backward_settings() -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def backward_layout(
-    spec: ConvSpec, dt: np.dtype, need: tuple[bool, ...], pw_t: bool, has_y: bool,
-    settings: tuple,
+    spec: ConvSpec, dt: np.dtype, need: tuple[bool, ...], has_y: bool, settings: tuple,
 ) -> tuple:  # fmt: skip
     """What a separable / depthwise / pointwise backward's shape fixes, worked out once per
-    (spec, dtype, slots needed in SLOT_ORDER, pw transposed, output given, ``settings``): the
+    (spec, dtype, slots needed in SLOT_ORDER, output given, ``settings``): the
     kernel's static arguments and the sizes of its buffers (a tiny separable_grad spent ~57 %
     of its Python here). ``settings`` (``backward_settings()``) is only the cache key: the
     values are read from _config as they stand. Returns (activations, parallel, need_gm,
@@ -1189,9 +1192,6 @@ def backward_layout(
     return acts, parallel, need_gm, need_z, plan, owned, flags, split, cut, (tasks, words), co
 
 
-SLOT_ORDER = ("x", "dw", "pw", "db", "b")
-
-
 def gemm_backward_args(
     spec: ConvSpec, x, g, y, dwk, pw, biases, need: dict[str, bool], dt: np.dtype
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -1215,7 +1215,7 @@ def gemm_backward_args(
     # d pw is computed in pw's memory order (transposed for an F-ordered pw: torch's weight)
     pw_t = bool(pw.flags.f_contiguous and not pw.flags.c_contiguous)
     layout = backward_layout(
-        spec, dt, tuple(need[s] for s in SLOT_ORDER), pw_t, y is not None, backward_settings()
+        spec, dt, tuple(need[s] for s in SLOT_ORDER), y is not None, backward_settings()
     )
     acts, parallel, need_gm, need_z, plan, owned, flags, split, cut, work_shape, co = layout
     db = bias_vector(biases[0], cm, dt) if has_dw else np.zeros(1, dt)
