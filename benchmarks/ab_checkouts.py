@@ -1,7 +1,7 @@
 """Time two checkouts of numba_dsconv against each other.
 
     python benchmarks/ab_checkouts.py OLD_TREE NEW_TREE [--layers 3,7] [--batches 1,8]
-        [--op separable] [--rounds 5] [--repeat 9] [--in-process]
+        [--op separable] [--rounds 5] [--repeat 9] [--in-process [--packed]]
 
 Each round runs ``python -m numba_dsconv bench --no-torch --json`` once per tree and batch
 (OLD, NEW, OLD, NEW, ...; each tree on PYTHONPATH in its own process, so the two builds never
@@ -15,7 +15,8 @@ compiled (or loaded from each tree's cache) before anything is timed, by the ben
 numba_dsconv.bench.timing, after a warm-up and a check that both give the same result. On a
 shared machine whose speed drifts between processes this is the steadier comparison (both run
 within milliseconds of each other, on one Numba thread pool); NEW_TREE must be the tree this
-script is run from (it is imported as numba_dsconv).
+script is run from (it is imported as numba_dsconv). ``--packed``: the GEMM's weights (pw,
+conv2d's w) packed once by each tree's ``pack``, as the peers' comparisons run them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _in_process(args: argparse.Namespace) -> int:
                 kw = {} if args.op == "pointwise" else {"stride": lay.stride, "padding": 1}
 
                 def call(module, a=a, kw=kw):
+                    if args.packed and args.op != "depthwise":  # the GEMM's weights, last
+                        a = (*a[:-1], module.pack(a[-1]))
                     return lambda: getattr(module, args.op)(*a, **kw)
 
                 fa, fb = call(old), call(new)
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--in-process", action="store_true", help="both trees in one process")
+    ap.add_argument("--packed", action="store_true", help="with --in-process: weights packed")
     args = ap.parse_args(argv)
+    if args.packed and not args.in_process:
+        ap.error("--packed needs --in-process")
     if args.in_process:
         return _in_process(args)
     times: dict[tuple[str, int, int], list[float]] = {}

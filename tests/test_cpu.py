@@ -698,14 +698,16 @@ def _tile_runner():
 def test_gemm_wide_block(dtype, kc, a_t, rng):
     """The wide block (6 rows x two panels, AVX-512), alone (``gemm_wide``) and through
     ``gemm_tile``, against the narrow path (``gemm_narrow``) bit for bit and the float64
-    formula; which channels ``gemm_tile`` gives it (``wide_columns``). Whole and short last
-    row groups (6, 12, 17, 196 rows; 49 and 8 stay narrow, ``wide_pays``), the short group read
-    in place or copied, one or two pairs of panels with a panel left over or cut by C_out, a
-    channel range starting at the second panel, reduction blocks 1 to 128 deep, weights packed
-    here or prepacked, sums accumulated into dst (acc), relu6 on the last block only, a
-    reduction deep enough for A to come in several slabs (``WIDE_SLAB_BYTES``); A as it is or
-    stored transposed (``a_t``: the backward's d pw GEMM; its short group always copied). dst
-    is a view with guard rows and columns around it: nothing outside it may change."""
+    formula; which channels ``gemm_tile`` gives it (``wide_columns``). Whole and short last row
+    groups (6, 12, 17, 196 rows), a narrow tail of 7 or 8 rows after whole groups (49, 13, 50
+    rows; ``wide_tail``) or alone (8 rows on ``gemm_wide`` itself: ``gemm_tile`` keeps them
+    narrow, ``wide_pays``), the short group read in place or copied, one or two pairs of panels
+    with a panel left over or cut by C_out, a channel range starting at the second panel,
+    reduction blocks 1 to 128 deep, weights packed here or prepacked, sums accumulated into dst
+    (acc), relu6 on the last block only, a reduction deep enough for A to come in several slabs
+    (``WIDE_SLAB_BYTES``); A as it is or stored transposed (``a_t``: the backward's d pw GEMM;
+    its short group always copied). dst is a view with guard rows and columns around it: nothing
+    outside it may change."""
     from numba_dsconv._spec import Activation
     from numba_dsconv.cpu import pointwise as pw
     from numba_dsconv.cpu.layout import bias_vector
@@ -721,11 +723,13 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
         (17, 19, 2 * nr + 5, 0, 0, True, False), (17, 300, 4 * nr + 1, nr, 1, False, False),
         (196, 70, 5 * nr, 0, 2, True, True), (49, 40, 2 * nr, 0, 0, False, False),
         (8, 40, 2 * nr, 0, 0, False, True), (60, deep, 2 * nr + 3, 0, 0, True, False),
+        (13, 300, 2 * nr + 7, 0, 0, True, True), (50, 19, 4 * nr, nr, 3, False, False),
     ]:  # fmt: skip
         c_mid = pw.wide_columns(rows, c_lo, c_out, kc, np.dtype(dtype).itemsize)
         if pw.WIDE:  # the dispatcher's choice: whole pairs where 6-row groups pay
-            pays = rows not in (49, 8) and kc >= 2
-            assert pw.wide_pays(rows) == (rows not in (49, 8))
+            assert pw.wide_tail(rows) == {49: 7, 13: 7, 50: 8, 8: 8}.get(rows, 0)
+            pays = rows != 8 and kc >= 2
+            assert pw.wide_pays(rows) == (rows != 8)
             assert c_mid == (c_lo + (c_out - c_lo) // (2 * nr) * 2 * nr if pays else c_lo)
         else:
             assert c_mid == c_lo
@@ -759,7 +763,7 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
         for r in results[:-1]:  # the same bits as the narrow path, on the same channels
             np.testing.assert_array_equal(r, narrow[:, : r.shape[1]])
         assert_close(narrow, want[:, c_lo:], np.dtype(dtype), k)
-    assert went_wide == (6 if pw.WIDE else 0)
+    assert went_wide == (9 if pw.WIDE else 0)
 
 
 def test_32_byte_vector_build():

@@ -6,7 +6,7 @@ A is the receptive field of output pixel p, tap by tap ((m, q) then the input ch
 order of w's rows as (K_h*K_w*C_in, C_out)), zeros on the padding. A is never built whole. A
 task (a block of output pixels x a block of output channels, as in ``pointwise_nhwc``) either
 
-- (the direct path: AVX-512, tiles whose 6-row groups pay, ``wide_pays``, split into tasks of
+- (the direct path: AVX-512, tiles whose 6-row groups pay, ``wide_groups_pay``, split into tasks of
   whole pairs of panels but for the last) copies the input rows its pixels read once, zero
   padded, into a band (``conv_band``), and runs the register blocks on it tap by tap
   (``conv_wide``): each block of pixels reads tap (m, q) at a fixed offset from the pixel's
@@ -56,7 +56,7 @@ from .pointwise import (
     tap_start,
     tap_steps,
     wide_finish,
-    wide_pays,
+    wide_groups_pay,
     wide_start,
     wide_steps,
     zero_tail,
@@ -372,7 +372,7 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         # 7-row block (``gemm_tile``'s choice): layers 6-7 N=1 ran 1.00-1.05x the time of
         # im2col on the direct path. A reduction block under 2 (CPU_GEMM_KC 1) leaves the wide
         # block's pair no rows (as ``wide_columns``).
-        direct = split[2] >= 2 and bool(wide_pays(min(split[0], spec.pixels)))
+        direct = split[2] >= 2 and bool(wide_groups_pay(min(split[0], spec.pixels)))
     if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS
         slab = max(1, min(taps, _config.CPU_TILE_BYTES // max(1, row_bytes)))

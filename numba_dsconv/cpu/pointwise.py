@@ -2,9 +2,10 @@
 separable kernel.
 
 - ``gemm_tile``: dst = act(bias + a @ w) for a block of rows and a range of output channels;
-  with AVX-512 pairs of panels go to ``gemm_wide`` where its 6-row groups pay
-  (``wide_pays``), the rest to ``gemm_narrow``: each packs its (reduction block x panel) blocks
-  of weights (within a quarter of L2) and runs its register block on every group of rows.
+  with AVX-512 pairs of panels go to ``gemm_wide`` where its 6-row groups (and a 7- or 8-row
+  narrow tail) pay (``wide_pays``), the rest to ``gemm_narrow``: each packs its (reduction
+  block x panel) blocks of weights (within a quarter of L2) and runs its register block on
+  every group of rows.
 - ``gemm_block``: the narrow register block, ``mr`` pixel rows x 2 vectors of output channels
   (2 x 16 float32 = 32 channels, or 2 x 8 float64) in 16 or 14 (AVX-512: 8 or 7 rows,
   ``row_group``) or 12 (AVX2: 6 rows) vector accumulators; ``gemm_block_wide``: 6 rows x 4
@@ -276,10 +277,31 @@ def wide_columns(rows, c_lo, c_hi, kc, itemsize):  # pragma: no cover - compiled
 
 
 @helper
+def wide_tail(rows):  # pragma: no cover - compiled
+    """The last rows ``gemm_wide`` gives one narrow block (``gemm_block``, 7 or 8 rows: the
+    heights of GEMM_MRS with AVX-512) instead of a short 6-row group: where rows % 6 is 1 or
+    2 (49 rows as 7 x 6 + 7, 50 as 7 x 6 + 8, not 9 x 6); 0 otherwise."""
+    r = rows % WIDE_MR
+    tail = r + WIDE_MR if r == 1 or r == 2 else 0
+    return tail if WIDE and rows >= tail else 0
+
+
+@helper
 def wide_pays(rows):  # pragma: no cover - compiled
-    """Whether ``rows`` rows in groups of WIDE_MR on the wide block (a wide row counting
-    1 / WIDE_GAIN of a narrow one) take less time than in ``row_group``'s narrow groups: 196
-    rows as 33 x 6 do, 49 as 7 x 7 stay narrow."""
+    """Whether ``rows`` rows take less time on ``gemm_wide`` (groups of WIDE_MR, the last
+    ``wide_tail`` rows in one narrow block; a wide row counting 1 / WIDE_GAIN of a narrow
+    one) than in ``row_group``'s narrow groups alone: 196 rows as 33 x 6 do, 49 as 7 x 6 + 7
+    too (as 9 x 6 they did not), 8 stay narrow."""
+    mr = row_group(rows)
+    tail = wide_tail(rows)
+    wide = (rows - tail + WIDE_GAIN * tail) if tail else -(-rows // WIDE_MR) * WIDE_MR
+    return wide < WIDE_GAIN * (-(-rows // mr) * mr)
+
+
+@helper
+def wide_groups_pay(rows):  # pragma: no cover - compiled
+    """``wide_pays`` for a wide block without the narrow tail (conv2d's direct path, whose
+    last group is a short 6-row one): 49 rows as 9 x 6 stay narrow."""
     mr = row_group(rows)
     return -(-rows // WIDE_MR) * WIDE_MR < WIDE_GAIN * (-(-rows // mr) * mr)
 
@@ -382,7 +404,11 @@ def gemm_wide(
     sums between reduction blocks stay in dst (a short last group keeps only its rows). That
     group reads its rows in place where ``a`` (not transposed) has them up to the next multiple
     of WIDE_MR (their sums are never stored; ``zero_tail`` makes them finite), else from a copy
-    in ``at`` (its last row repeated)."""
+    in ``at`` (its last row repeated). Where rows % 6 is 1 or 2 there is no short group: the
+    last 7 or 8 rows (``wide_tail``) run the narrow block (``gemm_block``, the same sums in the
+    same order) on each panel of the pair's blocks: 49 rows as 7 x 6 + 7 instead of 9 x 6 (or
+    of 7 x 7 on the narrow block alone, which ``wide_pays`` chose before): pointwise 7 x 7 x
+    1024 -> 1024 at N=1 0.93x the time (BENCHMARKS.md, "Design measurements")."""
     prepacked = packed.shape[0] > 0
     K = packed.shape[1] if prepacked else w.shape[0]
     dt = dst.dtype
@@ -393,12 +419,14 @@ def gemm_wide(
     pa, sa = address(a), a.strides[0]
     spk = NR * sz
     pdst, sdst = address(dst), dst.strides[0]
-    ngroups = -(-rows // WIDE_MR)
-    full = rows // WIDE_MR * WIDE_MR
+    tail = wide_tail(rows)
+    rw = rows - tail  # the rows in 6-row groups (then whole where there is a tail)
+    ngroups = -(-rw // WIDE_MR)
+    full = rw // WIDE_MR * WIDE_MR
     in_place = not a_t and a.shape[0] >= ngroups * WIDE_MR
     sr, sk = (sz, sa) if a_t else (sa, sz)  # bytes to A's next row, next reduction channel
     pat, sat = address(at), at.strides[0]
-    nblocks = (c_hi - c_lo) // (2 * NR) * -(-K // KCW) * ngroups
+    nblocks = (c_hi - c_lo) // (2 * NR) * -(-K // KCW) * (ngroups + (2 if tail else 0))
     pf_step = -(-pf_len // (64 * max(1, nblocks))) * 64
     pf_end = pf + pf_len
     kslab = max(KCW, WIDE_SLAB_BYTES // max(1, rows * sz) // KCW * KCW)
@@ -409,7 +437,7 @@ def gemm_wide(
                 pw0, pw1 = pair_block(w, packed, pk, c0, k0, nk, dt, sz)
                 first = k0 == 0 and not acc
                 final = k0 + nk == K
-                for r in range(0, rows, WIDE_MR):
+                for r in range(0, rw, WIDE_MR):
                     pf = prefetch_share(pf, pf_end, pf_step)
                     src, stride, kstep = pa + r * sr + k0 * sk, sr, sk
                     if r == full and not in_place:  # the short last group, copied
@@ -421,6 +449,16 @@ def gemm_wide(
                     gemm_block_wide(src, stride, kstep, pw0, pw1, spk, nk, first,
                                     address(bias) + c0 * sz, rd, sdst, min(WIDE_MR, rows - r),
                                     final, act, dt, sz)  # fmt: skip
+                for h in range(2 if tail else 0):  # the tail: one narrow block per panel,
+                    # on the pair's blocks while they are in cache; partial sums in dst
+                    pf = prefetch_share(pf, pf_end, pf_step)
+                    cc = c0 + h * NR
+                    rd = pdst + rw * sdst + cc * sz
+                    if fresh and first:
+                        prefetch_stores(rd, sdst, tail, 2 * VEC_BYTES)
+                    gemm_block(pa + rw * sr + k0 * sk, sr, sk, pw0 + h * (pw1 - pw0), spk, nk,
+                               first, address(bias) + cc * sz, rd, sdst, final, rd, sdst, tail,
+                               tail, NR, act, dt, sz)  # fmt: skip
 
 
 @helper
