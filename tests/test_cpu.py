@@ -705,9 +705,9 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
     with a panel left over or cut by C_out, a channel range starting at the second panel,
     reduction blocks 1 to 128 deep, weights packed here or prepacked, sums accumulated into dst
     (acc), relu6 on the last block only, a reduction deep enough for A to come in several slabs
-    (``WIDE_SLAB_BYTES``); A as it is or stored transposed (``a_t``: the backward's d pw GEMM;
-    its short group always copied). dst is a view with guard rows and columns around it: nothing
-    outside it may change."""
+    (``WIDE_SLAB_BYTES``; 62 rows: with a tail); A as it is or stored transposed (``a_t``: the
+    backward's d pw GEMM; its short group always copied). dst is a view with guard rows and
+    columns around it: nothing outside it may change."""
     from numba_dsconv._spec import Activation
     from numba_dsconv.cpu import pointwise as pw
     from numba_dsconv.cpu.layout import bias_vector
@@ -715,25 +715,28 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
     run = _tile_runner()
     nr = pw.gemm_panel_width(np.dtype(dtype).itemsize)
     # a reduction deep enough that A's columns come in three slabs or more (WIDE_SLAB_BYTES)
-    deep = 3 * pw.WIDE_SLAB_BYTES // (60 * np.dtype(dtype).itemsize) + 5
+    deep = 3 * pw.WIDE_SLAB_BYTES // (62 * np.dtype(dtype).itemsize) + 5
     relu6 = int(Activation.RELU6)
     went_wide = 0
     for rows, k, c_out, c_lo, extra, acc, packed in [
         (6, 19, 2 * nr, 0, 0, False, False), (12, 300, 3 * nr, 0, 6, False, True),
         (17, 19, 2 * nr + 5, 0, 0, True, False), (17, 300, 4 * nr + 1, nr, 1, False, False),
         (196, 70, 5 * nr, 0, 2, True, True), (49, 40, 2 * nr, 0, 0, False, False),
-        (8, 40, 2 * nr, 0, 0, False, True), (60, deep, 2 * nr + 3, 0, 0, True, False),
+        (8, 40, 2 * nr, 0, 0, False, True), (62, deep, 2 * nr + 3, 0, 0, True, False),
         (13, 300, 2 * nr + 7, 0, 0, True, True), (50, 19, 4 * nr, nr, 3, False, False),
     ]:  # fmt: skip
         c_mid = pw.wide_columns(rows, c_lo, c_out, kc, np.dtype(dtype).itemsize)
         if pw.WIDE:  # the dispatcher's choice: whole pairs where 6-row groups pay
-            assert pw.wide_tail(rows) == {49: 7, 13: 7, 50: 8, 8: 8}.get(rows, 0)
+            assert pw.wide_tail(rows) == {49: 7, 13: 7, 50: 8, 8: 8, 62: 8}.get(rows, 0)
             pays = rows != 8 and kc >= 2
             assert pw.wide_pays(rows) == (rows != 8)
             assert c_mid == (c_lo + (c_out - c_lo) // (2 * nr) * 2 * nr if pays else c_lo)
         else:
             assert c_mid == c_lo
         went_wide += c_mid > c_lo
+        # gemm_wide alone on every whole pair (8 rows: the tail alone, which gemm_tile leaves
+        # to the narrow path)
+        pairs = c_lo + (c_out - c_lo) // (2 * nr) * 2 * nr if pw.WIDE and kc >= 2 else c_lo
         a = rng.uniform(-1, 1, (rows + extra, k)).astype(dtype)
         a_arg = np.ascontiguousarray(a.T) if a_t else a  # stored (K, rows + extra)
         w = rng.uniform(-1, 1, (k, c_out)).astype(dtype)
@@ -745,7 +748,7 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
         ) @ w.astype(np.float64)
         want = np.clip(want, 0, 6)
         results = []
-        for how, c_hi in ((0, c_out), (1, c_mid), (2, c_out)):
+        for how, c_hi in ((0, c_out), (1, pairs), (2, c_out)):
             if c_hi == c_lo:
                 continue  # the wide block has no pair here
             big = np.full((rows + 4, c_out + 2 * nr), 7.5, dtype)
@@ -764,6 +767,8 @@ def test_gemm_wide_block(dtype, kc, a_t, rng):
             np.testing.assert_array_equal(r, narrow[:, : r.shape[1]])
         assert_close(narrow, want[:, c_lo:], np.dtype(dtype), k)
     assert went_wide == (9 if pw.WIDE else 0)
+    if pw.WIDE:  # conv2d's direct path has no tail: a 49-row tile stays on im2col
+        assert not pw.wide_groups_pay(49) and pw.wide_groups_pay(196)
 
 
 def test_32_byte_vector_build():

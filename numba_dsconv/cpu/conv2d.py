@@ -368,10 +368,11 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
         split = gemm_split(spec, taps * c_in, 1, sz, parallel, False, a_bytes, most, 2)
         slab = taps  # unused
         # where the wide block's 6-row groups do not pay (a 7 x 7 output at N=1: 49 rows as
-        # 9 x 6; a serial call's tile is its largest, so the pixels count), im2col and the
-        # 7-row block (``gemm_tile``'s choice): layers 6-7 N=1 ran 1.00-1.05x the time of
-        # im2col on the direct path. A reduction block under 2 (CPU_GEMM_KC 1) leaves the wide
-        # block's pair no rows (as ``wide_columns``).
+        # 9 x 6, the direct path having no narrow tail as ``gemm_wide`` has; a serial call's
+        # tile is its largest, so the pixels count), im2col and ``gemm_tile``: layers 6-7 N=1
+        # ran 1.00-1.05x the time of im2col on the direct path (when gemm_tile ran 49 rows as
+        # 7 x 7 on the narrow block; now 7 x 6 and a 7-row tail). A reduction block under 2
+        # (CPU_GEMM_KC 1) leaves the wide block's pair no rows (as ``wide_columns``).
         direct = split[2] >= 2 and bool(wide_groups_pay(min(split[0], spec.pixels)))
     if not direct:
         row_bytes = c_in * sz * _config.CPU_TILE_MAX_PIXELS

@@ -642,7 +642,8 @@ def gemm_block(
     # 2 KB apart, which the hardware does not prefetch (that GEMM: 0.85-0.93x the time); for
     # the forward's A it is a line already on its way (0.98-1.03x: noise). In the 7-row loop
     # (the forward's 7 x 7-pixel layers; a transposed A only where C*M comes out fewer in 7s)
-    # it cost 1.01-1.08x the forward's time.
+    # it cost 1.01-1.08x the forward's time. (``gemm_wide``'s 7- and 8-row tails run these
+    # loops too, a transposed A's included.)
     if eight:
         for k in range(nk):
             pw = ppk + k * spk
