@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         f"the kernels' GEMM micro-kernel on data in L1 **{c.block_gflops:.1f} GFLOP/s**, "
         f"{100 * c.block_gflops / c.fma_gflops:.0f} % of the FMA peak ({c.block_source}): the "
         "most a GEMM-bound layer can reach with the register block most GEMMs run (with AVX-512 "
-        "the GEMMs left on the 8 x 2 block, 49-pixel tiles and a panel left over, reach a few % "
-        "less)",
+        "the parts left on the 8 x 2 block, a panel left over and the 7- or 8-row tail after the "
+        "wide block's groups, reach a few % less)",
         "",
         "## Method",
         "",
