@@ -287,23 +287,29 @@ def wide_tail(rows):  # pragma: no cover - compiled
 
 
 @helper
-def wide_pays(rows):  # pragma: no cover - compiled
-    """Whether ``rows`` rows take less time on ``gemm_wide`` (groups of WIDE_MR, the last
-    ``wide_tail`` rows in one narrow block; a wide row counting 1 / WIDE_GAIN of a narrow
-    one) than in ``row_group``'s narrow groups alone: 196 rows as 33 x 6 do, 49 as 7 x 6 + 7
-    too (as 9 x 6 they did not), 8 stay narrow."""
-    mr = row_group(rows)
-    tail = wide_tail(rows)
-    wide = (rows - tail + WIDE_GAIN * tail) if tail else -(-rows // WIDE_MR) * WIDE_MR
-    return wide < WIDE_GAIN * (-(-rows // mr) * mr)
+def wide_groups_pay(rows):  # pragma: no cover - compiled
+    """Whether ``rows`` rows in groups of WIDE_MR on the wide block, the last one short (a wide
+    row counting 1 / WIDE_GAIN of a narrow one), take less time than in ``row_group``'s narrow
+    groups: 196 rows as 33 x 6 do, 49 as 9 x 6 do not (conv2d's direct path, whose wide loop
+    has no narrow tail)."""
+    return -(-rows // WIDE_MR) * WIDE_MR < WIDE_GAIN * narrow_rows(rows)
 
 
 @helper
-def wide_groups_pay(rows):  # pragma: no cover - compiled
-    """``wide_pays`` for a wide block without the narrow tail (conv2d's direct path, whose
-    last group is a short 6-row one): 49 rows as 9 x 6 stay narrow."""
+def wide_pays(rows):  # pragma: no cover - compiled
+    """``wide_groups_pay`` for ``gemm_wide``, whose last ``wide_tail`` rows run one narrow
+    block instead of a short group: 49 rows as 7 x 6 + 7 pay, 8 stay narrow."""
+    tail = wide_tail(rows)
+    if tail == 0:
+        return wide_groups_pay(rows)
+    return rows - tail + WIDE_GAIN * tail < WIDE_GAIN * narrow_rows(rows)
+
+
+@helper
+def narrow_rows(rows):  # pragma: no cover - compiled
+    """The rows ``row_group``'s narrow groups compute for ``rows`` (the last group whole)."""
     mr = row_group(rows)
-    return -(-rows // WIDE_MR) * WIDE_MR < WIDE_GAIN * (-(-rows // mr) * mr)
+    return -(-rows // mr) * mr
 
 
 @helper
