@@ -36,6 +36,7 @@ from ._simd import (
     VEC_BYTES,
     address,
     loadp,
+    opaque,
     prefetch,
     prefetch_l1,
     storep,
@@ -650,65 +651,77 @@ def gemm_block(
     # (the forward's 7 x 7-pixel layers; a transposed A only where C*M comes out fewer in 7s)
     # it cost 1.01-1.08x the forward's time. (``gemm_wide``'s 7- and 8-row tails run these
     # loops too, a transposed A's included.)
+    # the rows' byte offsets from row 0, loop-invariant registers, and one pointer per stream
+    # advanced through ``opaque``: LLVM otherwise chained the row addresses (p + sa, + sa,
+    # ...: seven adds per step beside the 16 FMAs, on the ports Intel's FMAs use)
+    d1 = sa
+    d2 = 2 * sa
+    d3 = 3 * sa
+    d4 = 4 * sa
+    d5 = 5 * sa
+    d6 = 6 * sa
+    d7 = 7 * sa
+    p = pa
+    pw = ppk
     if eight:
-        for k in range(nk):
-            pw = ppk + k * spk
+        for _ in range(nk):
             w0 = vloadp(pw, dt)
             w1 = vloadp(pw + B, dt)
-            p = pa + k * ska
             prefetch_l1(p + 8 * ska)
             x = loadp(p, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
-            x = loadp(p + sa, dt)
+            x = loadp(p + d1, dt)
             s10 = vfma(x, w0, s10)
             s11 = vfma(x, w1, s11)
-            x = loadp(p + 2 * sa, dt)
+            x = loadp(p + d2, dt)
             s20 = vfma(x, w0, s20)
             s21 = vfma(x, w1, s21)
-            x = loadp(p + 3 * sa, dt)
+            x = loadp(p + d3, dt)
             s30 = vfma(x, w0, s30)
             s31 = vfma(x, w1, s31)
-            x = loadp(p + 4 * sa, dt)
+            x = loadp(p + d4, dt)
             s40 = vfma(x, w0, s40)
             s41 = vfma(x, w1, s41)
-            x = loadp(p + 5 * sa, dt)
+            x = loadp(p + d5, dt)
             s50 = vfma(x, w0, s50)
             s51 = vfma(x, w1, s51)
-            x = loadp(p + 6 * sa, dt)
+            x = loadp(p + d6, dt)
             s60 = vfma(x, w0, s60)
             s61 = vfma(x, w1, s61)
-            x = loadp(p + 7 * sa, dt)
+            x = loadp(p + d7, dt)
             s70 = vfma(x, w0, s70)
             s71 = vfma(x, w1, s71)
+            p = opaque(p + ska)
+            pw = opaque(pw + spk)
     else:
-        for k in range(nk):
-            pw = ppk + k * spk
+        for _ in range(nk):
             w0 = vloadp(pw, dt)
             w1 = vloadp(pw + B, dt)
-            p = pa + k * ska
             x = loadp(p, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
-            x = loadp(p + sa, dt)
+            x = loadp(p + d1, dt)
             s10 = vfma(x, w0, s10)
             s11 = vfma(x, w1, s11)
-            x = loadp(p + 2 * sa, dt)
+            x = loadp(p + d2, dt)
             s20 = vfma(x, w0, s20)
             s21 = vfma(x, w1, s21)
-            x = loadp(p + 3 * sa, dt)
+            x = loadp(p + d3, dt)
             s30 = vfma(x, w0, s30)
             s31 = vfma(x, w1, s31)
-            x = loadp(p + 4 * sa, dt)
+            x = loadp(p + d4, dt)
             s40 = vfma(x, w0, s40)
             s41 = vfma(x, w1, s41)
-            x = loadp(p + 5 * sa, dt)
+            x = loadp(p + d5, dt)
             s50 = vfma(x, w0, s50)
             s51 = vfma(x, w1, s51)
             if _ROW6:
-                x = loadp(p + 6 * sa, dt)
+                x = loadp(p + d6, dt)
                 s60 = vfma(x, w0, s60)
                 s61 = vfma(x, w1, s61)
+            p = opaque(p + ska)
+            pw = opaque(pw + spk)
     if final and act != NO_ACTIVATION:
         s00 = vact(s00, act)
         s01 = vact(s01, act)
@@ -790,6 +803,52 @@ def wide_start(first, pbias, pdst, sdst, nvalid, dt):  # pragma: no cover - comp
 
 
 @inlined
+def wide_step(s, b0, b1, b2, b3, b4, b5, p0, p1, dt):  # pragma: no cover - compiled
+    """One reduction step of the wide block: the accumulators ``s`` plus the products of the
+    six rows' values (at byte addresses b0..b5) with the two panels' rows (at p0 / p1): four
+    vector loads, six broadcasts, 24 FMAs."""
+    B = VEC_BYTES
+    (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+     s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
+    w0 = vloadp(p0, dt)
+    w1 = vloadp(p0 + B, dt)
+    w2 = vloadp(p1, dt)
+    w3 = vloadp(p1 + B, dt)
+    x = loadp(b0, dt)
+    s00 = vfma(x, w0, s00)
+    s01 = vfma(x, w1, s01)
+    s02 = vfma(x, w2, s02)
+    s03 = vfma(x, w3, s03)
+    x = loadp(b1, dt)
+    s10 = vfma(x, w0, s10)
+    s11 = vfma(x, w1, s11)
+    s12 = vfma(x, w2, s12)
+    s13 = vfma(x, w3, s13)
+    x = loadp(b2, dt)
+    s20 = vfma(x, w0, s20)
+    s21 = vfma(x, w1, s21)
+    s22 = vfma(x, w2, s22)
+    s23 = vfma(x, w3, s23)
+    x = loadp(b3, dt)
+    s30 = vfma(x, w0, s30)
+    s31 = vfma(x, w1, s31)
+    s32 = vfma(x, w2, s32)
+    s33 = vfma(x, w3, s33)
+    x = loadp(b4, dt)
+    s40 = vfma(x, w0, s40)
+    s41 = vfma(x, w1, s41)
+    s42 = vfma(x, w2, s42)
+    s43 = vfma(x, w3, s43)
+    x = loadp(b5, dt)
+    s50 = vfma(x, w0, s50)
+    s51 = vfma(x, w1, s51)
+    s52 = vfma(x, w2, s52)
+    s53 = vfma(x, w3, s53)
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
+            s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
+
+
+@inlined
 def wide_steps(
     s, a0, a1, a2, a3, a4, a5, t0, t1, kw, sm, sq, pw0, pw1, spk, nk, dt, sz
 ):  # pragma: no cover - compiled
@@ -798,60 +857,31 @@ def wide_steps(
     one tap, offset 0) and each of its ``nk`` reduction channels (contiguous in A), the
     products of the six rows' values (at byte addresses a0..a5 plus the offset) with the two
     panels' rows (at pw0 / pw1, ``spk`` bytes apart, the taps' blocks one after the other):
-    each step four vector loads, six broadcasts and 24 FMAs."""
-    B = VEC_BYTES
-    (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
-     s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
+    ``wide_step`` per channel.
+
+    The rows' offsets from row 0 (d1..d5) and the second panel's from the first (dq) are
+    loop-invariant registers, and the loop advances one pointer per stream through
+    ``_simd.opaque``: each load is a base plus an index register, each step two pointer adds.
+    Left to itself LLVM gave each of the six rows and both panels a pointer of its own (eight
+    adds per step beside the 24 FMAs; unrolled by two, twelve registers rotated by moves), and
+    Intel's cores issue scalar adds on the ports their FMAs use: conv2d packed, in-process A/B
+    on the Intel Xeon, 0.92-0.97x the time (N=1 and 8, rows 1-7, 9), separable packed
+    0.95-0.99x."""
+    d1 = a1 - a0
+    d2 = a2 - a0
+    d3 = a3 - a0
+    d4 = a4 - a0
+    d5 = a5 - a0
+    dq = pw1 - pw0
     for t in range(t0, t1):
         m = t // kw
-        off = m * sm + (t - m * kw) * sq
-        b0 = a0 + off
-        b1 = a1 + off
-        b2 = a2 + off
-        b3 = a3 + off
-        b4 = a4 + off
-        b5 = a5 + off
-        q0 = pw0 + (t - t0) * nk * spk
-        q1 = pw1 + (t - t0) * nk * spk
-        for k in range(nk):
-            p0 = q0 + k * spk
-            p1 = q1 + k * spk
-            w0 = vloadp(p0, dt)
-            w1 = vloadp(p0 + B, dt)
-            w2 = vloadp(p1, dt)
-            w3 = vloadp(p1 + B, dt)
-            x = loadp(b0 + k * sz, dt)
-            s00 = vfma(x, w0, s00)
-            s01 = vfma(x, w1, s01)
-            s02 = vfma(x, w2, s02)
-            s03 = vfma(x, w3, s03)
-            x = loadp(b1 + k * sz, dt)
-            s10 = vfma(x, w0, s10)
-            s11 = vfma(x, w1, s11)
-            s12 = vfma(x, w2, s12)
-            s13 = vfma(x, w3, s13)
-            x = loadp(b2 + k * sz, dt)
-            s20 = vfma(x, w0, s20)
-            s21 = vfma(x, w1, s21)
-            s22 = vfma(x, w2, s22)
-            s23 = vfma(x, w3, s23)
-            x = loadp(b3 + k * sz, dt)
-            s30 = vfma(x, w0, s30)
-            s31 = vfma(x, w1, s31)
-            s32 = vfma(x, w2, s32)
-            s33 = vfma(x, w3, s33)
-            x = loadp(b4 + k * sz, dt)
-            s40 = vfma(x, w0, s40)
-            s41 = vfma(x, w1, s41)
-            s42 = vfma(x, w2, s42)
-            s43 = vfma(x, w3, s43)
-            x = loadp(b5 + k * sz, dt)
-            s50 = vfma(x, w0, s50)
-            s51 = vfma(x, w1, s51)
-            s52 = vfma(x, w2, s52)
-            s53 = vfma(x, w3, s53)
-    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
-            s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
+        pa = a0 + m * sm + (t - m * kw) * sq
+        pw = pw0 + (t - t0) * nk * spk
+        for _ in range(nk):
+            s = wide_step(s, pa, pa + d1, pa + d2, pa + d3, pa + d4, pa + d5, pw, pw + dq, dt)
+            pa = opaque(pa + sz)
+            pw = opaque(pw + spk)
+    return s
 
 
 @inlined
@@ -952,46 +982,46 @@ def tap_steps(
     byte addresses a0..a7): each step two vector loads, eight broadcasts and 16 FMAs."""
     B = VEC_BYTES
     (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71) = s
+    d1 = a1 - a0  # row offsets and opaque pointer advances, as in ``wide_steps``
+    d2 = a2 - a0
+    d3 = a3 - a0
+    d4 = a4 - a0
+    d5 = a5 - a0
+    d6 = a6 - a0
+    d7 = a7 - a0
     for t in range(t0, t1):
         m = t // kw
-        off = m * sm + (t - m * kw) * sq
-        b0 = a0 + off
-        b1 = a1 + off
-        b2 = a2 + off
-        b3 = a3 + off
-        b4 = a4 + off
-        b5 = a5 + off
-        b6 = a6 + off
-        b7 = a7 + off
-        q = pw + (t - t0) * nk * spk
-        for k in range(nk):
-            p = q + k * spk
+        pa = a0 + m * sm + (t - m * kw) * sq
+        p = pw + (t - t0) * nk * spk
+        for _ in range(nk):
             w0 = vloadp(p, dt)
             w1 = vloadp(p + B, dt)
-            x = loadp(b0 + k * sz, dt)
+            x = loadp(pa, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
-            x = loadp(b1 + k * sz, dt)
+            x = loadp(pa + d1, dt)
             s10 = vfma(x, w0, s10)
             s11 = vfma(x, w1, s11)
-            x = loadp(b2 + k * sz, dt)
+            x = loadp(pa + d2, dt)
             s20 = vfma(x, w0, s20)
             s21 = vfma(x, w1, s21)
-            x = loadp(b3 + k * sz, dt)
+            x = loadp(pa + d3, dt)
             s30 = vfma(x, w0, s30)
             s31 = vfma(x, w1, s31)
-            x = loadp(b4 + k * sz, dt)
+            x = loadp(pa + d4, dt)
             s40 = vfma(x, w0, s40)
             s41 = vfma(x, w1, s41)
-            x = loadp(b5 + k * sz, dt)
+            x = loadp(pa + d5, dt)
             s50 = vfma(x, w0, s50)
             s51 = vfma(x, w1, s51)
-            x = loadp(b6 + k * sz, dt)
+            x = loadp(pa + d6, dt)
             s60 = vfma(x, w0, s60)
             s61 = vfma(x, w1, s61)
-            x = loadp(b7 + k * sz, dt)
+            x = loadp(pa + d7, dt)
             s70 = vfma(x, w0, s70)
             s71 = vfma(x, w1, s71)
+            pa = opaque(pa + sz)
+            p = opaque(p + spk)
     return (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71)
 
 
@@ -1068,45 +1098,52 @@ def gemm_block_wide(
         B = VEC_BYTES
         (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
          s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
-        for k in range(nk):
-            p0 = pw0 + k * spk
-            p1 = pw1 + k * spk
-            w0 = vloadp(p0, dt)
-            w1 = vloadp(p0 + B, dt)
-            w2 = vloadp(p1, dt)
-            w3 = vloadp(p1 + B, dt)
-            p = pa + k * ska
+        d1 = sa  # row offsets and opaque pointer advances, as in ``wide_steps``
+        d2 = 2 * sa
+        d3 = 3 * sa
+        d4 = 4 * sa
+        d5 = 5 * sa
+        dq = pw1 - pw0
+        p = pa
+        pw = pw0
+        for _ in range(nk):
+            w0 = vloadp(pw, dt)
+            w1 = vloadp(pw + B, dt)
+            w2 = vloadp(pw + dq, dt)
+            w3 = vloadp(pw + dq + B, dt)
             prefetch_l1(p + 8 * ska)
             x = loadp(p, dt)
             s00 = vfma(x, w0, s00)
             s01 = vfma(x, w1, s01)
             s02 = vfma(x, w2, s02)
             s03 = vfma(x, w3, s03)
-            x = loadp(p + 1 * sa, dt)
+            x = loadp(p + d1, dt)
             s10 = vfma(x, w0, s10)
             s11 = vfma(x, w1, s11)
             s12 = vfma(x, w2, s12)
             s13 = vfma(x, w3, s13)
-            x = loadp(p + 2 * sa, dt)
+            x = loadp(p + d2, dt)
             s20 = vfma(x, w0, s20)
             s21 = vfma(x, w1, s21)
             s22 = vfma(x, w2, s22)
             s23 = vfma(x, w3, s23)
-            x = loadp(p + 3 * sa, dt)
+            x = loadp(p + d3, dt)
             s30 = vfma(x, w0, s30)
             s31 = vfma(x, w1, s31)
             s32 = vfma(x, w2, s32)
             s33 = vfma(x, w3, s33)
-            x = loadp(p + 4 * sa, dt)
+            x = loadp(p + d4, dt)
             s40 = vfma(x, w0, s40)
             s41 = vfma(x, w1, s41)
             s42 = vfma(x, w2, s42)
             s43 = vfma(x, w3, s43)
-            x = loadp(p + 5 * sa, dt)
+            x = loadp(p + d5, dt)
             s50 = vfma(x, w0, s50)
             s51 = vfma(x, w1, s51)
             s52 = vfma(x, w2, s52)
             s53 = vfma(x, w3, s53)
+            p = opaque(p + ska)
+            pw = opaque(pw + spk)
         # each branch stores its own sums: with one store after the branches (the tuple
         # merged) separable_grad at N=8 ran 1.01-1.04x the time (layers 1 and 3)
         s = (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
