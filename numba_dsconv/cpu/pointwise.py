@@ -857,7 +857,7 @@ def wide_steps(
     one tap, offset 0) and each of its ``nk`` reduction channels (contiguous in A), the
     products of the six rows' values (at byte addresses a0..a5 plus the offset) with the two
     panels' rows (at pw0 / pw1, ``spk`` bytes apart, the taps' blocks one after the other):
-    ``wide_step`` per channel.
+    ``wide_step`` per channel, two per loop pass.
 
     The rows' offsets from row 0 (d1..d5) and the second panel's from the first (dq) are
     loop-invariant registers, and the loop advances one pointer per stream through
@@ -865,8 +865,10 @@ def wide_steps(
     Left to itself LLVM gave each of the six rows and both panels a pointer of its own (eight
     adds per step beside the 24 FMAs; unrolled by two, twelve registers rotated by moves), and
     Intel's cores issue scalar adds on the ports their FMAs use: conv2d packed, in-process A/B
-    on the Intel Xeon, 0.92-0.97x the time (N=1 and 8, rows 1-7, 9), separable packed
-    0.95-0.99x."""
+    on the Intel Xeon, 0.93-0.99x the time (N=1 and 8, rows 1-11), separable packed
+    0.95-0.99x. Two steps per pass (the adds over 48 FMAs): 0.97-0.99x again (conv2d,
+    pointwise, separable); the same for ``gemm_block``'s narrow loops was 0.98-1.01x forward and
+    up to 1.04-1.06x on the backward's transposed A, so they take one step per pass."""
     d1 = a1 - a0
     d2 = a2 - a0
     d3 = a3 - a0
@@ -877,10 +879,15 @@ def wide_steps(
         m = t // kw
         pa = a0 + m * sm + (t - m * kw) * sq
         pw = pw0 + (t - t0) * nk * spk
-        for _ in range(nk):
+        for _ in range(nk // 2):
             s = wide_step(s, pa, pa + d1, pa + d2, pa + d3, pa + d4, pa + d5, pw, pw + dq, dt)
-            pa = opaque(pa + sz)
-            pw = opaque(pw + spk)
+            qa = pa + sz
+            qw = pw + spk
+            s = wide_step(s, qa, qa + d1, qa + d2, qa + d3, qa + d4, qa + d5, qw, qw + dq, dt)
+            pa = opaque(pa + 2 * sz)
+            pw = opaque(pw + 2 * spk)
+        if nk % 2:
+            s = wide_step(s, pa, pa + d1, pa + d2, pa + d3, pa + d4, pa + d5, pw, pw + dq, dt)
     return s
 
 
