@@ -875,10 +875,15 @@ def wide_steps(
     d4 = a4 - a0
     d5 = a5 - a0
     dq = pw1 - pw0
+    m = t0 // kw  # tap t = m * kw + q, stepped without a division per tap
+    q = t0 - m * kw
     for t in range(t0, t1):
-        m = t // kw
-        pa = a0 + m * sm + (t - m * kw) * sq
+        pa = a0 + m * sm + q * sq
         pw = pw0 + (t - t0) * nk * spk
+        q += 1
+        if q == kw:
+            q = 0
+            m += 1
         for _ in range(nk // 2):
             s = wide_step(s, pa, pa + d1, pa + d2, pa + d3, pa + d4, pa + d5, pw, pw + dq, dt)
             qa = pa + sz
@@ -996,10 +1001,15 @@ def tap_steps(
     d5 = a5 - a0
     d6 = a6 - a0
     d7 = a7 - a0
+    m = t0 // kw  # as in ``wide_steps``
+    q = t0 - m * kw
     for t in range(t0, t1):
-        m = t // kw
-        pa = a0 + m * sm + (t - m * kw) * sq
+        pa = a0 + m * sm + q * sq
         p = pw + (t - t0) * nk * spk
+        q += 1
+        if q == kw:
+            q = 0
+            m += 1
         for _ in range(nk):
             w0 = vloadp(p, dt)
             w1 = vloadp(p + B, dt)
