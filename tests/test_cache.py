@@ -168,5 +168,5 @@ def test_the_gemm_register_blocks_have_no_code_of_their_own():
     assert not names & _REGISTER_BLOCKS, names
 
 
-_REGISTER_BLOCKS = {"gemm_block_wide", "gemm_block", "wide_start", "wide_steps", "wide_finish",
-                    "tap_start", "tap_steps", "tap_finish", "band_rows"}  # fmt: skip
+_REGISTER_BLOCKS = {"gemm_block_wide", "gemm_block", "wide_start", "wide_step", "wide_steps",
+                    "wide_finish", "tap_start", "tap_steps", "tap_finish", "band_rows"}  # fmt: skip

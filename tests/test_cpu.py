@@ -529,13 +529,18 @@ def test_dx3x3_pair_adds_the_bits_of_two_one_vector_passes(count, stride, dtype,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kc", [0, 48, 16])  # 0: the default (every tap in one block)
+@pytest.mark.parametrize("kc", [0, 48, 24, 16])  # 0: the default (every tap in one block)
 @pytest.mark.parametrize("panels", [6, 5, 1.5, 2.75])
-def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatch):
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 5)])
+def test_conv2d_direct_path_matches_im2col_bitwise(kernel, panels, kc, dtype, monkeypatch):
     """conv2d's direct path (``conv_wide``: no im2col, AVX-512) sums in the order of the
     im2col path: the same bits, for reduction blocks of all taps, of several whole taps (kc 48:
-    KCW 24 holds 4 taps of 5 channels, 9 taps go in 3 blocks of 3) and of a tap's channels
-    (kc 16: C_in 20 in chunks of 7, 7, 6); weights packed per task and by the caller; tiles
+    KCW 24 holds 4 taps of 5 channels, 9 taps go in 3 blocks of 3, a 2 x 5 kernel's 10 in
+    blocks of 4, 4, 2; kc 24: blocks of 2 taps), blocks that start inside a kernel row and
+    cross into the next (the tap loops step the row and column: 3 x 3 in blocks of 2 taps from
+    tap 2, 2 x 5 in 4s from tap 4), and of a tap's channels (kc 16: C_in 20 in chunks of 7, 7,
+    6); a 3 x 3 kernel at stride (1, 2) and a 2 x 5 one with dilation (1, 2) (a tap's
+    columns two apart in the band); weights packed per task and by the caller; tiles
     that cross images; channel blocks of whole pairs of panels where single panels would split
     the work more evenly (the split made for 2 threads whatever the machine; run on the threads
     there are); C_out of whole pairs (6 panels), of pairs and an odd panel (5), and with a
@@ -561,11 +566,13 @@ def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatc
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 16)
     monkeypatch.setattr(pointwise.numba, "get_num_threads", lambda: 2)
     x = rng.standard_normal((n, h, w, c)).astype(dt)
-    wt = rng.standard_normal((3, 3, c, c_out)).astype(dt)
+    wt = rng.standard_normal((*kernel, c, c_out)).astype(dt)
     bias = rng.standard_normal(c_out).astype(dt)
+    geo = dict(padding="same", stride=(1, 2)) if kernel == (3, 3) else dict(
+        padding="same", dilation=(1, 2))  # fmt: skip
     spec = make_spec(
-        "conv2d", x_shape=x.shape, layout="NHWC", kernel=(3, 3), c_in_kernel=c, multiplier=1,
-        c_out=c_out, activation=Activation.RELU6, padding="same", stride=(1, 2),
+        "conv2d", x_shape=x.shape, layout="NHWC", kernel=kernel, c_in_kernel=c, multiplier=1,
+        c_out=c_out, activation=Activation.RELU6, **geo,
     )  # fmt: skip
     k = conv2d.CONV2D
     size = int(np.prod(spec.out_nhwc))
@@ -588,9 +595,8 @@ def test_conv2d_direct_path_matches_im2col_bitwise(panels, kc, dtype, monkeypatc
         k.parallel(*args)
     assert direct[4].tobytes() == packed[4].tobytes() == im2col[4].tobytes()
     assert np.isnan(buffer[size:]).all()
-    expected = ref_fn("conv2d")(x, wt, bias=bias, activation="relu6", padding="same",
-                                stride=(1, 2))  # fmt: skip
-    assert_close(direct[4], expected, dt, 9 * c)
+    expected = ref_fn("conv2d")(x, wt, bias=bias, activation="relu6", **geo)
+    assert_close(direct[4], expected, dt, kernel[0] * kernel[1] * c)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

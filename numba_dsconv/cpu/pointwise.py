@@ -861,14 +861,15 @@ def wide_steps(
 
     The rows' offsets from row 0 (d1..d5) and the second panel's from the first (dq) are
     loop-invariant registers, and the loop advances one pointer per stream through
-    ``_simd.opaque``: each load is a base plus an index register, each step two pointer adds.
+    ``_simd.opaque``: each load is a base plus an index register, two pointer adds per pass.
     Left to itself LLVM gave each of the six rows and both panels a pointer of its own (eight
     adds per step beside the 24 FMAs; unrolled by two, twelve registers rotated by moves), and
     Intel's cores issue scalar adds on the ports their FMAs use: conv2d packed, in-process A/B
     on the Intel Xeon, 0.93-0.99x the time (N=1 and 8, rows 1-11), separable packed
-    0.95-0.99x. Two steps per pass (the adds over 48 FMAs): 0.97-0.99x again (conv2d,
-    pointwise, separable); the same for ``gemm_block``'s narrow loops was 0.98-1.01x forward and
-    up to 1.04-1.06x on the backward's transposed A, so they take one step per pass."""
+    0.95-0.99x (one step per pass). Two steps per pass (the adds over 48 FMAs): conv2d
+    0.94-1.01x, pointwise 0.98-1.00x, separable 0.96-1.00x; the same for ``gemm_block``'s
+    narrow loops was 0.97-1.01x forward and 1.04-1.06x on the backward (separable_grad N=8
+    row 3), so they take one step per pass (BENCHMARKS.md, "Design measurements")."""
     d1 = a1 - a0
     d2 = a2 - a0
     d3 = a3 - a0
@@ -991,10 +992,11 @@ def tap_steps(
     s, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, kw, sm, sq, pw, spk, nk, dt, sz
 ):  # pragma: no cover - compiled
     """The tap block's reduction, as ``wide_steps`` on one panel (at pw) and eight rows (at
-    byte addresses a0..a7): each step two vector loads, eight broadcasts and 16 FMAs."""
+    byte addresses a0..a7), one step per loop pass: each step two vector loads, eight
+    broadcasts and 16 FMAs."""
     B = VEC_BYTES
     (s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51, s60, s61, s70, s71) = s
-    d1 = a1 - a0  # row offsets and opaque pointer advances, as in ``wide_steps``
+    d1 = a1 - a0  # the row offsets and opaque pointer advances of ``wide_steps``
     d2 = a2 - a0
     d3 = a3 - a0
     d4 = a4 - a0
