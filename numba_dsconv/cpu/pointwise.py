@@ -1114,9 +1114,6 @@ def gemm_block_wide(
                        0, 1, 1, 0, 0, pw0, pw1, spk, nk, dt, sz)  # fmt: skip
         wide_finish(s, pdst, sdst, nvalid, final, act)
     else:  # a transposed A: each step another row
-        B = VEC_BYTES
-        (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
-         s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53) = s  # fmt: skip
         d1 = sa  # row offsets and opaque pointer advances, as in ``wide_steps``
         d2 = 2 * sa
         d3 = 3 * sa
@@ -1126,47 +1123,12 @@ def gemm_block_wide(
         p = pa
         pw = pw0
         for _ in range(nk):
-            w0 = vloadp(pw, dt)
-            w1 = vloadp(pw + B, dt)
-            w2 = vloadp(pw + dq, dt)
-            w3 = vloadp(pw + dq + B, dt)
             prefetch_l1(p + 8 * ska)
-            x = loadp(p, dt)
-            s00 = vfma(x, w0, s00)
-            s01 = vfma(x, w1, s01)
-            s02 = vfma(x, w2, s02)
-            s03 = vfma(x, w3, s03)
-            x = loadp(p + d1, dt)
-            s10 = vfma(x, w0, s10)
-            s11 = vfma(x, w1, s11)
-            s12 = vfma(x, w2, s12)
-            s13 = vfma(x, w3, s13)
-            x = loadp(p + d2, dt)
-            s20 = vfma(x, w0, s20)
-            s21 = vfma(x, w1, s21)
-            s22 = vfma(x, w2, s22)
-            s23 = vfma(x, w3, s23)
-            x = loadp(p + d3, dt)
-            s30 = vfma(x, w0, s30)
-            s31 = vfma(x, w1, s31)
-            s32 = vfma(x, w2, s32)
-            s33 = vfma(x, w3, s33)
-            x = loadp(p + d4, dt)
-            s40 = vfma(x, w0, s40)
-            s41 = vfma(x, w1, s41)
-            s42 = vfma(x, w2, s42)
-            s43 = vfma(x, w3, s43)
-            x = loadp(p + d5, dt)
-            s50 = vfma(x, w0, s50)
-            s51 = vfma(x, w1, s51)
-            s52 = vfma(x, w2, s52)
-            s53 = vfma(x, w3, s53)
+            s = wide_step(s, p, p + d1, p + d2, p + d3, p + d4, p + d5, pw, pw + dq, dt)
             p = opaque(p + ska)
             pw = opaque(pw + spk)
         # each branch stores its own sums: with one store after the branches (the tuple
         # merged) separable_grad at N=8 ran 1.01-1.04x the time (layers 1 and 3)
-        s = (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
-             s30, s31, s32, s33, s40, s41, s42, s43, s50, s51, s52, s53)  # fmt: skip
         wide_finish(s, pdst, sdst, nvalid, final, act)
 
 
