@@ -11,6 +11,7 @@ import sys
 import threading
 
 import numba
+from numba.np.ufunc import parallel as _NUMBA_PARALLEL
 
 # LLVM fast-math flags for every CPU kernel. ``nnan`` and ``ninf`` are deliberately absent:
 # NaN and Inf must propagate exactly as the formulas say. ``reassoc``/``contract`` let LLVM
@@ -228,18 +229,30 @@ class _NullGuard:
 _NULL_GUARD = _NullGuard()
 
 
-def call_guard() -> threading.Lock | _NullGuard:
-    """A context manager around every parallel CPU kernel launch.
+# Whether parallel launches take _WORKQUEUE_LOCK: None until the threading layer has started
+# (it never changes after that, but in a forked child, which asks again)
+_LOCK_LAUNCHES: bool | None = None
 
-    A no-op under the thread-safe layers; a process-wide lock under ``workqueue``, which is not
-    safe for concurrent launches.
-    """
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet: the first launch decides
-        safe = numba.config.THREADING_LAYER in ("threadsafe", "safe", "omp", "tbb")
-        return _NULL_GUARD if safe else _WORKQUEUE_LOCK
-    return _WORKQUEUE_LOCK if layer == "workqueue" else _NULL_GUARD
+
+def launch_lock() -> threading.Lock | None:
+    """The lock every parallel CPU kernel launch holds: a process-wide one under ``workqueue``,
+    which is not safe for concurrent launches; None under the thread-safe layers. Known once
+    the layer has started (asked per launch until then: the first launch decides)."""
+    global _LOCK_LAUNCHES
+    if _LOCK_LAUNCHES is None:
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel region has run yet
+            safe = numba.config.THREADING_LAYER in ("threadsafe", "safe", "omp", "tbb")
+            return None if safe else _WORKQUEUE_LOCK
+        _LOCK_LAUNCHES = layer == "workqueue"
+    return _WORKQUEUE_LOCK if _LOCK_LAUNCHES else None
+
+
+def call_guard() -> threading.Lock | _NullGuard:
+    """``launch_lock()`` as a context manager (a no-op one where there is no lock)."""
+    lock = launch_lock()
+    return _NULL_GUARD if lock is None else lock
 
 
 # Set in a forked child whose parent had started a thread pool that cannot survive fork: GNU
@@ -269,10 +282,11 @@ def _pool_survives_fork() -> bool:
 
 def _after_fork_in_child() -> None:
     """Make this freshly forked child safe (registered with os.register_at_fork)."""
-    global SERIAL_ONLY, _WORKQUEUE_LOCK
+    global SERIAL_ONLY, _WORKQUEUE_LOCK, _LOCK_LAUNCHES
     # another thread may have held the launch lock at fork time: in the child it would stay
     # held forever
     _WORKQUEUE_LOCK = threading.Lock()
+    _LOCK_LAUNCHES = None  # the child may start another layer (below)
     par = sys.modules.get("numba.np.ufunc.parallel")
     if par is not None and getattr(par, "_is_initialized", False):
         if not _pool_survives_fork():
@@ -300,7 +314,20 @@ def launch_settings(parallel: bool) -> tuple:
     fixed = (CPU_TILE_BYTES, CPU_TILE_MAX_PIXELS, CPU_GEMM_KC, SERIAL_MAX_MACS, SERIAL_ONLY)
     if not parallel or SERIAL_ONLY:
         return fixed
-    return (*fixed, numba.get_num_threads())
+    return (*fixed, thread_count())
+
+
+def thread_count() -> int:
+    """``numba.get_num_threads()`` (this thread's count: a dask task sets its own). Once the
+    pool runs, read straight from the threading layer: get_num_threads takes two locks to
+    check that the pool runs, ~1-2 us of every parallel call (measured after a kernel, when
+    the interpreter runs from cold caches)."""
+    par = _NUMBA_PARALLEL
+    if par._is_initialized:
+        n = par._get_num_threads()
+        if n > 0:
+            return n
+    return numba.get_num_threads()
 
 
 # Numba threads per dask block task (numba_dsconv/_dask.py): 0 shares the cores out among the

@@ -221,25 +221,29 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
     the fast path (another array type, a non-native byte order, a read-only out=, keywords
     that are not plain ints, strings and tuples of them). An out= passes validation again if
     its shape, strides and dtype did and it overlaps no input (``_run_fast`` checks)."""
+    for v in options:
+        t = type(v)  # the common values first: this runs on every call
+        if t is not int and t is not str and v is not None and not plain_value(v):
+            return None
     key: list[Any] = [op]
     if out is not None:
         if type(out) is not _NDARRAY or not out.dtype.isnative or not out.flags.writeable:
             return None
         key.append(("out", out.shape, out.strides, out.dtype))
     for a in arrays:
-        if a is None:
+        t = type(a)
+        if t is _NDARRAY:
+            dt = a.dtype
+            if not dt.isnative:
+                return None
+            key.append((a.shape, a.strides, dt))
+        elif a is None:
             key.append(None)
-        elif type(a) is _NDARRAY and a.dtype.isnative:
-            key.append((a.shape, a.strides, a.dtype))
-        elif type(a) is PackedWeights:  # only pw or conv2d's w may be one (as_host_array)
-            key.append((a.shape, PackedWeights, a.dtype))
+        elif t is PackedWeights:  # only pw or conv2d's w may be one (as_host_array)
+            key.append(a._signature)  # (shape, PackedWeights, dtype)
         else:
             return None
-    for v in options:
-        t = type(v)  # the common values first: this runs on every call
-        if t is not int and t is not str and v is not None and not plain_value(v):
-            return None
-    key.extend(options)
+    key.append(options)
     return tuple(key)
 
 
@@ -281,15 +285,17 @@ def remembered_shapes(validated: tuple, given: tuple) -> tuple | None:
 
 
 def _forward(
-    op: str, arrays: tuple, nweights: int, options: tuple, out: Any, setup: Callable[[], _Setup]
-) -> Any:
+    op: str, arrays: tuple, nweights: int, options: tuple, out: Any,
+    setup: Callable[..., _Setup], *args: Any,
+) -> Any:  # fmt: skip
     """A public forward call: from the fast path where it was seen before, else validated by
-    ``setup()`` (and remembered), then run."""
+    ``setup(*args)`` (and remembered), then run. (The setup and its arguments, not a closure
+    over them: a closure makes every argument of the public function a cell, on every call.)"""
     key = _fast_key(op, arrays, options, out)
     done = _run_fast(key, arrays, nweights, out)
     if done is not None:
         return done
-    validated = setup()
+    validated = setup(*args)
     result = validated.run(out)  # (out= checked here: remembered only once it passed)
     _remember(key, validated, arrays, nweights, out)
     return result
@@ -383,7 +389,7 @@ def conv2d(
         return _lazy(conv2d, locals())
     return _forward(
         "conv2d", (x, w, bias), 1, (stride, padding, dilation, activation, layout, device), out,
-        lambda: _conv2d_setup(x, w, stride, padding, dilation, bias, activation, layout, device),
+        _conv2d_setup, x, w, stride, padding, dilation, bias, activation, layout, device,
     )  # fmt: skip
 
 
@@ -458,8 +464,7 @@ def depthwise(
     return _forward(
         "depthwise", (x, dw, bias), 1, (stride, padding, dilation, activation, layout, device),
         out,
-        lambda: _depthwise_setup(x, dw, stride, padding, dilation, bias, activation, layout,
-                                 device),
+        _depthwise_setup, x, dw, stride, padding, dilation, bias, activation, layout, device,
     )  # fmt: skip
 
 
@@ -529,7 +534,7 @@ def pointwise(
         return _lazy(pointwise, locals())
     return _forward(
         "pointwise", (x, pw, bias), 1, (activation, layout, device), out,
-        lambda: _pointwise_setup(x, pw, bias, activation, layout, device),
+        _pointwise_setup, x, pw, bias, activation, layout, device,
     )  # fmt: skip
 
 
@@ -591,8 +596,8 @@ def separable(
     return _forward(
         "separable", (x, dw, pw, dw_bias, bias), 2,
         (stride, padding, dilation, mid_activation, activation, layout, device), out,
-        lambda: _separable_setup(x, dw, pw, stride, padding, dilation, dw_bias, mid_activation,
-                                 bias, activation, layout, device),
+        _separable_setup, x, dw, pw, stride, padding, dilation, dw_bias, mid_activation, bias,
+        activation, layout, device,
     )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ class PackedWeights:
     Read-only; ``shape``, ``dtype`` and ``ndim`` are those of the array given, and
     ``numpy.asarray`` gives its values back."""
 
-    __slots__ = ("_panels", "_shape", "_weights")
+    __slots__ = ("_panels", "_shape", "_signature", "_stand_in", "_weights")
 
     def __init__(self, weights: np.ndarray, panels: np.ndarray, shape: tuple[int, ...]) -> None:
         # kept writable (never written) so that the kernels see the array types of a plain
@@ -38,6 +38,10 @@ class PackedWeights:
         self._weights = weights  # the GEMM's (C_in, C_out), or (K_h * K_w * C_in, C_out)
         self._panels = panels  # cpu.pointwise.pack_panels' layout
         self._shape = shape
+        # what every call reads, worked out once (a snapshot never changes): the api fast
+        # path's key, and the kernels' stand-in for w (``kernel_operands``)
+        self._signature = (shape, PackedWeights, weights.dtype)
+        self._stand_in = panels[0] if len(panels) else panels
 
     @property
     def weights(self) -> np.ndarray:
@@ -60,7 +64,7 @@ class PackedWeights:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.weights.dtype
+        return self._weights.dtype  # (every fast-path call reads it: no view made)
 
     @property
     def ndim(self) -> int:
@@ -155,5 +159,5 @@ def kernel_operands(pw: Any, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     of the same array type: gemm_tile reads no weight of w when given panels), else pw as it
     is and ``empty`` (no panels: each task packs its own)."""
     if type(pw) is PackedWeights:
-        return pw._panels[0], pw._panels
+        return pw._stand_in, pw._panels
     return pw, empty

@@ -38,6 +38,31 @@ def test_threading_layer_is_thread_safe_or_guarded():
     else:
         assert layer in ("omp", "tbb")
         assert _config.call_guard() is _config._NULL_GUARD
+    assert _config.launch_lock() is (_config._WORKQUEUE_LOCK if layer == "workqueue" else None)
+
+
+def test_thread_count_is_numbas_per_thread_count():
+    # read straight from the running pool (cpu.backend's launches key on it): each thread's own
+    # count, as numba.get_num_threads gives it, before and after set_num_threads
+    import threading
+
+    import numba
+
+    from numba_dsconv import _config
+
+    threading_layer()  # the pool runs
+    assert _config.thread_count() == numba.get_num_threads()
+    seen = {}
+
+    def one_thread() -> None:
+        numba.set_num_threads(1)
+        seen["other"] = (_config.thread_count(), numba.get_num_threads())
+
+    t = threading.Thread(target=one_thread)
+    t.start()
+    t.join()
+    assert seen["other"] == (1, 1)
+    assert _config.thread_count() == numba.get_num_threads()  # (this thread: unchanged)
 
 
 def test_python_dash_m_entry_point():

@@ -61,13 +61,15 @@ def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np
 
 
 def _call(fn: Any, parallel: bool, args: tuple) -> None:
-    """Run one build of a kernel; a parallel one inside the launch guard (asked per call: a
-    forked child gets a new lock)."""
-    if parallel:
-        with _config.call_guard():
-            fn(*args)
-    else:
+    """Run one build of a kernel; a parallel one holding the launch lock where the threading
+    layer needs one (``_config.launch_lock``, asked per call: a forked child gets a new
+    lock)."""
+    lock = _config.launch_lock() if parallel else None
+    if lock is None:
         fn(*args)
+    else:
+        with lock:
+            fn(*args)
 
 
 def prepared_launch(

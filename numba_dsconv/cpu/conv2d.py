@@ -383,12 +383,14 @@ def conv2d_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[...
     act = int(spec.activation)
     once = packs_once(spec.pixels, split[0], taps * c_in * c_out * sz, parallel)
 
+    zeros = bias_vector(None, c_out, dtype, nr)  # (no bias: worked out here, not per call)
+
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         w2, packed = kernel_operands(weights[0], nopack)  # the caller's panels (numba_dsconv.pack)
         if packed.shape[0] == 0:
             w2 = np.ascontiguousarray(w2).reshape(taps * c_in, c_out)
             _, packed = kernel_panels(w2, nopack, once, parallel, "conv2d_w")
-        b = bias_vector(biases[0], c_out, dtype, nr)
+        b = zeros if biases[0] is None else bias_vector(biases[0], c_out, dtype, nr)
         return (x, w2, packed, b, out, geo, act, split, slab, direct)
 
     return build

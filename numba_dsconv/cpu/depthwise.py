@@ -377,9 +377,11 @@ def depthwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     """``build(x, weights, biases, out)``: the arguments of depthwise_nhwc for a call of this
     signature (x and out NHWC, C-contiguous; see ``kernel``)."""
     c_mid, geo, act = spec.c_mid, spec.geometry, int(spec.activation)
+    zeros = bias_vector(None, c_mid, dtype)  # (no bias: worked out here, not per call)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
-        return (x, weights[0], bias_vector(biases[0], c_mid, dtype), out, geo, act)
+        b = zeros if biases[0] is None else bias_vector(biases[0], c_mid, dtype)
+        return (x, weights[0], b, out, geo, act)
 
     return build
 

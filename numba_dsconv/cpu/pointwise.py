@@ -1281,10 +1281,11 @@ def pointwise_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     nopack = no_packed(dtype)
     act = int(spec.activation)
     once = packs_once(rows, split[0], c_in * c_out * dtype.itemsize, parallel)
+    zeros = bias_vector(None, c_out, dtype, nr)  # (no bias: worked out here, not per call)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         w, panels = kernel_panels(weights[0], nopack, once, parallel, "pointwise_pw")
-        b = bias_vector(biases[0], c_out, dtype, nr)
+        b = zeros if biases[0] is None else bias_vector(biases[0], c_out, dtype, nr)
         return (x.reshape(rows, c_in), w, panels, b, out.reshape(rows, c_out), split, act)
 
     return build

@@ -102,12 +102,15 @@ def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     c_mid, c_out, geo = spec.c_mid, spec.c_out, spec.geometry
     mid_act, act = int(spec.mid_activation), int(spec.activation)
     once = packs_once(spec.pixels, split[0], c_mid * c_out * sz, parallel)
+    # (no bias: worked out here, not per call)
+    zeros_mid, zeros = bias_vector(None, c_mid, dtype), bias_vector(None, c_out, dtype, nr)
 
     def build(x: np.ndarray, weights: tuple, biases: tuple, out: np.ndarray) -> tuple:
         dwk, pw = weights
         w, panels = kernel_panels(pw, nopack, once, parallel, "separable_pw")
-        db = bias_vector(biases[0], c_mid, dtype)
-        b = bias_vector(biases[1], c_out, dtype, nr)
+        db, b = biases
+        db = zeros_mid if db is None else bias_vector(db, c_mid, dtype)
+        b = zeros if b is None else bias_vector(b, c_out, dtype, nr)
         return (x, dwk, db, w, panels, b, out, geo, mid_act, act, split)
 
     return build
