@@ -261,7 +261,9 @@ def _run_fast(key: tuple | None, arrays: tuple, nweights: int, out: Any = None) 
             if type(a) is _NDARRAY and np.may_share_memory(out, a):
                 return None
     spec, dtype, shapes, cpu, launch = hit
-    weights = kernel_shapes(arrays[1 : 1 + nweights], shapes)
+    weights = arrays[1 : 1 + nweights]
+    if shapes is not None:
+        weights = kernel_shapes(weights, shapes)
     if launch is not None:  # the common case: no conversion (cpu.backend.prepared_launch)
         return launch(arrays[0], weights, arrays[1 + nweights :], out)
     result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)

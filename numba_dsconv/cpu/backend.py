@@ -107,6 +107,7 @@ def prepared_launch(
 
     state = [prepare()]  # one tuple, replaced whole: a concurrent call sees one preparation
     shape = spec.out_nhwc
+    nhwc = spec.batched and spec.layout == "NHWC"  # x and the result as the kernel has them
 
     def launch(x: Any, weights: tuple, biases: tuple, out: Any) -> Any:
         parallel, fn, build, settings = state[0]
@@ -115,8 +116,10 @@ def prepared_launch(
         y = np.empty(shape, dtype) if out is None else nhwc_view(out, spec)
         if convert:
             weights = tuple([_kernel_weights(w, dtype) for w in weights])
-        _call(fn, parallel, build(nhwc_view(x, spec), weights, biases, y))
-        return out if out is not None else from_nhwc(y, spec, keep_nhwc=True)
+        _call(fn, parallel, build(x if nhwc else nhwc_view(x, spec), weights, biases, y))
+        if out is not None:
+            return out
+        return y if nhwc else from_nhwc(y, spec, keep_nhwc=True)
 
     return launch
 
