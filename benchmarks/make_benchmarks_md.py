@@ -10,6 +10,7 @@ during discovery and finds nothing to run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,34 @@ def _train_section(batches: list[int], layers: str, console) -> list[str]:
             f"stage) at N=8: ours {ours / 2**20:.1f} MiB, torch {theirs / 2**20:.1f} MiB "
             f"({ours / theirs:.2f}x).", ""]  # fmt: skip
     return out
+
+
+def _python_share_section(layers: str, console) -> list[str]:
+    """The library's own time per call: each separable layer's call at N=1 against the bare
+    kernel call it ends in (``numba-dsconv bench --python-share``)."""
+    import numba
+
+    from numba_dsconv import bench
+
+    console.print("python share")
+    rows = bench.python_share(bench.parse_layers(layers), "separable", 1)
+    shares = [r.python_s * 1e6 for r in rows]
+    return [
+        "## the Python share of a call (`numba-dsconv bench --python-share`)",
+        "",
+        f"separable, N=1, {numba.get_num_threads()} threads: the public call (weights packed "
+        "once beforehand) against the bare kernel call it ends in (its arguments built once), "
+        "sampled interleaved, medians; µs. `python` = call - kernel: the library's work per "
+        "call (the fast path's lookup, the plan, the result's allocation, the dispatch into "
+        "the kernel), as it runs between kernels, from cold caches.",
+        "",
+        "| # | layer | call | kernel | python |",
+        "|---|---|---|---|---|",
+        *("| " + " | ".join(r.cells()) + " |" for r in rows),
+        "",
+        f"Python share: median {statistics.median(shares):.1f} µs, largest {max(shares):.1f} µs.",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out += _peers_section(batches, args.layers, args.peer_rounds, console)
     out += _peers_section(batches, args.layers, args.peer_rounds, console, op="conv2d")
+    out += _python_share_section(args.layers, console)
     if args.train:
         out += _train_section(batches, args.layers, console)
     for result in results:

@@ -250,6 +250,8 @@ def bench(args: argparse.Namespace) -> int:
         return _bench_train(args, lays)
     if args.peers:
         return _bench_peers(args, lays)
+    if args.python_share:
+        return _bench_python_share(args, lays)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -349,6 +351,36 @@ def tune(args: argparse.Namespace) -> int:
     console.print(Text(f"chosen: {chosen} ({result.score:.3f} of the defaults' time)"))
     if result.path:
         console.print(Text(f"written to {result.path}: later processes on this machine use it"))
+    return 0
+
+
+def _bench_python_share(args: argparse.Namespace, lays: list) -> int:
+    """Each layer's call against the bare kernel call it ends in (bench.python_share)."""
+    import numba
+
+    from .bench import python_share
+
+    if args.device != "cpu":
+        return _error("--python-share times the CPU calls")
+    repeat = args.repeat or 15
+    with console.status("timing calls against their kernels"):
+        rows = python_share(lays, args.op, args.batch, repeat)
+    t = Table(
+        title=Text(
+            f"{args.op}, N={args.batch}, float32, {numba.get_num_threads()} threads: the public "
+            f"call (weights packed once beforehand) against the bare kernel call it ends in, "
+            f"interleaved, medians of {repeat} samples; microseconds"
+        ),
+        caption=Text(
+            "python = call - kernel: the library's work per call (fast-path lookup, plan, "
+            "result allocation, dispatch), as it runs between kernels (from cold caches)"
+        ),
+    )
+    for col in ("#", "layer", "call", "kernel", "python"):
+        t.add_column(Text(col), justify="right")
+    for r in rows:
+        t.add_row(*(Text(c) for c in r.cells()))
+    console.print(t)
     return 0
 
 
@@ -587,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="with --peers, or --pass train on the CPU: alternating rounds of processes "
         "(default 7 with --peers, 5 with --pass train)",
+    )
+    p_bench.add_argument(
+        "--python-share",
+        action="store_true",
+        help="instead: each layer's call against the bare kernel call it ends in (CPU): the "
+        "library's own time per call",
     )
     p_bench.add_argument(
         "--dask",

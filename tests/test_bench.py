@@ -421,6 +421,33 @@ def test_cli_errors_print_brackets_literally(monkeypatch, capsys):
     assert "pip install 'numba-dsconv[bench]'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("op", bench.OPS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("lay", [TINY, TINY_S2, suite.layer(9)])
+def test_bare_cpu_launch_is_the_calls_kernel(op, packed, lay):
+    # what --python-share subtracts from a call must be the kernel that call runs: the same
+    # result to the bit, serial (tiny layers) and parallel (layer 9), packed or not
+    if packed and op == "depthwise":
+        pytest.skip("depthwise has no GEMM weights to pack")
+    case = bench.Case(lay, op, 2)
+    call, _ = case.numba_fn(packed=packed)
+    bare, _ = case.bare_launch(packed=packed)
+    np.testing.assert_array_equal(bare(), call())
+
+
+def test_python_share_times_the_call_against_its_kernel(tiny_layers, capsys):
+    rows = bench.python_share([TINY, TINY_S2], "separable", 1, repeat=2)
+    assert [r.layer for r in rows] == [TINY, TINY_S2]
+    for r in rows:
+        assert r.call_s > 0 and r.kernel_s > 0
+        assert r.python_s == pytest.approx(r.call_s - r.kernel_s)
+        assert r.cells()[:2] == [str(r.layer.number), r.layer.name]
+    assert cli.main(["bench", "--python-share", "--layers", "99", "--repeat", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "python" in text and "99:tiny" in text
+    assert cli.main(["bench", "--python-share", "--device", "cuda", "--layers", "99"]) == 2
+
+
 def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):
     if bench.gpu_available():
         pytest.skip("a GPU (or the CUDA simulator) is available here")

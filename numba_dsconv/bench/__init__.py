@@ -21,7 +21,7 @@ calls carry no bias and no activation.
 from .cases import ANCHORS, DEVICES, OURS, RTOL_FLOAT32, Case
 from .machine import Ceilings, gpu_available, machine_info, measure_ceilings, thread_limits
 from .report import BenchResult, LayerResult, SideResult, plot_roofline, write_json
-from .run import call_breakdown, parse_layers, run_bench, time_variants
+from .run import PythonShare, call_breakdown, parse_layers, python_share, run_bench, time_variants
 from .timing import time_interleaved
 from .work import OPS, Work, roofline_floor, work
 
@@ -35,6 +35,7 @@ __all__ = [
     "Case",
     "Ceilings",
     "LayerResult",
+    "PythonShare",
     "SideResult",
     "Work",
     "call_breakdown",
@@ -43,6 +44,7 @@ __all__ = [
     "measure_ceilings",
     "parse_layers",
     "plot_roofline",
+    "python_share",
     "roofline_floor",
     "run_bench",
     "thread_limits",

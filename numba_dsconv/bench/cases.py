@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _config, api
 from .._spec import ConvSpec, make_spec
+from ..packing import pack
 from . import reference
 from .machine import gpu_available, tf32, torch_module
 from .suite import Layer
@@ -118,9 +119,12 @@ class Case:
             return xs, ws, cuda.synchronize
         return [h["x"]], {k: v for k, v in h.items() if k != "x"}, no_sync
 
-    def numba_fn(self, *, out: bool = False, knobs: dict[str, Any] | None = None) -> Timed:
+    def numba_fn(
+        self, *, out: bool = False, knobs: dict[str, Any] | None = None, packed: bool = False
+    ) -> Timed:
         """(call, sync): one numba_dsconv call on the next input, and the wait for it; with
-        ``out`` into one preallocated result, with ``knobs`` under those _config settings."""
+        ``out`` into one preallocated result, with ``knobs`` under those _config settings, with
+        ``packed`` (CPU) its GEMM weights packed once beforehand (``numba_dsconv.pack``)."""
         xs, ws, sync = self._arrays()
         lay = self.layer
         kw: dict[str, Any] = {"device": self.device}
@@ -128,6 +132,8 @@ class Case:
             kw.update(stride=lay.stride, padding=lay.padding)
         fn = getattr(api, self.op)
         weights = [ws[k] for k in ("w", "dw", "pw") if k in ws]
+        if packed:
+            weights[-1] = pack(weights[-1])  # pw or w: the GEMM's weights come last
         if out:
             kw["out"] = fn(xs[0], *weights, **kw)
 
@@ -168,9 +174,14 @@ class Case:
 
         return rotating(one, xs), sync
 
-    def bare_launch(self) -> Timed:
-        """The configured CUDA kernel launch the call ends in, with its arguments built once
-        (the call's time minus this is the library's Python work)."""
+    def bare_launch(self, *, packed: bool = False) -> Timed:
+        """The kernel launch the call ends in, with its arguments built once (the call's time
+        minus this is the library's Python work): on the CPU the kernel build the call runs,
+        into one result array (``packed``: from weights packed beforehand, as ``numba_fn``'s;
+        unpacked, a call that packs its weights once per call did so when its arguments were
+        built); on CUDA the configured kernel launch."""
+        if self.device == "cpu":
+            return self._bare_cpu_launch(packed)
         from numba import cuda
 
         from .._dispatch import Device
@@ -191,6 +202,27 @@ class Case:
                 launch(*args)
 
         return bare, sync
+
+    def _bare_cpu_launch(self, packed: bool) -> Timed:
+        from ..cpu.backend import KERNELS, run_kernel
+
+        spec, dt = self.spec(), np.dtype(np.float32)
+        k = KERNELS[self.op]
+        parallel = _config.use_parallel(spec.macs)  # the build the call picks
+        h = self.host
+        weights = [h[n] for n in ("w", "dw", "pw") if n in h]
+        if packed:
+            weights[-1] = pack(weights[-1])
+        biases = (None, None) if self.op == "separable" else (None,)
+        out = np.empty(spec.out_nhwc, dt)
+        args = k.args(spec, dt, parallel)(h["x"], tuple(weights), biases, out)
+        fn = k.parallel if parallel else k.serial
+
+        def bare() -> np.ndarray:
+            run_kernel(fn, parallel, args)
+            return out
+
+        return bare, no_sync
 
     # -- the anchors -----------------------------------------------------------------------
 

@@ -246,10 +246,48 @@ def call_breakdown(case: Case, reps: int = 300) -> dict[str, float]:
     return out
 
 
+@dataclass
+class PythonShare:
+    """One layer's public call against the bare kernel call it ends in (CPU), interleaved:
+    medians in seconds; ``python_s`` = call - kernel, the library's own work per call
+    (the fast path's lookup or the validation, the plan, the result's allocation, the
+    dispatch into the kernel), run as it runs between kernels: from cold caches."""
+
+    layer: Layer
+    call_s: float
+    kernel_s: float
+
+    @property
+    def python_s(self) -> float:
+        return self.call_s - self.kernel_s
+
+    def cells(self) -> list[str]:
+        """#, layer, call, kernel, python (microseconds): a table row."""
+        return [str(self.layer.number), self.layer.name, f"{self.call_s * 1e6:.1f}",
+                f"{self.kernel_s * 1e6:.1f}", f"{self.python_s * 1e6:.1f}"]  # fmt: skip
+
+
+def python_share(
+    layers: Sequence[Layer], op: str = "separable", batch: int = 1, repeat: int = 15
+) -> list[PythonShare]:
+    """Per layer, the public call (weights packed beforehand, so that neither side packs)
+    and its bare kernel call, timed interleaved on the CPU (``PythonShare``)."""
+    rows = []
+    for lay in layers:
+        case = Case(lay, op, batch, "cpu")
+        fns = {"call": case.numba_fn(packed=True), "kernel": case.bare_launch(packed=True)}
+        samples, _ = time_interleaved(fns, repeat)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        rows.append(PythonShare(lay, med["call"], med["kernel"]))
+    return rows
+
+
 __all__ = [
     "DEVICES",
+    "PythonShare",
     "call_breakdown",
     "parse_layers",
+    "python_share",
     "run_bench",
     "time_variants",
 ]

@@ -57,10 +57,10 @@ def launch(spec: ConvSpec, x: np.ndarray, weights: tuple, biases: tuple, out: np
     k = KERNELS[spec.op]
     parallel = _config.use_parallel(spec.macs)
     args = k.args(spec, out.dtype, parallel)(x, weights, biases, out)
-    _call(k.parallel if parallel else k.serial, parallel, args)
+    run_kernel(k.parallel if parallel else k.serial, parallel, args)
 
 
-def _call(fn: Any, parallel: bool, args: tuple) -> None:
+def run_kernel(fn: Any, parallel: bool, args: tuple) -> None:
     """Run one build of a kernel; a parallel one holding the launch lock where the threading
     layer needs one (``_config.launch_lock``, asked per call: a forked child gets a new
     lock)."""
@@ -116,7 +116,7 @@ def prepared_launch(
         y = np.empty(shape, dtype) if out is None else nhwc_view(out, spec)
         if convert:
             weights = tuple([_kernel_weights(w, dtype) for w in weights])
-        _call(fn, parallel, build(x if nhwc else nhwc_view(x, spec), weights, biases, y))
+        run_kernel(fn, parallel, build(x if nhwc else nhwc_view(x, spec), weights, biases, y))
         if out is not None:
             return out
         return y if nhwc else from_nhwc(y, spec, keep_nhwc=True)
