@@ -20,6 +20,7 @@ from helpers import (
     Y_EX,
     Z_EX,
     assert_close,
+    bitwise_equal,
     check_against_reference,
     lib_fn,
     ref_fn,
@@ -327,6 +328,29 @@ def test_gemm_split_in_pairs_of_panels(threads):
             )
             assert cblock % (2 * nr) == 0 and 0 < cblock <= c_out, (pixels, c_out, cblock)
             assert tile > 0
+
+
+@pytest.mark.parametrize("h", [1, 3, 9])  # 1 to 18 tasks of 8 pixels
+@pytest.mark.parametrize("c_out", [40, 200])  # one channel block, or several where few pixels
+def test_separable_worker_runs_give_the_serial_bits(h, c_out, monkeypatch, request, rng):
+    """The fused kernel's tasks in one contiguous run per worker (each prefetching only its
+    own next task's input): fewer tasks than workers, as many, and more, split unevenly; at 1
+    and 2 threads the same bits as the serial build (each output's sums run in reduction
+    order whatever the tile), the thread count read per call."""
+    import numba
+
+    request.addfinalizer(functools.partial(numba.set_num_threads, numba.get_num_threads()))
+    x = rng.standard_normal((1, h, 8, 24)).astype(np.float32)
+    dw = rng.standard_normal((3, 3, 24)).astype(np.float32)
+    pw = rng.standard_normal((24, c_out)).astype(np.float32)
+    kw = dict(padding=1, mid_activation="relu6", bias=rng.standard_normal(c_out).astype(np.float32))
+    monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 10**12)
+    serial = nd.separable(x, dw, pw, **kw)
+    monkeypatch.setattr(nd._config, "SERIAL_MAX_MACS", 0)
+    monkeypatch.setattr(nd._config, "CPU_TILE_MAX_PIXELS", 8)
+    for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+        numba.set_num_threads(threads)
+        assert bitwise_equal(nd.separable(x, dw, pw, **kw), serial), threads
 
 
 def test_gemm_split_caps_the_reduction_block(monkeypatch):
@@ -644,7 +668,8 @@ def test_weights_packed_once_per_call(op, slab_taps, dtype, monkeypatch, request
                        "conv2d": ((wt,), (bias,))}[op]  # fmt: skip
     once = list(k.args(spec, dt, True)(x, weights, biases, np.empty(spec.out_nhwc, dt)))
     assert once[at_panels].shape[0] > 0  # the panels
-    tile = [a for a in once if isinstance(a, tuple) and len(a) == 3][0][0]  # the split
+    # the split: (tile, cblock, kc), and separable's worker count
+    tile = [a for a in once if isinstance(a, tuple) and len(a) in (3, 4)][0][0]
     wbytes = (9 if op == "conv2d" else 1) * c * c_out * dt.itemsize
     assert packs_once(spec.pixels, tile, wbytes, True)
     if slab_taps:

@@ -52,9 +52,11 @@ def separable_nhwc(
     task packs its panels, see ``pointwise_nhwc``); nopack: ``no_packed``; bias padded to a
     multiple of the panel width; out: (N,OH,OW,C_out);
     geo: the spec's geometry tuple (_spec.GEOMETRY_FIELDS); split: (tile, cblock, kc), see
-    ``gemm_split``.
+    ``gemm_split``, and the number of workers: the task list in that many contiguous runs, one
+    per parallel iteration, so that a task knows whether the next one is its own (the only
+    input worth prefetching).
     """
-    tile, cblock, kc = split
+    tile, cblock, kc, workers = split
     oh = out.shape[1]
     ow = out.shape[2]
     P = out.shape[0] * oh * ow
@@ -70,26 +72,29 @@ def separable_nhwc(
     phase = 0
     if geo[0] == 3 and geo[1] == 3 and geo[8] == 1 and vector_head(address(x), CM, x.itemsize):
         phase = address(x) % VEC_BYTES
-    for t in prange(nb * nc):
-        cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
-        buf = aligned_rows(tile, CM, out, phase)
-        pk, at, part = gemm_scratch(kc, tile, out)
-        depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
-        zero_tail(buf, p1 - p0)
-        # the input rows of this thread's next task (prange hands out contiguous chunks), to
-        # prefetch while the GEMM runs; none if the next task reuses this pixel block
-        pf = address(x)
-        pf_len = 0
-        if cb == nc - 1 and p1 < P:
-            q1 = min(P, p1 + tile) - 1
-            r0 = p1 // ow
-            r1 = q1 // ow
-            lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
-            hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
-            pf += lo * x.strides[1]
-            pf_len = min(PREFETCH_MAX_BYTES, max(0, hi + 1 - lo) * x.strides[1])
-        gemm_tile(buf, False, p1 - p0, pw, nopack, bias, out2[p0:p1], c0, c1, act, False, pk, at,
-                  part, pf, pf_len, False)  # fmt: skip
+    tasks = nb * nc
+    for w in prange(workers):
+        for t in range(w * tasks // workers, (w + 1) * tasks // workers):
+            cb, p0, p1, c0, c1 = gemm_task(t, nc, tile, cblock, P, CO)
+            buf = aligned_rows(tile, CM, out, phase)
+            pk, at, part = gemm_scratch(kc, tile, out)
+            depthwise_tile(x, dwk, p0, p1, oh, ow, geo, dw_bias, mid_act, buf)
+            zero_tail(buf, p1 - p0)
+            # the input rows of this worker's next task, to prefetch while the GEMM runs; none
+            # where the next task is another worker's (N=1, late layers: one task each) or
+            # reuses this pixel block
+            pf = address(x)
+            pf_len = 0
+            if cb == nc - 1 and p1 < P and t + 1 < (w + 1) * tasks // workers:
+                q1 = min(P, p1 + tile) - 1
+                r0 = p1 // ow
+                r1 = q1 // ow
+                lo = (r0 // oh) * H + max(0, (r0 % oh) * sh - pt)
+                hi = (r1 // oh) * H + min(H - 1, (r1 % oh) * sh - pt + (kh - 1) * dil_h)
+                pf += lo * x.strides[1]
+                pf_len = min(PREFETCH_MAX_BYTES, max(0, hi + 1 - lo) * x.strides[1])
+            gemm_tile(buf, False, p1 - p0, pw, nopack, bias, out2[p0:p1], c0, c1, act, False,
+                      pk, at, part, pf, pf_len, False)  # fmt: skip
 
 
 def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[..., tuple]:
@@ -97,6 +102,9 @@ def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     signature (x and out NHWC, C-contiguous; see ``kernel``)."""
     sz = dtype.itemsize
     split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
+    workers = _config.thread_count() if parallel else 1  # (gemm_split's count)
+    tasks = -(-spec.pixels // split[0]) * -(-spec.c_out // split[1])
+    split = (*split, max(1, min(workers, tasks)))
     nr = gemm_panel_width(sz)
     nopack = no_packed(dtype)
     c_mid, c_out, geo = spec.c_mid, spec.c_out, spec.geometry
