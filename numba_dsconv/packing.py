@@ -41,7 +41,7 @@ class PackedWeights:
         # what every call reads, worked out once (a snapshot never changes): the api fast
         # path's key, and the kernels' stand-in for w (``kernel_operands``)
         self._signature = (shape, PackedWeights, weights.dtype)
-        self._stand_in = panels[0] if len(panels) else panels
+        self._stand_in = panels[0]  # (no zero-sized weights: at least one panel)
 
     @property
     def weights(self) -> np.ndarray:

@@ -426,9 +426,8 @@ def test_cli_errors_print_brackets_literally(monkeypatch, capsys):
 @pytest.mark.parametrize("lay", [TINY, TINY_S2, suite.layer(9)])
 def test_bare_cpu_launch_is_the_calls_kernel(op, packed, lay):
     # what --python-share subtracts from a call must be the kernel that call runs: the same
-    # result to the bit, serial (tiny layers) and parallel (layer 9), packed or not
-    if packed and op == "depthwise":
-        pytest.skip("depthwise has no GEMM weights to pack")
+    # result to the bit, serial (tiny layers) and parallel (layer 9), packed or not (depthwise
+    # has no GEMM weights: packed is plain there)
     case = bench.Case(lay, op, 2)
     call, _ = case.numba_fn(packed=packed)
     bare, _ = case.bare_launch(packed=packed)
@@ -446,6 +445,11 @@ def test_python_share_times_the_call_against_its_kernel(tiny_layers, capsys):
     text = capsys.readouterr().out
     assert "python" in text and "99:tiny" in text
     assert cli.main(["bench", "--python-share", "--device", "cuda", "--layers", "99"]) == 2
+    for op in bench.OPS:  # every op (depthwise: nothing to pack)
+        rows = bench.python_share([TINY], op, 1, repeat=1)
+        assert rows[0].call_s > 0 and rows[0].kernel_s > 0, op
+    assert cli.main(["bench", "--python-share", "--op", "depthwise", "--layers", "99",
+                     "--repeat", "1"]) == 0  # fmt: skip
 
 
 def test_cli_bench_cuda_without_gpu_is_a_clean_error(capsys):

@@ -353,6 +353,31 @@ def test_separable_worker_runs_give_the_serial_bits(h, c_out, monkeypatch, reque
         assert bitwise_equal(nd.separable(x, dw, pw, **kw), serial), threads
 
 
+@pytest.mark.parametrize(("h", "workers"), [(3, 5), (7, 3), (7, 1), (1, 2)])
+def test_separable_kernel_covers_every_task_at_any_worker_count(h, workers, rng):
+    """The kernel's runs (one per worker, contiguous) with a hand-made split: more workers than
+    tasks (3 tasks on 5: empty runs), 7 tasks on 3 (uneven), 7 on 1, 1 on 2; every task run
+    once: the serial build's bits."""
+    from numba_dsconv._spec import make_spec
+    from numba_dsconv.cpu.separable import SEPARABLE
+
+    x = rng.standard_normal((1, h, 8, 24)).astype(np.float32)
+    dw = rng.standard_normal((3, 3, 24)).astype(np.float32)
+    pw = rng.standard_normal((24, 40)).astype(np.float32)
+    spec = make_spec("separable", x_shape=x.shape, layout="NHWC", kernel=(3, 3),
+                     c_in_kernel=24, multiplier=1, c_out=40, padding=1)  # fmt: skip
+    dt = np.dtype(np.float32)
+    serial = np.full(spec.out_nhwc, np.nan, np.float32)
+    SEPARABLE.serial(*SEPARABLE.args(spec, dt, False)(x, (dw, pw), (None, None), serial))
+    args = list(SEPARABLE.args(spec, dt, True)(x, (dw, pw), (None, None), serial.copy()))
+    out = args[6] = np.full(spec.out_nhwc, np.nan, np.float32)
+    tile, cblock, kc, _ = args[10]
+    args[10] = (8, 64, kc, workers)  # tasks of 8 pixels, every channel
+    assert -(-spec.pixels // 8) == h  # one task per output row of 8 pixels
+    SEPARABLE.parallel(*args)
+    assert bitwise_equal(out, serial)
+
+
 def test_gemm_split_caps_the_reduction_block(monkeypatch):
     """``gemm_split``'s kc: CPU_GEMM_KC, at most the reduction (twice it with the wide block,
     whose pairs take kc / 2): one block for every reduction up to the cap, no larger scratch."""

@@ -124,7 +124,8 @@ class Case:
     ) -> Timed:
         """(call, sync): one numba_dsconv call on the next input, and the wait for it; with
         ``out`` into one preallocated result, with ``knobs`` under those _config settings, with
-        ``packed`` (CPU) its GEMM weights packed once beforehand (``numba_dsconv.pack``)."""
+        ``packed`` (CPU) its GEMM weights packed once beforehand (``numba_dsconv.pack``;
+        depthwise has none)."""
         xs, ws, sync = self._arrays()
         lay = self.layer
         kw: dict[str, Any] = {"device": self.device}
@@ -132,7 +133,7 @@ class Case:
             kw.update(stride=lay.stride, padding=lay.padding)
         fn = getattr(api, self.op)
         weights = [ws[k] for k in ("w", "dw", "pw") if k in ws]
-        if packed:
+        if packed and self.op != "depthwise":
             weights[-1] = pack(weights[-1])  # pw or w: the GEMM's weights come last
         if out:
             kw["out"] = fn(xs[0], *weights, **kw)
@@ -211,7 +212,7 @@ class Case:
         parallel = _config.use_parallel(spec.macs)  # the build the call picks
         h = self.host
         weights = [h[n] for n in ("w", "dw", "pw") if n in h]
-        if packed:
+        if packed and self.op != "depthwise":
             weights[-1] = pack(weights[-1])
         biases = (None, None) if self.op == "separable" else (None,)
         out = np.empty(spec.out_nhwc, dt)

@@ -270,8 +270,8 @@ class PythonShare:
 def python_share(
     layers: Sequence[Layer], op: str = "separable", batch: int = 1, repeat: int = 15
 ) -> list[PythonShare]:
-    """Per layer, the public call (weights packed beforehand, so that neither side packs)
-    and its bare kernel call, timed interleaved on the CPU (``PythonShare``)."""
+    """Per layer, the public call (its GEMM weights packed beforehand, so that neither side
+    packs) and its bare kernel call, timed interleaved on the CPU (``PythonShare``)."""
     rows = []
     for lay in layers:
         case = Case(lay, op, batch, "cpu")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -199,7 +198,7 @@ def packs_once(pixels: int, tile: int, weight_bytes: int, parallel: bool) -> boo
     the fused separable at N=1, rows 1-4, 1.02-1.04x the time, N=8 row 3 1.02-1.03; with a
     block per thread or fewer each weight is packed about once either way (37.7 MB of panels
     for 7x7x1024 -> 1024 at N=1: 1.05-1.1x). BENCHMARKS.md, "Design measurements"."""
-    threads = numba.get_num_threads() if parallel else 1
+    threads = _config.thread_count() if parallel else 1
     blocks = -(-pixels // max(1, tile))
     l2 = _config.L2_BYTES
     return (
@@ -1154,7 +1153,7 @@ def gemm_split(
     CPU_TILE_MAX_PIXELS; ``panel_group``: cblock whole groups of this many panels. A plain
     tuple (see _spec.GEOMETRY_FIELDS). The tunables are read here, so a test that patches them
     gets a new split; the search itself is memoised (``_gemm_split``)."""
-    threads = numba.get_num_threads() if parallel else 1
+    threads = _config.thread_count() if parallel else 1
     kc = block_depth(_config.CPU_GEMM_KC, c_red)
     # the tile budget in the units _gemm_split counts (c_red values per pixel)
     budget = _config.CPU_TILE_BYTES * c_red * itemsize // a_bytes if a_bytes else None
@@ -1202,8 +1201,9 @@ def _gemm_split(
     groups of one height, channel blocks whole panels.
 
     A serial call takes the largest tile and every channel. A parallel call estimates each
-    split's critical path: Numba hands each thread one contiguous chunk of the task list, so
-    the cost is the largest chunk, counted in multiply-adds (a task's GEMM, plus its depthwise
+    split's critical path: Numba hands each thread one contiguous chunk of the task list (the
+    fused separable kernel cuts the same runs itself, one per worker), so the cost is the
+    largest chunk, counted in multiply-adds (a task's GEMM, plus its depthwise
     work, ``dw_taps`` per reduction channel and pixel, which every channel block of a pixel
     block repeats, plus the weight packing). Of the splits within ``slack`` (SPLIT_SLACK) of the
     shortest path it takes the one of fewest tasks (each task has costs the count leaves out: its

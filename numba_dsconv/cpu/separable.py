@@ -102,7 +102,7 @@ def separable_args(spec: ConvSpec, dtype: np.dtype, parallel: bool) -> Callable[
     signature (x and out NHWC, C-contiguous; see ``kernel``)."""
     sz = dtype.itemsize
     split = gemm_split(spec, spec.c_mid, spec.kh * spec.kw, sz, parallel)
-    workers = _config.thread_count() if parallel else 1  # (gemm_split's count)
+    workers = _config.thread_count() if parallel else 1  # (the count gemm_split split for)
     tasks = -(-spec.pixels // split[0]) * -(-spec.c_out // split[1])
     split = (*split, max(1, min(workers, tasks)))
     nr = gemm_panel_width(sz)
