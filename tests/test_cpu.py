@@ -613,7 +613,7 @@ def test_conv2d_direct_path_matches_im2col_bitwise(kernel, panels, kc, dtype, mo
         monkeypatch.setattr(_config, "CPU_GEMM_KC", kc)
     # tiles of up to 48 pixels (3 x 16): many, across images
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 16)
-    monkeypatch.setattr(pointwise.numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(_config, "thread_count", lambda: 2)  # the split gemm_split makes
     x = rng.standard_normal((n, h, w, c)).astype(dt)
     wt = rng.standard_normal((*kernel, c, c_out)).astype(dt)
     bias = rng.standard_normal(c_out).astype(dt)
