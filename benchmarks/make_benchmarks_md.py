@@ -27,10 +27,10 @@ def _git(*args: str) -> str:
 
 
 def _peers_section(
-    batches: list[int], layers: str, rounds: int, console, op: str = "separable"
+    batches: list[int], layers: str, rounds: int, console, fma: float, op: str = "separable"
 ) -> list[str]:
     """``op`` (the separable layer, or its 3x3 standard convolution: conv2d) against the CPU
-    runtimes installed (bench/peers.py)."""
+    runtimes installed (bench/peers.py); ``fma``: the FMA peak measured in this run."""
     import numba
 
     from numba_dsconv import bench
@@ -58,15 +58,17 @@ def _peers_section(
         f"channels_last; `numba_dsconv+pack`: ours with {what} packed once "
         "(`numba_dsconv.pack`), as the other runtimes pack theirs when they load the "
         "model. Microseconds; `vs fastest` (`packed vs fastest`) = ours (packed) / the fastest "
-        "other runtime (below 1: numba_dsconv leads).",
+        "other runtime (below 1: numba_dsconv leads); `% FMA packed` = ours' GFLOP/s (packed) "
+        "/ the FMA peak of this run: our rate in a process of its own, where the per-op "
+        "tables' rate is measured beside torch's thread pool.",
         "",
     ]
     for n in batches:
         console.print(f"peers {op} N={n}")
         best = peers.run_peers(n, numbers, runtimes, numba.get_num_threads(), rounds, op=op)
-        rows = peers.table(best, numbers)
+        rows = peers.table(best, numbers, op=op, batch=n, fma_gflops=fma)
         ratio_cols = peers.ratio_columns(runtimes)
-        head = ["#", *runtimes, *ratio_cols]
+        head = ["#", *runtimes, *ratio_cols, *peers.fma_columns(runtimes, fma)]
         out += [f"### N={n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         gms = [
@@ -252,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         "against the interleaved anchors much less. `% FMA` = GFLOP/s / the FMA peak.",
         "",
     ]
-    out += _peers_section(batches, args.layers, args.peer_rounds, console)
-    out += _peers_section(batches, args.layers, args.peer_rounds, console, op="conv2d")
+    out += _peers_section(batches, args.layers, args.peer_rounds, console, c.fma_gflops)
+    out += _peers_section(
+        batches, args.layers, args.peer_rounds, console, c.fma_gflops, op="conv2d"
+    )
     out += _python_share_section(args.layers, console)
     if args.train:
         out += _train_section(batches, args.layers, console)

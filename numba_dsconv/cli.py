@@ -402,6 +402,10 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
     rounds = args.rounds or 7
     repeat = args.repeat or 9
     with console.status("peers") as status:
+        status.update("FMA peak")
+        from .cpu.peak import fma_peak_gflops
+
+        fma, _ = fma_peak_gflops(threads)
         best = peers.run_peers(
             args.batch, numbers, runtimes, threads, rounds, repeat,
             progress=lambda done, total: status.update(f"worker processes {done}/{total}"),
@@ -416,13 +420,14 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
         caption=Text(
             "vs fastest = ours / the fastest other runtime (below 1: numba_dsconv leads); "
             "packed: ours with the GEMM's weights (pw, conv2d's w) packed once "
-            "(numba_dsconv.pack), as the peers pack theirs at load"
+            "(numba_dsconv.pack), as the peers pack theirs at load; % FMA: ours' GFLOP/s "
+            f"/ the FMA peak measured just before ({fma:.0f} GFLOP/s)"
         ),
     )
     ratio_cols = peers.ratio_columns(runtimes)
-    for col in ["#", *runtimes, *ratio_cols]:
+    for col in ["#", *runtimes, *ratio_cols, *peers.fma_columns(runtimes, fma)]:
         t.add_column(Text(col), justify="right")
-    rows = peers.table(best, numbers)
+    rows = peers.table(best, numbers, op=args.op, batch=args.batch, fma_gflops=fma)
     for cells in rows:
         t.add_row(*(Text(c) for c in cells))
     console.print(t)
@@ -440,7 +445,8 @@ def _bench_peers(args: argparse.Namespace, lays: list) -> int:
         data = {r: {str(k): v for k, v in d.items()} for r, d in best.items()}
         with open(args.json, "w") as f:
             json.dump({"op": args.op, "batch": args.batch, "threads": threads, "rounds": rounds,
-                       "repeat": repeat, "cpu": _cpu_model(), "seconds_and_error": data}, f,
+                       "repeat": repeat, "cpu": _cpu_model(), "fma_peak_gflops": fma,
+                       "seconds_and_error": data}, f,
                       indent=2)  # fmt: skip
     return 0
 

@@ -522,7 +522,7 @@ def test_peers_command_times_conv2d_and_names_its_ops(tmp_path, capsys):
             "--repeat", "1", "--no-torch", "--json", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     d = json.loads(out.read_text())
-    assert d["op"] == "conv2d"
+    assert d["op"] == "conv2d" and d["fma_peak_gflops"] > 0
     timed = d["seconds_and_error"]
     assert {peers.OURS, peers.OURS_PACKED} <= set(timed) and "torch" not in timed
     for runtime, rows in timed.items():
@@ -554,6 +554,26 @@ def test_peers_rounds_alternate_processes_and_keep_the_best():
     assert peers.ratio_columns(list(both)) == ["vs fastest", "packed vs fastest"]
     assert peers.ratio_columns(["numba_dsconv", "numba_dsconv+pack"]) == []
     assert peers.geomean([0.5, 2.0]) == pytest.approx(1.0)
+
+
+def test_peers_table_gives_our_share_of_the_fma_peak():
+    # the % FMA column: ours (packed where timed so) GFLOP/s on the op over the peak given
+    from numba_dsconv.bench import peers
+
+    flops = {op: bench.work(suite.layer(9), op, 8).flops for op in ("separable", "conv2d")}
+    both = {"numba_dsconv": {9: (flops["separable"] / 100e9, 0.0)},
+            "numba_dsconv+pack": {9: (flops["separable"] / 200e9, 0.0)},
+            "x": {9: (1.0, 0.0)}}  # fmt: skip
+    rows = peers.table(both, [9], batch=8, fma_gflops=400.0)
+    assert rows[0][-1] == "50%"  # the packed run: 200 of 400 GFLOP/s
+    assert peers.fma_columns(list(both), 400.0) == ["% FMA packed"]
+    plain = {k: v for k, v in both.items() if k != "numba_dsconv+pack"}
+    assert peers.table(plain, [9], batch=8, fma_gflops=400.0)[0][-1] == "25%"
+    assert peers.fma_columns(list(plain), 400.0) == ["% FMA"]
+    conv = {"numba_dsconv": {9: (flops["conv2d"] / 300e9, 0.0)}}
+    assert peers.table(conv, [9], op="conv2d", batch=8, fma_gflops=400.0)[0][-1] == "75%"
+    assert peers.fma_columns(list(both), float("nan")) == []
+    assert peers.table(both, [9], batch=8) == [rows[0][:-1]]  # no peak: no column
 
 
 # --------------------------------------------------------------------------------------------

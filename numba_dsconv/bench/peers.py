@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 from .machine import serial_blas
 from .suite import Layer, layer
 from .timing import alternating_processes
+from .work import work
 
 OURS = "numba_dsconv"
 # ours with the GEMM's weights (pw, or conv2d's w) packed once (numba_dsconv.pack), as ONNX
@@ -371,11 +373,30 @@ def ratio_columns(runtimes: list[str]) -> list[str]:
     return [RATIOS[r] for r in RATIOS if r in runtimes]
 
 
-def table(best: dict[str, dict[int, tuple[float, float]]], layers: list[int]) -> list[list[str]]:
+def fma_columns(runtimes: list[str], fma_gflops: float) -> list[str]:
+    """The column ``table`` adds after the ratios where the FMA peak is measured (finite):
+    the share of it ours reaches (packed where timed so, as the peers pack theirs)."""
+    if not (math.isfinite(fma_gflops) and fma_gflops > 0):
+        return []
+    return ["% FMA packed" if OURS_PACKED in runtimes else "% FMA"]
+
+
+def table(
+    best: dict[str, dict[int, tuple[float, float]]],
+    layers: list[int],
+    *,
+    op: str = "separable",
+    batch: int = 1,
+    fma_gflops: float = float("nan"),
+) -> list[list[str]]:
     """Rows: layer, microseconds per runtime, then per variant of ours (``ratio_columns``) its
-    time / the fastest other runtime's (below 1: we lead)."""
+    time / the fastest other runtime's (below 1: we lead), then (``fma_columns``, where
+    ``fma_gflops``, the machine's FMA peak, is given) ours' GFLOP/s on ``op`` at ``batch`` as a
+    percentage of it: measured here, in a process of ours alone, where the in-process tables'
+    rate meets the anchors' spinning thread pools."""
     rows = []
     peers = [r for r in best if r not in RATIOS]
+    pct_of = OURS_PACKED if OURS_PACKED in best else OURS
     for number in layers:
         cells = [str(number)]
         for r in best:
@@ -384,6 +405,9 @@ def table(best: dict[str, dict[int, tuple[float, float]]], layers: list[int]) ->
         if peers:
             fastest = min(best[r][number][0] for r in peers)
             cells += [f"{best[r][number][0] / fastest:.2f}" for r in RATIOS if r in best]
+        if fma_columns(list(best), fma_gflops) and pct_of in best:
+            flops = work(layer(number), op, batch).flops
+            cells.append(f"{100 * flops / best[pct_of][number][0] / 1e9 / fma_gflops:.0f}%")
         rows.append(cells)
     return rows
 
