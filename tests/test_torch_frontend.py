@@ -125,15 +125,19 @@ def test_forward_and_gradients_match_torch(op, fmt, dtype, device):
                                                     torch.float32 else {}))  # fmt: skip
 
 
+@pytest.mark.parametrize("c_out", [37, 64])
 @pytest.mark.parametrize("op", ["separable", "pointwise"])
-def test_small_tiles_and_wide_outputs(op, monkeypatch):
+def test_small_tiles_and_wide_outputs(op, c_out, monkeypatch):
     """Tiles of a few pixels, more output channels than C*M and than a tile: the GEMMs of the
-    backward on torch's (C_out, C*M) weights in place (the gradient of pw computed transposed)."""
+    backward on torch's (C_out, C*M) weights in place (the gradient of pw computed transposed;
+    for the separable with C_out = 64 float64s, 40 pixels and C*M = 8, not: its grad rows lie
+    512 bytes apart, backward.transposed_dpw, and the front end copies d pw into the
+    weight's layout)."""
     from numba_dsconv import _config
 
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 6)
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
-    x, weights, bs = make(op, n=2, c=4, h=9, w=7, mult=2, c_out=37, dtype=torch.float64)
+    x, weights, bs = make(op, n=2, c=4, h=9, w=7, mult=2, c_out=c_out, dtype=torch.float64)
     kw = dict(_geo(op, GEOMETRIES[1]), activation="relu", **bs)
     y = ours(op, x, weights, **kw)
     want = torch_reference(op, x, weights, **kw)

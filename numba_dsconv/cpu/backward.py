@@ -840,7 +840,8 @@ def backward_nhwc(
     each gradient's sums run as they would in the one chunk, so the bits are the same.
 
     x: (N,H,W,C) NHWC; dwk: (KH,KW,C*M); db: the depthwise bias (C*M); dims: (C*M, C_out);
-    pw_t: d pw wanted transposed, (C_out, C*M) (the memory order of torch's weight), in gpw;
+    pw_t: d pw computed transposed, (C_out, C*M) (the memory order of torch's weight; see
+    ``transposed_dpw``), in gpw;
     packed_gm / packed_z: P^T and P packed for the micro-kernel
     (``packed_weights``; empty where unused), nopack: an empty one (the d pw GEMM packs the
     tile's data itself); b: the final bias padded to the panel width; g2, y2:
@@ -1212,8 +1213,7 @@ def gemm_backward_args(
         dwk = np.zeros((1, 1, 1), dt)
     if not has_pw:  # never read
         pw = np.zeros((cm, 1), dt)
-    # d pw is computed in pw's memory order (transposed for an F-ordered pw: torch's weight)
-    pw_t = bool(pw.flags.f_contiguous and not pw.flags.c_contiguous)
+    pw_t = transposed_dpw(spec, pw, dt.itemsize)
     layout = backward_layout(
         spec, dt, tuple(need[s] for s in SLOT_ORDER), y is not None, backward_settings()
     )
@@ -1251,6 +1251,28 @@ def gemm_backward_args(
     return args, {"x": gx, **parts}
 
 
+# The d pw GEMM computed transposed (gz^T A, C_out x C*M) only where the grad tiles it then
+# reads down their columns need no copy, or the copies come to less than this many times d pw:
+# a copied tile costs a plain copy of the grad (N=8, layers 2-4: 12.8, 12.8, 6.4 MB per step,
+# ~0.25 ms per 6.4 MB on 2 threads), the other order a transposing copy of d pw at the end
+# (32 KB - 256 KB there, ~1-4 MB on layers 5-7).
+DPW_COPY_RATIO = 4
+
+
+def transposed_dpw(spec: ConvSpec, pw: np.ndarray, itemsize: int) -> bool:
+    """Whether the backward computes d pw transposed, in the memory order of an F-ordered pw
+    (torch's weight, (C_out, C*M) C-contiguous): so where pw is F-ordered, but for the fused
+    separable backward where its grad tiles would need a copy (rows a multiple of 512 bytes
+    apart: read down their columns they fall in few L1 sets, ``backward_chunk``) of more than
+    DPW_COPY_RATIO times the size of d pw. It then reads its recomputed A tile down its
+    columns (a buffer with padded rows) and returns d pw C-ordered (the same sums in the same
+    order: the same bits); torch's front end copies it into the weight's layout."""
+    if not (pw.flags.f_contiguous and not pw.flags.c_contiguous):
+        return False
+    copies = spec.op == "separable" and spec.c_out * itemsize % 512 == 0
+    return not (copies and spec.pixels > DPW_COPY_RATIO * spec.c_mid)
+
+
 def _launch(k: Any, work: int, *args: Any) -> None:
     if _config.use_parallel(work):
         with _config.call_guard():
@@ -1269,8 +1291,9 @@ def _empty_batch(spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dty
 
 def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> dict[str, Any]:
     """The separable / depthwise / pointwise gradients ``need`` asks for (slots, as in
-    grad.SLOTS): dx NHWC, weights in the kernels' shapes (d pw in pw's memory order: F-ordered
-    for an F-ordered pw, as torch's weight gives); x, g, y NHWC, C-contiguous, writable."""
+    grad.SLOTS): dx NHWC, weights in the kernels' shapes (d pw F-ordered for an F-ordered pw,
+    as torch's weight gives, where ``transposed_dpw`` computes it so, else C-ordered); x, g, y
+    NHWC, C-contiguous, writable."""
     op = spec.op
     dwk = weights[0] if op != "pointwise" else None
     pw = weights[-1] if op != "depthwise" else None
