@@ -698,23 +698,35 @@ def test_results_do_not_share_scratch(n, rng):
 
 @pytest.mark.parametrize("xdtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 2])
-def test_dpw_of_an_f_ordered_pw_in_either_order_gives_the_same_bits(xdtype, n, rng, monkeypatch):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_dpw_of_an_f_ordered_pw_in_either_order_gives_the_same_bits(
+    xdtype, n, chunks, rng, monkeypatch
+):
     """d pw of an F-ordered pw (torch's weight) is computed transposed (gz^T A, in pw's memory
-    order) unless its grad tiles would then need copies larger than DPW_COPY_RATIO x d pw (the
-    fused separable, C_out a multiple of 512 bytes: backward.transposed_dpw); either order
+    order, each grad tile copied first where its rows lie a multiple of 512 bytes apart) unless
+    those copies would exceed DPW_COPY_RATIO x d pw (the fused separable without a final
+    activation: backward.transposed_dpw), then in the plain order, d pw C-ordered. Either order
     sums the same products in the same order: every gradient the bits of the C-ordered pw's,
-    right by the reference, and with one chunk or several."""
+    right by the reference, in one chunk or several (run in parallel)."""
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    if chunks > 1:
+        monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 4)
+        monkeypatch.setattr(_config, "BACKWARD_CHUNKS", chunks)
     lanes = 512 // np.dtype(xdtype).itemsize  # C_out whose grad rows lie 512 bytes apart
     orders = record_launch_arg(monkeypatch, "pw_t")
-    # 48 pixels at N=2 (24 at N=1) and C*M = 8: above and below 4 x C*M
-    for c_out, transposed in ((lanes, n == 1), (lanes + 16, True)):
-        case = replace_case(_needs_case("separable"), n=n, c_out=c_out, xdtype=xdtype)
+    # 48 pixels at N=2 (24 at N=1) and C*M = 8: above and below 4 x C*M; with a final
+    # activation the tiles are copied (masked) in either order: transposed
+    for c_out, act, transposed in ((lanes, None, n == 1), (lanes, "relu", True),
+                                   (lanes + 16, None, True)):  # fmt: skip
+        case = replace_case(_needs_case("separable"), n=n, c_out=c_out, xdtype=xdtype,
+                            activation=act)  # fmt: skip
         x, weights, kwargs, grad = grad_problem(case, rng)
         want = nd.separable_grad(grad, x, *weights, **kwargs)  # a C-ordered pw
         assert orders[-1] is False
         fpw = np.asfortranarray(weights[1])
         got = nd.separable_grad(grad, x, weights[0], fpw, **kwargs)
-        assert orders[-1] is transposed, (c_out, n)
+        assert orders[-1] is transposed, (c_out, act, n)
+        assert got.pw.flags.f_contiguous if transposed else got.pw.flags.c_contiguous
         for name, a, b in zip(FIELDS["separable"], got, want, strict=True):
             assert a.shape == b.shape and a.tobytes() == b.tobytes(), name  # (C-order bytes)
         expected = reference_grads(case, x, weights, kwargs, grad)

@@ -130,15 +130,24 @@ def test_forward_and_gradients_match_torch(op, fmt, dtype, device):
 def test_small_tiles_and_wide_outputs(op, c_out, monkeypatch):
     """Tiles of a few pixels, more output channels than C*M and than a tile: the GEMMs of the
     backward on torch's (C_out, C*M) weights in place (the gradient of pw computed transposed;
-    for the separable with C_out = 64 float64s, 40 pixels and C*M = 8, not: its grad rows lie
-    512 bytes apart, backward.transposed_dpw, and the front end copies d pw into the
-    weight's layout)."""
+    for the separable with C_out = 64 float64s, 40 pixels, C*M = 8 and no final activation,
+    not: its grad rows lie 512 bytes apart, backward.transposed_dpw, and the front end copies
+    d pw into the weight's layout)."""
     from numba_dsconv import _config
+    from numba_dsconv.cpu import backward
 
     monkeypatch.setattr(_config, "CPU_TILE_MAX_PIXELS", 6)
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
     x, weights, bs = make(op, n=2, c=4, h=9, w=7, mult=2, c_out=c_out, dtype=torch.float64)
-    kw = dict(_geo(op, GEOMETRIES[1]), activation="relu", **bs)
+    kw = dict(_geo(op, GEOMETRIES[1]), activation="relu" if c_out == 37 else None, **bs)
+    orders = []
+    real = backward.transposed_dpw
+
+    def recorded(*args):
+        orders.append(real(*args))
+        return orders[-1]
+
+    monkeypatch.setattr(backward, "transposed_dpw", recorded)
     y = ours(op, x, weights, **kw)
     want = torch_reference(op, x, weights, **kw)
     torch.testing.assert_close(y, want)
@@ -147,6 +156,7 @@ def test_small_tiles_and_wide_outputs(op, c_out, monkeypatch):
     for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b)
+    assert orders == [not (op == "separable" and c_out == 64)]
 
 
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])

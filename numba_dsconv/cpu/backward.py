@@ -46,7 +46,7 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from .._spec import ConvSpec
+from .._spec import Activation, ConvSpec
 from ._jit import NO_ACTIVATION, RELU6, helper, kernel
 from ._simd import (
     VEC_BYTES,
@@ -1263,13 +1263,18 @@ def transposed_dpw(spec: ConvSpec, pw: np.ndarray, itemsize: int) -> bool:
     """Whether the backward computes d pw transposed, in the memory order of an F-ordered pw
     (torch's weight, (C_out, C*M) C-contiguous): so where pw is F-ordered, but for the fused
     separable backward where its grad tiles would need a copy (rows a multiple of 512 bytes
-    apart: read down their columns they fall in few L1 sets, ``backward_chunk``) of more than
-    DPW_COPY_RATIO times the size of d pw. It then reads its recomputed A tile down its
+    apart: read down their columns they fall in few L1 sets, ``backward_chunk``; with a final
+    activation they are copied masked into a padded buffer in either order, so no) of more
+    than DPW_COPY_RATIO times the size of d pw. It then reads its recomputed A tile down its
     columns (a buffer with padded rows) and returns d pw C-ordered (the same sums in the same
     order: the same bits); torch's front end copies it into the weight's layout."""
     if not (pw.flags.f_contiguous and not pw.flags.c_contiguous):
         return False
-    copies = spec.op == "separable" and spec.c_out * itemsize % 512 == 0
+    copies = (
+        spec.op == "separable"
+        and spec.activation == Activation.NONE
+        and spec.c_out * itemsize % 512 == 0
+    )
     return not (copies and spec.pixels > DPW_COPY_RATIO * spec.c_mid)
 
 
