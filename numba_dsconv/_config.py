@@ -263,6 +263,7 @@ def call_guard() -> threading.Lock | _NullGuard:
 # forked before our pool started takes workqueue where the pool would be GNU OpenMP (see
 # _after_fork_in_child).
 SERIAL_ONLY: bool = False
+_FORKS = 0  # forks this process is a child of (a new _WORKQUEUE_LOCK each time)
 
 
 def _pool_survives_fork() -> bool:
@@ -282,7 +283,8 @@ def _pool_survives_fork() -> bool:
 
 def _after_fork_in_child() -> None:
     """Make this freshly forked child safe (registered with os.register_at_fork)."""
-    global SERIAL_ONLY, _WORKQUEUE_LOCK, _LOCK_LAUNCHES
+    global SERIAL_ONLY, _WORKQUEUE_LOCK, _LOCK_LAUNCHES, _FORKS
+    _FORKS += 1  # launches prepared before the fork take their lock again (launch_settings)
     # another thread may have held the launch lock at fork time: in the child it would stay
     # held forever
     _WORKQUEUE_LOCK = threading.Lock()
@@ -311,7 +313,8 @@ def launch_settings(parallel: bool) -> tuple:
     blocking, the serial threshold, and for a ``parallel`` launch the thread count): a launch
     prepared under other values (the NumPy fast path keeps one per call signature) is not
     used. Never starts the thread pool (a serial call must not: see SERIAL_ONLY)."""
-    fixed = (CPU_TILE_BYTES, CPU_TILE_MAX_PIXELS, CPU_GEMM_KC, SERIAL_MAX_MACS, SERIAL_ONLY)
+    fixed = (CPU_TILE_BYTES, CPU_TILE_MAX_PIXELS, CPU_GEMM_KC, SERIAL_MAX_MACS, SERIAL_ONLY,
+             _FORKS)  # fmt: skip
     if not parallel or SERIAL_ONLY:
         return fixed
     return (*fixed, thread_count())
@@ -319,15 +322,19 @@ def launch_settings(parallel: bool) -> tuple:
 
 def thread_count() -> int:
     """``numba.get_num_threads()`` (this thread's count: a dask task sets its own). Once the
-    pool runs, read straight from the threading layer: get_num_threads takes two locks to
-    check that the pool runs, ~1-2 us of every parallel call (measured after a kernel, when
-    the interpreter runs from cold caches)."""
-    par = _NUMBA_PARALLEL
-    if par._is_initialized:
-        n = par._get_num_threads()
-        if n > 0:
-            return n
+    pool runs, read through a jitted function: get_num_threads takes two locks to check that
+    the pool runs, ~1-2 us of every parallel call, and the threading layer's own ctypes
+    function ~1 us (measured after a kernel, when the interpreter runs from cold caches);
+    Numba's dispatch of a function without arguments is the code the kernel's launch runs
+    next anyway (a parallel call's Python share, separable N=1: 0.94-0.97x)."""
+    if _NUMBA_PARALLEL._is_initialized:
+        return _running_pool_threads()
     return numba.get_num_threads()
+
+
+@numba.njit(cache=False)  # (~0.1 s to compile, once per process, after the first kernel)
+def _running_pool_threads() -> int:  # pragma: no cover - compiled
+    return numba.get_num_threads()  # (compiled once the pool runs: compiling starts it)
 
 
 # Numba threads per dask block task (numba_dsconv/_dask.py): 0 shares the cores out among the

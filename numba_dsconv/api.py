@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -220,7 +221,7 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
     """The memo key of a NumPy call of ``op`` on the CPU, or None where the call cannot take
     the fast path (another array type, a non-native byte order, a read-only out=, keywords
     that are not plain ints, strings and tuples of them). An out= passes validation again if
-    its shape, strides and dtype did and it overlaps no input (``_run_fast`` checks)."""
+    its shape, strides and dtype did and it overlaps no input (``_forward`` checks)."""
     for v in options:
         t = type(v)  # the common values first: this runs on every call
         if t is not int and t is not str and v is not None and not plain_value(v):
@@ -233,8 +234,8 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
     for a in arrays:
         t = type(a)
         if t is _NDARRAY:
-            dt = a.dtype
-            if not dt.isnative:
+            dt = a.dtype  # (NumPy's own float dtypes first: an attribute less per array)
+            if dt is not _F32 and dt is not _F64 and not dt.isnative:
                 return None
             key.append((a.shape, a.strides, dt))
         elif a is None:
@@ -245,29 +246,6 @@ def _fast_key(op: str, arrays: tuple, options: tuple, out: Any) -> tuple | None:
             return None
     key.append(options)
     return tuple(key)
-
-
-def _run_fast(key: tuple | None, arrays: tuple, nweights: int, out: Any = None) -> Any:
-    """The result of a call seen before (``key``), or None where it was not (or only plans
-    are wanted, or out= may overlap an input: the full path tells). ``arrays``: x, the
-    weights as given, then the biases."""
-    if key is None:
-        return None
-    hit = _FAST.get(key)
-    if hit is None or _PLAN_ONLY.get():
-        return None
-    if out is not None:  # bounds only (cheap); where they meet, the exact test decides
-        for a in arrays:
-            if type(a) is _NDARRAY and np.may_share_memory(out, a):
-                return None
-    spec, dtype, shapes, cpu, launch = hit
-    weights = arrays[1 : 1 + nweights]
-    if shapes is not None:
-        weights = kernel_shapes(weights, shapes)
-    if launch is not None:  # the common case: no conversion (cpu.backend.prepared_launch)
-        return launch(arrays[0], weights, arrays[1 + nweights :], out)
-    result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)
-    return result if out is None else out
 
 
 def kernel_shapes(weights: tuple, shapes: tuple | None) -> tuple:
@@ -290,17 +268,36 @@ def _forward(
     op: str, arrays: tuple, nweights: int, options: tuple, out: Any,
     setup: Callable[..., _Setup], *args: Any,
 ) -> Any:  # fmt: skip
-    """A public forward call: from the fast path where it was seen before, else validated by
-    ``setup(*args)`` (and remembered), then run. (The setup and its arguments, not a closure
-    over them: a closure makes every argument of the public function a cell, on every call.)"""
+    """A public forward call: from the fast path where it was seen before (the memo's prepared
+    launch, else ``cpu.run`` with the remembered spec), else validated by ``setup(*args)`` (and
+    remembered), then run. ``arrays``: x, the weights as given, then the biases. (The setup and
+    its arguments, not a closure over them: a closure makes every argument of the public
+    function a cell, on every call. One frame for the whole fast path: between two kernels the
+    interpreter runs from cold caches, where every Python call costs several times its warm
+    time.)"""
     key = _fast_key(op, arrays, options, out)
-    done = _run_fast(key, arrays, nweights, out)
-    if done is not None:
-        return done
+    hit = None if key is None else _FAST.get(key)
+    # not where only plans are wanted, nor where out= may overlap an input (bounds only, cheap:
+    # where they meet, the full path's exact test decides)
+    planning = _PLANS and _PLAN_ONLY.get()
+    if hit is not None and not planning and (out is None or _apart(out, arrays)):
+        spec, dtype, shapes, cpu, launch = hit
+        weights = arrays[1 : 1 + nweights]
+        if shapes is not None:
+            weights = kernel_shapes(weights, shapes)
+        if launch is not None:  # the common case: no conversion (cpu.backend.prepared_launch)
+            return launch(arrays[0], weights, arrays[1 + nweights :], out)
+        result = cpu.run(spec, dtype, arrays[0], weights, arrays[1 + nweights :], out)
+        return result if out is None else out
     validated = setup(*args)
     result = validated.run(out)  # (out= checked here: remembered only once it passed)
     _remember(key, validated, arrays, nweights, out)
     return result
+
+
+def _apart(out: np.ndarray, arrays: tuple) -> bool:
+    """Whether out's memory bounds meet none of the NumPy ``arrays``' (np.may_share_memory)."""
+    return not any(type(a) is _NDARRAY and np.may_share_memory(out, a) for a in arrays)
 
 
 def _remember(key: tuple | None, setup: _Setup, arrays: tuple, nweights: int, out: Any) -> None:
@@ -337,16 +334,24 @@ class Plan:
 
 
 _PLAN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("plan_only", default=False)
+# plan() calls running in any thread: the fast path asks _PLAN_ONLY only while there are some
+_PLANS = 0
+_PLANS_LOCK = threading.Lock()
 
 
 def plan(fn: Callable[..., Any], x: Any, args: tuple, kwargs: dict) -> Plan:
     """Validate ``fn(x, *args, **kwargs)`` exactly as the call would, and return its Plan
     without computing anything (x may be a zero-strided stand-in: it is never read)."""
+    global _PLANS
+    with _PLANS_LOCK:
+        _PLANS += 1
     token = _PLAN_ONLY.set(True)
     try:
         return fn(x, *args, **kwargs)
     finally:
         _PLAN_ONLY.reset(token)
+        with _PLANS_LOCK:
+            _PLANS -= 1
 
 
 # Each public function's positional weights and bias keywords, by name (the dask path).

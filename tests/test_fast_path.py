@@ -87,6 +87,34 @@ def test_bad_calls_after_a_good_one_still_fail(op):
         assert api._fast_key(op, (x,), (), out) is None
 
 
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_a_plan_of_a_remembered_call_computes_nothing(op):
+    """api.plan (the dask path's validation) of a call the fast path knows returns the Plan,
+    not a result, also where the plan fails (the fast path asks whether a plan runs only while
+    one does: api._PLANS), and the call computes again after it."""
+    rng = np.random.default_rng(15)
+    x, weights, kwargs, _ = _case(rng, op)
+    fn = lib_fn(op)
+    saved = dict(api._FAST)
+    api._FAST.clear()
+    expected = fn(x, *weights, **kwargs)  # remembered: the memo's one call
+    (key,) = api._FAST
+    real = api._FAST[key][4]
+    computed = []
+    api._FAST[key] = (*api._FAST[key][:4], lambda *a: computed.append(1) or real(*a))
+    try:
+        got = api.plan(fn, x, tuple(weights), kwargs)
+        assert isinstance(got, api.Plan) and got.spec.output_shape == expected.shape
+        assert computed == [] and api._PLANS == 0
+        with pytest.raises(ValueError, match="activation"):
+            api.plan(fn, x, tuple(weights), {**kwargs, "activation": "gelu"})
+        assert api._PLANS == 0
+        assert bitwise_equal(fn(x, *weights, **kwargs), expected)
+    finally:
+        api._FAST.clear()
+        api._FAST.update(saved)
+
+
 def test_inputs_are_not_modified_on_the_fast_path():
     rng = np.random.default_rng(11)
     x, weights, kwargs, _ = _case(rng, "separable")
@@ -295,6 +323,24 @@ def test_prepared_launches(op, monkeypatch):
         api._FAST.clear()
         assert bitwise_equal(fn(x, *weights, **kwargs), before)  # the full path's bits
         api._FAST.update(memo)
+        # a forked child (a new launch lock, _config._after_fork_in_child): the launch takes
+        # the child's lock, not the one it was prepared with
+        monkeypatch.setattr(_config, "SERIAL_MAX_MACS", -1)  # the parallel build again
+        fn(x, *weights, **kwargs)
+        runs.clear()
+        held = []
+
+        class Spy:
+            def __enter__(self):
+                held.append(1)
+
+            def __exit__(self, *exc):
+                return None
+
+        monkeypatch.setattr(_config, "_WORKQUEUE_LOCK", Spy())
+        monkeypatch.setattr(_config, "_LOCK_LAUNCHES", True)
+        monkeypatch.setattr(_config, "_FORKS", _config._FORKS + 1)
+        assert bitwise_equal(fn(x, *weights, **kwargs), before) and held == [1] and runs == []
         api._FAST.clear()
         x_nchw, weights_nchw, kwargs_nchw, _ = _case(rng, op, "NCHW")
         assert x_nchw.flags.c_contiguous

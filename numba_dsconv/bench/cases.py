@@ -5,6 +5,7 @@ reference every timed result is checked against."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -137,6 +138,8 @@ class Case:
             weights[-1] = pack(weights[-1])  # pw or w: the GEMM's weights come last
         if out:
             kw["out"] = fn(xs[0], *weights, **kw)
+        if len(xs) == 1 and not knobs:  # the public call itself, no wrapper frame around it
+            return functools.partial(fn, xs[0], *weights, **kw), sync
 
         def one(x: Any) -> Any:
             return fn(x, *weights, **kw)

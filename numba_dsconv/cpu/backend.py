@@ -99,24 +99,33 @@ def prepared_launch(
     if out is not None and not (out.dtype == dtype and nhwc_view(out, spec).flags.c_contiguous):
         return None
 
-    def prepare() -> tuple:  # (parallel, the build, its argument builder, the settings)
+    def prepare() -> tuple:  # (parallel, the build, its argument builder, settings, lock)
         k = KERNELS[spec.op]
         parallel = _config.use_parallel(spec.macs)
         fn = k.parallel if parallel else k.serial
-        return parallel, fn, k.args(spec, dtype, parallel), _config.launch_settings(parallel)
+        # the launch lock is known here: the call was run once before it was remembered, so
+        # a parallel one started the pool (a forked child changes the settings: prepared again)
+        lock = _config.launch_lock() if parallel else None
+        settings = _config.launch_settings(parallel)
+        return parallel, fn, k.args(spec, dtype, parallel), settings, lock
 
     state = [prepare()]  # one tuple, replaced whole: a concurrent call sees one preparation
     shape = spec.out_nhwc
     nhwc = spec.batched and spec.layout == "NHWC"  # x and the result as the kernel has them
 
     def launch(x: Any, weights: tuple, biases: tuple, out: Any) -> Any:
-        parallel, fn, build, settings = state[0]
+        parallel, fn, build, settings, lock = state[0]
         if _config.launch_settings(parallel) != settings:
-            parallel, fn, build, settings = state[0] = prepare()
+            parallel, fn, build, settings, lock = state[0] = prepare()
         y = np.empty(shape, dtype) if out is None else nhwc_view(out, spec)
         if convert:
             weights = tuple([_kernel_weights(w, dtype) for w in weights])
-        run_kernel(fn, parallel, build(x if nhwc else nhwc_view(x, spec), weights, biases, y))
+        args = build(x if nhwc else nhwc_view(x, spec), weights, biases, y)
+        if lock is None:  # (run_kernel, inlined: one Python call less between two kernels)
+            fn(*args)
+        else:
+            with lock:
+                fn(*args)
         if out is not None:
             return out
         return y if nhwc else from_nhwc(y, spec, keep_nhwc=True)
