@@ -902,3 +902,41 @@ def test_depthwise_channel_vectors_at_every_phase(dtype, c, stride, rng):
     for y, s in results[1:]:
         np.testing.assert_array_equal(y, results[0][0])
         np.testing.assert_array_equal(s, results[0][1])
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_large_results_start_on_a_cache_line(op, layout, rng):
+    """A result of RESULT_ALIGN_MIN_BYTES or more (and the NHWC copy of a C-contiguous NCHW x)
+    starts on a 64-byte boundary, from the full path and from the fast path, the values those
+    of the reference (smaller ones are NumPy's placement: cpu.layout.result_allocator)."""
+    from numba_dsconv.cpu import layout as lay
+
+    c_in, c_out = 8, 16
+    side = 1 + int(np.sqrt(lay.RESULT_ALIGN_MIN_BYTES / (4 * c_out)))  # a result just over
+    for shape, large in (((1, side, side, c_in), True), ((1, 6, 5, c_in), False)):
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        if layout == "NCHW":
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        weights = {
+            "separable": (rng.uniform(-1, 1, (3, 3, c_in)), rng.uniform(-1, 1, (c_in, c_out))),
+            "depthwise": (rng.uniform(-1, 1, (3, 3, c_in, 2)),),
+            "pointwise": (rng.uniform(-1, 1, (c_in, c_out)),),
+            "conv2d": (rng.uniform(-1, 1, (3, 3, c_in, c_out)),),
+        }[op]
+        weights = tuple(w.astype(np.float32) for w in weights)
+        kw = {} if op == "pointwise" else {"padding": 1}
+        first = lib_fn(op)(x, *weights, layout=layout, **kw)
+        again = lib_fn(op)(x, *weights, layout=layout, **kw)  # the fast path
+        assert (first.nbytes >= lay.RESULT_ALIGN_MIN_BYTES) == large
+        for y in (first, again):
+            assert y.flags.c_contiguous and bitwise_equal(y, first)
+            if large:
+                assert y.ctypes.data % 64 == 0
+        ref = ref_fn(op)(x, *weights, layout=layout, **kw)
+        assert_close(first, ref, np.float32, 9 * c_in)
+    for dtype in (np.float32, np.float64, np.uint8):
+        for shape in ((0,), (5,), (3, 7, 9), (2, 1, 3, 5)):
+            a = lay.aligned_empty(shape, np.dtype(dtype))
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.flags.writeable and (a.size == 0 or a.ctypes.data % 64 == 0)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .machine import serial_blas
-from .suite import Layer, layer
+from .suite import Layer, aligned, layer
 from .timing import alternating_processes
 from .work import work
 
@@ -217,7 +217,7 @@ def _tflite_model(lay: Layer, op: str, weights, batch: int) -> bytes:
 def _runner(name: str, lay: Layer, op: str, x, weights, threads: int) -> Callable[[], Any]:
     """A no-argument call of runtime ``name`` running ``op`` on this layer, returning NHWC
     float32."""
-    nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    nchw = aligned(x.transpose(0, 3, 1, 2))  # (on a 64-byte boundary, as x: Layer.arrays)
     geo = {"stride": lay.stride, "padding": lay.padding}
     if name in (OURS, OURS_PACKED):
         import numba_dsconv as nd

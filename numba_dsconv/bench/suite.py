@@ -31,13 +31,16 @@ class Layer:
     def arrays(
         self, batch: int, dtype: type = np.float32, seed: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Random NHWC input, depthwise (K,K,C_in) and pointwise (C_in,C_out) weights."""
+        """Random NHWC input, depthwise (K,K,C_in) and pointwise (C_in,C_out) weights. The
+        input starts on a 64-byte boundary (``aligned``), as a layer's input does inside a
+        network: every runtime's own tensors do (LiteRT's arena, torch's allocator, our
+        results from 1 MB on); NumPy's large arrays start 16 bytes past one."""
         rng = np.random.default_rng(seed + self.number)
         x = rng.standard_normal((batch, self.hw, self.hw, self.c_in), dtype=np.float32)
         dw = rng.standard_normal((self.kernel, self.kernel, self.c_in), dtype=np.float32)
         pw = rng.standard_normal((self.c_in, self.c_out), dtype=np.float32)
         pw *= np.float32(1.0 / np.sqrt(self.c_in))
-        return x.astype(dtype), dw.astype(dtype), pw.astype(dtype)
+        return aligned(x, dtype), dw.astype(dtype), pw.astype(dtype)
 
     def conv2d_weight(self, dtype: type = np.float32) -> np.ndarray:
         """Random weights (K,K,C_in,C_out) of the layer's standard 3x3 convolution (the conv2d
@@ -47,6 +50,17 @@ class Layer:
         w = rng.standard_normal(shape, dtype=np.float32)
         w *= np.float32(1.0 / np.sqrt(self.kernel * self.kernel * self.c_in))
         return w.astype(dtype)
+
+
+def aligned(a: np.ndarray, dtype: type | np.dtype | None = None) -> np.ndarray:
+    """A C-contiguous copy of ``a`` (in ``dtype``) starting on a 64-byte boundary (NumPy only:
+    the peers' worker processes import no kernels)."""
+    dt = np.dtype(dtype or a.dtype)
+    buf = np.empty(a.size * dt.itemsize + 64, np.uint8)
+    k = -buf.ctypes.data % 64
+    out = buf[k : k + a.size * dt.itemsize].view(dt).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 LAYERS: tuple[Layer, ...] = (

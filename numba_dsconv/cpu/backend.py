@@ -7,6 +7,7 @@ and returns the result in the caller's layout. Internally everything is NHWC, C-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,15 @@ from . import backward
 from ._jit import Kernel
 from .conv2d import CONV2D
 from .depthwise import DEPTHWISE
-from .layout import TRANSPOSE, channels_last, contiguous, from_nhwc, nhwc_view, to_nhwc
+from .layout import (
+    TRANSPOSE,
+    channels_last,
+    contiguous,
+    from_nhwc,
+    nhwc_view,
+    result_allocator,
+    to_nhwc,
+)
 from .pointwise import POINTWISE, packed_weights
 from .separable import SEPARABLE
 
@@ -111,13 +120,14 @@ def prepared_launch(
 
     state = [prepare()]  # one tuple, replaced whole: a concurrent call sees one preparation
     shape = spec.out_nhwc
+    alloc = result_allocator(math.prod(shape) * dtype.itemsize)
     nhwc = spec.batched and spec.layout == "NHWC"  # x and the result as the kernel has them
 
     def launch(x: Any, weights: tuple, biases: tuple, out: Any) -> Any:
         parallel, fn, build, settings, lock = state[0]
         if _config.launch_settings(parallel) != settings:
             parallel, fn, build, settings, lock = state[0] = prepare()
-        y = np.empty(shape, dtype) if out is None else nhwc_view(out, spec)
+        y = alloc(shape, dtype) if out is None else nhwc_view(out, spec)
         if convert:
             weights = tuple([_kernel_weights(w, dtype) for w in weights])
         args = build(x if nhwc else nhwc_view(x, spec), weights, biases, y)
@@ -168,7 +178,8 @@ class CpuBackend:
         if out_view is not None and out_view.flags.c_contiguous and out_view.dtype.isnative:
             target = out_view
         else:
-            target = np.empty(spec.out_nhwc, dtype=dtype)
+            shape = spec.out_nhwc
+            target = result_allocator(math.prod(shape) * dtype.itemsize)(shape, dtype)
         if spec.n > 0:
             launch(spec, to_nhwc(x, spec, dtype), ws, biases, target)
         if out_view is None:

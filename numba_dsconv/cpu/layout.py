@@ -6,13 +6,15 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange
 
 from .. import _config
 from .._spec import ConvSpec
-from ._jit import kernel
+from ._jit import helper, kernel
+from ._simd import address
 
 
 def transpose_batched(src, dst):  # pragma: no cover - compiled
@@ -42,16 +44,41 @@ def transpose_batched(src, dst):  # pragma: no cover - compiled
 TRANSPOSE = kernel(transpose_batched, None)
 
 
+# the least size of a result (or NHWC copy of an input) that starts on a cache line
+RESULT_ALIGN_MIN_BYTES = 1 << 20
+
+
+@helper
+def _head(buf, align):  # pragma: no cover - compiled
+    """How many of buf's elements come before its first ``align``-byte boundary."""
+    return (-address(buf) % align) // buf.itemsize
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array starting on an ``align``-byte boundary (NumPy's own
-    start 16 bytes past one): the GEMM micro-kernel reads weight panels by 64-byte vectors,
-    each of which would otherwise span two cache lines (packed pointwise N=8, 512 -> 512:
-    0.90-0.93 the time aligned)."""
+    large arrays start 16 bytes past one: malloc's header), a view of a slightly larger one:
+    the GEMM micro-kernel reads weight panels by 64-byte vectors, each of which would
+    otherwise span two cache lines (packed pointwise N=8, 512 -> 512: 0.90-0.93 the time
+    aligned); the depthwise reads x so (``result_empty``). ``align`` a multiple of the item
+    size; the offset is asked of a jitted function (``ndarray.ctypes`` costs ~1.3 us)."""
     dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf = np.empty(nbytes + align, np.uint8)
-    off = -buf.ctypes.data % align
-    return buf[off : off + nbytes].view(dtype).reshape(shape)
+    n = math.prod(shape)
+    buf = np.empty(n + align // dtype.itemsize, dtype)
+    k = _head(buf, align)
+    return buf[k : k + n].reshape(shape)
+
+
+def result_allocator(nbytes: int) -> Callable[..., np.ndarray]:
+    """``alloc(shape, dtype)`` for a kernel's result of ``nbytes``: from RESULT_ALIGN_MIN_BYTES
+    on, starting on a cache line (``aligned_empty``). A layer's result is the next layer's
+    input, whose depthwise reads whole vectors of each pixel's channels: from NumPy's
+    placement (16 bytes past a line) each load spans two lines; and a result's rows are
+    stored whole lines at a time. The fused separable with x and the result 16 bytes past a
+    line against both aligned: N=8 rows 1, 2: 1.17-1.20x the time, rows 3, 8, 9 1.03-1.06x; N=1
+    rows 1, 2, 8, 9 1.05-1.10x (benchmarks/design_measurements.md). The alignment costs ~3 us
+    of Python between two kernels (a larger allocation, a view of it, the offset asked of a
+    jitted function): smaller results, whose kernels take less than ~100 us, skip it."""
+    return np.empty if nbytes < RESULT_ALIGN_MIN_BYTES else aligned_empty
 
 
 _SCRATCH = threading.local()
@@ -76,7 +103,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def transposed(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(N, R, C) -> C-contiguous (N, C, R) of ``dtype``, blocked, parallel when large."""
     src = np.ascontiguousarray(src)
-    dst = np.empty((src.shape[0], src.shape[2], src.shape[1]), dtype=dtype)
+    shape = (src.shape[0], src.shape[2], src.shape[1])
+    dst = result_allocator(src.size * np.dtype(dtype).itemsize)(shape, dtype)
     if _config.use_parallel(src.size):
         with _config.call_guard():
             TRANSPOSE.parallel(src, dst)
