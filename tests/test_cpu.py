@@ -909,10 +909,11 @@ def test_depthwise_channel_vectors_at_every_phase(dtype, c, stride, rng):
 def test_large_results_start_on_a_cache_line(op, layout, rng):
     """A result of RESULT_ALIGN_MIN_BYTES or more (and the NHWC copy of a C-contiguous NCHW x)
     starts on a 64-byte boundary, from the full path and from the fast path, the values those
-    of the reference (smaller ones are NumPy's placement: cpu.layout.result_allocator)."""
+    of the reference (smaller ones are NumPy's placement: cpu.layout.result_allocator); so
+    does the gradient of such an x."""
     from numba_dsconv.cpu import layout as lay
 
-    c_in, c_out = 8, 16
+    c_in = c_out = 16
     side = 1 + int(np.sqrt(lay.RESULT_ALIGN_MIN_BYTES / (4 * c_out)))  # a result just over
     for shape, large in (((1, side, side, c_in), True), ((1, 6, 5, c_in), False)):
         x = rng.uniform(-1, 1, shape).astype(np.float32)
@@ -935,6 +936,9 @@ def test_large_results_start_on_a_cache_line(op, layout, rng):
                 assert y.ctypes.data % 64 == 0
         ref = ref_fn(op)(x, *weights, layout=layout, **kw)
         assert_close(first, ref, np.float32, 9 * c_in)
+        # d x, the grad of the layer before, is placed alike (cpu.backward._grad_x_empty)
+        gx = getattr(nd, f"{op}_grad")(np.ones_like(first), x, *weights, layout=layout, **kw).x
+        assert gx.shape == x.shape and (gx.ctypes.data % 64 == 0 or not large)
     for dtype in (np.float32, np.float64, np.uint8):
         for shape in ((0,), (5,), (3, 7, 9), (2, 1, 3, 5)):
             a = lay.aligned_empty(shape, np.dtype(dtype))

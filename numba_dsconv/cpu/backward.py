@@ -39,6 +39,7 @@ cut other chunks and round differently.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numba
@@ -61,7 +62,7 @@ from ._simd import (
     vzero,
 )
 from .depthwise import depthwise_tile, interior3x3, taps3x3
-from .layout import aligned_empty, bias_vector, scratch
+from .layout import aligned_empty, bias_vector, result_allocator, scratch
 from .pointwise import (
     GEMM_MR,
     block_depth,
@@ -1237,7 +1238,7 @@ def gemm_backward_args(
     if not need["x"]:
         gx = np.zeros((1, 1, 1, cm), dt)
     else:  # the depthwise stage adds into dx (zeroed by the chunks); the pointwise op's GEMM
-        gx = np.empty((spec.n, spec.h, spec.w, spec.c_in), dt)  # writes it whole
+        gx = _grad_x_empty((spec.n, spec.h, spec.w, spec.c_in), dt)  # writes it whole
     g2 = g.reshape(spec.pixels, g.shape[3])
     y2 = y.reshape(spec.pixels, y.shape[3]) if y is not None else g2[:0]
     if y2.dtype == np.bool_:  # the element-wise helpers read the mask by address, as bytes
@@ -1284,6 +1285,14 @@ def _launch(k: Any, work: int, *args: Any) -> None:
             k.parallel(*args)
     else:
         k.serial(*args)
+
+
+def _grad_x_empty(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+    """d x, placed as the forward places its results (``result_allocator``): it is the grad
+    of the layer before, whose backward reads it by whole vectors. The fused separable's
+    backward, N=8, grad and d x aligned against 16 bytes past a line: rows 1, 2, 3, 8
+    0.89, 0.94, 0.93, 0.95x the time."""
+    return result_allocator(math.prod(shape) * dt.itemsize)(shape, dt)
 
 
 def _empty_batch(spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dtype) -> dict:
@@ -1345,7 +1354,7 @@ def conv2d_grads(spec: ConvSpec, x, g, y, w, bias, need, dt: np.dtype) -> dict[s
         gy = np.where(mask, g, np.zeros((), dt))
     found = {}
     if want["x"]:
-        gx = np.empty(x.shape, dt)
+        gx = _grad_x_empty(x.shape, dt)
         _launch(CONV2D_GRAD_INPUT, spec.macs, gy, w, gx, spec.geometry)
         found["x"] = gx
     if want["w"]:
