@@ -209,6 +209,7 @@ class Case:
 
     def _bare_cpu_launch(self, packed: bool) -> Timed:
         from ..cpu.backend import KERNELS, run_kernel
+        from ..cpu.layout import result_allocator
 
         spec, dt = self.spec(), np.dtype(np.float32)
         k = KERNELS[self.op]
@@ -218,7 +219,8 @@ class Case:
         if packed and self.op != "depthwise":
             weights[-1] = pack(weights[-1])
         biases = (None, None) if self.op == "separable" else (None,)
-        out = np.empty(spec.out_nhwc, dt)
+        shape = spec.out_nhwc  # placed as the call places its result
+        out = result_allocator(math.prod(shape) * dt.itemsize)(shape, dt)
         args = k.args(spec, dt, parallel)(h["x"], tuple(weights), biases, out)
         fn = k.parallel if parallel else k.serial
 
