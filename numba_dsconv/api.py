@@ -335,6 +335,8 @@ class Plan:
 
 _PLAN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("plan_only", default=False)
 # plan() calls running in any thread: the fast path asks _PLAN_ONLY only while there are some
+# (a context copied inside plan() and run after it would then compute a remembered call: the
+# library copies none)
 _PLANS = 0
 _PLANS_LOCK = threading.Lock()
 

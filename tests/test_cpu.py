@@ -906,7 +906,8 @@ def test_depthwise_channel_vectors_at_every_phase(dtype, c, stride, rng):
 
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_large_results_start_on_a_cache_line(op, layout, rng):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_results_start_on_a_cache_line(op, layout, dtype, rng):
     """A result of RESULT_ALIGN_MIN_BYTES or more (and the NHWC copy of a C-contiguous NCHW x)
     starts on a 64-byte boundary, from the full path and from the fast path, the values those
     of the reference (smaller ones are NumPy's placement: cpu.layout.result_allocator); so
@@ -916,16 +917,18 @@ def test_large_results_start_on_a_cache_line(op, layout, rng):
     c_in = c_out = 16
     side = 1 + int(np.sqrt(lay.RESULT_ALIGN_MIN_BYTES / (4 * c_out)))  # a result just over
     for shape, large in (((1, side, side, c_in), True), ((1, 6, 5, c_in), False)):
-        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        x = rng.uniform(-1, 1, shape).astype(dtype)
         if layout == "NCHW":
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if dtype == np.float64:
+            x = x[0]  # one image, unbatched (the result twice the bytes: large still)
         weights = {
             "separable": (rng.uniform(-1, 1, (3, 3, c_in)), rng.uniform(-1, 1, (c_in, c_out))),
             "depthwise": (rng.uniform(-1, 1, (3, 3, c_in, 2)),),
             "pointwise": (rng.uniform(-1, 1, (c_in, c_out)),),
             "conv2d": (rng.uniform(-1, 1, (3, 3, c_in, c_out)),),
         }[op]
-        weights = tuple(w.astype(np.float32) for w in weights)
+        weights = tuple(w.astype(dtype) for w in weights)
         kw = {} if op == "pointwise" else {"padding": 1}
         first = lib_fn(op)(x, *weights, layout=layout, **kw)
         again = lib_fn(op)(x, *weights, layout=layout, **kw)  # the fast path
@@ -935,12 +938,12 @@ def test_large_results_start_on_a_cache_line(op, layout, rng):
             if large:
                 assert y.ctypes.data % 64 == 0
         ref = ref_fn(op)(x, *weights, layout=layout, **kw)
-        assert_close(first, ref, np.float32, 9 * c_in)
+        assert_close(first, ref, dtype, 9 * c_in)
         # d x, the grad of the layer before, is placed alike (cpu.backward._grad_x_empty)
         gx = getattr(nd, f"{op}_grad")(np.ones_like(first), x, *weights, layout=layout, **kw).x
         assert gx.shape == x.shape and (gx.ctypes.data % 64 == 0 or not large)
-    for dtype in (np.float32, np.float64, np.uint8):
+    for kind in (np.float32, np.float64, np.uint8, np.complex128, "V96"):  # 96: not in 64
         for shape in ((0,), (5,), (3, 7, 9), (2, 1, 3, 5)):
-            a = lay.aligned_empty(shape, np.dtype(dtype))
-            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            a = lay.aligned_empty(shape, np.dtype(kind))
+            assert a.shape == shape and a.dtype == np.dtype(kind) and a.flags.c_contiguous
             assert a.flags.writeable and (a.size == 0 or a.ctypes.data % 64 == 0)

@@ -100,6 +100,7 @@ def test_a_plan_of_a_remembered_call_computes_nothing(op):
     expected = fn(x, *weights, **kwargs)  # remembered: the memo's one call
     (key,) = api._FAST
     real = api._FAST[key][4]
+    assert real is not None  # a prepared launch (cpu.backend.prepared_launch)
     computed = []
     api._FAST[key] = (*api._FAST[key][:4], lambda *a: computed.append(1) or real(*a))
     try:

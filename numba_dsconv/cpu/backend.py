@@ -112,10 +112,11 @@ def prepared_launch(
         k = KERNELS[spec.op]
         parallel = _config.use_parallel(spec.macs)
         fn = k.parallel if parallel else k.serial
-        # the launch lock is known here: the call was run once before it was remembered, so
-        # a parallel one started the pool (a forked child changes the settings: prepared again)
-        lock = _config.launch_lock() if parallel else None
+        # the settings first: their thread count starts the pool where nothing has yet (a plan
+        # is remembered without running), and the launch lock is known only once it runs (a
+        # forked child changes the settings: prepared again)
         settings = _config.launch_settings(parallel)
+        lock = _config.launch_lock() if parallel else None
         return parallel, fn, k.args(spec, dtype, parallel), settings, lock
 
     state = [prepare()]  # one tuple, replaced whole: a concurrent call sees one preparation

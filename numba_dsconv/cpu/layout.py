@@ -59,10 +59,17 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
     large arrays start 16 bytes past one: malloc's header), a view of a slightly larger one:
     the GEMM micro-kernel reads weight panels by 64-byte vectors, each of which would
     otherwise span two cache lines (packed pointwise N=8, 512 -> 512: 0.90-0.93 the time
-    aligned); the depthwise reads x so (``result_empty``). ``align`` a multiple of the item
-    size; the offset is asked of a jitted function (``ndarray.ctypes`` costs ~1.3 us)."""
+    aligned); the depthwise reads x so (``result_allocator``). The offset is asked of a jitted
+    function (``ndarray.ctypes`` costs ~1.3 us); an item size that does not divide ``align``
+    takes a byte buffer."""
     dtype = np.dtype(dtype)
     n = math.prod(shape)
+    if align % dtype.itemsize:  # (whole items cannot reach the boundary: count in bytes)
+        return (
+            aligned_empty((n * dtype.itemsize,), np.dtype(np.uint8), align)[: n * dtype.itemsize]
+            .view(dtype)
+            .reshape(shape)
+        )
     buf = np.empty(n + align // dtype.itemsize, dtype)
     k = _head(buf, align)
     return buf[k : k + n].reshape(shape)
