@@ -87,6 +87,7 @@ def pointwise_matrix(pw: Any, name: str, reshape: Callable[[Any, tuple, str], An
     """Pointwise weights (C_in, C_out) or (1, 1, C_in, C_out) checked and seen as
     (C_in, C_out) (``reshape(a, shape, name)``: the backend's); raises, naming ``name``."""
     _check_ndim(pw, name, (2, 4), "2-D (C_in, C_out) or 4-D (1, 1, C_in, C_out)")
+    given = tuple(pw.shape)
     if len(pw.shape) == 4:
         if pw.shape[0] != 1 or pw.shape[1] != 1:
             raise ValueError(
@@ -94,7 +95,7 @@ def pointwise_matrix(pw: Any, name: str, reshape: Callable[[Any, tuple, str], An
             )
         pw = reshape(pw, (pw.shape[2], pw.shape[3]), name)
     if pw.shape[0] == 0 or pw.shape[1] == 0:
-        raise ValueError(f"{name} must have non-zero channels; got shape {tuple(pw.shape)}")
+        raise ValueError(f"{name} must have non-zero channels; got shape {given}")
     return pw
 
 

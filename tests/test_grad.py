@@ -255,20 +255,29 @@ def _cuda_fast() -> bool:
 # --- needs: what is skipped is not computed ------------------------------------------------
 
 
-def _needs_case(op: str) -> Case:
+def _needs_case(op: str, stride: int | tuple[int, int] = (2, 1)) -> Case:
     mult = 2 if op in ("depthwise", "separable") else 1
     return Case(op, n=2, h=7, w=6, c=4, mult=mult, c_out=5, biases=True, padding="same",
-                stride=(2, 1), activation="relu",
+                stride=stride, activation="relu",
                 mid_activation="relu6" if op == "separable" else None)  # fmt: skip
 
 
-@pytest.mark.parametrize("op", tuple(FIELDS))
-def test_needs_returns_only_what_is_asked(op, device, rng, monkeypatch):
+# every op at stride (2, 1), and conv2d at stride 1 too: its d x then runs as a convolution
+# (at other strides tap by tap)
+NEEDS_OPS = [pytest.param(op, (2, 1), id=op) for op in FIELDS] + [
+    pytest.param("conv2d", 1, id="conv2d-stride1")
+]
+
+
+@pytest.mark.parametrize(("op", "stride"), NEEDS_OPS)
+def test_needs_returns_only_what_is_asked(op, stride, device, rng, monkeypatch):
     """Every subset of the fields: those asked for equal the full call's bit for bit (the
     chunking does not depend on needs), the others are None."""
     from itertools import combinations
 
-    case = _needs_case(op)
+    if device == "cuda" and stride == 1:
+        pytest.skip("the CUDA backward's conv2d d x runs the same way at every stride")
+    case = _needs_case(op, stride)
     x, weights, kwargs, grad = grad_problem(case, rng)
     monkeypatch.setattr(_config, "BACKWARD_CHUNKS", 3)  # several chunks: partial sums added
     monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 4)
@@ -289,10 +298,11 @@ def test_needs_returns_only_what_is_asked(op, device, rng, monkeypatch):
     assert one.x is None and to_numpy(one.bias).tobytes() == to_numpy(full.bias).tobytes()
 
 
-@pytest.mark.parametrize("op", tuple(FIELDS))
-def test_needs_skips_the_work(op, rng, monkeypatch):
+@pytest.mark.parametrize(("op", "stride"), NEEDS_OPS)
+def test_needs_skips_the_work(op, stride, rng, monkeypatch):
     """The CPU kernels are told to skip what is not needed: the backward kernel's flags and
     partial sums, and for conv2d which kernels run at all."""
+    import inspect
     from itertools import combinations
 
     from numba_dsconv.cpu import backward
@@ -301,7 +311,7 @@ def test_needs_skips_the_work(op, rng, monkeypatch):
     real = backward._launch
     monkeypatch.setattr(backward, "_launch", lambda k, w, *a: (launched.append((k, a)),
                                                                real(k, w, *a)))  # fmt: skip
-    case = _needs_case(op)
+    case = _needs_case(op, stride)
     x, weights, kwargs, grad = grad_problem(case, rng)
     slot = {"separable": {"x": "x", "dw": "dw", "pw": "pw", "dw_bias": "db", "bias": "b"},
             "depthwise": {"x": "x", "dw": "dw", "bias": "db"},
@@ -315,16 +325,31 @@ def test_needs_skips_the_work(op, rng, monkeypatch):
             wanted = {slot[f] for f in subset}
             if op == "conv2d":
                 names = [k.parallel.py_func.__name__ for k, _ in launched]
-                assert ("conv2d_grad_input_nhwc" in names) == ("x" in wanted), (subset, names)
-                assert ("conv2d_grad_weight_nhwc" in names) == ("w" in wanted), (subset, names)
+                taps = case.kh * case.kw
+                x_taps = "x" in wanted and stride != 1  # else d x is one convolution
+                assert names.count("pointwise_nhwc") == (taps if x_taps else 0), names
+                # the forward again for the relu's mask (no output given), then d x's
+                convs = bool(wanted) + ("x" in wanted and stride == 1)
+                assert names.count("conv2d_nhwc") == convs, (subset, names)
+                assert names.count("tap_rows") == (taps if "w" in wanted else 0), names
+                assert ("conv2d_grad_bias_nhwc" in names) == ("b" in wanted), (subset, names)
+                assert wanted or not launched, (subset, names)
+                # d w: the pointwise backward's d pw GEMM tap by tap, asked for d pw alone
+                gemms = [a for k, a in launched if k is backward.BACKWARD]
+                assert len(gemms) == (taps if "w" in wanted else 0), (subset, names)
+                for a in gemms:
+                    named = dict(zip(inspect.signature(backward.backward_nhwc).parameters, a,
+                                     strict=True))  # fmt: skip
+                    flags = dict(zip(backward.FLAG_FIELDS, named["flags"], strict=True))
+                    assert [f for f in flags if f.startswith("need_") and flags[f]] == [
+                        "need_pw"
+                    ], (subset, flags)
                 continue
             if not wanted:
                 assert not launched
                 continue
             (kern, args), *rest = launched
             assert kern is backward.BACKWARD
-            import inspect
-
             named = dict(zip(inspect.signature(backward.backward_nhwc).parameters, args,
                              strict=True))  # fmt: skip
             flags = dict(zip(backward.FLAG_FIELDS, named["flags"], strict=True))
@@ -341,13 +366,13 @@ def test_needs_skips_the_work(op, rng, monkeypatch):
 # --- determinism -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", tuple(FIELDS))
-def test_same_bits_at_any_thread_count(op, rng, monkeypatch):
+@pytest.mark.parametrize(("op", "stride"), NEEDS_OPS)
+def test_same_bits_at_any_thread_count(op, stride, rng, monkeypatch):
     """Run after run, at 1 or 2 threads, and the serial build: the same bits (the chunks are
     cut from the problem alone and every sum runs in a fixed order)."""
     import numba
 
-    case = replace_case(_needs_case(op), n=3, h=23, w=19, c=20, c_out=24)
+    case = replace_case(_needs_case(op, stride), n=3, h=23, w=19, c=20, c_out=24)
     x, weights, kwargs, grad = grad_problem(case, rng)
     monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 8)
     # the automatic cut (3 images on the pool: runs of rows, two phases), and 7 chunks

@@ -158,6 +158,8 @@ def test_bad_packs_and_misplaced_packed_weights_are_named():
         nd.pack(np.ones((3, 4, 6), np.float32))
     with pytest.raises(ValueError, match="non-zero channels"):
         nd.pack(np.ones((0, 6), np.float32))
+    with pytest.raises(ValueError, match=r"non-zero channels; got shape \(1, 1, 4, 0\)"):
+        nd.pack(np.ones((1, 1, 4, 0), np.float32))  # the shape as given, not as a matrix
     with pytest.raises(ValueError, match="no zero-sized dimension"):
         nd.pack(np.ones((3, 3, 0, 6), np.float32))
     x = np.ones((1, 5, 5, 4), np.float32)
