@@ -119,8 +119,8 @@ def _train_section(batches: list[int], layers: str, console) -> list[str]:
 
 
 def _python_share_section(layers: str, console) -> list[str]:
-    """The library's own time per call: each separable layer's call at N=1 against the bare
-    kernel call it ends in (``numba-dsconv bench --python-share``)."""
+    """The library's own time per call: each separable layer's call at N=1, whole and inside
+    its kernel (``numba-dsconv bench --python-share``)."""
     import numba
 
     from numba_dsconv import bench
@@ -132,10 +132,11 @@ def _python_share_section(layers: str, console) -> list[str]:
         "## the Python share of a call (`numba-dsconv bench --python-share`)",
         "",
         f"separable, N=1, {numba.get_num_threads()} threads: the public call (weights packed "
-        "once beforehand) against the bare kernel call it ends in (its arguments built once), "
-        "sampled interleaved, medians; µs. `python` = call - kernel: the library's work per "
-        "call (the fast path's lookup, the plan, the result's allocation, the dispatch into "
-        "the kernel), as it runs between kernels, from cold caches.",
+        "once beforehand), 300 calls, each timed whole and inside its kernel's dispatcher "
+        "(wrapped for the measurement), medians; µs. `python` = the median of each call's "
+        "time less its kernel's: the library's work per call (the fast path's lookup, the "
+        "plan, the result's allocation, the call into the kernel), as it runs between kernels, "
+        "from cold caches.",
         "",
         "| # | layer | call | kernel | python |",
         "|---|---|---|---|---|",

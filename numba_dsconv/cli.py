@@ -355,7 +355,7 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def _bench_python_share(args: argparse.Namespace, lays: list) -> int:
-    """Each layer's call against the bare kernel call it ends in (bench.python_share)."""
+    """Each layer's call, whole and inside its kernel (bench.python_share)."""
     import numba
 
     from .bench import python_share
@@ -363,17 +363,18 @@ def _bench_python_share(args: argparse.Namespace, lays: list) -> int:
     if args.device != "cpu":
         return _error("--python-share times the CPU calls")
     repeat = args.repeat or 15
-    with console.status("timing calls against their kernels"):
+    with console.status("timing calls and their kernels"):
         rows = python_share(lays, args.op, args.batch, repeat)
     t = Table(
         title=Text(
             f"{args.op}, N={args.batch}, float32, {numba.get_num_threads()} threads: the public "
-            f"call (weights packed once beforehand) against the bare kernel call it ends in, "
-            f"interleaved, medians of {repeat} samples; microseconds"
+            f"call (weights packed once beforehand), {20 * repeat} calls each timed whole and "
+            f"inside its kernel's dispatcher, medians; microseconds"
         ),
         caption=Text(
-            "python = call - kernel: the library's work per call (fast-path lookup, plan, "
-            "result allocation, dispatch), as it runs between kernels (from cold caches)"
+            "python = the median of each call's time less its kernel's: the library's work per "
+            "call (fast-path lookup, plan, result allocation, dispatch), as it runs between "
+            "kernels (from cold caches)"
         ),
     )
     for col in ("#", "layer", "call", "kernel", "python"):
@@ -629,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument(
         "--python-share",
         action="store_true",
-        help="instead: each layer's call against the bare kernel call it ends in (CPU): the "
+        help="instead: each layer's call timed whole and inside its kernel (CPU): the "
         "library's own time per call",
     )
     p_bench.add_argument(

@@ -4,8 +4,10 @@ separable kernel under other _config settings, the N=1 call broken down)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,18 +250,16 @@ def call_breakdown(case: Case, reps: int = 300) -> dict[str, float]:
 
 @dataclass
 class PythonShare:
-    """One layer's public call against the bare kernel call it ends in (CPU), interleaved:
-    medians in seconds; ``python_s`` = call - kernel, the library's own work per call
-    (the fast path's lookup or the validation, the plan, the result's allocation, the
-    dispatch into the kernel), run as it runs between kernels: from cold caches."""
+    """One layer's public call (CPU), timed call by call with the time inside its kernel's
+    dispatcher: medians in seconds of the calls' wall time (``call_s``), of their kernel time
+    (``kernel_s``) and of each call's difference (``python_s``): the library's own work per
+    call (the fast path's lookup or the validation, the plan, the result's allocation, the
+    call into the kernel), as it runs between kernels: from cold caches."""
 
     layer: Layer
     call_s: float
     kernel_s: float
-
-    @property
-    def python_s(self) -> float:
-        return self.call_s - self.kernel_s
+    python_s: float
 
     def cells(self) -> list[str]:
         """#, layer, call, kernel, python (microseconds): a table row."""
@@ -267,18 +267,61 @@ class PythonShare:
                 f"{self.kernel_s * 1e6:.1f}", f"{self.python_s * 1e6:.1f}"]  # fmt: skip
 
 
+@contextlib.contextmanager
+def _timed_kernels() -> Iterator[list[float]]:
+    """The CPU kernel table's dispatchers wrapped to note the seconds each call spends inside
+    them, in the list yielded (the fast path's remembered calls dropped before and after: a
+    prepared launch holds the dispatcher it was prepared with)."""
+    from .. import api
+    from ..cpu import backend
+
+    spent: list[float] = []
+
+    def timed(fn: Any) -> Any:
+        def run(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        return run
+
+    table = dict(backend.KERNELS)
+    api._FAST.clear()
+    try:
+        for op, k in table.items():
+            backend.KERNELS[op] = k._replace(parallel=timed(k.parallel), serial=timed(k.serial))
+        yield spent
+    finally:
+        backend.KERNELS.update(table)
+        api._FAST.clear()
+
+
 def python_share(
     layers: Sequence[Layer], op: str = "separable", batch: int = 1, repeat: int = 15
 ) -> list[PythonShare]:
-    """Per layer, the public call (its GEMM weights packed beforehand, so that neither side
-    packs) and its bare kernel call, timed interleaved on the CPU (``PythonShare``)."""
+    """Per layer, ``20 * repeat`` public calls (the GEMM weights packed beforehand, so that no
+    call packs), each timed whole and inside its kernel's dispatcher (``_timed_kernels``):
+    ``PythonShare``. Each call's difference is its own (the same call, the same caches): the
+    difference of two medians of ~100 us calls moved by tens of microseconds with the host's
+    noise. The wrapper's own frame (~0.3 us) counts as the library's."""
     rows = []
-    for lay in layers:
-        case = Case(lay, op, batch, "cpu")
-        fns = {"call": case.numba_fn(packed=True), "kernel": case.bare_launch(packed=True)}
-        samples, _ = time_interleaved(fns, repeat)
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        rows.append(PythonShare(lay, med["call"], med["kernel"]))
+    with _timed_kernels() as spent:
+        for lay in layers:
+            call, _ = Case(lay, op, batch, "cpu").numba_fn(packed=True)
+            call()  # compiled, planned and remembered outside the timing
+            calls, kernels, python = [], [], []
+            for _ in range(20 * repeat):
+                spent.clear()
+                t0 = time.perf_counter()
+                call()
+                t = time.perf_counter() - t0
+                calls.append(t)
+                kernels.append(sum(spent))
+                python.append(t - sum(spent))
+            med = statistics.median
+            rows.append(PythonShare(lay, med(calls), med(kernels), med(python)))
     return rows
 
 
