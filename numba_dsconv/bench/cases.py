@@ -178,14 +178,12 @@ class Case:
 
         return rotating(one, xs), sync
 
-    def bare_launch(self, *, packed: bool = False) -> Timed:
-        """The kernel launch the call ends in, with its arguments built once (the call's time
-        minus this is the library's Python work): on the CPU the kernel build the call runs,
-        into one result array (``packed``: from weights packed beforehand, as ``numba_fn``'s;
-        unpacked, a call that packs its weights once per call did so when its arguments were
-        built); on CUDA the configured kernel launch."""
-        if self.device == "cpu":
-            return self._bare_cpu_launch(packed)
+    def bare_launch(self) -> Timed:
+        """The CUDA kernel launch the call ends in, configured once (the call's time minus this
+        is the library's work per call; on the CPU ``bench.python_share`` times the kernel
+        inside the call instead)."""
+        if self.device != "cuda":
+            raise ValueError("bare_launch times the CUDA kernel launch; device is 'cpu'")
         from numba import cuda
 
         from .._dispatch import Device
@@ -206,29 +204,6 @@ class Case:
                 launch(*args)
 
         return bare, sync
-
-    def _bare_cpu_launch(self, packed: bool) -> Timed:
-        from ..cpu.backend import KERNELS, run_kernel
-        from ..cpu.layout import result_allocator
-
-        spec, dt = self.spec(), np.dtype(np.float32)
-        k = KERNELS[self.op]
-        parallel = _config.use_parallel(spec.macs)  # the build the call picks
-        h = self.host
-        weights = [h[n] for n in ("w", "dw", "pw") if n in h]
-        if packed and self.op != "depthwise":
-            weights[-1] = pack(weights[-1])
-        biases = (None, None) if self.op == "separable" else (None,)
-        shape = spec.out_nhwc  # placed as the call places its result
-        out = result_allocator(math.prod(shape) * dt.itemsize)(shape, dt)
-        args = k.args(spec, dt, parallel)(h["x"], tuple(weights), biases, out)
-        fn = k.parallel if parallel else k.serial
-
-        def bare() -> np.ndarray:
-            run_kernel(fn, parallel, args)
-            return out
-
-        return bare, no_sync
 
     # -- the anchors -----------------------------------------------------------------------
 

@@ -1399,8 +1399,8 @@ def conv2d_grad_w(spec: ConvSpec, x: np.ndarray, gy: np.ndarray, dt: np.dtype) -
     pspec = _plain(spec, op="pointwise", h=oh, w=ow, **_ONE_BY_ONE)
     taps = np.empty((n, oh, ow, c_in), dt)
     stand_in = np.empty((c_in, c_out), dt)  # the pointwise weights: d pw alone reads none
+    rows = taps.reshape(spec.pixels, c_in)
     for m, _, q, _ in _tap_spans(spec):
-        rows = taps.reshape(spec.pixels, c_in)
         _launch(TAP_ROWS, taps.size, x, oh, ow, spec.geometry, spec.kw, m * spec.kw + q, rows)
         found = gemm_grads(pspec, taps, gy, None, (stand_in,), (None,), {"pw": True}, dt)
         gw[m, q] = found["pw"]
