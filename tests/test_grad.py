@@ -730,7 +730,8 @@ def test_dpw_of_an_f_ordered_pw_in_either_order_gives_the_same_bits(
     """d pw of an F-ordered pw (torch's weight) is computed transposed (gz^T A, in pw's memory
     order, each grad tile copied first where its rows lie a multiple of 512 bytes apart) unless
     those copies would exceed DPW_COPY_RATIO x d pw (the fused separable without a final
-    activation: backward.transposed_dpw), then in the plain order, d pw C-ordered. Either order
+    activation: backward.transposed_dpw), then in the plain order, the chunks' sums added up
+    (or the one chunk's copied) into d pw's transpose. Either way d pw is F-ordered like pw and
     sums the same products in the same order: every gradient the bits of the C-ordered pw's,
     right by the reference, in one chunk or several (run in parallel)."""
     monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
@@ -751,7 +752,7 @@ def test_dpw_of_an_f_ordered_pw_in_either_order_gives_the_same_bits(
         fpw = np.asfortranarray(weights[1])
         got = nd.separable_grad(grad, x, weights[0], fpw, **kwargs)
         assert orders[-1] is transposed, (c_out, act, n)
-        assert got.pw.flags.f_contiguous if transposed else got.pw.flags.c_contiguous
+        assert got.pw.flags.f_contiguous and want.pw.flags.c_contiguous
         for name, a, b in zip(FIELDS["separable"], got, want, strict=True):
             assert a.shape == b.shape and a.tobytes() == b.tobytes(), name  # (C-order bytes)
         expected = reference_grads(case, x, weights, kwargs, grad)

@@ -131,8 +131,8 @@ def test_small_tiles_and_wide_outputs(op, c_out, monkeypatch):
     """Tiles of a few pixels, more output channels than C*M and than a tile: the GEMMs of the
     backward on torch's (C_out, C*M) weights in place (the gradient of pw computed transposed;
     for the separable with C_out = 64 float64s, 40 pixels, C*M = 8 and no final activation,
-    not: its grad rows lie 512 bytes apart, backward.transposed_dpw, and the front end copies
-    d pw into the weight's layout)."""
+    not: its grad rows lie 512 bytes apart, backward.transposed_dpw; the backward's sum over
+    its chunks writes d pw in the weight's layout)."""
     from numba_dsconv import _config
     from numba_dsconv.cpu import backward
 

@@ -29,10 +29,10 @@
 
 Determinism: chunks are cut from the problem's size and the thread pool's size
 (``backward_plan``: NUMBA_NUM_THREADS, never the threads launched) and every sum runs in a fixed
-order: within a chunk in pixel order, then over the chunks in chunk order
-(``combine_chunks``). No atomics. dx receives the taps of two neighbouring chunks, which may
-read the same input rows: chunks then run in two phases (even chunks, then odd ones), each chunk
-at least as tall as the kernel's reach, so no two chunks of one phase touch the same row of dx.
+order: within a chunk in pixel order, then over the chunks in chunk order (``combine_parts``,
+in the same launch). No atomics. dx receives the taps of two neighbouring chunks, which may read
+the same input rows: chunks then run in two phases (even chunks, then odd ones), each chunk at
+least as tall as the kernel's reach, so no two chunks of one phase touch the same row of dx.
 The result is the same bits run after run and with any number of threads launched
 (numba.set_num_threads); another pool size (NUMBA_NUM_THREADS, a machine with other cores) can
 cut other chunks and round differently.
@@ -838,6 +838,12 @@ def backward_nhwc(
     split,
     cut,
     work,
+    opw,
+    odw,
+    odb,
+    ob,
+    comb,
+    opw_t,
 ):  # pragma: no cover - compiled
     """The separable / depthwise / pointwise backward (module docstring), chunks in parallel;
     with ``split`` (one chunk: too few pixels to cut), its one chunk as two tasks instead, one
@@ -862,6 +868,12 @@ def backward_nhwc(
     the kernel allocated them per call, glibc served them from the worker threads' arenas,
     whose tops it trims or not depending on what the process freed before: the same call then
     page-faulted on every run, up to 3x its time).
+
+    Then, in this launch, the partial sums of each slot ``comb`` (pw, dw, db, b) names are
+    added up in chunk order into its result, opw, odw, odb or ob (``combine_parts``; d pw
+    with ``opw_t`` into its transpose, the memory order of an F-ordered pw: torch's weight):
+    as separate launches (and torch's layout copy of d pw) they cost a training step at
+    N=8 ~0.15 ms between kernels.
     """
     _, nchunks, phases, _, _ = plan
     C = x.shape[3]
@@ -872,8 +884,7 @@ def backward_nhwc(
                 gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow, work[u],
                 0 if u == 0 else cut, cut if u == 0 else C,
             )  # fmt: skip
-        return
-    if split:
+    elif split:
         has_dw, has_pw, have_y, need_x, need_dw, need_pw, need_db, need_b = flags
         for u in prange(2):
             role = (has_dw, has_pw, have_y, need_x and u == 1, need_dw and u == 1,
@@ -882,18 +893,49 @@ def backward_nhwc(
                 0, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
                 gpw, gdw, gdb, gb, zeros, geo, mid_act, act, role, plan, oh, ow, work[u], 0, C,
             )  # fmt: skip
-        return
-    for phase in range(phases):
-        count = (nchunks - phase + phases - 1) // phases
-        for u in prange(count):
-            backward_chunk(
-                u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b, g2,
-                y2, gx, owned, gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan, oh, ow,
-                work[u], 0, C,
-            )  # fmt: skip
+    else:
+        for phase in range(phases):
+            count = (nchunks - phase + phases - 1) // phases
+            for u in prange(count):
+                backward_chunk(
+                    u * phases + phase, x, dwk, db, dims, pw_t, packed_gm, packed_z, nopack, b,
+                    g2, y2, gx, owned, gpw, gdw, gdb, gb, zeros, geo, mid_act, act, flags, plan,
+                    oh, ow, work[u], 0, C,
+                )  # fmt: skip
+    c_pw, c_dw, c_db, c_b = comb
+    if c_pw:  # d pw in 32 x 32 blocks, in parallel
+        rb, cb = -(-gpw.shape[1] // 32), -(-gpw.shape[2] // 32)
+        for t in prange(rb * cb):
+            r0, c0 = t // cb * 32, t % cb * 32
+            combine_parts(gpw, opw, opw_t, r0, r0 + 32, c0, c0 + 32)
+    big = 1 << 30
+    if c_dw:  # the small ones in this thread
+        combine_parts(gdw, odw, False, 0, big, 0, big)
+    if c_db:
+        combine_parts(gdb.reshape(gdb.shape[0], 1, gdb.shape[1]), odb.reshape(1, odb.size), False,
+                      0, big, 0, big)  # fmt: skip
+    if c_b:
+        combine_parts(gb.reshape(gb.shape[0], 1, gb.shape[1]), ob.reshape(1, ob.size), False, 0,
+                      big, 0, big)  # fmt: skip
 
 
 BACKWARD = kernel(backward_nhwc, None)
+
+
+@helper
+def combine_parts(parts, out, transposed, r0, r1, c0, c1):  # pragma: no cover - compiled
+    """out[r, c] (with ``transposed`` out[c, r]) = parts[0, r, c] + parts[1, r, c] + ... in
+    chunk order, for r0 <= r < r1, c0 <= c < c1 (clipped to parts' shape)."""
+    K, R, C = parts.shape
+    for r in range(r0, min(R, r1)):
+        for c in range(c0, min(C, c1)):
+            s = parts[0, r, c]
+            for k in range(1, K):
+                s += parts[k, r, c]
+            if transposed:
+                out[c, r] = s
+            else:
+                out[r, c] = s
 
 
 def combine_chunks(parts, out):  # pragma: no cover - compiled
@@ -1019,17 +1061,15 @@ def reach_rows(spec: ConvSpec) -> int:
     return max(1, (spec.kh - 1) * spec.dilation_h // spec.stride_h)
 
 
-def zeros_like_parts(
-    nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: bool, scratch_name: str = ""
-):
+def chunk_parts(nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: bool,
+                scratch_name: str = "", result: bool = False) -> np.ndarray:  # fmt: skip
     """Per-chunk partial sums: zeros, or with ``scratch_name`` uninitialised (the kernel
-    writes them first): for several chunks the calling thread's reused buffer of that name
-    (``combine(..., reused=True)`` adds them into a new array), for one chunk a new array that
-    is the gradient itself (no copy of C*M x C_out per call); a dummy where they are not
+    writes them first): the calling thread's reused buffer of that name, or where ``result``
+    (one chunk, its sums the gradient as they stand) a new array; a dummy where they are not
     needed."""
     if not need:
         return np.zeros((1,) * (len(shape) + 1), dtype)
-    if scratch_name and nchunks == 1:
+    if scratch_name and result:
         return aligned_empty((1, *shape), dtype)
     if scratch_name:
         return scratch(scratch_name, (nchunks, *shape), dtype)
@@ -1055,6 +1095,7 @@ def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> 
 
 
 SLOT_ORDER = ("x", "dw", "pw", "db", "b")  # backward_layout's ``need``, in this order
+_SUMMED = ("pw", "dw", "db", "b")  # the slots summed over pixels: backward_nhwc's ``comb``
 
 
 def backward_settings() -> tuple:
@@ -1139,9 +1180,10 @@ def gemm_backward_args(
 
     ``need`` says which gradients to compute, by the kernel's slots: "x", "dw", "pw", "db"
     (the depthwise stage's bias: dw_bias, or the depthwise op's bias) and "b" (the pointwise
-    stage's bias); every slot present, False where the op has no such stage. The outputs:
-    "x" (dx, NHWC) and the other slots' per-chunk partial sums (``combine`` adds them up); a
-    slot not needed holds a dummy. What the shapes fix comes from ``backward_layout``.
+    stage's bias); every slot present, False where the op has no such stage. The outputs,
+    filled by the launch: "x" (dx, NHWC) and the other slots' gradients (d pw in P's shape,
+    F-ordered where pw is, d dw (K_h, K_w, C*M)); a slot not needed holds a dummy. What the
+    shapes fix comes from ``backward_layout``.
     """
     op = spec.op
     has_dw, has_pw = op != "pointwise", op != "depthwise"
@@ -1164,14 +1206,23 @@ def gemm_backward_args(
     packed_z = packed_weights(pw, parallel, scratch, "packed_z") if need_z else nopack
     b = bias_vector(biases[-1] if has_pw else None, co, dt, nr)
     nchunks = plan[1]
+    # d pw in pw's memory order: an F-ordered pw's (torch's weight) is the transpose of the
+    # sums where the kernel computes them in P's shape (the combine writes it so)
+    f_pw = has_pw and pw.flags.f_contiguous and not pw.flags.c_contiguous
+    opw_t = f_pw and not pw_t
+    comb = tuple(need[s] and (nchunks > 1 or (s == "pw" and opw_t)) for s in _SUMMED)
+    shapes = {"pw": (co, cm) if pw_t else (cm, co), "dw": (spec.kh * spec.kw, cm),
+              "db": (cm,), "b": (co,)}  # fmt: skip
     parts = {
-        "pw": zeros_like_parts(
-            nchunks, (co, cm) if pw_t else (cm, co), dt, need["pw"], scratch_name="gpw"
-        ),
-        "dw": zeros_like_parts(nchunks, (spec.kh * spec.kw, cm), dt, need["dw"]),
-        "db": zeros_like_parts(nchunks, (cm,), dt, need["db"]),
-        "b": zeros_like_parts(nchunks, (co,), dt, need["b"]),
+        "pw": chunk_parts(nchunks, shapes["pw"], dt, need["pw"], "gpw", result=not comb[0]),
+        **{s: chunk_parts(nchunks, shapes[s], dt, need[s]) for s in _SUMMED[1:]},
     }
+    # each result: the one chunk's sums, or a new array the kernel adds the chunks' sums into
+    sums = {
+        s: np.empty(shapes[s][::-1] if s == "pw" and opw_t else shapes[s], dt) if c
+        else parts[s][0]
+        for s, c in zip(_SUMMED, comb, strict=True)
+    }  # fmt: skip
     if not need["x"]:
         gx = np.zeros((1, 1, 1, cm), dt)
     else:  # the depthwise stage adds into dx (zeroed by the chunks); the pointwise op's GEMM
@@ -1185,15 +1236,20 @@ def gemm_backward_args(
     args = (x, dwk, db, (cm, co), pw_t, packed_gm, packed_z, nopack, b, g2, y2, gx, owned,
             parts["pw"],
             parts["dw"], parts["db"], parts["b"], zeros, spec.geometry, *acts, flags, plan,
-            spec.out_h, spec.out_w, split, cut, work)  # fmt: skip
-    return args, {"x": gx, **parts}
+            spec.out_h, spec.out_w, split, cut, work, sums["pw"], sums["dw"], sums["db"],
+            sums["b"], comb, opw_t)  # fmt: skip
+    found = {"x": gx, **sums}
+    found["pw"] = sums["pw"].T if f_pw else sums["pw"]  # (C*M, C_out), P's shape
+    if need["dw"]:
+        found["dw"] = sums["dw"].reshape(spec.kh, spec.kw, cm)
+    return args, found
 
 
 # The d pw GEMM computed transposed (gz^T A, C_out x C*M) only where the grad tiles it then
 # reads down their columns need no copy, or the copies come to less than this many times d pw:
 # a copied tile costs a plain copy of the grad (N=8, layers 2-4: 12.8, 12.8, 6.4 MB per step,
-# ~0.25 ms per 6.4 MB on 2 threads), the other order a transposing copy of d pw at the end
-# (32 KB - 256 KB there, ~1-4 MB on layers 5-7).
+# ~0.25 ms per 6.4 MB on 2 threads), the other order adds the chunks' sums into d pw's
+# transpose (32 KB - 256 KB there, ~1-4 MB on layers 5-7; one chunk's copied into it).
 DPW_COPY_RATIO = 4
 
 
@@ -1242,9 +1298,9 @@ def _empty_batch(spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dty
 
 def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> dict[str, Any]:
     """The separable / depthwise / pointwise gradients ``need`` asks for (slots, as in
-    grad.SLOTS): dx NHWC, weights in the kernels' shapes (d pw F-ordered for an F-ordered pw,
-    as torch's weight gives, where ``transposed_dpw`` computes it so, else C-ordered); x, g, y
-    NHWC, C-contiguous, writable."""
+    grad.SLOTS): dx NHWC, weights in the kernels' shapes (d pw in pw's memory order:
+    F-ordered for an F-ordered pw, as torch's weight gives); x, g, y NHWC, C-contiguous,
+    writable."""
     op = spec.op
     dwk = weights[0] if op != "pointwise" else None
     pw = weights[-1] if op != "depthwise" else None
@@ -1257,17 +1313,7 @@ def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> 
         return {}
     args, outs = gemm_backward_args(spec, x, g, y, dwk, pw, biases, want, dt)
     _launch(BACKWARD, 3 * spec.macs, *args)
-    found = {"x": outs["x"]} if want["x"] else {}
-    pw_t = args[4]
-    for slot, shape in shapes.items():
-        if want[slot]:
-            parts = outs[slot]
-            reused = slot == "pw" and parts.shape[0] > 1  # scratch (zeros_like_parts)
-            if slot == "pw" and pw_t:  # computed transposed: (C_out, C*M), seen as P's shape
-                found[slot] = combine(parts, shape[::-1], reused).T
-            else:
-                found[slot] = combine(parts, shape, reused)
-    return found
+    return {slot: outs[slot] for slot in outs if want[slot]}
 
 
 def conv2d_grads(spec: ConvSpec, x, g, y, w, bias, need, dt: np.dtype) -> dict[str, Any]:
