@@ -840,3 +840,40 @@ def test_depthwise_dx_at_stride_2_every_row_width(dtype, w, rng):
     np.testing.assert_allclose(got.x, want[0], rtol=rtol, atol=atol)
     rtol, atol = tolerances(np.dtype(dtype), math.prod(y.shape[:3]))  # d dw: every pixel
     np.testing.assert_allclose(got.dw, want[1], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mask_dtype", [np.float32, np.float64, np.uint8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_masked_copy_passes_the_activations_derivative(act, dtype, mask_dtype, rng):
+    """The backward's mask of an activation (cpu.backward.masked_copy, by whole vectors and the
+    row's last channels one by one) against NumPy: relu passes where m > 0, relu6 where
+    0 < m < 6, none everywhere; at the kinks (0, 6), at -0.0 and at NaN nothing passes; a bool
+    mask (uint8) passes where it is 1. Rows padded past their channels (as the tile buffers'
+    are) and channel counts with and without a partial vector; the padding left untouched."""
+    from numba_dsconv._spec import Activation
+    from numba_dsconv.cpu.backward import masked_copy
+
+    code = int({None: Activation.NONE, "relu": Activation.RELU, "relu6": Activation.RELU6}[act])
+    special = [0.0, -0.0, 6.0, np.nan, np.inf, -np.inf, 5.999, 1e-30, -1e-30, 6.001]
+    for channels in (1, 7, 16, 37, 64):
+        rows = 5
+        src = rng.standard_normal((rows, channels + 3)).astype(dtype)[:, :channels]
+        if mask_dtype == np.uint8:
+            mask = rng.integers(0, 2, (rows, channels)).astype(np.uint8)
+            passes = mask == 1 if act else np.ones(mask.shape, bool)
+        else:
+            values = rng.uniform(-3, 9, rows * channels)
+            k = min(len(special), values.size)
+            values[:k] = special[:k]  # every special value where the rows hold them all
+            mask = rng.permutation(values).reshape(rows, channels).astype(mask_dtype)
+            passes = {None: np.ones(mask.shape, bool), "relu": mask > 0,
+                      "relu6": (mask > 0) & (mask < 6)}[act]  # fmt: skip
+        dst = np.full((rows, channels + 5), 7.0, dtype)
+        before = src.copy(), mask.copy()
+        masked_copy(src, mask, code, dst, rows)
+        np.testing.assert_array_equal(dst[:, :channels], np.where(passes, src, 0))
+        assert (dst[:, channels:] == 7).all()
+        assert not np.signbit(dst[:, :channels][~passes]).any()  # +0, not -0 or a NaN's sign
+        np.testing.assert_array_equal(src, before[0])
+        np.testing.assert_array_equal(mask, before[1])

@@ -206,6 +206,47 @@ def vact(typingctx, v, code):
     return v(v, code), codegen
 
 
+@intrinsic
+def vpassed(typingctx, v, maddr, mdt, code):
+    """``v`` lane by lane where the activation ``code``'s derivative passes, else 0, read from
+    the mask's lanes (as many as v has, of dtype ``mdt`` at byte address ``maddr``: an
+    activation's output or input, or a bool mask as uint8): RELU where m > 0, RELU6 where
+    0 < m < 6 (torch's convention at the kinks: 0; a NaN m: 0), NONE everywhere."""
+    if not (
+        isinstance(v, Vec)
+        and isinstance(maddr, types.Integer)
+        and isinstance(mdt, types.DType)
+        and isinstance(code, types.Integer)
+    ):
+        return None
+    mty = mdt.dtype
+    if not isinstance(mty, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        lanes = v.lanes
+        mvty = ir.VectorType(context.get_value_type(mty), lanes)
+        m = builder.load(_typed_pointer(context, builder, args[1], sig.args[1], mvty), align=1)
+        c = context.cast(builder, args[3], sig.args[3], types.int64)
+        if isinstance(mty, types.Float):
+            zero, six = ir.Constant(mvty, [0.0] * lanes), ir.Constant(mvty, [6.0] * lanes)
+            above = builder.fcmp_ordered(">", m, zero)
+            below = builder.fcmp_ordered("<", m, six)
+        else:
+            zero, six = ir.Constant(mvty, [0] * lanes), ir.Constant(mvty, [6] * lanes)
+            cmp = builder.icmp_signed if mty.signed else builder.icmp_unsigned
+            above, below = cmp(">", m, zero), cmp("<", m, six)
+        bits = ir.VectorType(ir.IntType(1), lanes)
+        six_on = builder.icmp_signed("==", c, ir.Constant(ir.IntType(64), int(Activation.RELU6)))
+        none = builder.icmp_signed("==", c, ir.Constant(ir.IntType(64), int(Activation.NONE)))
+        keep = builder.and_(above, builder.or_(below, _splat(builder, bits, builder.not_(six_on))))
+        keep = builder.or_(keep, _splat(builder, bits, none))
+        return builder.select(keep, args[0], ir.Constant(vty, [0.0] * lanes))
+
+    return v(v, maddr, mdt, code), codegen
+
+
 # Raw-address access, for the GEMM register block: a helper that takes arrays pays a
 # reference-count update per array per call (an atomic on memory every thread shares);
 # addresses are plain integers. The caller keeps the arrays alive and the offsets in bounds.

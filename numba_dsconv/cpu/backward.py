@@ -62,6 +62,7 @@ from ._simd import (
     vadd,
     vfma,
     vloadp,
+    vpassed,
     vstorep,
     vzero,
 )
@@ -88,17 +89,6 @@ ROLE_SPLIT = True
 FLAG_FIELDS = ("has_dw", "has_pw", "have_y", "need_x", "need_dw", "need_pw", "need_db", "need_b")
 
 
-@helper
-def passes(v, code):  # pragma: no cover - compiled
-    """act'(.) as 0/1, read from the activation's output (or input) value ``v``: relu passes
-    where v > 0, relu6 where 0 < v < 6 (torch's convention at the kinks: 0). NaN: 0."""
-    if code == NO_ACTIVATION:
-        return True
-    if code == RELU6:
-        return v > 0 and v < 6
-    return v > 0
-
-
 # The element-wise tile helpers work on addresses, rows ``strides[0]`` bytes apart and elements
 # contiguous within a row: the tile buffers' rows are padded (``unaliased``), which makes them
 # (and every array sharing a variable with them) Numba 'A' arrays, whose element loops LLVM left
@@ -108,16 +98,25 @@ def passes(v, code):  # pragma: no cover - compiled
 
 @helper
 def masked_copy(src, mask, code, dst, rows):  # pragma: no cover - compiled
-    """dst[t, c] = src[t, c] where passes(mask[t, c]), else 0, for t < rows."""
+    """dst[t, c] = src[t, c] where act'(mask[t, c]) is 1, else 0, for t < rows: relu passes
+    where the mask value m > 0, relu6 where 0 < m < 6 (torch's convention at the kinks: 0;
+    NaN: 0). By whole vectors (``vpassed``), the row's last channels one by one: the loop by
+    elements through a helper's test stayed scalar (separable_grad N=8 row 1 with a final
+    relu6, output given: 11.1 ms against 6.0 without the activation)."""
     n = src.shape[1]
     dt, mt = src.dtype, mask.dtype
     sz, msz = src.itemsize, mask.itemsize
+    L = VEC_BYTES // sz
+    whole = n // L * L
     ps, pm, pd = address(src), address(mask), address(dst)
     for t in range(rows):
         rs, rm, rd = ps + t * src.strides[0], pm + t * mask.strides[0], pd + t * dst.strides[0]
-        for c in range(n):
+        for c in range(0, whole, L):
+            vstorep(rd + c * sz, vpassed(vloadp(rs + c * sz, dt), rm + c * msz, mt, code))
+        for c in range(whole, n):
             v = loadp(rs + c * sz, dt)
-            keep = passes(loadp(rm + c * msz, mt), code)
+            m = loadp(rm + c * msz, mt)
+            keep = code == NO_ACTIVATION or (m > 0 and (code != RELU6 or m < 6))
             storep(rd + c * sz, v if keep else 0, dt)
 
 
