@@ -902,11 +902,14 @@ def backward_nhwc(
                     oh, ow, work[u], 0, C,
                 )  # fmt: skip
     c_pw, c_dw, c_db, c_b = comb
-    if c_pw:  # d pw in 32 x 32 blocks, in parallel
+    if c_pw and opw_t:  # d pw into its transpose in 32 x 32 blocks, in parallel
         rb, cb = -(-gpw.shape[1] // 32), -(-gpw.shape[2] // 32)
         for t in prange(rb * cb):
             r0, c0 = t // cb * 32, t % cb * 32
-            combine_parts(gpw, opw, opw_t, r0, r0 + 32, c0, c0 + 32)
+            combine_parts(gpw, opw, True, r0, r0 + 32, c0, c0 + 32)
+    elif c_pw:  # by rows, in parallel
+        for r in prange(gpw.shape[1]):
+            combine_parts(gpw, opw, False, r, r + 1, 0, gpw.shape[2])
     big = 1 << 30
     if c_dw:  # the small ones in this thread
         combine_parts(gdw, odw, False, 0, big, 0, big)
@@ -924,17 +927,29 @@ BACKWARD = kernel(backward_nhwc, None)
 @helper
 def combine_parts(parts, out, transposed, r0, r1, c0, c1):  # pragma: no cover - compiled
     """out[r, c] (with ``transposed`` out[c, r]) = parts[0, r, c] + parts[1, r, c] + ... in
-    chunk order, for r0 <= r < r1, c0 <= c < c1 (clipped to parts' shape)."""
+    chunk order, for r0 <= r < r1, c0 <= c < c1 (clipped to parts' shape): each chunk's run
+    of a row added into the output's row at once (a vector loop; the chunks innermost, per
+    element, with the order's test inside, left it scalar: the training step N=8 rows 6-7,
+    4 MB of d pw, ~0.5 ms more than the separate combine launch it replaced)."""
     K, R, C = parts.shape
-    for r in range(r0, min(R, r1)):
-        for c in range(c0, min(C, c1)):
-            s = parts[0, r, c]
+    r1, c1 = min(R, r1), min(C, c1)
+    if transposed:
+        for c in range(c0, c1):
+            row = out[c]
+            for r in range(r0, r1):
+                row[r] = parts[0, r, c]
             for k in range(1, K):
-                s += parts[k, r, c]
-            if transposed:
-                out[c, r] = s
-            else:
-                out[r, c] = s
+                for r in range(r0, r1):
+                    row[r] += parts[k, r, c]
+    else:
+        for r in range(r0, r1):
+            row = out[r]
+            for c in range(c0, c1):
+                row[c] = parts[0, r, c]
+            for k in range(1, K):
+                run = parts[k, r]
+                for c in range(c0, c1):
+                    row[c] += run[c]
 
 
 def combine_chunks(parts, out):  # pragma: no cover - compiled
