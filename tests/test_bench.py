@@ -601,7 +601,8 @@ def test_train_bench_times_each_side_in_its_own_processes(monkeypatch):
         return real(cmd, **kwargs)
 
     monkeypatch.setattr(timing.subprocess, "run", spy)
-    result = train.run_train_bench("cpu", 1, [TINY], repeat=2, rounds=2)  # not a suite layer
+    # not a suite layer; and a chain of MobileNetV1's first layer
+    result = train.run_train_bench("cpu", 1, [TINY], repeat=2, rounds=2, chain=1)
     # two rounds, each side once per round, in that order
     worker = "numba_dsconv.bench.train"
     assert calls == [[worker, "ours"], [worker, "torch"]] * 2
@@ -612,6 +613,31 @@ def test_train_bench_times_each_side_in_its_own_processes(monkeypatch):
     assert row.ours_s == min(row.samples["ours"]) and row.torch_s == min(row.samples["torch"])
     assert row.ratio == pytest.approx(row.ours_s / row.torch_s)
     assert row.grad_error < 1e-4  # float32 gradients against torch's
+    # the chain's step timed in the same processes, the best of its rounds likewise
+    chain = result.chain
+    assert chain.layers == 1 and set(chain.samples) == {"ours", "torch"}
+    assert all(len(v) == 2 and min(v) > 0 for v in chain.samples.values())
+    assert chain.ours_s == min(chain.samples["ours"])
+    assert chain.ratio == pytest.approx(chain.ours_s / chain.torch_s)
+    assert result.to_dict()["chain"]["torch_s"] == chain.torch_s
+
+
+def test_the_chains_two_sides_start_from_the_same_weights():
+    """The MobileNetV1 chain's step (train.chain_step_fns): ours and torch's layers hold the
+    same initial weights, so one step gives both the same weight gradients."""
+    torch = pytest.importorskip("torch")
+    from numba_dsconv.bench import train
+
+    fns = train.chain_step_fns(1, "cpu", 2)
+    models = {}
+    for side, (step, _) in fns.items():
+        step()
+        models[side] = step.__defaults__[0]
+    ours = [p.grad for p in models["ours"].parameters()]
+    theirs = [p.grad for p in models["torch"].parameters()]
+    assert len(ours) == len(theirs) == 6  # dw, pw, bias per layer
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b.view_as(a), rtol=1e-4, atol=1e-4)
 
 
 def test_a_failing_worker_is_named():

@@ -4,13 +4,15 @@
 gradients of the input, the weights and the biases) with ``numba_dsconv.torch.separable``
 against torch's Conv2d(groups=C) + Conv2d(1x1) on channels_last tensors, on the same number of
 threads, after warm-up. On the CPU each side runs in processes of its own, alternating round
-after round (a worker, ``python -m numba_dsconv.bench.train SIDE DEVICE BATCH LAYERS REPEAT``
-with LAYERS the layers as JSON, prints {layer number: median seconds}), each side's time the
-best of its rounds' medians; on a GPU the two are interleaved in one process (ours, torch,
-ours, ...), medians. The gradients of ours are checked against torch's (float32).
+after round (a worker, ``python -m numba_dsconv.bench.train SIDE DEVICE BATCH LAYERS REPEAT
+CHAIN`` with LAYERS the layers as JSON, prints {layer number: median seconds}), each side's
+time the best of its rounds' medians; on a GPU the two are interleaved in one process (ours,
+torch, ours, ...), medians. The gradients of ours are checked against torch's (float32).
 
-``saved_bytes``: what autograd keeps for the backward of a chain of MobileNetV1's 13
-separable layers, counted with torch.autograd.graph.saved_tensors_hooks, ours and torch's.
+``chain_step_fns``: one training step of a chain of MobileNetV1's separable layers (relu6
+after each stage), timed as the layers are. ``saved_bytes``: what autograd keeps for the
+backward of that chain, counted with torch.autograd.graph.saved_tensors_hooks, ours and
+torch's.
 
 Import needs torch (the command line says so where it is missing).
 """
@@ -53,11 +55,24 @@ class TrainRow:
 
 
 @dataclass
+class ChainStep:
+    """One training step of the first ``layers`` MobileNetV1 separable layers in a chain
+    (relu6 after each stage; ``_mobilenet_v1``), ours and torch's: seconds as TrainRow's."""
+
+    layers: int
+    ours_s: float
+    torch_s: float
+    ratio: float
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
 class TrainResult:
     device: str
     batch: int
     threads: int
     rows: list[TrainRow]
+    chain: ChainStep | None = None
 
     @property
     def geomean(self) -> float:
@@ -65,7 +80,8 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "batch": self.batch, "threads": self.threads,
-                "geomean_ratio": self.geomean, "rows": [asdict(r) for r in self.rows]}  # fmt: skip
+                "geomean_ratio": self.geomean, "rows": [asdict(r) for r in self.rows],
+                "chain": None if self.chain is None else asdict(self.chain)}  # fmt: skip
 
 
 def _tensors(torch: Any, lay: Layer, batch: int, device: str, seed: int) -> dict[str, Any]:
@@ -125,11 +141,47 @@ def train_step_fns(lay: Layer, batch: int, device: str = "cpu") -> tuple[dict, A
     return fns, grads, torch
 
 
+def chain_step_fns(batch: int, device: str = "cpu", layers: int = 13) -> dict[str, Any]:
+    """{"ours": (step, sync), "torch": (step, sync)}: one training step (forward, backward of
+    the sum of the output: the gradients of every weight and bias) of the first ``layers``
+    MobileNetV1 separable layers (``_mobilenet_v1``, relu6 after each stage) on one
+    channels_last input that needs no gradient, as an image batch; the same initial
+    weights on both sides."""
+    torch = torch_module()
+    from .. import torch as ndt
+
+    g = torch.Generator().manual_seed(0)
+    hw, c_in = MOBILENET_V1[0][:2]
+    x = torch.randn(batch, c_in, hw, hw, generator=g).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    ours = _mobilenet_v1(torch, ndt, True, layers)
+    theirs = _mobilenet_v1(torch, ndt, False, layers)
+    ours.load_state_dict(
+        {k: v.view_as(p) for (k, p), v in zip(ours.state_dict().items(),
+                                              theirs.state_dict().values(), strict=True)}
+    )  # fmt: skip
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fns = {}
+    for name, model in (("ours", ours), ("torch", theirs)):
+        model = model.to(device).to(memory_format=torch.channels_last)
+
+        def step(model: Any = model) -> None:
+            for p in model.parameters():
+                p.grad = None
+            model(x).sum().backward()
+
+        fns[name] = (step, sync)
+    return fns
+
+
 def run_train_bench(
     device: str, batch: int, layers: list[Layer], repeat: int | None = None,
-    progress: Progress = no_progress, rounds: int = 5,
+    progress: Progress = no_progress, rounds: int = 5, chain: int = 0,
 ) -> TrainResult:  # fmt: skip
-    """The training step of each layer, ours against torch's (see the module docstring).
+    """The training step of each layer, ours against torch's (see the module docstring),
+    and with ``chain`` (a number of layers), one step of that chain of MobileNetV1's
+    separable layers (``chain_step_fns``), timed as the layers are.
 
     On the CPU each side is timed in processes of its own, alternating for ``rounds`` rounds
     (``timing.alternating_processes``), and each side's time is the best of its rounds'
@@ -155,14 +207,15 @@ def run_train_bench(
     numbers = [lay.number for lay in layers]
     if device == "cpu":
         spelled = json.dumps([asdict(lay) for lay in layers])  # any Layer, not only the suite's
-        args = [device, str(batch), spelled, str(repeat or 9)]
+        args = [device, str(batch), spelled, str(repeat or 9), str(chain)]
         runs = alternating_processes(
             "numba_dsconv.bench.train", list(SIDES), args, threads, rounds,
             lambda done, total: progress(
                 "measure", f"round {min(done // len(SIDES) + 1, rounds)} of {rounds}", done, total
             ),
         )  # fmt: skip
-        rounds_s = {side: {n: [out[str(n)] for out in outs] for n in numbers}
+        rounds_s = {side: {n: [out[str(n)] for out in outs] for n in [*numbers, "chain"]
+                           if all(str(n) in out for out in outs)}
                     for side, outs in runs.items()}  # fmt: skip
     else:
         rounds_s = {side: {} for side in SIDES}
@@ -170,6 +223,10 @@ def run_train_bench(
             progress("measure", f"layer {lay.number}", i, len(layers))
             for side, med in _timed(lay, batch, device, repeat or 9, SIDES).items():
                 rounds_s[side][lay.number] = [med]
+        if chain:
+            fns = chain_step_fns(batch, device, chain)
+            for side, med in _timed_fns(fns, repeat or 9).items():
+                rounds_s[side]["chain"] = [med]
         progress("measure", "done", len(layers), len(layers))
     rows = []
     for lay in layers:
@@ -177,7 +234,12 @@ def run_train_bench(
         rows.append(TrainRow(lay.number, lay.name, batch, device, best["ours"], best["torch"],
                              best["ours"] / best["torch"], errors[lay.number],
                              {side: rounds_s[side][lay.number] for side in SIDES}))  # fmt: skip
-    return TrainResult(device, batch, threads, rows)
+    steps = None
+    if chain:
+        best = {side: min(rounds_s[side]["chain"]) for side in SIDES}
+        steps = ChainStep(chain, best["ours"], best["torch"], best["ours"] / best["torch"],
+                          {side: rounds_s[side]["chain"] for side in SIDES})  # fmt: skip
+    return TrainResult(device, batch, threads, rows, steps)
 
 
 SIDES = ("ours", "torch")
@@ -186,7 +248,11 @@ SIDES = ("ours", "torch")
 def _timed(lay: Layer, batch: int, device: str, repeat: int, sides: tuple[str, ...]) -> dict:
     """{side: median seconds of one training step}, the sides interleaved after warm-up."""
     fns, _, _ = train_step_fns(lay, batch, device)
-    fns = {side: fns[side] for side in sides}
+    return _timed_fns({side: fns[side] for side in sides}, repeat)
+
+
+def _timed_fns(fns: dict[str, Any], repeat: int) -> dict[str, float]:
+    """{side: median seconds of its step}: the steps interleaved after warm-up."""
     for fn, sync in fns.values():  # warm up
         fn()
         sync()
@@ -194,11 +260,18 @@ def _timed(lay: Layer, batch: int, device: str, repeat: int, sides: tuple[str, .
     return {side: statistics.median(v) for side, v in samples.items()}
 
 
-def worker(side: str, device: str, batch: int, layers: list[Layer], repeat: int) -> dict:
-    """{layer number: median seconds of one training step} of one side, in this process."""
+def worker(
+    side: str, device: str, batch: int, layers: list[Layer], repeat: int, chain: int = 0
+) -> dict:
+    """{layer number: median seconds of one training step} of one side, in this process, and
+    with ``chain``, "chain": that of the MobileNetV1 chain (``chain_step_fns``)."""
     torch = torch_module()
     torch.set_num_threads(numba.get_num_threads())
-    return {str(lay.number): _timed(lay, batch, device, repeat, (side,))[side] for lay in layers}
+    out = {str(lay.number): _timed(lay, batch, device, repeat, (side,))[side] for lay in layers}
+    if chain:
+        fns = chain_step_fns(batch, device, chain)
+        out["chain"] = _timed_fns({side: fns[side]}, repeat)[side]
+    return out
 
 
 def saved_bytes(batch: int = 8, device: str = "cpu", layers: int = 13) -> dict[str, dict]:
@@ -255,4 +328,6 @@ if __name__ == "__main__":  # a worker of ``run_train_bench``
     import sys
 
     sd, dev, n, lays, rep = sys.argv[1:6]
-    print(json.dumps(worker(sd, dev, int(n), [Layer(**d) for d in json.loads(lays)], int(rep))))
+    links = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    print(json.dumps(worker(sd, dev, int(n), [Layer(**d) for d in json.loads(lays)], int(rep),
+                            links)))  # fmt: skip
