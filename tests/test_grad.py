@@ -760,6 +760,35 @@ def test_dpw_of_an_f_ordered_pw_in_either_order_gives_the_same_bits(
         assert_grads_close(case, got, expected, _pixels(case, grad), given)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("op", ["separable", "pointwise"])
+def test_dpw_summed_into_its_transpose_at_any_size(op, chunks, rng, monkeypatch):
+    """d pw of an F-ordered pw computed in P's shape is summed over the chunks (or copied, one
+    chunk) into its transpose by 32 x 32 blocks: sizes that cut the blocks in both directions
+    (C*M 8 or 37, C_out 40 or 70) give the bits of the C-ordered pw's d pw, F-ordered; N=0
+    gives F-ordered zeros."""
+    from numba_dsconv.cpu import backward
+
+    monkeypatch.setattr(_config, "SERIAL_MAX_MACS", 0)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_PIXELS", 4)
+    monkeypatch.setattr(_config, "BACKWARD_CHUNKS", chunks)
+    monkeypatch.setattr(backward, "transposed_dpw", lambda *args: False)  # the plain order
+    orders = record_launch_arg(monkeypatch, "opw_t")
+    for c, c_out in ((4, 40), (37, 70)):
+        case = replace_case(_needs_case(op), c=c, c_out=c_out, activation=None)
+        x, weights, kwargs, grad = grad_problem(case, rng)
+        f = grad_fn(op)
+        want = f(grad, x, *weights, **kwargs)
+        fpw = np.asfortranarray(weights[-1])
+        got = f(grad, x, *weights[:-1], fpw, **kwargs)
+        assert orders[-2:] == [False, True]
+        assert got.pw.flags.f_contiguous and not got.pw.flags.c_contiguous
+        for name, a, b in zip(FIELDS[op], got, want, strict=True):
+            assert a.shape == b.shape and a.tobytes() == b.tobytes(), name  # (C-order bytes)
+        empty = f(grad[:0], x[:0], *weights[:-1], fpw, **kwargs)
+        assert empty.pw.flags.f_contiguous and not empty.pw.any()
+
+
 @pytest.mark.parametrize("op", ["separable", "depthwise", "conv2d"])
 def test_bottom_padding_beyond_the_kernels_reach(op, device, rng, monkeypatch):
     """Output rows in a padding wider than the kernel read no input row: chunks (two phases)

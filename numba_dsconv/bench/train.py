@@ -214,8 +214,8 @@ def run_train_bench(
                 "measure", f"round {min(done // len(SIDES) + 1, rounds)} of {rounds}", done, total
             ),
         )  # fmt: skip
-        rounds_s = {side: {n: [out[str(n)] for out in outs] for n in [*numbers, "chain"]
-                           if all(str(n) in out for out in outs)}
+        keys = [*numbers, *(["chain"] if chain else [])]
+        rounds_s = {side: {n: [out[str(n)] for out in outs] for n in keys}
                     for side, outs in runs.items()}  # fmt: skip
     else:
         rounds_s = {side: {} for side in SIDES}
@@ -328,6 +328,6 @@ if __name__ == "__main__":  # a worker of ``run_train_bench``
     import sys
 
     sd, dev, n, lays, rep = sys.argv[1:6]
-    links = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    chain = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     print(json.dumps(worker(sd, dev, int(n), [Layer(**d) for d in json.loads(lays)], int(rep),
-                            links)))  # fmt: skip
+                            chain)))  # fmt: skip

@@ -122,7 +122,8 @@ def masked_copy(src, mask, code, dst, rows):  # pragma: no cover - compiled
 
 @helper
 def mask_in_place(a, mask, code, rows):  # pragma: no cover - compiled
-    """a[t, c] = 0 where not passes(mask[t, c]), for t < rows."""
+    """a[t, c] = 0 where the activation's derivative at mask[t, c] is 0 (``masked_copy``), for
+    t < rows."""
     masked_copy(a, mask, code, a, rows)
 
 
@@ -860,10 +861,13 @@ def backward_nhwc(
     grad and the forward output as (pixels, channels) (y2 unread unless ``have_y``); gx: dx,
     NHWC, uninitialised: the depthwise stage adds into it, after each chunk of the first phase
     has zeroed the input rows ``owned[k]`` gives it (flattened over images: every row once, and
-    before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk
-    partial sums, zeroed; zeros: a zero bias for the GEMMs; plan: ``backward_plan``; work:
-    one row of scratch per task of a phase (``chunk_offsets``: the phase's u-th chunk's row u,
-    or with ``split`` or ``cut`` the two tasks' rows 0 and 1), reused from call to call (when
+    before any chunk adds to it); gpw, gdw, gdb, gb: per-chunk partial sums (gpw
+    uninitialised: each chunk's first tile writes it; the others zeroed); opw, odw, odb, ob:
+    the results the chunks' sums are added into where ``comb`` says so, else the one chunk's
+    own partial sums (nothing to do); zeros: a zero bias for the GEMMs; plan:
+    ``backward_plan``; work: one row of scratch per task of a phase (``chunk_offsets``: the
+    phase's u-th chunk's row u, or with ``split`` or ``cut`` the two tasks' rows 0 and 1),
+    reused from call to call (when
     the kernel allocated them per call, glibc served them from the worker threads' arenas,
     whose tops it trims or not depending on what the process freed before: the same call then
     page-faulted on every run, up to 3x its time).
@@ -1090,13 +1094,12 @@ def chunk_parts(nchunks: int, shape: tuple[int, ...], dtype: np.dtype, need: boo
     return np.zeros((nchunks, *shape), dtype)
 
 
-def combine(parts: np.ndarray, shape: tuple[int, ...], reused: bool = False) -> np.ndarray:
+def combine(parts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The chunks' partial sums added in chunk order, as an array of ``shape``: the one chunk's
-    own (a view), or a new array where there are several or ``parts`` is ``reused`` (scratch
-    the next call overwrites)."""
+    own (a view), or a new array where there are several (conv2d's d b; the other backward
+    sums in their kernel's launch, ``combine_parts``)."""
     if parts.shape[0] == 1:
-        one = parts[0].reshape(shape)
-        return one.copy() if reused else one
+        return parts[0].reshape(shape)
     k = parts.shape[0]
     p3 = parts.reshape(k, parts.shape[1], -1) if parts.ndim >= 3 else parts.reshape(k, 1, -1)
     out = np.empty(p3.shape[1:], parts.dtype)
@@ -1274,8 +1277,8 @@ def transposed_dpw(spec: ConvSpec, pw: np.ndarray, itemsize: int) -> bool:
     apart: read down their columns they fall in few L1 sets, ``backward_chunk``; with a final
     activation they are copied masked into a padded buffer in either order, so no) of more
     than DPW_COPY_RATIO times the size of d pw. It then reads its recomputed A tile down its
-    columns (a buffer with padded rows) and returns d pw C-ordered (the same sums in the same
-    order: the same bits); torch's front end copies it into the weight's layout."""
+    columns (a buffer with padded rows) and adds the chunks' sums into d pw's transpose (the
+    same sums in the same order: the same bits), so d pw has pw's memory order either way."""
     if not (pw.flags.f_contiguous and not pw.flags.c_contiguous):
         return False
     copies = (
@@ -1302,9 +1305,15 @@ def _grad_x_empty(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
     return result_allocator(math.prod(shape) * dt.itemsize)(shape, dt)
 
 
-def _empty_batch(spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dtype) -> dict:
-    """N = 0: an empty dx, zero weight and bias gradients (sums over no pixel)."""
-    found = {k: np.zeros(shapes[k], dt) for k, v in need.items() if v and k != "x"}
+def _empty_batch(
+    spec: ConvSpec, need: dict[str, bool], shapes: dict, dt: np.dtype, f_order: tuple = ()
+) -> dict:  # fmt: skip
+    """N = 0: an empty dx, zero weight and bias gradients (sums over no pixel; F-ordered for
+    the slots in ``f_order``, as their weights are)."""
+    found = {
+        k: np.zeros(shapes[k], dt, order="F" if k in f_order else "C")
+        for k, v in need.items() if v and k != "x"
+    }  # fmt: skip
     if need.get("x"):
         found["x"] = np.empty((0, spec.h, spec.w, spec.c_in), dt)
     return found
@@ -1322,7 +1331,8 @@ def gemm_grads(spec: ConvSpec, x, g, y, weights, biases, need, dt: np.dtype) -> 
     shapes = {"pw": (spec.c_mid, spec.c_out), "dw": (spec.kh, spec.kw, spec.c_mid),
               "db": (spec.c_mid,), "b": (spec.c_out,)}  # fmt: skip
     if spec.n == 0:
-        return _empty_batch(spec, want, shapes, dt)
+        f_pw = pw is not None and pw.flags.f_contiguous and not pw.flags.c_contiguous
+        return _empty_batch(spec, want, shapes, dt, ("pw",) if f_pw else ())
     if not any(want.values()):
         return {}
     args, outs = gemm_backward_args(spec, x, g, y, dwk, pw, biases, want, dt)
