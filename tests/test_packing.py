@@ -266,8 +266,9 @@ def test_weight_panels_start_on_a_cache_line(shape, dtype):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_panels_hold_every_weight_in_place(dtype, order, parallel):
     """packed[p, k, j] == W[k, p * NR + j], 0 past C_out: C-ordered W (runs of rows) and
-    F-ordered W (torch's (C_out, C_in) weight seen transposed: blocks of 16 reductions), with
-    reduction depths around the block and C_out around the panel width (a cut last panel)."""
+    F-ordered W (torch's (C_out, C_in) weight seen transposed: square blocks of a vector's
+    lanes transposed in registers), with reduction depths around the block and C_out around
+    the panel width (a cut last panel)."""
     from numba_dsconv.cpu.pointwise import gemm_panel_width, packed_weights
 
     rng = np.random.default_rng(8)

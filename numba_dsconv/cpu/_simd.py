@@ -247,6 +247,56 @@ def vpassed(typingctx, v, maddr, mdt, code):
     return v(v, maddr, mdt, code), codegen
 
 
+@intrinsic
+def vtranspose(typingctx, src, src_stride, dst, dst_stride, dt):
+    """dst row k, lane i = src row i, lane k for a square block of L x L ``dt`` values (L the
+    lanes of a vector): L vectors loaded from byte address ``src`` (rows ``src_stride`` bytes
+    apart), transposed in registers (log2 L rounds of two-source shuffles, each swapping one
+    bit of the row index with the same bit of the lane index), stored as L vectors at ``dst``
+    (rows ``dst_stride`` bytes apart). Unaligned loads and stores."""
+    if not (
+        isinstance(src, types.Integer)
+        and isinstance(src_stride, types.Integer)
+        and isinstance(dst, types.Integer)
+        and isinstance(dst_stride, types.Integer)
+        and isinstance(dt, types.DType)
+    ):
+        return None
+    vt = Vec(dt.dtype)
+
+    def codegen(context, builder, sig, args):
+        vty = context.get_value_type(vt)
+        n = vt.lanes
+        align = dt.dtype.bitwidth // 8
+        intp = context.get_value_type(types.intp)
+        base_s = context.cast(builder, args[0], sig.args[0], types.intp)
+        step_s = context.cast(builder, args[1], sig.args[1], types.intp)
+        base_d = context.cast(builder, args[2], sig.args[2], types.intp)
+        step_d = context.cast(builder, args[3], sig.args[3], types.intp)
+
+        def row(base, step, i):
+            a = builder.add(base, builder.mul(step, ir.Constant(intp, i)))
+            return builder.inttoptr(a, vty.as_pointer())
+
+        rows = [builder.load(row(base_s, step_s, i), align=align) for i in range(n)]
+        b = n // 2
+        while b >= 1:
+            ity = ir.VectorType(ir.IntType(32), n)
+            lo = ir.Constant(ity, [j if j & b == 0 else n + j - b for j in range(n)])
+            hi = ir.Constant(ity, [j + b if j & b == 0 else n + j for j in range(n)])
+            for i in range(n):
+                if i & b == 0:
+                    a, c = rows[i], rows[i + b]
+                    rows[i] = builder.shuffle_vector(a, c, lo)
+                    rows[i + b] = builder.shuffle_vector(a, c, hi)
+            b //= 2
+        for k in range(n):
+            builder.store(rows[k], row(base_d, step_d, k), align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, src_stride, dst, dst_stride, dt), codegen
+
+
 # Raw-address access, for the GEMM register block: a helper that takes arrays pays a
 # reference-count update per array per call (an atomic on memory every thread shares);
 # addresses are plain integers. The caller keeps the arrays alive and the offsets in bounds.
