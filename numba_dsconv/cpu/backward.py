@@ -957,14 +957,10 @@ def combine_parts(parts, out, transposed, r0, r1, c0, c1):  # pragma: no cover -
 
 
 def combine_chunks(parts, out):  # pragma: no cover - compiled
-    """out[r, c] = parts[0, r, c] + parts[1, r, c] + ... in chunk order (rows in parallel)."""
-    K = parts.shape[0]
+    """out[r, c] = parts[0, r, c] + parts[1, r, c] + ... in chunk order (rows in parallel:
+    ``combine_parts`` per row)."""
     for r in prange(parts.shape[1]):
-        for c in range(parts.shape[2]):
-            s = parts[0, r, c]
-            for k in range(1, K):
-                s += parts[k, r, c]
-            out[r, c] = s
+        combine_parts(parts, out, False, r, r + 1, 0, parts.shape[2])
 
 
 COMBINE = kernel(combine_chunks, None)
