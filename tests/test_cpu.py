@@ -942,8 +942,12 @@ def test_large_results_start_on_a_cache_line(op, layout, dtype, rng):
         # d x, the grad of the layer before, is placed alike (cpu.backward._grad_x_empty)
         gx = getattr(nd, f"{op}_grad")(np.ones_like(first), x, *weights, layout=layout, **kw).x
         assert gx.shape == x.shape and (gx.ctypes.data % 64 == 0 or not large)
-    for kind in (np.float32, np.float64, np.uint8, np.complex128, "V96"):  # 96: not in 64
+    # the kernels' dtypes (one jitted call), and others: a byte order Numba has no arrays of,
+    # float16, sizes that do not divide 64 (96), a dtype given as a type, a shape as a list
+    for kind in (np.float32, np.float64, np.uint8, np.complex128, "V96", ">f8", np.float16):
         for shape in ((0,), (5,), (3, 7, 9), (2, 1, 3, 5)):
-            a = lay.aligned_empty(shape, np.dtype(kind))
-            assert a.shape == shape and a.dtype == np.dtype(kind) and a.flags.c_contiguous
-            assert a.flags.writeable and (a.size == 0 or a.ctypes.data % 64 == 0)
+            a, b = lay.aligned_empty(shape, np.dtype(kind)), lay.aligned_empty(list(shape), kind)
+            for c in (a, b):
+                assert c.shape == shape and c.dtype == np.dtype(kind) and c.flags.c_contiguous
+                assert c.flags.writeable and (c.size == 0 or c.ctypes.data % 64 == 0)
+            assert a.size == 0 or not np.shares_memory(a, b)

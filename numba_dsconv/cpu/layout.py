@@ -49,9 +49,19 @@ RESULT_ALIGN_MIN_BYTES = 1 << 20
 
 
 @helper
-def _head(buf, align):  # pragma: no cover - compiled
-    """How many of buf's elements come before its first ``align``-byte boundary."""
-    return (-address(buf) % align) // buf.itemsize
+def _aligned_nd(shape, like, align):  # pragma: no cover - compiled
+    """An uninitialised C-contiguous array of ``shape`` and like's dtype starting on an
+    ``align``-byte boundary (a multiple of its itemsize): a view of a slightly larger one."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = np.empty(n + align // like.itemsize, like.dtype)
+    k = (-address(buf) % align) // like.itemsize
+    return buf[k : k + n].reshape(shape)
+
+
+_LIKE: dict[int, np.ndarray] = {}  # dtype.num -> an empty array of it: _aligned_nd's dtype
+_JIT_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.uint8))  # (native)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
@@ -59,20 +69,20 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
     large arrays start 16 bytes past one: malloc's header), a view of a slightly larger one:
     the GEMM micro-kernel reads weight panels by 64-byte vectors, each of which would
     otherwise span two cache lines (packed pointwise N=8, 512 -> 512: 0.90-0.93 the time
-    aligned); the depthwise reads x so (``result_allocator``). The offset is asked of a jitted
-    function (``ndarray.ctypes`` costs ~1.3 us); an item size that does not divide ``align``
-    takes a byte buffer."""
-    dtype = np.dtype(dtype)
-    n = math.prod(shape)
-    if align % dtype.itemsize:  # (whole items cannot reach the boundary: count in bytes)
-        return (
-            aligned_empty((n * dtype.itemsize,), np.dtype(np.uint8), align)[: n * dtype.itemsize]
-            .view(dtype)
-            .reshape(shape)
-        )
-    buf = np.empty(n + align // dtype.itemsize, dtype)
-    k = _head(buf, align)
-    return buf[k : k + n].reshape(shape)
+    aligned); the depthwise reads x so (``result_allocator``). Made in one jitted call (the
+    allocation, the offset and the view: as NumPy's allocation, a jitted function asking the
+    offset and the view's slicing, ~1.5-2 us more of the Python between two kernels) for the
+    dtypes the kernels use; others (or an item size that does not divide ``align``) are a
+    view of a byte buffer."""
+    if not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
+    like = _LIKE.get(dtype.num)
+    if like is None or like.dtype is not dtype:  # (NumPy's native dtypes are singletons)
+        if align % dtype.itemsize or dtype not in _JIT_DTYPES:  # (in bytes: the others)
+            n = math.prod(shape) * dtype.itemsize
+            return aligned_empty((n,), np.dtype(np.uint8), align)[:n].view(dtype).reshape(shape)
+        like = _LIKE[dtype.num] = np.empty(0, dtype)
+    return _aligned_nd(shape if type(shape) is tuple else tuple(shape), like, align)
 
 
 def result_allocator(nbytes: int) -> Callable[..., np.ndarray]:
