@@ -23,6 +23,9 @@ With the project on PYTHONPATH (torch, numba-cuda and optionally CuPy installed)
 7. times one training step per layer (numba_dsconv.torch.separable forward + backward against
    cuDNN's Conv2d(groups=C) + Conv2d(1x1), channels_last, TF32 off) with the gradients checked
    against torch's, and the bytes autograd keeps for MobileNetV1's 13 separable layers,
+8. times one training step of those 13 layers in a chain (relu6 after each stage, as
+   ``numba-dsconv bench --pass train`` does; a step of its own, so that a failure there costs
+   no other table),
 
 and prints short tables last. Exit status 1 if any check failed. Every global setting it
 touches (torch's TF32 flags, numba_dsconv._config) is restored. The flow is smoke-tested on the
@@ -32,6 +35,7 @@ CPU by tests/test_gpu_check.py (``--device cpu``: the same steps, where they app
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -223,6 +227,20 @@ def train_timings(device: str, batches: list[int], layers: str, repeat: int) -> 
     check("autograd keeps less than torch for MobileNetV1", ratio < 1, f"({ratio:.2f}x)")
 
 
+def chain_timing(device: str, batch: int, layers: int, repeat: int) -> None:
+    """One training step of MobileNetV1's first ``layers`` separable layers in a chain, ours
+    against torch's (``bench.train.time_chain``: interleaved in this process), TF32 off."""
+    from numba_dsconv.bench import train
+    from numba_dsconv.bench.machine import torch_module
+
+    if torch_module() is None:
+        check("training chain", True, "(torch not installed: skipped)")
+        return
+    with tf32(False):
+        step = train.time_chain(batch, device, layers, repeat)
+    RESULTS["chain"] = {"device": device, "batch": batch, **dataclasses.asdict(step)}
+
+
 def print_tables() -> None:
     from rich.console import Console
 
@@ -248,6 +266,13 @@ def print_tables() -> None:
                 f"{r['torch_s'] * 1e3:8.3f}  {r['ratio']:5.2f}x  grad err {r['grad_error']:.1e}"
             )
         log(f"  geometric mean {run['geomean_ratio']:.2f}x")
+    if "chain" in RESULTS:
+        c = RESULTS["chain"]
+        log(
+            f"training step of MobileNetV1's first {c['layers']} separable layers in a chain, "
+            f"N={c['batch']}, {c['device']} (median ms): ours {c['ours_s'] * 1e3:.3f}, torch "
+            f"{c['torch_s'] * 1e3:.3f} ({c['ratio']:.2f}x)"
+        )
     if "saved_bytes" in RESULTS:
         o, t = RESULTS["saved_bytes"]["ours"], RESULTS["saved_bytes"]["torch"]
         log(
@@ -275,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-forward", action="store_true", help="skip the forward timings")
     ap.add_argument("--train-batches", default="8,64", help="batches of the training step")
     ap.add_argument("--train-layers", default="1-7", help="layers of the training step")
+    ap.add_argument("--train-chain", type=int, default=13,
+                    help="MobileNetV1 layers in the chain's training step (0: none)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--layers", default="1-11")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test this script's flow")
@@ -310,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_forward:
         steps += [("timings", timings), ("N=1 call", breakdown)]
     steps.append(("training step", training))
+    if args.train_chain:
+        batch = int(args.train_batches.split(",")[0])
+
+        def chain() -> None:
+            chain_timing(args.device, batch, args.train_chain, repeat)
+
+        steps.append(("training chain", chain))
     for name, fn in steps:
         try:
             fn()

@@ -36,7 +36,7 @@ def test_flow_and_tables_run_on_the_host(monkeypatch, capsys, tmp_path):
     out = tmp_path / "gpu_check.json"
 
     args = ["--device", "cpu", "--layers", "99", "--batch", "1", "--quick", "--json", str(out),
-            "--train-batches", "2", "--train-layers", "99"]  # fmt: skip
+            "--train-batches", "2", "--train-layers", "99", "--train-chain", "2"]  # fmt: skip
     assert gc.main(args) == 0
     text = capsys.readouterr().out
 
@@ -51,8 +51,12 @@ def test_flow_and_tables_run_on_the_host(monkeypatch, capsys, tmp_path):
         assert "checks: 6 passed, 0 failed" in text
         assert "training step, N=2, cpu" in text and "saved for backward" in text
         assert d_train(out)[0]["rows"][0]["layer"] == 99
+        # the chain's step, a step of its own: its line and its JSON
+        assert "first 2 separable layers in a chain, N=2, cpu" in text
+        chain = json.loads(out.read_text())["chain"]
+        assert chain["layers"] == 2 and chain["batch"] == 2 and chain["ours_s"] > 0
     except ImportError:
-        assert "checks: 5 passed, 0 failed" in text  # the training step skipped: no torch
+        assert "checks: 6 passed, 0 failed" in text  # the training steps skipped: no torch
     assert "[PASS] dask, numpy chunks, threaded scheduler: equal to the in-memory call" in text
     d = json.loads(out.read_text())
     assert [r["settings"]["op"] for r in d["runs"]] == ["separable", "depthwise"]

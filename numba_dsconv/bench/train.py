@@ -224,9 +224,8 @@ def run_train_bench(
             for side, med in _timed(lay, batch, device, repeat or 9, SIDES).items():
                 rounds_s[side][lay.number] = [med]
         if chain:
-            fns = chain_step_fns(batch, device, chain)
-            for side, med in _timed_fns(fns, repeat or 9).items():
-                rounds_s[side]["chain"] = [med]
+            step = time_chain(batch, device, chain, repeat or 9)
+            rounds_s["ours"]["chain"], rounds_s["torch"]["chain"] = [step.ours_s], [step.torch_s]
         progress("measure", "done", len(layers), len(layers))
     rows = []
     for lay in layers:
@@ -243,6 +242,16 @@ def run_train_bench(
 
 
 SIDES = ("ours", "torch")
+
+
+def time_chain(batch: int, device: str = "cpu", layers: int = 13, repeat: int = 9) -> ChainStep:
+    """One training step of the first ``layers`` MobileNetV1 separable layers in a chain
+    (``chain_step_fns``), both sides interleaved in this process after warm-up: how
+    ``run_train_bench`` times it on a GPU (on the CPU it times each side in processes of its
+    own: two thread pools in one process disturb each other)."""
+    med = _timed_fns(chain_step_fns(batch, device, layers), repeat)
+    return ChainStep(layers, med["ours"], med["torch"], med["ours"] / med["torch"],
+                     {side: [med[side]] for side in SIDES})  # fmt: skip
 
 
 def _timed(lay: Layer, batch: int, device: str, repeat: int, sides: tuple[str, ...]) -> dict:
