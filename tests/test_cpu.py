@@ -951,3 +951,6 @@ def test_large_results_start_on_a_cache_line(op, layout, dtype, rng):
                 assert c.shape == shape and c.dtype == np.dtype(kind) and c.flags.c_contiguous
                 assert c.flags.writeable and (c.size == 0 or c.ctypes.data % 64 == 0)
             assert a.size == 0 or not np.shares_memory(a, b)
+    for kind in (np.float32, np.float64, np.uint8):  # a boundary their items cannot all reach
+        a = lay.aligned_empty((7, 3), np.dtype(kind), 12)
+        assert a.shape == (7, 3) and a.dtype == kind and a.ctypes.data % 12 == 0

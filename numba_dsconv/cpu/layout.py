@@ -77,11 +77,11 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
     if not isinstance(dtype, np.dtype):
         dtype = np.dtype(dtype)
     like = _LIKE.get(dtype.num)
-    if like is None or like.dtype is not dtype:  # (NumPy's native dtypes are singletons)
+    if like is None or like.dtype is not dtype or align % dtype.itemsize:
         if align % dtype.itemsize or dtype not in _JIT_DTYPES:  # (in bytes: the others)
             n = math.prod(shape) * dtype.itemsize
             return aligned_empty((n,), np.dtype(np.uint8), align)[:n].view(dtype).reshape(shape)
-        like = _LIKE[dtype.num] = np.empty(0, dtype)
+        like = _LIKE[dtype.num] = np.empty(0, dtype)  # (NumPy's native dtypes: singletons)
     return _aligned_nd(shape if type(shape) is tuple else tuple(shape), like, align)
 
 
